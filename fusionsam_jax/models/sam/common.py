@@ -1,0 +1,73 @@
+"""Building blocks shared by SAM's modules (ports of `segment_anything.modeling.common`)."""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def gelu(x):
+  """Exact (erf) GELU, as `torch.nn.GELU()`."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+class MLPBlock(nn.Module):
+  """lin1 -> act -> lin2, as SAM's `MLPBlock`."""
+
+  embedding_dim: int
+  mlp_dim: int
+  act: Callable = gelu
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # (..., embedding_dim)
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="lin1")(x)
+    x = self.act(x)
+    return nn.Dense(self.embedding_dim, dtype=self.dtype, name="lin2")(x)
+
+
+class LayerNorm2d(nn.Module):
+  """LayerNorm over the channel axis of a channels-last map (SAM's `LayerNorm2d`, eps 1e-6).
+
+  SAM normalises NCHW tensors over C; channels-last this is a LayerNorm over the last axis,
+  computed in float32 whatever the input dtype.
+  """
+
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):  # (B, H, W, C)
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    x = (x - mean) / jnp.sqrt(var + self.eps)
+    return (x * scale + bias).astype(dtype)
+
+
+class ConvTranspose2x2(nn.Module):
+  """`nn.ConvTranspose2d(in, out, kernel_size=2, stride=2)`: each input pixel paints a 2x2 block.
+
+  With kernel == stride the transposed conv has no overlap, so it is one einsum:
+  out[2i+a, 2j+b, o] = sum_c x[i, j, c] * kernel[a, b, c, o] + bias[o].
+  `kernel` is PyTorch's (in, out, kh, kw) weight permuted to (kh, kw, in, out).
+  """
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # (B, H, W, C_in) -> (B, 2H, 2W, features)
+    c_in = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, c_in, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jnp.einsum("nijc,abco->niajbo", x, kernel)
+    n, h, _, w, _, o = y.shape
+    return y.reshape(n, 2 * h, 2 * w, o) + bias

@@ -1,0 +1,220 @@
+"""SAM's ViT image encoder (port of `segment_anything.modeling.image_encoder`).
+
+Channels-last throughout: input (B, 1024, 1024, 3) normalised pixels, output
+(B, 64, 64, 256) image embeddings. Module and parameter names follow SAM's, so a
+converted checkpoint is a plain tree walk (`blocks.3.attn.qkv` -> `blocks_3/attn/qkv`).
+
+Two attention implementations compute the same function:
+- ``"xla"``: the explicit formula (scores + decomposed relative position bias, softmax),
+  the reference path used for parity with PyTorch at float32.
+- ``"cudnn"`` / ``"auto"``: `jax.nn.dot_product_attention` (cuDNN fused attention on GPU).
+  The decomposed relative-position bias is folded into augmented query/key vectors, so the
+  fused kernel needs no (B, heads, N, N) bias tensor:
+  q.k*s + q.Rh[qh,kh] + q.Rw[qw,kw] = s * [q, (q.Rh)/s, (q.Rw)/s] . [k, onehot(kh), onehot(kw)].
+"""
+
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fusionsam_jax.models.sam.common import LayerNorm2d, MLPBlock
+
+Dtype = Any
+
+
+def window_partition(x, window_size: int):
+  """(B, H, W, C) -> ((B * nW, ws, ws, C), (Hp, Wp)), zero-padding H, W up to the window."""
+  b, h, w, c = x.shape
+  pad_h = (window_size - h % window_size) % window_size
+  pad_w = (window_size - w % window_size) % window_size
+  if pad_h or pad_w:
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  hp, wp = h + pad_h, w + pad_w
+  x = x.reshape(b, hp // window_size, window_size, wp // window_size, window_size, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+  return x, (hp, wp)
+
+
+def window_unpartition(windows, window_size: int, pad_hw, hw):
+  """Inverse of `window_partition`: (B * nW, ws, ws, C) -> (B, H, W, C)."""
+  hp, wp = pad_hw
+  h, w = hw
+  b = windows.shape[0] // (hp * wp // window_size // window_size)
+  x = windows.reshape(b, hp // window_size, wp // window_size, window_size, window_size, -1)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+  return x[:, :h, :w, :]
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos):
+  """Relative position embeddings for every (query, key) offset: (q_size, k_size, C).
+
+  Resizes the table linearly (as `F.interpolate(mode="linear")`) when its length differs
+  from 2 * max(q_size, k_size) - 1.
+  """
+  max_rel_dist = int(2 * max(q_size, k_size) - 1)
+  if rel_pos.shape[0] != max_rel_dist:
+    rel_pos = jax.image.resize(rel_pos, (max_rel_dist, rel_pos.shape[1]), "linear",
+                               antialias=False)
+  q_coords = jnp.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+  k_coords = jnp.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+  rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+  return rel_pos[rel.astype(jnp.int32)]
+
+
+class Attention(nn.Module):
+  """Multi-head attention with decomposed relative position bias (SAM's `Attention`)."""
+
+  dim: int
+  num_heads: int = 8
+  qkv_bias: bool = True
+  use_rel_pos: bool = False
+  input_size: Optional[Tuple[int, int]] = None
+  dtype: Dtype = jnp.float32
+  attn_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):  # (B, H, W, dim)
+    b, h, w, _ = x.shape
+    nh = self.num_heads
+    hd = self.dim // nh
+    scale = hd ** -0.5
+    qkv = nn.Dense(self.dim * 3, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+    qkv = qkv.reshape(b, h * w, 3, nh, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, nh, hd)
+    rel_h = rel_w = None
+    if self.use_rel_pos:
+      assert self.input_size is not None, "input_size is needed for relative positions"
+      rel_pos_h = self.param("rel_pos_h", nn.initializers.zeros,
+                             (2 * self.input_size[0] - 1, hd))
+      rel_pos_w = self.param("rel_pos_w", nn.initializers.zeros,
+                             (2 * self.input_size[1] - 1, hd))
+      rh = get_rel_pos(h, h, rel_pos_h).astype(q.dtype)  # (h, kh, hd)
+      rw = get_rel_pos(w, w, rel_pos_w).astype(q.dtype)  # (w, kw, hd)
+      r_q = q.reshape(b, h, w, nh, hd)
+      rel_h = jnp.einsum("bhwnc,hkc->bnhwk", r_q, rh)  # (B, nh, h, w, kh)
+      rel_w = jnp.einsum("bhwnc,wkc->bnhwk", r_q, rw)  # (B, nh, h, w, kw)
+
+    if self.attn_impl == "xla":
+      attn = jnp.einsum("bqnc,bknc->bnqk", q * scale, k)  # (B, nh, N, N)
+      if rel_h is not None:
+        attn = (attn.reshape(b, nh, h, w, h, w) + rel_h[..., :, None]
+                + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
+      attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+      out = jnp.einsum("bnqk,bknc->bqnc", attn, v)
+    else:
+      if rel_h is not None:
+        # Fold the bias into augmented q / k (see module docstring).
+        rel_h = rel_h.transpose(0, 2, 3, 1, 4).reshape(b, h * w, nh, h) / scale
+        rel_w = rel_w.transpose(0, 2, 3, 1, 4).reshape(b, h * w, nh, w) / scale
+        oh = jnp.broadcast_to(jax.nn.one_hot(jnp.arange(h), h, dtype=k.dtype)[:, None, :],
+                              (h, w, h)).reshape(h * w, h)
+        ow = jnp.broadcast_to(jax.nn.one_hot(jnp.arange(w), w, dtype=k.dtype)[None, :, :],
+                              (h, w, w)).reshape(h * w, w)
+        k_aug = jnp.broadcast_to(jnp.concatenate([oh, ow], -1)[None, :, None, :],
+                                 (b, h * w, nh, h + w))
+        q = jnp.concatenate([q, rel_h.astype(q.dtype), rel_w.astype(q.dtype)], -1)
+        k = jnp.concatenate([k, k_aug], -1)
+        d_aug = q.shape[-1]
+        d_pad = -d_aug % 8  # fused kernels want head dims in multiples of 8
+        if d_pad:
+          q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, d_pad)))
+          k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, d_pad)))
+        # v keeps its own head dim; pad to q's so all three agree for the fused kernel.
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - hd)))
+      impl = None if self.attn_impl == "auto" else self.attn_impl
+      out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+      out = out[..., :hd]
+    out = out.reshape(b, h, w, self.dim)
+    return nn.Dense(self.dim, dtype=self.dtype, name="proj")(out)
+
+
+class Block(nn.Module):
+  """Pre-norm ViT block, windowed (window_size > 0) or global attention (SAM's `Block`)."""
+
+  dim: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  use_rel_pos: bool = False
+  window_size: int = 0
+  input_size: Optional[Tuple[int, int]] = None
+  dtype: Dtype = jnp.float32
+  attn_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):  # (B, H, W, dim)
+    shortcut = x
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+    if self.window_size > 0:
+      h, w = x.shape[1], x.shape[2]
+      x, pad_hw = window_partition(x, self.window_size)
+    x = Attention(
+        self.dim, self.num_heads, self.qkv_bias, self.use_rel_pos,
+        self.input_size if self.window_size == 0 else (self.window_size, self.window_size),
+        dtype=self.dtype, attn_impl=self.attn_impl, name="attn")(x)
+    if self.window_size > 0:
+      x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+    x = shortcut + x
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+    return x + MLPBlock(self.dim, int(self.dim * self.mlp_ratio), dtype=self.dtype,
+                        name="mlp")(y)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch embedding conv (SAM's `PatchEmbed`)."""
+
+  patch_size: int = 16
+  embed_dim: int = 768
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # (B, H, W, 3) -> (B, H/p, W/p, embed_dim)
+    p = self.patch_size
+    return nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                   name="proj")(x)
+
+
+class ImageEncoderViT(nn.Module):
+  """SAM's image encoder: ViT with windowed + global blocks and a conv neck to out_chans."""
+
+  img_size: int = 1024
+  patch_size: int = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  out_chans: int = 256
+  qkv_bias: bool = True
+  use_abs_pos: bool = True
+  use_rel_pos: bool = True
+  window_size: int = 14
+  global_attn_indexes: Sequence[int] = (2, 5, 8, 11)
+  dtype: Dtype = jnp.float32
+  attn_impl: str = "xla"
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x):  # (B, img_size, img_size, 3)
+    grid = self.img_size // self.patch_size
+    x = PatchEmbed(self.patch_size, self.embed_dim, dtype=self.dtype, name="patch_embed")(x)
+    if self.use_abs_pos:
+      pos_embed = self.param("pos_embed", nn.initializers.zeros,
+                             (1, grid, grid, self.embed_dim))
+      x = x + pos_embed.astype(x.dtype)
+    block_cls = nn.remat(Block) if self.remat else Block
+    for i in range(self.depth):
+      x = block_cls(
+          dim=self.embed_dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+          qkv_bias=self.qkv_bias, use_rel_pos=self.use_rel_pos,
+          window_size=0 if i in self.global_attn_indexes else self.window_size,
+          input_size=(grid, grid), dtype=self.dtype, attn_impl=self.attn_impl,
+          name=f"blocks_{i}")(x)
+    x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)
+    x = LayerNorm2d(name="neck_1")(x)
+    x = nn.Conv(self.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                dtype=self.dtype, name="neck_2")(x)
+    x = LayerNorm2d(name="neck_3")(x)
+    return x  # (B, grid, grid, out_chans)

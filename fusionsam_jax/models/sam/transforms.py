@@ -1,0 +1,70 @@
+"""SAM's pre- and post-processing (ports of `ResizeLongestSide`, `Sam.preprocess` and
+`Sam.postprocess_masks`).
+
+Images are resized with Pillow's bilinear filter exactly as `segment_anything` does
+(torchvision's `resize` on a PIL image calls PIL's bilinear resize).
+"""
+
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from fusionsam_jax.models.sam.sam import PIXEL_MEAN, PIXEL_STD
+
+
+def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
+  """(h, w) after scaling the longest side to `long_side_length` (SAM's rounding)."""
+  scale = long_side_length * 1.0 / max(oldh, oldw)
+  newh, neww = oldh * scale, oldw * scale
+  return int(newh + 0.5), int(neww + 0.5)
+
+
+class ResizeLongestSide:
+  """Resizes images, coordinates and boxes so the longest side is `target_length`."""
+
+  def __init__(self, target_length: int):
+    self.target_length = target_length
+
+  def apply_image(self, image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, C) -> uint8 (h, w, C), PIL bilinear."""
+    if image.dtype != np.uint8 or image.ndim != 3:
+      raise ValueError(f"expected a uint8 HxWxC image, got {image.dtype} {image.shape}")
+    h, w = get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+  def apply_coords(self, coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
+    """(..., 2) xy pixel coordinates in the original image -> the resized frame."""
+    old_h, old_w = original_size
+    new_h, new_w = get_preprocess_shape(old_h, old_w, self.target_length)
+    coords = np.array(coords, dtype=np.float64, copy=True)
+    coords[..., 0] = coords[..., 0] * (new_w / old_w)
+    coords[..., 1] = coords[..., 1] * (new_h / old_h)
+    return coords
+
+  def apply_boxes(self, boxes: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
+    """(B, 4) xyxy boxes -> the resized frame."""
+    return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+
+def preprocess(image, img_size: int = 1024):
+  """Resized (h, w, 3) pixels (0-255) -> normalised and zero-padded (img_size, img_size, 3)."""
+  x = (jnp.asarray(image, jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
+  h, w = x.shape[-3], x.shape[-2]
+  pad = [(0, 0)] * (x.ndim - 3) + [(0, img_size - h), (0, img_size - w), (0, 0)]
+  return jnp.pad(x, pad)
+
+
+def resize_bilinear(x, size: Tuple[int, int]):
+  """`F.interpolate(mode="bilinear", align_corners=False)` on (..., H, W) maps."""
+  return jax.image.resize(x, x.shape[:-2] + tuple(size), "linear", antialias=False)
+
+
+def postprocess_masks(masks, input_size: Tuple[int, int], original_size: Tuple[int, int],
+                      img_size: int = 1024):
+  """Low-res logits (B, M, h, w) -> logits at the original image size (B, M, H, W)."""
+  masks = resize_bilinear(masks, (img_size, img_size))
+  masks = masks[..., :input_size[0], :input_size[1]]
+  return resize_bilinear(masks, original_size)

@@ -1,0 +1,287 @@
+"""Converting official PyTorch SAM checkpoints to Flax params, and loading the result.
+
+A converted checkpoint is a directory:
+  DIR/params/        Orbax checkpoint of the Flax param tree
+  DIR/sam_meta.json  {"format", "variant", "config", "source", "sha256"}
+It is written to a temporary sibling directory and renamed into place, so an interrupted
+conversion never leaves something that looks like a checkpoint.
+
+The conversion is a tree walk: a PyTorch key `blocks.3.attn.qkv.weight` names the Flax path
+`image_encoder/blocks_3/attn/qkv/kernel`; only the leaf layout changes
+(Linear (out, in) -> (in, out), Conv OIHW -> HWIO, ConvTranspose (in, out, kh, kw) ->
+(kh, kw, in, out), LayerNorm weight -> scale, Embedding weight -> embedding).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+
+from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam, SamConfig, preset_name
+
+FORMAT = "fusionsam_jax.sam/1"
+META_FILE = "sam_meta.json"
+PARAMS_DIR = "params"
+PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+# Modules that are ConvTranspose2d in PyTorch (weight layout (in, out, kh, kw)).
+_CONV_TRANSPOSE = ("mask_decoder/output_upscaling/layers_0", "mask_decoder/output_upscaling/layers_3")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file or directory is missing, unreadable or does not fit the model."""
+
+
+def sha256sum(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """Reads a `.pth` state dict with `torch.load(weights_only=True)` into numpy arrays."""
+  try:
+    import torch
+  except ImportError as e:  # pragma: no cover - depends on the install
+    raise CheckpointError("reading .pth files needs PyTorch: pip install 'fusionsam-jax[convert]'"
+                          " (CPU build: pip install torch==2.13.0)") from e
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such file")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: not a file")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises several types for bad files
+    msg = str(e)
+    if "Weights only load failed" in msg or "weights_only" in msg:
+      raise CheckpointError(
+          f"{path}: refused: the pickle would need code execution to load (only plain tensor "
+          "state dicts are accepted)") from None
+    first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                          f"(truncated or not a .pth file?): {first}") from None
+  if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+    obj = obj["model"]
+  if not isinstance(obj, Mapping):
+    raise CheckpointError(f"{path}: expected a state dict (mapping of names to tensors), "
+                          f"found {type(obj).__name__}")
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(v, torch.Tensor):
+      raise CheckpointError(f"{path}: key {k!r} is a {type(v).__name__}, expected a tensor")
+    out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
+  return out
+
+
+def _shape(sd, key, path):
+  if key not in sd:
+    raise CheckpointError(f"{path}: missing key {key!r}: not a SAM checkpoint?")
+  return sd[key].shape
+
+
+def infer_config(sd: Mapping[str, np.ndarray], path: str = "checkpoint") -> SamConfig:
+  """Reads every SAM size off the tensor shapes (so vit_b/l/h and custom sizes all work)."""
+  embed_dim = _shape(sd, "image_encoder.patch_embed.proj.weight", path)[0]
+  patch = _shape(sd, "image_encoder.patch_embed.proj.weight", path)[2]
+  grid = _shape(sd, "image_encoder.pos_embed", path)[1]
+  depth = 0
+  while f"image_encoder.blocks.{depth}.norm1.weight" in sd:
+    depth += 1
+  if depth == 0:
+    raise CheckpointError(f"{path}: missing key 'image_encoder.blocks.0.norm1.weight'")
+  rel_lens = [_shape(sd, f"image_encoder.blocks.{i}.attn.rel_pos_h", path)[0]
+              for i in range(depth)]
+  head_dim = _shape(sd, "image_encoder.blocks.0.attn.rel_pos_h", path)[1]
+  global_idx = tuple(i for i, n in enumerate(rel_lens) if n == 2 * grid - 1)
+  windowed = [n for n in rel_lens if n != 2 * grid - 1]
+  window = (windowed[0] + 1) // 2 if windowed else 14
+  prompt_dim = _shape(sd, "prompt_encoder.no_mask_embed.weight", path)[1]
+  mask_in = _shape(sd, "prompt_encoder.mask_downscaling.3.weight", path)[0]
+  dec_depth = 0
+  while f"mask_decoder.transformer.layers.{dec_depth}.norm1.weight" in sd:
+    dec_depth += 1
+  mlp_dim = _shape(sd, "mask_decoder.transformer.layers.0.mlp.lin1.weight", path)[0]
+  iou_hidden = _shape(sd, "mask_decoder.iou_prediction_head.layers.0.weight", path)[0]
+  num_mask_tokens = _shape(sd, "mask_decoder.mask_tokens.weight", path)[0]
+  # The decoder's head count is not visible in shapes; SAM always uses 8 at width 256.
+  dec_heads = 8 if prompt_dim == 256 else SAM_PRESETS["tiny"].decoder_num_heads
+  cfg = SamConfig(
+      encoder_embed_dim=int(embed_dim), encoder_depth=depth,
+      encoder_num_heads=int(embed_dim // head_dim), encoder_global_attn_indexes=global_idx,
+      window_size=int(window), patch_size=int(patch), img_size=int(grid * patch),
+      prompt_embed_dim=int(prompt_dim), mask_in_chans=int(mask_in),
+      decoder_transformer_depth=dec_depth, decoder_num_heads=dec_heads,
+      decoder_mlp_dim=int(mlp_dim), iou_head_hidden_dim=int(iou_hidden),
+      num_multimask_outputs=int(num_mask_tokens - 1))
+  return cfg
+
+
+def _flax_path(torch_key: str, tree: Mapping[str, Any]) -> Tuple[str, ...]:
+  """Walks the Flax tree along a PyTorch key; `x.3` is `x_3` or `x/layers_3`."""
+  parts = torch_key.split(".")
+  path, node, i = [], tree, 0
+  while i < len(parts):
+    p = parts[i]
+    if i + 1 < len(parts) and parts[i + 1].isdigit():
+      n = parts[i + 1]
+      if isinstance(node, Mapping) and f"{p}_{n}" in node:
+        path.append(f"{p}_{n}")
+        node = node[f"{p}_{n}"]
+        i += 2
+        continue
+      if isinstance(node, Mapping) and p in node and f"layers_{n}" in node[p]:
+        path += [p, f"layers_{n}"]
+        node = node[p][f"layers_{n}"]
+        i += 2
+        continue
+    if i == len(parts) - 1 and isinstance(node, Mapping):
+      for cand in ({"weight": ("kernel", "scale", "embedding")}.get(p, (p,))):
+        if cand in node:
+          return tuple(path + [cand])
+    if not isinstance(node, Mapping) or p not in node:
+      return ()
+    path.append(p)
+    node = node[p]
+    i += 1
+  return tuple(path)
+
+
+def _to_flax_leaf(path: Tuple[str, ...], value: np.ndarray, expected_ndim: int) -> np.ndarray:
+  leaf = path[-1]
+  if leaf == "kernel":
+    if value.ndim == 2:  # Linear (out, in) -> (in, out)
+      return value.T
+    if value.ndim == 4:
+      if "/".join(path[:-1]) in _CONV_TRANSPOSE:  # (in, out, kh, kw) -> (kh, kw, in, out)
+        return value.transpose(2, 3, 0, 1)
+      return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  return value
+
+
+def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = None,
+                       path: str = "checkpoint"):
+  """PyTorch SAM state dict -> (SamConfig, Flax params). Raises CheckpointError on mismatch."""
+  cfg = cfg or infer_config(sd, path)
+  abstract = jax.eval_shape(lambda: Sam(cfg).init_params(jax.random.PRNGKey(0)))
+  expected = {tuple(str(k.key) for k in kp): v for kp, v in
+              jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  unexpected, filled = [], {}
+  for key, value in sd.items():
+    if not key.startswith(PREFIXES):
+      unexpected.append(key)
+      continue
+    top, rest = key.split(".", 1)
+    fpath = _flax_path(rest, abstract[top])
+    fpath = (top,) + fpath if fpath else ()
+    if not fpath or fpath not in expected:
+      unexpected.append(key)
+      continue
+    arr = _to_flax_leaf(fpath, np.asarray(value), len(expected[fpath].shape))
+    if tuple(arr.shape) != tuple(expected[fpath].shape):
+      raise CheckpointError(
+          f"{path}: shape mismatch for {key!r}: expected {tuple(expected[fpath].shape)} "
+          f"(Flax layout, {'/'.join(fpath)}), found {tuple(arr.shape)}")
+    filled[fpath] = arr.astype(np.float32)
+  missing = sorted("/".join(p) for p in expected if p not in filled)
+  if missing or unexpected:
+    msg = []
+    if missing:
+      msg.append(f"missing keys (Flax paths) [{len(missing)}]: {', '.join(missing[:20])}"
+                 + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+      msg.append(f"unexpected keys [{len(unexpected)}]: {', '.join(sorted(unexpected)[:20])}"
+                 + (" ..." if len(unexpected) > 20 else ""))
+    raise CheckpointError(f"{path}: " + "; ".join(msg))
+  params: Dict[str, Any] = {}
+  for fpath, arr in filled.items():
+    node = params
+    for p in fpath[:-1]:
+      node = node.setdefault(p, {})
+    node[fpath[-1]] = arr
+  return cfg, params
+
+
+def save_sam_checkpoint(output_dir: str, cfg: SamConfig, params, meta: Optional[dict] = None,
+                        overwrite: bool = False) -> str:
+  """Writes params + metadata atomically (temp dir, then rename)."""
+  import orbax.checkpoint as ocp
+
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir) and not overwrite:
+    raise CheckpointError(f"{output_dir}: already exists (pass --overwrite to replace it)")
+  parent = os.path.dirname(output_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+      ckptr.wait_until_finished()
+    full_meta = {"format": FORMAT, "variant": preset_name(cfg) or "custom",
+                 "config": cfg.to_dict(), **(meta or {})}
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+      json.dump(full_meta, f, indent=2)
+    if os.path.exists(output_dir):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
+      os.rename(output_dir, os.path.join(old, "x"))
+      os.rename(tmp, output_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, output_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return output_dir
+
+
+def read_sam_meta(ckpt_dir: str) -> dict:
+  meta_path = os.path.join(ckpt_dir, META_FILE)
+  if not os.path.isfile(meta_path):
+    raise CheckpointError(f"{ckpt_dir}: not a converted SAM checkpoint (no {META_FILE}); "
+                          "convert one with tools/convert_sam_weights.py")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  return meta
+
+
+def load_sam_checkpoint(ckpt_dir: str):
+  """-> (SamConfig, params) from a directory written by `save_sam_checkpoint`."""
+  import orbax.checkpoint as ocp
+
+  meta = read_sam_meta(ckpt_dir)
+  cfg = SamConfig.from_dict(meta["config"])
+  abstract = jax.eval_shape(lambda: Sam(cfg).init_params(jax.random.PRNGKey(0)))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR)), abstract)
+  except Exception as e:
+    raise CheckpointError(f"{ckpt_dir}: could not restore params: {e}") from None
+  return cfg, params
+
+
+def convert_file(checkpoint: str, output: str, model_type: str = "auto",
+                 overwrite: bool = False) -> Tuple[SamConfig, str]:
+  """The converter CLI's work: .pth -> checkpoint directory. Raises CheckpointError."""
+  if os.path.exists(output) and not overwrite:
+    raise CheckpointError(f"{output}: already exists (pass --overwrite to replace it)")
+  sd = load_torch_state_dict(checkpoint)
+  cfg = infer_config(sd, checkpoint)
+  if model_type != "auto":
+    if model_type not in SAM_PRESETS:
+      raise CheckpointError(f"--model-type {model_type!r}: expected auto, "
+                            + ", ".join(SAM_PRESETS))
+    if SAM_PRESETS[model_type] != cfg:
+      found = preset_name(cfg) or "a custom size"
+      raise CheckpointError(f"{checkpoint}: --model-type {model_type} given, but the tensor "
+                            f"shapes are those of {found}")
+  cfg, params = convert_state_dict(sd, cfg, checkpoint)
+  meta = {"source": os.path.basename(checkpoint), "sha256": sha256sum(checkpoint)}
+  save_sam_checkpoint(output, cfg, params, meta, overwrite=overwrite)
+  return cfg, output
