@@ -1,0 +1,162 @@
+"""The SAM converter CLI: variant detection, clean rejections, atomic output."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fusionsam_jax.models.sam.sam import SAM_PRESETS
+from fusionsam_jax.sam_checkpoint import infer_config, load_sam_checkpoint, read_sam_meta
+import sam_reference as ref
+
+
+@pytest.fixture(scope="module")
+def tiny_pth(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("conv")
+  sam = ref.build_torch_sam(SAM_PRESETS["tiny"], seed=3)
+  path = tmp / "tiny.pth"
+  ref.save_state_dict(sam, path)
+  return path, sam
+
+
+def _fails(res, *needles):
+  assert res.returncode != 0
+  lines = [l for l in res.stderr.strip().splitlines() if l]
+  assert len(lines) == 1, res.stderr  # one-line error, no traceback
+  for n in needles:
+    assert n in lines[0], lines[0]
+
+
+def _only(tmp_path, *names):
+  assert sorted(os.listdir(tmp_path)) == sorted(names)
+
+
+def test_converts_and_records_metadata(tiny_pth, tmp_path):
+  pth, sam = tiny_pth
+  res = ref.run_converter(pth, tmp_path / "out")
+  assert res.returncode == 0, res.stderr
+  meta = read_sam_meta(str(tmp_path / "out"))
+  assert meta["variant"] == "tiny" and meta["source"] == "tiny.pth"
+  import hashlib
+  assert meta["sha256"] == hashlib.sha256(pth.read_bytes()).hexdigest()
+  cfg, params = load_sam_checkpoint(str(tmp_path / "out"))
+  # A leaf copied as-is and one transposed, checked against the torch tensors.
+  sd = sam.state_dict()
+  np.testing.assert_array_equal(params["image_encoder"]["blocks_1"]["attn"]["rel_pos_h"],
+                                sd["image_encoder.blocks.1.attn.rel_pos_h"].numpy())
+  np.testing.assert_array_equal(params["mask_decoder"]["iou_prediction_head"]["layers_0"]["kernel"],
+                                sd["mask_decoder.iou_prediction_head.layers.0.weight"].numpy().T)
+  _only(tmp_path, "out")
+
+
+def test_variant_detection_from_shapes():
+  for name in ("vit_b", "vit_l", "vit_h"):
+    cfg = SAM_PRESETS[name]
+    # Shapes alone (no tensors): infer_config only reads .shape.
+    import types
+    fake = {}
+    sam_abstract = _abstract_torch_shapes(cfg)
+    for k, shape in sam_abstract.items():
+      fake[k] = types.SimpleNamespace(shape=shape)
+    assert infer_config(fake) == cfg, name
+
+
+def _abstract_torch_shapes(cfg):
+  with torch.device("meta"):
+    sam = _meta_sam(cfg)
+  return {k: tuple(v.shape) for k, v in sam.state_dict().items()}
+
+
+def _meta_sam(cfg):
+  import functools
+  m, _ = ref.official()
+  e = cfg.img_size // cfg.patch_size
+  return m.Sam(
+      image_encoder=m.ImageEncoderViT(
+          depth=cfg.encoder_depth, embed_dim=cfg.encoder_embed_dim, img_size=cfg.img_size,
+          num_heads=cfg.encoder_num_heads, use_rel_pos=True,
+          global_attn_indexes=cfg.encoder_global_attn_indexes, window_size=cfg.window_size,
+          out_chans=256, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)),
+      prompt_encoder=m.PromptEncoder(embed_dim=256, image_embedding_size=(e, e),
+                                     input_image_size=(1024, 1024), mask_in_chans=16),
+      mask_decoder=m.MaskDecoder(num_multimask_outputs=3, transformer=m.TwoWayTransformer(
+          depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8), transformer_dim=256))
+
+
+def test_model_type_mismatch(tiny_pth, tmp_path):
+  pth, _ = tiny_pth
+  _fails(ref.run_converter(pth, tmp_path / "out", "--model-type", "vit_h"), "vit_h", "tiny")
+  _only(tmp_path)
+
+
+def test_missing_file(tmp_path):
+  _fails(ref.run_converter(tmp_path / "nope.pth", tmp_path / "out"), "nope.pth", "no such file")
+  _only(tmp_path)
+
+
+def test_truncated_file(tiny_pth, tmp_path):
+  pth, _ = tiny_pth
+  bad = tmp_path / "trunc.pth"
+  bad.write_bytes(pth.read_bytes()[: os.path.getsize(pth) // 2])
+  _fails(ref.run_converter(bad, tmp_path / "out"), "trunc.pth", "not a readable")
+  _only(tmp_path, "trunc.pth")
+
+
+def test_not_a_checkpoint(tmp_path):
+  bad = tmp_path / "notes.pth"
+  bad.write_text("hello, I am a text file\n")
+  _fails(ref.run_converter(bad, tmp_path / "out"), "notes.pth", "not a readable")
+
+
+class _Evil:
+  def __reduce__(self):
+    return (os.system, ("echo pwned > PWNED",))
+
+
+def test_pickle_needing_code_execution_is_refused(tmp_path):
+  bad = tmp_path / "evil.pth"
+  torch.save({"image_encoder.x": _Evil()}, bad)
+  res = ref.run_converter(bad, tmp_path / "out")
+  _fails(res, "evil.pth", "code execution")
+  assert not os.path.exists(os.path.join(ref.REPO, "PWNED"))
+  _only(tmp_path, "evil.pth")
+
+
+def test_missing_and_unexpected_keys(tiny_pth, tmp_path):
+  _, sam = tiny_pth
+  sd = dict(sam.state_dict())
+  del sd["mask_decoder.iou_token.weight"]
+  sd["mask_decoder.extra.weight"] = torch.zeros(3)
+  path = tmp_path / "keys.pth"
+  torch.save(sd, path)
+  _fails(ref.run_converter(path, tmp_path / "out"), "missing keys", "mask_decoder/iou_token/embedding",
+         "unexpected keys", "mask_decoder.extra.weight")
+  _only(tmp_path, "keys.pth")
+
+
+def test_shape_mismatch(tiny_pth, tmp_path):
+  _, sam = tiny_pth
+  sd = dict(sam.state_dict())
+  w = sd["mask_decoder.iou_prediction_head.layers.1.weight"]
+  sd["mask_decoder.iou_prediction_head.layers.1.weight"] = torch.zeros(w.shape[0], w.shape[1] + 1)
+  path = tmp_path / "shape.pth"
+  torch.save(sd, path)
+  _fails(ref.run_converter(path, tmp_path / "out"), "mask_decoder.iou_prediction_head.layers.1.weight",
+         "expected", "found")
+  _only(tmp_path, "shape.pth")
+
+
+def test_existing_output_needs_overwrite(tiny_pth, tmp_path):
+  pth, _ = tiny_pth
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "keep.txt").write_text("user data")
+  _fails(ref.run_converter(pth, out), "already exists", "--overwrite")
+  assert (out / "keep.txt").read_text() == "user data"
+  res = ref.run_converter(pth, out, "--overwrite")
+  assert res.returncode == 0, res.stderr
+  assert read_sam_meta(str(out))["variant"] == "tiny"
+  _only(tmp_path, "out")
