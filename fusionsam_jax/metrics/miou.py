@@ -38,6 +38,7 @@ __all__ = [
     "confusion_matrix",
     "format_iou_table",
     "load_label_png",
+    "matched_png_names",
     "evaluate_label_dirs",
     "write_json_atomic",
     "main",
