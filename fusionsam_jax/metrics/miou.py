@@ -1,0 +1,425 @@
+"""Semantic-segmentation metrics: confusion matrix, per-class IoU, mIoU, pixel accuracy.
+
+Convention (RTFNet, CMX, MRFS, SegMiF and the official FusionSAM evaluation): a single
+confusion matrix is accumulated over the whole test set at full label resolution; pixels
+whose label is ``ignore_index`` (255) are skipped; the unlabeled/background class is an
+ordinary class; IoU_c = TP / (TP + FP + FN); mIoU is the mean over classes that occur in
+the prediction or the ground truth (``nan`` for the others, skipped by the mean).
+
+Matrix layout: ``cm[t, p]`` counts pixels whose ground truth is ``t`` and whose prediction
+is ``p`` (rows = truth, columns = prediction, as ``sklearn.metrics.confusion_matrix``).
+
+Two ways of filling it:
+
+* :class:`ConfusionMatrix` — numpy, int64, on the host; validates its inputs and raises.
+* :func:`confusion_matrix` — jittable JAX, int32, for on-device accumulation per batch;
+  add its result to a :class:`ConfusionMatrix` with :meth:`ConfusionMatrix.add`.
+
+CLI::
+
+    python -m fusionsam_jax.metrics.miou --pred-dir P --gt-dir G --num-classes N \
+        [--ignore-index 255] [--class-names a,b,c] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "ConfusionMatrix",
+    "confusion_matrix",
+    "format_iou_table",
+    "load_label_png",
+    "matched_png_names",
+    "evaluate_label_dirs",
+    "write_json_atomic",
+    "main",
+]
+
+
+# ----------------------------------------------------------------------------- numpy
+
+
+class ConfusionMatrix:
+    """Confusion-matrix accumulator over a whole test set (numpy, int64).
+
+    Args:
+      num_classes: number of classes C; valid class ids are ``0 .. C-1``.
+      ignore_index: label value that marks pixels to skip (default 255). ``None`` disables it.
+
+    ``update`` checks its inputs and raises ``ValueError`` on any pixel that is counted and
+    whose label or prediction is outside ``[0, C)``; a wrong ``num_classes`` is then caught
+    instead of silently dropping pixels.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None = 255):
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+        self.matrix = np.zeros((self.num_classes, self.num_classes), np.int64)
+        self.num_updates = 0
+
+    def reset(self) -> None:
+        self.matrix[...] = 0
+        self.num_updates = 0
+
+    def update(self, pred, label, valid=None) -> None:
+        """Adds one prediction/label pair (any equal shapes, e.g. ``(H, W)`` or ``(B, H, W)``).
+
+        Args:
+          pred: integer class ids.
+          label: integer class ids; ``ignore_index`` pixels are skipped.
+          valid: optional boolean mask of the same shape; ``False`` pixels are skipped.
+        """
+        pred = np.asarray(pred)
+        label = np.asarray(label)
+        if pred.shape != label.shape:
+            raise ValueError(f"prediction shape {pred.shape} != label shape {label.shape}")
+        for name, a in (("prediction", pred), ("label", label)):
+            if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+                raise ValueError(f"{name} must hold integer class ids, got dtype {a.dtype}")
+        shape = label.shape
+        pred = pred.astype(np.int64).ravel()
+        label = label.astype(np.int64).ravel()
+        keep = np.ones(label.shape, bool)
+        if self.ignore_index is not None:
+            keep &= label != self.ignore_index
+        if valid is not None:
+            valid = np.asarray(valid)
+            if valid.shape != shape:
+                raise ValueError(f"valid mask shape {valid.shape} != label shape {shape}")
+            keep &= valid.astype(bool).ravel()
+        pred = pred[keep]
+        label = label[keep]
+        c = self.num_classes
+        for name, a in (("label", label), ("prediction", pred)):
+            bad = (a < 0) | (a >= c)
+            if bad.any():
+                vals = np.unique(a[bad])[:8].tolist()
+                raise ValueError(
+                    f"{name} holds values {vals} outside [0, {c}) at counted pixels "
+                    f"(ignore_index={self.ignore_index}); wrong num_classes?")
+        self.matrix += np.bincount(label * c + pred, minlength=c * c).reshape(c, c)
+        self.num_updates += 1
+
+    def add(self, matrix) -> None:
+        """Adds a precomputed ``(C, C)`` matrix, e.g. from :func:`confusion_matrix`."""
+        m = np.asarray(matrix)
+        if m.shape != self.matrix.shape:
+            raise ValueError(f"matrix shape {m.shape} != {self.matrix.shape}")
+        if (m < 0).any():
+            raise ValueError("confusion matrix counts must be non-negative")
+        self.matrix += m.astype(np.int64)
+        self.num_updates += 1
+
+    def merge(self, other: "ConfusionMatrix") -> None:
+        """Adds the counts of another accumulator (same C)."""
+        self.add(other.matrix)
+
+    # -- derived quantities
+    @property
+    def true_positives(self) -> np.ndarray:
+        return np.diag(self.matrix).astype(np.int64)
+
+    def iou(self) -> np.ndarray:
+        """Per-class IoU, float64 ``(C,)``; ``nan`` where TP + FP + FN == 0."""
+        tp = np.diag(self.matrix).astype(np.float64)
+        denom = self.matrix.sum(0) + self.matrix.sum(1) - np.diag(self.matrix)
+        out = np.full(self.num_classes, np.nan)
+        np.divide(tp, denom, out=out, where=denom > 0)
+        return out
+
+    def miou(self) -> float:
+        """Mean IoU over classes present in prediction or truth (nan-mean); nan if none."""
+        iou = self.iou()
+        return float(np.nanmean(iou)) if np.isfinite(iou).any() else math.nan
+
+    def pixel_accuracy(self) -> float:
+        """Overall pixel accuracy (trace / total); nan when nothing was counted."""
+        total = self.matrix.sum()
+        return float(np.trace(self.matrix) / total) if total > 0 else math.nan
+
+    def class_accuracy(self) -> np.ndarray:
+        """Per-class recall TP / (TP + FN); nan for classes absent from the truth."""
+        gt = self.matrix.sum(1).astype(np.float64)
+        out = np.full(self.num_classes, np.nan)
+        np.divide(np.diag(self.matrix).astype(np.float64), gt, out=out, where=gt > 0)
+        return out
+
+    def mean_class_accuracy(self) -> float:
+        acc = self.class_accuracy()
+        return float(np.nanmean(acc)) if np.isfinite(acc).any() else math.nan
+
+    def summary(self, class_names: Sequence[str] | None = None) -> dict:
+        """JSON-ready dict (nan written as ``None``)."""
+        names = _class_names(class_names, self.num_classes)
+        iou = self.iou()
+        return {
+            "num_classes": self.num_classes,
+            "ignore_index": self.ignore_index,
+            "class_names": names,
+            "iou": {n: _nan_to_none(v) for n, v in zip(names, iou)},
+            "miou": _nan_to_none(self.miou()),
+            "pixel_accuracy": _nan_to_none(self.pixel_accuracy()),
+            "mean_class_accuracy": _nan_to_none(self.mean_class_accuracy()),
+            "num_pixels": int(self.matrix.sum()),
+            "confusion_matrix": self.matrix.tolist(),
+        }
+
+
+def _nan_to_none(v):
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def _class_names(class_names, num_classes):
+    if class_names is None:
+        return [str(i) for i in range(num_classes)]
+    names = [str(n) for n in class_names]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names given for {num_classes} classes")
+    return names
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def confusion_matrix(pred, label, num_classes: int, ignore_index: int | None = 255, valid=None):
+    """Confusion matrix of one batch, jittable (``num_classes`` static); ``(C, C)`` int32.
+
+    ``cm[t, p]`` counts pixels with truth ``t`` and prediction ``p``. Pixels are skipped when
+    the label equals ``ignore_index``, when ``valid`` (optional, same shape) is False, or
+    when the label or prediction lies outside ``[0, C)`` (JAX cannot raise on data; use the
+    numpy :class:`ConfusionMatrix` when inputs need checking). Implemented as one
+    ``segment_sum`` over flat ``label * C + pred`` indices, so memory is O(pixels), not
+    O(pixels * C). int32 counts: accumulate batches on the host in int64
+    (:meth:`ConfusionMatrix.add`) for whole test sets.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    c = int(num_classes)
+    pred = jnp.asarray(pred).astype(jnp.int32).reshape(-1)
+    label = jnp.asarray(label).astype(jnp.int32).reshape(-1)
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction size {pred.shape} != label size {label.shape}")
+    keep = (label >= 0) & (label < c) & (pred >= 0) & (pred < c)
+    if ignore_index is not None:
+        keep &= label != ignore_index
+    if valid is not None:
+        keep &= jnp.asarray(valid).astype(bool).reshape(-1)
+    idx = jnp.where(keep, label * c + pred, 0)
+    counts = jax.ops.segment_sum(keep.astype(jnp.int32), idx, num_segments=c * c,
+                                 indices_are_sorted=False)
+    return counts.reshape(c, c)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def format_iou_table(
+    iou,
+    class_names: Sequence[str] | None = None,
+    *,
+    miou: float | None = None,
+    method: str = "Ours",
+    columns: Sequence[str] | None = None,
+    percent: bool = True,
+    decimals: int = 1,
+    markdown: bool = False,
+) -> str:
+    """Formats per-class IoU in the layout of the paper's Tables 1/2.
+
+    Header ``Method  <class> ... mIoU(%)``, then one row per method.
+
+    Args:
+      iou: per-class IoU ``(C,)`` (fractions), or a mapping ``method -> (C,)`` for several rows.
+      class_names: names of the C classes (default ``"0" .. "C-1"``).
+      miou: the mIoU to print; default the nan-mean of each row's ``iou`` over *all* classes
+        (also when ``columns`` shows only some of them, as Table 2 does).
+      method: row label when ``iou`` is a single array.
+      columns: class names to show, in order (default all classes).
+      percent: print values x 100 (the paper's convention).
+      decimals: digits after the point.
+      markdown: emit a Markdown table instead of aligned plain text.
+
+    nan (class absent from prediction and truth) prints as ``-``.
+    """
+    rows: Mapping[str, np.ndarray]
+    if isinstance(iou, Mapping):
+        rows = {str(k): np.asarray(v, np.float64) for k, v in iou.items()}
+        if miou is not None and len(rows) > 1:
+            raise ValueError("miou= is only accepted with a single row")
+    else:
+        rows = {method: np.asarray(iou, np.float64)}
+    sizes = {v.shape for v in rows.values()}
+    if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+        raise ValueError(f"every row must be a 1-D per-class IoU of one length, got {sizes}")
+    num_classes = next(iter(sizes))[0]
+    names = _class_names(class_names, num_classes)
+    shown = list(names) if columns is None else [str(c) for c in columns]
+    missing = [c for c in shown if c not in names]
+    if missing:
+        raise ValueError(f"columns {missing} are not among the class names {names}")
+    col_idx = [names.index(c) for c in shown]
+    scale = 100.0 if percent else 1.0
+
+    def fmt(v):
+        return "-" if v is None or math.isnan(v) else f"{v * scale:.{decimals}f}"
+
+    header = ["Method"] + shown + ["mIoU(%)" if percent else "mIoU"]
+    body = []
+    for name, vals in rows.items():
+        m = miou if miou is not None else (
+            float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan)
+        body.append([name] + [fmt(vals[i]) for i in col_idx] + [fmt(m)])
+
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    out = []
+    for r in [header] + body:
+        cells = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, len(r))]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_label_png(path) -> np.ndarray:
+    """Reads a single-channel label PNG (modes L, P, I;16, I, 1) as an int64 ``(H, W)`` array.
+
+    Palette ("P") images give their palette indices, i.e. the class ids. Colour images
+    (RGB/RGBA/LA) are refused: colour-coded masks must be mapped to ids first.
+    """
+    from PIL import Image
+
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
+                raise ValueError(
+                    f"{path}: label image has mode {mode!r}; expected a single-channel "
+                    "class-id PNG (L, P or 16-bit)")
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such label file") from None
+    except OSError as e:  # unreadable / not an image
+        raise ValueError(f"{path}: cannot read as an image ({e})") from None
+    return arr.astype(np.int64)
+
+
+def _png_names(d) -> list[str]:
+    d = os.fspath(d)
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"{d}: not a directory")
+    return sorted(f for f in os.listdir(d) if f.lower().endswith(".png")
+                  and os.path.isfile(os.path.join(d, f)))
+
+
+def matched_png_names(pred_dir, gt_dir) -> list[str]:
+    """Filenames present in both folders; raises naming the first missing/extra file."""
+    preds, gts = _png_names(pred_dir), _png_names(gt_dir)
+    if not gts:
+        raise FileNotFoundError(f"{gt_dir}: no .png files")
+    missing = sorted(set(gts) - set(preds))
+    extra = sorted(set(preds) - set(gts))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(
+            f"{os.path.join(os.fspath(pred_dir), missing[0])}: prediction missing for "
+            f"ground truth {missing[0]}{more}")
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise ValueError(
+            f"{os.path.join(os.fspath(pred_dir), extra[0])}: prediction has no ground truth "
+            f"in {gt_dir}{more}")
+    return gts
+
+
+def evaluate_label_dirs(pred_dir, gt_dir, num_classes: int, ignore_index: int | None = 255
+                        ) -> ConfusionMatrix:
+    """Accumulates a :class:`ConfusionMatrix` over PNG label folders matched by filename.
+
+    Labels are never resized: a size mismatch raises ``ValueError`` naming the file.
+    """
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    for name in matched_png_names(pred_dir, gt_dir):
+        pp = os.path.join(os.fspath(pred_dir), name)
+        gp = os.path.join(os.fspath(gt_dir), name)
+        pred, gt = load_label_png(pp), load_label_png(gp)
+        if pred.shape != gt.shape:
+            raise ValueError(f"{pp}: prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) "
+                             f"!= ground truth {gp} size {gt.shape[1]}x{gt.shape[0]}; "
+                             "labels are not resized")
+        try:
+            cm.update(pred, gt)
+        except ValueError as e:
+            raise ValueError(f"{pp}: {e}") from None
+    return cm
+
+
+def write_json_atomic(obj, path) -> None:
+    """Writes JSON through a temp file in the target folder and ``os.replace``."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m fusionsam_jax.metrics.miou",
+        description="mIoU of predicted label PNGs against ground-truth label PNGs "
+                    "(files matched by name; one confusion matrix over all images).")
+    p.add_argument("--pred-dir", required=True)
+    p.add_argument("--gt-dir", required=True)
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--ignore-index", type=int, default=255)
+    p.add_argument("--class-names", default=None, help="comma-separated, one per class")
+    p.add_argument("--json", default=None, help="write the results here (atomically)")
+    args = p.parse_args(argv)
+    try:
+        names = None if args.class_names is None else [
+            s.strip() for s in args.class_names.split(",")]
+        if names is not None:
+            _class_names(names, args.num_classes)
+        cm = evaluate_label_dirs(args.pred_dir, args.gt_dir, args.num_classes,
+                                 args.ignore_index)
+        summary = cm.summary(names)
+        summary["num_images"] = cm.num_updates
+        print(format_iou_table(cm.iou(), summary["class_names"], miou=cm.miou()))
+        print(f"pixel accuracy: {cm.pixel_accuracy() * 100:.2f}%   images: {cm.num_updates}")
+        if args.json:
+            write_json_atomic(summary, args.json)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
