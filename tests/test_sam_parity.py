@@ -46,6 +46,8 @@ def _prompts(cfg, rng):
 
 def test_image_embeddings(models):
   name, cfg, tsam, params, _ = models
+  if name != "tiny":
+    pytest.skip("vit_b embeddings are checked end to end in test_predictor_matches_official")
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 3, cfg.img_size, cfg.img_size)).astype(np.float32)
   with torch.no_grad():

@@ -7,10 +7,11 @@ converted checkpoint is a plain tree walk (`blocks.3.attn.qkv` -> `blocks_3/attn
 Two attention implementations compute the same function:
 - ``"xla"``: the explicit formula (scores + decomposed relative position bias, softmax),
   the reference path used for parity with PyTorch at float32.
-- ``"cudnn"`` / ``"auto"``: `jax.nn.dot_product_attention` (cuDNN fused attention on GPU).
+- ``"fused"``: `jax.nn.dot_product_attention` (cuDNN fused attention on GPU for bf16).
   The decomposed relative-position bias is folded into augmented query/key vectors, so the
   fused kernel needs no (B, heads, N, N) bias tensor:
   q.k*s + q.Rh[qh,kh] + q.Rw[qw,kw] = s * [q, (q.Rh)/s, (q.Rw)/s] . [k, onehot(kh), onehot(kw)].
+- ``"fused_bias"``: `jax.nn.dot_product_attention` with the bias materialised.
 """
 
 import math
@@ -64,6 +65,33 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos):
   return rel_pos[rel.astype(jnp.int32)]
 
 
+def _fold_rel_pos(q, k, v, rel_h, rel_w, scale):
+  """Folds the decomposed rel-pos bias into augmented q / k for a fused attention kernel.
+
+  q, k, v: (B, N, nh, hd); rel_h: (B, nh, h, w, kh); rel_w: (B, nh, h, w, kw).
+  s * q'.k' = s * q.k + rel_h[q, kh(k)] + rel_w[q, kw(k)] with
+  q' = [q, rel_h / s, rel_w / s] and k' = [k, onehot(kh), onehot(kw)]; head dims are
+  zero-padded to a multiple of 8 and v is padded to match (sliced off afterwards).
+  """
+  b, n, nh, hd = q.shape
+  _, _, h, w, kh = rel_h.shape
+  kw = rel_w.shape[-1]
+  rel_h = rel_h.transpose(0, 2, 3, 1, 4).reshape(b, n, nh, kh) / scale
+  rel_w = rel_w.transpose(0, 2, 3, 1, 4).reshape(b, n, nh, kw) / scale
+  kpos_h = jnp.repeat(jnp.arange(kh), kw)  # row of each key token
+  kpos_w = jnp.tile(jnp.arange(kw), kh)  # column of each key token
+  onehots = jnp.concatenate([jax.nn.one_hot(kpos_h, kh, dtype=k.dtype),
+                             jax.nn.one_hot(kpos_w, kw, dtype=k.dtype)], -1)  # (N, kh + kw)
+  d = hd + kh + kw
+  d_pad = -d % 8
+  q = jnp.concatenate([q, rel_h.astype(q.dtype), rel_w.astype(q.dtype),
+                       jnp.zeros((b, n, nh, d_pad), q.dtype)], -1)
+  k = jnp.concatenate([k, jnp.broadcast_to(onehots[None, :, None, :], (b, n, nh, kh + kw)),
+                       jnp.zeros((b, n, nh, d_pad), k.dtype)], -1)
+  v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, d + d_pad - hd)))
+  return q, k, v
+
+
 class Attention(nn.Module):
   """Multi-head attention with decomposed relative position bias (SAM's `Attention`)."""
 
@@ -104,29 +132,17 @@ class Attention(nn.Module):
                 + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
       attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
       out = jnp.einsum("bnqk,bknc->bqnc", attn, v)
-    else:
+    elif self.attn_impl == "fused_bias":
+      bias = None
+      if rel_h is not None:  # materialised (B, nh, N, N) bias
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
+    elif self.attn_impl == "fused":
       if rel_h is not None:
-        # Fold the bias into augmented q / k (see module docstring).
-        rel_h = rel_h.transpose(0, 2, 3, 1, 4).reshape(b, h * w, nh, h) / scale
-        rel_w = rel_w.transpose(0, 2, 3, 1, 4).reshape(b, h * w, nh, w) / scale
-        oh = jnp.broadcast_to(jax.nn.one_hot(jnp.arange(h), h, dtype=k.dtype)[:, None, :],
-                              (h, w, h)).reshape(h * w, h)
-        ow = jnp.broadcast_to(jax.nn.one_hot(jnp.arange(w), w, dtype=k.dtype)[None, :, :],
-                              (h, w, w)).reshape(h * w, w)
-        k_aug = jnp.broadcast_to(jnp.concatenate([oh, ow], -1)[None, :, None, :],
-                                 (b, h * w, nh, h + w))
-        q = jnp.concatenate([q, rel_h.astype(q.dtype), rel_w.astype(q.dtype)], -1)
-        k = jnp.concatenate([k, k_aug], -1)
-        d_aug = q.shape[-1]
-        d_pad = -d_aug % 8  # fused kernels want head dims in multiples of 8
-        if d_pad:
-          q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, d_pad)))
-          k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, d_pad)))
-        # v keeps its own head dim; pad to q's so all three agree for the fused kernel.
-        v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - hd)))
-      impl = None if self.attn_impl == "auto" else self.attn_impl
-      out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
-      out = out[..., :hd]
+        q, k, v = _fold_rel_pos(q, k, v, rel_h, rel_w, scale)
+      out = jax.nn.dot_product_attention(q, k, v, scale=scale)[..., :hd]
+    else:
+      raise ValueError(f"attn_impl must be 'xla', 'fused' or 'fused_bias', got {self.attn_impl!r}")
     out = out.reshape(b, h, w, self.dim)
     return nn.Dense(self.dim, dtype=self.dtype, name="proj")(out)
 
