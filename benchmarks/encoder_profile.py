@@ -31,7 +31,7 @@ def main():
   ap.add_argument("--out", default="benchmarks/results/encoder_profile.json")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--what", nargs="*", default=["matmul", "blocks", "encoder"])
-  ap.add_argument("--impls", nargs="*", default=["fused", "xla"])
+  ap.add_argument("--impls", nargs="*", default=["cudnn", "cudnn_bias", "xla"])
   args = ap.parse_args()
   import jax
   import jax.numpy as jnp

@@ -148,7 +148,7 @@ def main():
   ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--max-fp32-batch", type=int, default=8)
-  ap.add_argument("--jax-modes", nargs="*", default=["fp32", "bf16-fused", "bf16-fused_bias",
+  ap.add_argument("--jax-modes", nargs="*", default=["fp32", "bf16-cudnn", "bf16-cudnn_bias",
                                                      "bf16-xla"])
   ap.add_argument("--torch-modes", nargs="*", default=["fp32", "bf16", "bf16_compile"])
   ap.add_argument("--compile-batches", type=int, nargs="*", default=[8])

@@ -7,11 +7,13 @@ converted checkpoint is a plain tree walk (`blocks.3.attn.qkv` -> `blocks_3/attn
 Two attention implementations compute the same function:
 - ``"xla"``: the explicit formula (scores + decomposed relative position bias, softmax),
   the reference path used for parity with PyTorch at float32.
-- ``"fused"``: `jax.nn.dot_product_attention` (cuDNN fused attention on GPU for bf16).
+- ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")`, the cuDNN fused
+  (flash) kernel; GPU and bf16/fp16 only. ``"fused"`` is the same computation through
+  dot_product_attention's XLA lowering (any backend; what the CPU tests check).
   The decomposed relative-position bias is folded into augmented query/key vectors, so the
   fused kernel needs no (B, heads, N, N) bias tensor:
   q.k*s + q.Rh[qh,kh] + q.Rw[qw,kw] = s * [q, (q.Rh)/s, (q.Rw)/s] . [k, onehot(kh), onehot(kw)].
-- ``"fused_bias"``: `jax.nn.dot_product_attention` with the bias materialised.
+- ``"cudnn_bias"`` / ``"fused_bias"``: the same with the bias materialised instead.
 """
 
 import math
@@ -63,6 +65,10 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos):
   k_coords = jnp.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
   rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
   return rel_pos[rel.astype(jnp.int32)]
+
+
+# attn_impl -> `implementation` of jax.nn.dot_product_attention (None: its XLA lowering).
+_BACKEND = {"fused": None, "fused_bias": None, "cudnn": "cudnn", "cudnn_bias": "cudnn"}
 
 
 def _fold_rel_pos(q, k, v, rel_h, rel_w, scale):
@@ -132,17 +138,20 @@ class Attention(nn.Module):
                 + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
       attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
       out = jnp.einsum("bnqk,bknc->bqnc", attn, v)
-    elif self.attn_impl == "fused_bias":
+    elif self.attn_impl in ("fused_bias", "cudnn_bias"):
       bias = None
       if rel_h is not None:  # materialised (B, nh, N, N) bias
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
-      out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
-    elif self.attn_impl == "fused":
+      out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), scale=scale,
+                                         implementation=_BACKEND[self.attn_impl])
+    elif self.attn_impl in ("fused", "cudnn"):
       if rel_h is not None:
         q, k, v = _fold_rel_pos(q, k, v, rel_h, rel_w, scale)
-      out = jax.nn.dot_product_attention(q, k, v, scale=scale)[..., :hd]
+      out = jax.nn.dot_product_attention(q, k, v, scale=scale,
+                                         implementation=_BACKEND[self.attn_impl])[..., :hd]
     else:
-      raise ValueError(f"attn_impl must be 'xla', 'fused' or 'fused_bias', got {self.attn_impl!r}")
+      raise ValueError(f"attn_impl must be one of {sorted(_BACKEND)} or 'xla', "
+                       f"got {self.attn_impl!r}")
     out = out.reshape(b, h, w, self.dim)
     return nn.Dense(self.dim, dtype=self.dtype, name="proj")(out)
 
