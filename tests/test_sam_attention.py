@@ -47,10 +47,27 @@ def test_attention_matches_formula(impl, hw):
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
+def test_windowed_block_matches_official_order():
+  """Projecting before padding (fill = qkv(0)) equals SAM's pad-then-project order."""
+  from fusionsam_jax.models.sam.image_encoder import window_partition, window_unpartition
+  d, nh, ws = 16, 2, 3
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, 8, d)), jnp.float32)
+  win = Attention(d, nh, use_rel_pos=True, input_size=(ws, ws), window_size=ws)
+  params = win.init(jax.random.PRNGKey(0), x)["params"]
+  rng = np.random.default_rng(4)
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape), jnp.float32), params)
+  plain = Attention(d, nh, use_rel_pos=True, input_size=(ws, ws))  # SAM's order, by hand
+  with jax.default_matmul_precision("highest"):
+    got = win.apply({"params": params}, x)
+    xw, pad_hw = window_partition(x, ws)
+    want = window_unpartition(plain.apply({"params": params}, xw), ws, pad_hw, (7, 8))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
 def test_encoder_impls_agree_bf16():
   """bf16 fast path vs float32 reference on a small encoder: the looser bf16 tolerance."""
   kw = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, out_chans=16,
-            window_size=4, global_attn_indexes=(1,))
+            window_size=3, global_attn_indexes=(1,))  # 8x8 grid: windows need padding
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 64, 3)), jnp.float32)
   ref = ImageEncoderViT(**kw)
   params = ref.init(jax.random.PRNGKey(0), x)["params"]
