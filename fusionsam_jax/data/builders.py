@@ -34,8 +34,16 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared builder: the layout lists and decodes samples; this class only writes them."""
 
     VERSION = tfds.core.Version(VERSION)
-    RELEASE_NOTES = {VERSION: "ArrayRecord, zlib-encoded uint8 tensors, sorted-name order."}
+    RELEASE_NOTES = {str(VERSION): "ArrayRecord, zlib-encoded uint8 tensors, sorted-name order."}
     layout: layouts.Layout
+
+    # Manual-download builders have no URL checksums file. TFDS locates one next to the
+    # builder's source via ``code_path``, which (TFDS 4.9.10) needs the optional
+    # ``importlib_resources`` backport for builders inside a package; no path, no lookup.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return None
 
     def __init__(self, *, grey_policy: str = "strict", plan=None, **kwargs):
         """``plan``: split -> samples from a validation pass (else listed from manual_dir)."""

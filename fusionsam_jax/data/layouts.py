@@ -113,6 +113,9 @@ class Layout:
         in sample order.
         """
         splits = self.list_splits(root)
+        for split, samples in splits.items():
+            if not samples:  # TFDS cannot write an empty split
+                raise SplitListError(root, f"split {split!r} has no samples")
         unique = {}
         for samples in splits.values():
             for s in samples:
@@ -212,7 +215,8 @@ class MFNetLayout(Layout):
                 raise SplitListError(os.path.join(root, "test.txt"),
                                      f"{odd[0]!r} has no D/N suffix, and test_day.txt / "
                                      "test_night.txt are missing to say which it is")
-        return {split: [self.sample(root, n) for n in names] for split, names in lists.items()}
+        return {split: [self.sample(root, n) for n in sorted(names)]
+                for split, names in lists.items()}
 
     @staticmethod
     def sample(root, name: str) -> Sample:

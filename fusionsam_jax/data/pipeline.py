@@ -35,6 +35,24 @@ def process_shard_options(drop_remainder: bool = True) -> grain.ShardOptions:
                               drop_remainder=drop_remainder)
 
 
+def _ensure_flags_parsed() -> None:
+    """grain 0.2.x reads an absl flag when it starts worker processes and fails in scripts that
+    do not run under ``absl.app`` (google/grain#1355). Mark unparsed flags as parsed (defaults),
+    as grain's fix does; a later ``app.run`` / ``FLAGS(argv)`` still parses the command line."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def default_read_options(batch_size: int) -> grain.ReadOptions:
+    """4 read threads (zlib / array_record release the GIL) and a prefetch of a few batches.
+
+    grain's default (16 threads, 500 elements) holds ~0.75 GB of decoded MFNet pairs per
+    process; this keeps memory small while reading stays ahead of augmentation.
+    """
+    return grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(16, 2 * batch_size))
+
+
 def _as_str(name) -> str:
     if isinstance(name, np.ndarray):
         name = name.item()
@@ -104,8 +122,7 @@ def scale_crop_flip(element: dict, *, scale: float, crop_size: tuple[int, int],
     for k in keys:
         arr = element[k]
         is_label = k == "label"
-        shape = (ch, cw) + tuple(arr.shape[2:])
-        canvas = np.full(shape, label_pad_value if is_label else pad_value, arr.dtype)
+        region = None
         if iy1 > iy0 and ix1 > ix0:
             if (sh, sw) == (h, w):
                 region = arr[iy0:iy1, ix0:ix1]
@@ -113,7 +130,13 @@ def scale_crop_flip(element: dict, *, scale: float, crop_size: tuple[int, int],
                 box = (ix0 * w / sw, iy0 * h / sh, ix1 * w / sw, iy1 * h / sh)
                 resample = Image.NEAREST if is_label else _RESAMPLE[image_resample]
                 region = _resize_region(arr, box, (ix1 - ix0, iy1 - iy0), resample)
-            canvas[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = region
+        if region is not None and region.shape[:2] == (ch, cw):
+            canvas = region  # the window lies inside the scaled image: no padding
+        else:
+            shape = (ch, cw) + tuple(arr.shape[2:])
+            canvas = np.full(shape, label_pad_value if is_label else pad_value, arr.dtype)
+            if region is not None:
+                canvas[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = region
         if flip:
             canvas = canvas[:, ::-1]
         out[k] = np.ascontiguousarray(canvas)
@@ -164,7 +187,8 @@ def train_loader(source, *, batch_size: int, crop_size: tuple[int, int],
                  seed: int = 0, num_epochs: int | None = None, worker_count: int = 0,
                  worker_buffer_size: int = 2, shard_options: grain.ShardOptions | None = None,
                  modalities: Sequence[str] | None = None, image_resample: str = "bilinear",
-                 label_dtype=np.int32) -> grain.DataLoader:
+                 label_dtype=np.int32,
+                 read_options: grain.ReadOptions | None = None) -> grain.DataLoader:
     """Training loader: per-epoch shuffle (seeded), augmentation, batches without remainder.
 
     Args:
@@ -182,6 +206,7 @@ def train_loader(source, *, batch_size: int, crop_size: tuple[int, int],
       modalities: modality keys to keep (default: all present in the element).
       image_resample: "bilinear" (default), "bicubic" or "nearest" for images; labels are
         always nearest-neighbour.
+      read_options: grain read threads / prefetch (default :func:`default_read_options`).
     """
     shard_options = shard_options or process_shard_options(drop_remainder=True)
     sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options,
@@ -189,9 +214,12 @@ def train_loader(source, *, batch_size: int, crop_size: tuple[int, int],
     ops = [Standardize(modalities, label_dtype),
            RandomScaleCropFlip(crop_size, scale_range, flip_prob, image_resample, label_dtype),
            grain.Batch(batch_size=batch_size, drop_remainder=True)]
+    if worker_count:
+        _ensure_flags_parsed()
     return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                             worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-                            shard_options=shard_options)
+                            shard_options=shard_options,
+                            read_options=read_options or default_read_options(batch_size))
 
 
 # ------------------------------------------------------------------------------------------
@@ -280,8 +308,8 @@ class PadBatch:
 def eval_loader(source, *, batch_size: int, pad_to: tuple[int, int] | None = None,
                 pad_multiple: int = 1, worker_count: int = 0, worker_buffer_size: int = 2,
                 shard_count: int | None = None, shard_index: int | None = None,
-                modalities: Sequence[str] | None = None,
-                label_dtype=np.int32) -> grain.DataLoader:
+                modalities: Sequence[str] | None = None, label_dtype=np.int32,
+                read_options: grain.ReadOptions | None = None) -> grain.DataLoader:
     """Evaluation loader: full resolution, every example exactly once, in source order.
 
     Images are padded at the bottom / right to ``pad_to`` (height, width) when given (then
@@ -309,9 +337,12 @@ def eval_loader(source, *, batch_size: int, pad_to: tuple[int, int] | None = Non
     ops = [_KeepFlag(Standardize(modalities, label_dtype)), PadForEval(pad_to, label_dtype),
            grain.Batch(batch_size=batch_size, drop_remainder=False,
                        batch_fn=PadBatch(pad_multiple))]
+    if worker_count:
+        _ensure_flags_parsed()
     return grain.DataLoader(data_source=padded, sampler=sampler, operations=ops,
                             worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-                            shard_options=shard_options)
+                            shard_options=shard_options,
+                            read_options=read_options or default_read_options(batch_size))
 
 
 class _KeepFlag(grain.MapTransform):

@@ -66,6 +66,8 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
         if if_exists == "error":
             raise FileExistsError(f"{final}: dataset already prepared (use if_exists='skip' "
                                   "or 'overwrite', CLI --if-exists)")
+    if not progress:
+        tfds.disable_progress_bar()
     plan = layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
                            num_threads=num_threads)
     os.makedirs(data_dir, exist_ok=True)
@@ -74,8 +76,10 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
         builder = builders.get_builder_cls(name)(
             data_dir=os.path.join(tmp, "data"), file_format="array_record",
             grey_policy=grey_policy, plan=plan)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=os.fspath(manual_dir), download_dir=os.path.join(tmp, "downloads")))
+        builder.download_and_prepare(
+            download_dir=os.path.join(tmp, "downloads"),
+            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir),
+                                                         try_download_gcs=False))
         built = os.path.join(tmp, "data", name, builders.VERSION)
         if not os.path.isfile(os.path.join(built, "dataset_info.json")):
             raise RuntimeError(f"{built}: TFDS finished without writing dataset_info.json")
