@@ -322,7 +322,7 @@ _SCENES = {"mfnet": _mfnet_scene, "fmb": _fmb_scene, "vdt": _vdt_scene}
 # split gets day and night frames in equal shares.
 _SPLIT_PATTERN = {
     "mfnet": ("train", "train", "train", "train", "val", "val", "test", "test"),
-    "fmb": ("train",) * 8 + ("test",) * 2,
+    "fmb": ("train", "train", "train", "train", "test"),
     "vdt": ("train", "train", "test", "test"),
 }
 
