@@ -162,12 +162,12 @@ class RandomScaleCropFlip(grain.RandomMapTransform):
         self.image_resample = image_resample
         self.label_dtype = np.dtype(label_dtype)
 
-    def random_map(self, element, rng: np.random.Generator):
-        h, w = element["label"].shape[:2]
+    def draw(self, height: int, width: int, rng: np.random.Generator) -> dict:
+        """Draws the parameters of :func:`scale_crop_flip` for an image of this size."""
         ch, cw = self.crop_size
-        scale = rng.uniform(*self.scale_range) if self.scale_range[0] != self.scale_range[1] \
-            else self.scale_range[0]
-        sh, sw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+        lo, hi = self.scale_range
+        scale = float(rng.uniform(lo, hi)) if hi > lo else lo
+        sh, sw = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
         def offset(scaled, crop):  # a window inside the image, or the image inside the window
             if scaled >= crop:
@@ -176,8 +176,12 @@ class RandomScaleCropFlip(grain.RandomMapTransform):
 
         y0, x0 = offset(sh, ch), offset(sw, cw)
         flip = bool(rng.random() < self.flip_prob)
-        out = scale_crop_flip(element, scale=scale, crop_size=self.crop_size, offset=(y0, x0),
-                              flip=flip, image_resample=self.image_resample)
+        return {"scale": scale, "offset": (y0, x0), "flip": flip}
+
+    def random_map(self, element, rng: np.random.Generator):
+        h, w = element["label"].shape[:2]
+        out = scale_crop_flip(element, crop_size=self.crop_size,
+                              image_resample=self.image_resample, **self.draw(h, w, rng))
         out["label"] = out["label"].astype(self.label_dtype)
         return out
 
@@ -228,7 +232,8 @@ def train_loader(source, *, batch_size: int, crop_size: tuple[int, int],
 
 
 class _PaddedSource(Sequence):
-    """``source`` followed by placeholder elements up to ``length`` (marked not ``_real``)."""
+    """``source`` followed by placeholder elements up to ``length`` (marked not ``_real``):
+    zero images and an all-255 label of the first element's size."""
 
     def __init__(self, source, length: int):
         self._source = source
@@ -245,7 +250,8 @@ class _PaddedSource(Sequence):
         if self._dummy is None:
             first = self._source[0]
             self._dummy = {k: np.zeros_like(np.asarray(v)) for k, v in first.items()
-                           if k in MODALITY_KEYS or k == "label"}
+                           if k in MODALITY_KEYS}
+            self._dummy["label"] = np.full_like(np.asarray(first["label"]), IGNORE_INDEX)
             self._dummy["name"] = ""
             self._dummy["_real"] = False
         return dict(self._dummy)
