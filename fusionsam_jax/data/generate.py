@@ -144,14 +144,16 @@ def _mfnet_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bo
                   _jitter(rng, (92, 92, 96), 10)).astype(np.float32)
     bg = bg + cv.smooth(6, 18.0)[..., None] + cv.smooth(3, 10.0)[..., None]
     light = rng.uniform(0.12, 0.2) if night else rng.uniform(0.75, 1.15)
-    rgb = bg * light
+    bg_rgb = bg * light
+    rgb = bg_rgb.copy()
     t_road = rng.uniform(50, 65) if night else rng.uniform(75, 92)
     thermal = np.where(upper, rng.uniform(28, 40), t_road).astype(np.float32)
     thermal = thermal + cv.smooth(5, 9.0) + (cv.yy - horizon).clip(0) * 15.0
     label = np.zeros((h, w), np.uint8)
 
     k = int(rng.integers(3, 5))
-    classes = [1 + index % 8] + [int(c) for c in rng.permutation(np.arange(1, 9))]
+    classes = [1 + _rotation("mfnet", index, 8)] + [
+        int(c) for c in rng.permutation(np.arange(1, 9))]
     classes = list(dict.fromkeys(classes))[:k]
     # Paint back to front: larger (far, near the horizon) things first, people last.
     order = {6: 0, 4: 1, 8: 2, 5: 3, 1: 4, 7: 5, 3: 6, 2: 7}
@@ -161,9 +163,10 @@ def _mfnet_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bo
         if cls in _MF_WARM:
             thermal[mask] = _MF_TEMP[cls] + rng.uniform(-6, 6)
             hidden = night or rng.random() < DAY_HIDDEN_SHARE
-            if not hidden:
+            if hidden:  # no contrast at all: RGB shows the background texture there
+                rgb[mask] = bg_rgb[mask]
+            else:
                 rgb[mask] = _jitter(rng, _MF_RGB[cls]) * rng.uniform(0.85, 1.1)
-            # hidden: RGB keeps the background texture (no contrast at all)
         else:
             lit = rng.uniform(0.5, 0.75) if night else light * rng.uniform(0.9, 1.1)
             rgb[mask] = _jitter(rng, _MF_RGB[cls]) * lit
@@ -241,11 +244,12 @@ def _fmb_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool
         rgb[m] = _jitter(rng, colour, 10) * stuff_light
         thermal[m] = _FMB_TEMP_STUFF[cls] + rng.uniform(-5, 5)
     rgb = rgb + cv.smooth(6, 12.0)[..., None] * stuff_light
+    stuff_rgb = rgb.copy()
     thermal = thermal + cv.smooth(5, 6.0)
     label = region.copy()
 
     k = int(rng.integers(3, 6))
-    classes = [_FMB_OBJECTS[index % len(_FMB_OBJECTS)]] + [
+    classes = [_FMB_OBJECTS[_rotation("fmb", index, len(_FMB_OBJECTS))]] + [
         int(c) for c in rng.permutation(np.asarray(_FMB_OBJECTS))]
     classes = list(dict.fromkeys(classes))[:k]
     order = {14: 0, 4: 0, 5: 1, 11: 2, 10: 3, 9: 4, 13: 5, 12: 6, 8: 7}
@@ -254,7 +258,9 @@ def _fmb_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool
             label[mask] = cls
             if cls in _FMB_TEMP_WARM:
                 thermal[mask] = _FMB_TEMP_WARM[cls] + rng.uniform(-5, 5)
-                if not (night or rng.random() < DAY_HIDDEN_SHARE):
+                if night or rng.random() < DAY_HIDDEN_SHARE:  # RGB shows the scene behind
+                    rgb[mask] = stuff_rgb[mask]
+                else:
                     rgb[mask] = _jitter(rng, _FMB_RGB[cls]) * rng.uniform(0.85, 1.1)
             elif cls == 4:  # lamp: bright and hot
                 thermal[mask] = 245.0
@@ -325,6 +331,13 @@ _SPLIT_PATTERN = {
     "fmb": ("train", "train", "train", "train", "test"),
     "vdt": ("train", "train", "test", "test"),
 }
+
+
+def _rotation(layout: str, index: int, n: int) -> int:
+    """Cycles 0..n-1 over the samples of every split (each image's first object class), so
+    each class appears in every split of a set with a few dozen samples."""
+    p = len(_SPLIT_PATTERN[layout])
+    return (index // p + 2 * (index % p)) % n
 
 
 def sample_name(layout: str, index: int) -> str:
