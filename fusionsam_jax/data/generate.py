@@ -184,8 +184,8 @@ _FMB_RGB = {0: (120, 118, 100), 1: (80, 80, 86), 2: (190, 165, 165), 3: (150, 10
             4: (255, 245, 190), 5: (30, 110, 255), 6: (45, 140, 45), 7: (120, 170, 230),
             8: (60, 200, 90), 9: (160, 25, 25), 10: (200, 120, 40), 11: (235, 205, 35),
             12: (110, 40, 170), 13: (40, 190, 200), 14: (130, 130, 210)}
-_FMB_TEMP_STUFF = {0: 62.0, 1: 100.0, 2: 80.0, 3: 120.0, 6: 45.0, 7: 15.0}
-_FMB_TEMP_WARM = {8: 222.0, 9: 140.0, 10: 160.0, 11: 180.0, 12: 200.0}
+_FMB_TEMP_STUFF = {0: 55.0, 1: 88.0, 2: 72.0, 3: 100.0, 6: 40.0, 7: 15.0}
+_FMB_TEMP_WARM = {8: 228.0, 9: 130.0, 10: 155.0, 11: 180.0, 12: 204.0}
 _FMB_OBJECTS = (4, 5, 8, 9, 10, 11, 12, 13, 14)
 
 
@@ -257,13 +257,13 @@ def _fmb_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool
         for cls, mask in _fmb_object(cv, obj, rng, horizon, kerb):
             label[mask] = cls
             if cls in _FMB_TEMP_WARM:
-                thermal[mask] = _FMB_TEMP_WARM[cls] + rng.uniform(-5, 5)
+                thermal[mask] = _FMB_TEMP_WARM[cls] + rng.uniform(-4, 4)
                 if night or rng.random() < DAY_HIDDEN_SHARE:  # RGB shows the scene behind
                     rgb[mask] = stuff_rgb[mask]
                 else:
                     rgb[mask] = _jitter(rng, _FMB_RGB[cls]) * rng.uniform(0.85, 1.1)
             elif cls == 4:  # lamp: bright and hot
-                thermal[mask] = 245.0
+                thermal[mask] = 252.0
                 rgb[mask] = _jitter(rng, _FMB_RGB[4], 8)
             else:  # cold objects: colour only
                 lit = rng.uniform(0.5, 0.75) if night else stuff_light * rng.uniform(0.9, 1.1)
