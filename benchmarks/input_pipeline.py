@@ -101,7 +101,7 @@ def main(argv=None):
     p.add_argument("--crop", type=int, nargs=2, default=[480, 640])
     p.add_argument("--scale", type=float, nargs=2, default=[0.5, 2.0])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=30, help="timed batches per worker count")
+    p.add_argument("--batches", type=int, default=60, help="timed batches per worker count")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches (worker start-up)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "input_pipeline_cpu.json"))
