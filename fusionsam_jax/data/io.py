@@ -81,8 +81,9 @@ def read_image(path, *, palette_indices: bool = False) -> np.ndarray:
             elif mode == "P" and not palette_indices:
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
             elif mode not in ("L", "P", "LA", "RGB", "RGBA"):
-                raise ChannelError(path, f"image mode {mode!r} is not supported: expected an 8-bit "
-                                         "grey, RGB or RGBA image (16-bit and float images are not)")
+                raise ChannelError(path, f"image mode {mode!r} is not supported: expected an "
+                                         "8-bit grey, RGB or RGBA image (16-bit and float "
+                                         "images are not)")
             arr = np.asarray(img)
     except DatasetError:
         raise

@@ -72,10 +72,17 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
                            num_threads=num_threads)
     os.makedirs(data_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}-building-", dir=data_dir)
+    saved_tempdir = tempfile.tempdir
     try:
-        builder = builders.get_builder_cls(name)(
-            data_dir=os.path.join(tmp, "data"), file_format="array_record",
-            grey_policy=grey_policy, plan=plan)
+        # A new TFDS builder makes an empty mkdtemp() folder (for GCS metadata, off here) and
+        # never removes it; keep it inside our temporary folder.
+        tempfile.tempdir = tmp
+        try:
+            builder = builders.get_builder_cls(name)(
+                data_dir=os.path.join(tmp, "data"), file_format="array_record",
+                grey_policy=grey_policy, plan=plan)
+        finally:
+            tempfile.tempdir = saved_tempdir
         builder.download_and_prepare(
             download_dir=os.path.join(tmp, "downloads"),
             download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir),
