@@ -168,3 +168,12 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
         prepare.prepare_dataset("mfnet", src, dst, progress=False)
     assert os.listdir(dst) == []
     assert not prepare.is_prepared("mfnet", dst)
+
+
+def test_16_bit_image(tmp_path):
+    src = _make(tmp_path, "vdt")
+    path = src / "Test" / "D" / "00004.png"
+    depth = np.asarray(Image.open(path)).astype(np.uint16) * 257
+    Image.fromarray(depth).save(path)
+    err = _expect(tmp_path, "vdt", src, ChannelError, "D/00004.png")
+    assert "8-bit" in str(err)

@@ -218,3 +218,11 @@ def test_pipelines_on_prepared_tfds_source(tmp_path):
         [dict(e, name=e["name"].decode()) for e in test],
         pipeline.eval_loader(test, batch_size=3, shard_count=1, shard_index=0))
     assert len(seen) == len(test) and valid_sum == total
+
+
+def test_default_sharding_uses_jax_processes(mem_source):
+    opts = pipeline.process_shard_options()
+    assert (opts.shard_index, opts.shard_count) == (0, 1)  # a single CPU process
+    loader = pipeline.train_loader(mem_source, batch_size=2, crop_size=(16, 16))
+    assert next(iter(loader))["rgb"].shape == (2, 16, 16, 3)
+    assert len(list(pipeline.eval_loader(mem_source, batch_size=5))) == 3
