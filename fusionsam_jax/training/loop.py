@@ -74,7 +74,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = _keep_frozen(trainable, optax.apply_updates(state.params, updates), state.params)
-    metrics = {**dict(aux), "loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {**dict(aux), "loss": loss, "grad_norm": optax.tree.norm(grads)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -137,9 +137,9 @@ def make_gan_train_step(g_loss_fn: Callable, d_loss_fn: Callable,
     params = dict(state.params)
     params[g_key] = optax.apply_updates(gp, g_upd)
     params[d_key] = optax.apply_updates(dp, d_upd)
-    metrics = {**dict(g_aux), "loss": g_loss, "grad_norm": optax.global_norm(g_grads),
+    metrics = {**dict(g_aux), "loss": g_loss, "grad_norm": optax.tree.norm(g_grads),
                **{f"d/{k}": v for k, v in dict(d_aux).items()}, "d_loss": d_loss,
-               "d_grad_norm": optax.global_norm(d_grads)}
+               "d_grad_norm": optax.tree.norm(d_grads)}
     new_state = state.replace(step=state.step + 1, params=type(state.params)(params),
                               opt_state={"g": g_os, "d": d_os})
     return new_state, metrics
