@@ -91,12 +91,9 @@ def init_gan_state(params: Mapping[str, PyTree], g_optimizer: optax.GradientTran
     if k not in params:
       raise ValueError(f"params has no '{k}' subtree (keys: {sorted(params)})")
 
-  class _Pair:  # an optimizer-like object so TrainState.create can call init()
-    @staticmethod
-    def init(p):
-      return {"g": g_optimizer.init(p[g_key]), "d": d_optimizer.init(p[d_key])}
-
-  return TrainState.create(params, _Pair, rng)  # type: ignore[arg-type]
+  state = TrainState.create(params, optax.identity(), rng)
+  return state.replace(opt_state={"g": g_optimizer.init(params[g_key]),
+                                  "d": d_optimizer.init(params[d_key])})
 
 
 def make_gan_train_step(g_loss_fn: Callable, d_loss_fn: Callable,
