@@ -1,0 +1,159 @@
+"""Run guards: non-finite losses and workdir/config consistency."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+
+
+# -- non-finite losses ---------------------------------------------------------------
+class NonFiniteLossError(FloatingPointError):
+  """A loss term (or gradient norm) became NaN/Inf.
+
+  Attributes: step (the update number whose metrics were non-finite), term (metric name),
+  value, last_good_checkpoint (step of the newest checkpoint saved before, or None).
+  """
+
+  def __init__(self, step: int, term: str, value: float,
+               last_good_checkpoint: int | None = None, all_terms: Sequence[str] = ()):
+    self.step, self.term, self.value = int(step), term, value
+    self.last_good_checkpoint = last_good_checkpoint
+    self.all_terms = tuple(all_terms)
+    others = [t for t in self.all_terms if t != term]
+    msg = (f"non-finite loss term '{term}' = {value} at step {self.step}"
+           + (f" (also non-finite: {others})" if others else ""))
+    if last_good_checkpoint is not None:
+      msg += f"; the last good checkpoint is step {last_good_checkpoint}"
+    else:
+      msg += "; no checkpoint was saved before it"
+    super().__init__(msg)
+
+
+_TOTALS = ("loss", "grad_norm", "d_loss", "d_grad_norm")
+
+
+def nonfinite_terms(metrics: Mapping[str, Any]) -> list[tuple[str, float]]:
+  """[(name, value)] for float metrics that are NaN or +/-Inf; loss terms before the
+  totals (``loss``, ``grad_norm``, ...) so that the first names the cause."""
+  bad = []
+  for k, v in metrics.items():
+    a = np.asarray(v)
+    if a.dtype.kind not in "fc":
+      continue
+    if not np.all(np.isfinite(a)):
+      bad.append((k, float(a.ravel()[~np.isfinite(a.ravel())][0].real)))
+  # Name a component term before the totals it poisons.
+  bad.sort(key=lambda kv: (kv[0] in _TOTALS, kv[0]))
+  return bad
+
+
+def check_finite(metrics: Mapping[str, Any], step: int,
+                 last_good_checkpoint: int | None = None) -> None:
+  """Raises `NonFiniteLossError` naming `step` and the first offending term."""
+  bad = nonfinite_terms(metrics)
+  if bad:
+    term, value = bad[0]
+    raise NonFiniteLossError(step, term, value, last_good_checkpoint, [k for k, _ in bad])
+
+
+# -- workdir config guard ------------------------------------------------------------
+class ConfigMismatchError(ValueError):
+  """The workdir was created by a run with a different config."""
+
+
+def config_to_dict(config: Any) -> Any:
+  """A JSON-able plain structure for a dict / ml_collections ConfigDict / dataclass."""
+  if hasattr(config, "to_dict") and callable(config.to_dict):
+    config = config.to_dict()
+  elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+    config = dataclasses.asdict(config)
+  if isinstance(config, Mapping):
+    return {str(k): config_to_dict(v) for k, v in config.items()}
+  if isinstance(config, (list, tuple)):
+    return [config_to_dict(v) for v in config]
+  if isinstance(config, (str, int, bool)) or config is None:
+    return config
+  if isinstance(config, float):
+    return config if math.isfinite(config) else str(config)
+  if isinstance(config, np.generic):
+    return config_to_dict(config.item())
+  return repr(config)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    out = {}
+    for k, v in d.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out if out or not prefix else {prefix[:-1]: {}}
+  return {prefix[:-1]: d}
+
+
+def _drop(flat: dict[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
+  ignore = tuple(ignore)
+  return {k: v for k, v in flat.items()
+          if not any(k == i or k.startswith(i + ".") for i in ignore)}
+
+
+def config_fingerprint(config: Any, ignore: Iterable[str] = ()) -> str:
+  """sha256 (hex, 16 chars) of the canonical JSON of `config`, minus `ignore`d dotted keys."""
+  flat = _drop(_flatten(config_to_dict(config)), ignore)
+  blob = json.dumps(flat, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_workdir_config(workdir: str | os.PathLike, config: Any, *,
+                         ignore: Iterable[str] = (), allow_change: bool = False) -> str:
+  """Stores the config in ``workdir/config.json`` on first use; checks it afterwards.
+
+  A later run whose config differs (outside the dotted keys in `ignore`, e.g.
+  ``("train.num_steps",)``) raises `ConfigMismatchError` listing the differing keys, unless
+  `allow_change` is set: then the change is logged, the old file is kept as
+  ``config.<unix time>.json`` and the new config is stored. Returns the fingerprint.
+
+  Only process 0 writes.
+  """
+  from fusionsam_jax.training.checkpointing import atomic_write_text  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+
+  ignore = tuple(ignore)
+  new = config_to_dict(config)
+  fp = config_fingerprint(new, ignore)
+  path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+  record = {"fingerprint": fp, "ignore": list(ignore), "config": new}
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        old = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ConfigMismatchError(f"{path} is not valid JSON ({e}); remove it or use "
+                                  "another workdir") from e
+    old_cfg = old.get("config", {})
+    if config_fingerprint(old_cfg, ignore) == fp:
+      return fp
+    a, b = _drop(_flatten(old_cfg), ignore), _drop(_flatten(new), ignore)
+    diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+    shown = "; ".join(diff[:20]) + (f"; ... ({len(diff)} in all)" if len(diff) > 20 else "")
+    if not allow_change:
+      raise ConfigMismatchError(
+          f"workdir {workdir} was created with a different config ({path}): {shown}. "
+          "Use a new workdir, or allow the change explicitly (allow_config_change).")
+    log.warning("config of workdir %s changed (allowed): %s", workdir, shown)
+    if jax.process_index() == 0:
+      os.replace(path, os.path.join(os.fspath(workdir), f"config.{int(time.time())}.json"))
+  if jax.process_index() == 0:
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
+  return fp

@@ -1,0 +1,60 @@
+"""Data parallelism: 8 CPU devices give the same step as 1 device; batch placement errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fusionsam_jax import training as T
+from fusionsam_jax.training import _toy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  out = tmp_path / "eq8.npz"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  subprocess.run([sys.executable, "-m", "fusionsam_jax.training._toy", "--workdir",
+                  str(tmp_path), "--equivalence_out", str(out)],
+                 check=True, env=env, cwd=ROOT, timeout=300)
+  eight = dict(np.load(out))
+  one = _toy.equivalence_run(1)
+  assert int(eight["n_devices"]) == 8 and int(eight["batch_shards"]) == 8
+  assert int(one["n_devices"]) == 1
+  keys = sorted(k for k in one if k.startswith(("loss_", "param")))
+  assert any(k.startswith("param['head']") for k in keys)
+  for k in keys:
+    np.testing.assert_allclose(eight[k], one[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  # the frozen encoder is untouched in both
+  init = dict(_toy.ToyModel().init(jax.random.PRNGKey(0), np.zeros((1, 8)))["params"])
+  for k in ("kernel", "bias"):
+    np.testing.assert_array_equal(eight[f"param['encoder']['{k}']"], init["encoder"][k])
+
+
+def test_shard_batch_errors_and_placement():
+  mesh = T.make_mesh(jax.devices()[:1])
+  b = T.shard_batch({"x": np.zeros((4, 3), np.float32), "y": np.zeros((4,), np.int32)}, mesh)
+  assert b["x"].shape == (4, 3) and b["x"].sharding.spec == T.data_sharding(mesh).spec
+  with pytest.raises(ValueError, match="disagree on the batch dimension"):
+    T.shard_batch({"x": np.zeros((4, 3)), "y": np.zeros((5,))}, mesh)
+  with pytest.raises(ValueError, match="leading batch dimension"):
+    T.shard_batch({"x": np.zeros(())}, mesh)
+  T.check_global_batch(4, mesh)
+
+
+def test_check_global_batch_message():
+  class FakeMesh:
+    shape = {"data": 8}
+  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+    T.check_global_batch(12, FakeMesh())
+
+
+def test_maybe_initialize_distributed_is_noop_without_env(monkeypatch):
+  for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(k, raising=False)
+  monkeypatch.setenv("SLURM_NTASKS", "1")  # a single-task Slurm job is not multi-process
+  assert T.maybe_initialize_distributed() is False
