@@ -35,14 +35,22 @@ def read_state_dict(path: str) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for bad / truncated files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Weights only load failed" in msg:
+            msg = "not a plain tensor checkpoint; refusing to unpickle arbitrary objects"
+        elif len(msg) > 160:
+            msg = msg[:157] + "..."
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors "
                          f"(found {type(obj).__name__})")
-    return {k: v.detach().to(torch.float32).cpu().numpy()
-            for k, v in obj.items() if torch.is_tensor(v) and k.startswith("features.")}
+    sd = {k: v.detach().to(torch.float32).cpu().numpy()
+          for k, v in obj.items() if torch.is_tensor(v) and k.startswith("features.")}
+    if not sd:
+        raise ValueError(f"{path} has no 'features.*' tensors: not a torchvision VGG16 "
+                         f"state dict (first keys: {', '.join(list(obj)[:3])})")
+    return sd
 
 
 def main(argv=None) -> int:

@@ -50,15 +50,15 @@ class PatchGANDiscriminator(nn.Module):
         h = nn.Conv(self.base_ch, (4, 4), strides=(2, 2), padding=1,
                     kernel_init=_conv_init, name="conv_0")(h)
         h = nn.leaky_relu(h, 0.2)
-        mult = 1
+        bias = self.norm == "none"      # a norm layer follows otherwise
         for n in range(1, self.n_layers):
             mult = min(2 ** n, 8)
-            h = nn.Conv(self.base_ch * mult, (4, 4), strides=(2, 2), padding=1, use_bias=self.norm == "none",
+            h = nn.Conv(self.base_ch * mult, (4, 4), strides=(2, 2), padding=1, use_bias=bias,
                         kernel_init=_conv_init, name=f"conv_{n}")(h)
             h = self._norm(h, f"norm_{n}")
             h = nn.leaky_relu(h, 0.2)
         mult = min(2 ** self.n_layers, 8)
-        h = nn.Conv(self.base_ch * mult, (4, 4), strides=(1, 1), padding=1, use_bias=self.norm == "none",
+        h = nn.Conv(self.base_ch * mult, (4, 4), strides=(1, 1), padding=1, use_bias=bias,
                     kernel_init=_conv_init, name=f"conv_{self.n_layers}")(h)
         h = self._norm(h, f"norm_{self.n_layers}")
         h = nn.leaky_relu(h, 0.2)
