@@ -16,7 +16,6 @@ that do not fit the pure ``apply`` training step, so the default is GroupNorm
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 
 from fusionsam_jax.models.lstg import num_groups_for
