@@ -38,6 +38,7 @@ def main():
   torch.backends.cudnn.allow_tf32 = False
   cfg = SAM_PRESETS[args.variant]
   work = args.workdir or tempfile.mkdtemp()
+  os.makedirs(work, exist_ok=True)
   tsam = ref.build_torch_sam(cfg, seed=0)
   pth = os.path.join(work, f"sam_{args.variant}_random.pth")
   ref.save_state_dict(tsam, pth)
