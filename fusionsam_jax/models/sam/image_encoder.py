@@ -79,7 +79,7 @@ def _fold_rel_pos(q, k, v, rel_h, rel_w, scale):
   q, k, v: (B, N, nh, hd); rel_h: (B, nh, h, w, kh); rel_w: (B, nh, h, w, kw).
   s * q'.k' = s * q.k + rel_h[q, kh(k)] + rel_w[q, kw(k)] with
   q' = [q, rel_h / s, rel_w / s] and k' = [k, onehot(kh), onehot(kw)]; head dims are
-  zero-padded to a multiple of 8 and v is padded to match (sliced off afterwards).
+  zero-padded to a multiple of 8; v keeps its width (see `_attention`).
   """
   b, n, nh, hd = q.shape
   _, _, h, w, kh = rel_h.shape
@@ -96,8 +96,27 @@ def _fold_rel_pos(q, k, v, rel_h, rel_w, scale):
                        jnp.zeros((b, n, nh, d_pad), q.dtype)], -1)
   k = jnp.concatenate([k, jnp.broadcast_to(onehots[None, :, None, :], (b, n, nh, kh + kw)),
                        jnp.zeros((b, n, nh, d_pad), k.dtype)], -1)
-  v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, d + d_pad - hd)))
   return q, k, v
+
+
+def _attention(q, k, v, scale, implementation):
+  """dot_product_attention where v may be narrower than q / k (B, N, nh, d_v) output.
+
+  cuDNN on Hopper computes that directly (multi-head-latent-attention support), but
+  `jax.nn.dot_product_attention` insists on equal widths; so for cuDNN try JAX's cuDNN
+  entry point first and otherwise zero-pad v (the padded output columns are dropped).
+  """
+  d_v = v.shape[-1]
+  if d_v != q.shape[-1] and implementation == "cudnn":
+    try:
+      from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dpa
+      return cudnn_dpa(q, k, v, scale=scale)
+    except Exception:  # private API moved, or this cuDNN / GPU refuses d_q != d_v
+      pass
+  if d_v != q.shape[-1]:
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - d_v)))
+  return jax.nn.dot_product_attention(q, k, v, scale=scale,
+                                      implementation=implementation)[..., :d_v]
 
 
 class Attention(nn.Module):
@@ -175,8 +194,7 @@ class Attention(nn.Module):
     elif self.attn_impl in ("fused", "cudnn"):
       if rel_h is not None:
         q, k, v = _fold_rel_pos(q, k, v, rel_h, rel_w, scale)
-      out = jax.nn.dot_product_attention(q, k, v, scale=scale,
-                                         implementation=_BACKEND[self.attn_impl])[..., :hd]
+      out = _attention(q, k, v, scale, _BACKEND[self.attn_impl])
     else:
       raise ValueError(f"attn_impl must be one of {sorted(_BACKEND)} or 'xla', "
                        f"got {self.attn_impl!r}")
