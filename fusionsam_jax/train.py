@@ -1,0 +1,85 @@
+r"""Train FusionSAM: tokenizers -> fusion -> segmentation, each stage resumable.
+
+    python -m fusionsam_jax.train --config configs/mfnet.py --workdir runs/mfnet
+    python -m fusionsam_jax.train --config configs/demo.py --workdir runs/demo
+    python -m fusionsam_jax.train --config configs/mfnet.py:tiny --workdir /tmp/smoke \
+        --config.train.batch_size=8
+
+Re-running the same command resumes: complete stages are skipped, an interrupted stage
+continues from its latest checkpoint (params, optimizer state, step, RNG, data-iterator
+position). Logs: ``WORKDIR/metrics.jsonl`` and TensorBoard (``tensorboard --logdir
+WORKDIR/tensorboard``). When training ends, the best checkpoint (by val mIoU) is evaluated on
+``config.eval.split`` (default test) and the IoU table is printed.
+
+Exit status: 0 done; 1 bad input / setup (missing dataset or SAM weights, ...);
+3 non-finite loss (the message names the step and the loss term; nothing after the last good
+checkpoint is kept); 4 the workdir was made by a different config.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file "
+                                          "(configs/*.py[:variant,...])")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, logs, caches")
+_ALLOW = flags.DEFINE_bool("allow_config_change", False,
+                           "continue in a workdir made with a different config (the old "
+                           "config.json is kept as config.<time>.json)")
+_PROGRESS = flags.DEFINE_bool("progress", True, "tqdm progress bars")
+
+EXIT_ERROR, EXIT_NONFINITE, EXIT_CONFIG = 1, 3, 4
+
+
+def quiet_logs() -> None:
+  """INFO logs of absl / orbax / the training loop are noise on the console: warnings only
+  (metrics go to metrics.jsonl and TensorBoard)."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger().setLevel(logging.WARNING)
+
+
+def run(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True) -> int:
+  """Trains; returns the exit status (prints errors)."""
+  from fusionsam_jax import experiment
+  from fusionsam_jax import training as T
+  from fusionsam_jax.data import DatasetError
+  from fusionsam_jax.sam_checkpoint import CheckpointError
+  try:
+    result = experiment.train(config, workdir, allow_config_change=allow_config_change,
+                              progress=progress)
+  except T.NonFiniteLossError as e:
+    print(f"error: training stopped: {e}. Lower the learning rate or check the data, then "
+          "re-run the same command to resume from that checkpoint.", file=sys.stderr)
+    return EXIT_NONFINITE
+  except T.ConfigMismatchError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_CONFIG
+  except (experiment.SetupError, CheckpointError, DatasetError, FileNotFoundError,
+          ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_ERROR
+  stages = ", ".join(
+      f"{k} " + ("skipped" if v["skipped"] else "%.0f s" % v["seconds"])
+      for k, v in result.stages.items())
+  print(f"done in {result.seconds:.1f} s ({stages})", flush=True)
+  return 0
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    print("error: --config and --workdir are required", file=sys.stderr)
+    return 2
+  quiet_logs()
+  return run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value,
+             progress=_PROGRESS.value)
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
