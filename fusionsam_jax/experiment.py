@@ -32,7 +32,7 @@ PyTree = Any
 #: evaluation settings): the workdir config guard ignores them.
 MUTABLE_CONFIG_KEYS = (
     *(f"train.stages.{s}.num_steps" for s in config_lib.STAGE_NAMES),
-    "train.log_every", "train.image_every", "train.worker_count", "eval", "variant_note",
+    "train.log_every", "train.image_every", "train.worker_count", "eval", "data_dir",
 )
 STAGE_SEED_OFFSET = {"tokenizer": 1, "fusion": 2, "segmentation": 3}
 

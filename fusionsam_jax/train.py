@@ -18,7 +18,6 @@ checkpoint is kept); 4 the workdir was made by a different config.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
@@ -32,15 +31,7 @@ _ALLOW = flags.DEFINE_bool("allow_config_change", False,
                            "config.json is kept as config.<time>.json)")
 _PROGRESS = flags.DEFINE_bool("progress", True, "tqdm progress bars")
 
-EXIT_ERROR, EXIT_NONFINITE, EXIT_CONFIG = 1, 3, 4
-
-
-def quiet_logs() -> None:
-  """INFO logs of absl / orbax / the training loop are noise on the console: warnings only
-  (metrics go to metrics.jsonl and TensorBoard)."""
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger().setLevel(logging.WARNING)
+from fusionsam_jax.cli_common import EXIT_CONFIG, EXIT_ERROR, EXIT_NONFINITE, quiet_logs
 
 
 def run(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True) -> int:
