@@ -24,14 +24,6 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "experiment config (default: the one stored in --workdir)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "training run folder")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | STEP")
-_SPLIT = flags.DEFINE_string("split", None, "split to evaluate (default: config.eval.split, "
-                             "normally test)")
-
-
 def run(config, workdir: str, checkpoint: str = "best", split: str | None = None) -> int:
   from fusionsam_jax import experiment
   from fusionsam_jax import training as T
@@ -54,16 +46,29 @@ def run(config, workdir: str, checkpoint: str = "best", split: str | None = None
   return 0
 
 
-def main(argv):
+def define_flags() -> dict:
+  """Defined only when run as a program (importing next to train.py must not clash)."""
+  return {
+      "config": config_flags.DEFINE_config_file(
+          "config", None, "experiment config (default: the one stored in --workdir)"),
+      "workdir": flags.DEFINE_string("workdir", None, "training run folder"),
+      "checkpoint": flags.DEFINE_string("checkpoint", "best", "best | latest | STEP"),
+      "split": flags.DEFINE_string("split", None, "split to evaluate (default: "
+                                   "config.eval.split, normally test)"),
+  }
+
+
+def main(argv, f) -> int:
   from fusionsam_jax.cli_common import quiet_logs
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  if not f["workdir"].value:
     print("error: --workdir is required", file=sys.stderr)
     return 2
   quiet_logs()
-  return run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
+  return run(f["config"].value, f["workdir"].value, f["checkpoint"].value, f["split"].value)
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  _FLAGS = define_flags()
+  app.run(lambda argv: sys.exit(main(argv, _FLAGS)))

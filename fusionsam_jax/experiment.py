@@ -364,9 +364,14 @@ def _image_fn(config, model, mesh, batch):
 
 
 def train(config, workdir: str, *, allow_config_change: bool = False,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, loss_hook: Callable | None = None) -> TrainResult:
   """Runs every stage (each resumable, skipped when complete), then evaluates on the test
-  split when ``config.eval.after_training``."""
+  split when ``config.eval.after_training``.
+
+  `loss_hook(stage, loss_fn) -> loss_fn` (instrumentation, e.g. tests that inject a NaN)
+  wraps the fusion and segmentation losses.
+  """
+  hook = loss_hook or (lambda stage, fn: fn)
   from fusionsam_jax import stages as S
   from fusionsam_jax import embedding_cache as EC
 
@@ -396,7 +401,9 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
       f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}")
 
   val_source = spec.source(config.eval.val_split)
-  first_val = next(iter(eval_iterable(config, val_source)))
+  first_val = (next(iter(eval_iterable(config, val_source)))
+               if int(config.train.image_every) > 0 else None)
+  eval_step = make_eval_step(model, config, mesh)
   results: dict[str, dict] = {}
   for stage in S.STAGES:
     sc = config.train.stages[stage]
@@ -433,7 +440,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
                           image_fn=image_fn, **common)
         params = res.state.params["generator"]
       elif stage == "fusion":
-        loss_fn = S.fusion_loss_fn(model, m, sc)
+        loss_fn = hook(stage, S.fusion_loss_fn(model, m, sc))
         state = T.TrainState.create(params, tx, rng)
         step_fn = T.make_train_step(loss_fn, tx, mesh, trainable=mask, pass_step=True)
         it = None if done else train_iterator(config, spec, stage)
@@ -441,8 +448,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
                           image_fn=image_fn, **common)
         params = res.state.params
       else:
-        loss_fn = S.segmentation_loss_fn(model, m, sc)
-        eval_step = make_eval_step(model, config, mesh)
+        loss_fn = hook(stage, S.segmentation_loss_fn(model, m, sc))
         val_batches = lambda: eval_iterable(config, val_source)  # noqa: E731
         it = None
         cache = None
@@ -479,7 +485,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
 
   evaluation = None
   if config.eval.get("after_training", False):
-    evaluation = evaluate(config, workdir, "best", config.eval.split, mesh=mesh, model=model)
+    evaluation = evaluate(config, workdir, "best", config.eval.split, mesh=mesh, model=model,
+                          eval_step=eval_step)
   return TrainResult(results, evaluation, time.perf_counter() - t_start)
 
 
@@ -565,7 +572,7 @@ def check_config_matches(config, workdir: str) -> None:
 
 
 def evaluate(config, workdir: str, which: str | int = "best", split: str = "test", *,
-             mesh=None, model=None, print_table: bool = True) -> dict:
+             mesh=None, model=None, eval_step=None, print_table: bool = True) -> dict:
   """Evaluates a segmentation checkpoint on `split` at full resolution; prints the IoU table
   (and SOD metrics for saliency) and writes ``workdir/eval_<split>_<which>.json``."""
   from fusionsam_jax.data.info import get_info
@@ -578,7 +585,7 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
   info = get_info(spec.name)
   source = spec.source(split)
   t0 = time.perf_counter()
-  eval_step = make_eval_step(model, config, mesh)
+  eval_step = eval_step or make_eval_step(model, config, mesh)
   saliency = config.model.task == "saliency"
   r = run_eval(eval_step, params, eval_iterable(config, source),
                num_classes=int(config.model.num_classes), saliency=saliency, mesh=mesh)

@@ -23,26 +23,19 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file "
-                                          "(configs/*.py[:variant,...])")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, logs, caches")
-_ALLOW = flags.DEFINE_bool("allow_config_change", False,
-                           "continue in a workdir made with a different config (the old "
-                           "config.json is kept as config.<time>.json)")
-_PROGRESS = flags.DEFINE_bool("progress", True, "tqdm progress bars")
-
 from fusionsam_jax.cli_common import EXIT_CONFIG, EXIT_ERROR, EXIT_NONFINITE, quiet_logs
 
 
-def run(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True) -> int:
-  """Trains; returns the exit status (prints errors)."""
+def run(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
+        loss_hook=None) -> int:
+  """Trains; returns the exit status (prints errors). `loss_hook`: see `experiment.train`."""
   from fusionsam_jax import experiment
   from fusionsam_jax import training as T
   from fusionsam_jax.data import DatasetError
   from fusionsam_jax.sam_checkpoint import CheckpointError
   try:
     result = experiment.train(config, workdir, allow_config_change=allow_config_change,
-                              progress=progress)
+                              progress=progress, loss_hook=loss_hook)
   except T.NonFiniteLossError as e:
     print(f"error: training stopped: {e}. Lower the learning rate or check the data, then "
           "re-run the same command to resume from that checkpoint.", file=sys.stderr)
@@ -61,16 +54,31 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
   return 0
 
 
-def main(argv):
+def define_flags() -> dict:
+  """The CLI's flags (defined only when run as a program, so that importing this module
+  next to the other CLIs does not clash on --config)."""
+  return {
+      "config": config_flags.DEFINE_config_file(
+          "config", None, "experiment config file (configs/*.py[:variant,...])"),
+      "workdir": flags.DEFINE_string("workdir", None, "run folder: checkpoints, logs, caches"),
+      "allow_config_change": flags.DEFINE_bool(
+          "allow_config_change", False, "continue in a workdir made with a different config "
+          "(the old config.json is kept as config.<time>.json)"),
+      "progress": flags.DEFINE_bool("progress", True, "tqdm progress bars"),
+  }
+
+
+def main(argv, f) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or not _WORKDIR.value:
+  if f["config"].value is None or not f["workdir"].value:
     print("error: --config and --workdir are required", file=sys.stderr)
     return 2
   quiet_logs()
-  return run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value,
-             progress=_PROGRESS.value)
+  return run(f["config"].value, f["workdir"].value,
+             allow_config_change=f["allow_config_change"].value, progress=f["progress"].value)
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  _FLAGS = define_flags()
+  app.run(lambda argv: sys.exit(main(argv, _FLAGS)))
