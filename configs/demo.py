@@ -28,7 +28,11 @@ def get_config(arg=None):
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=2, depth_self=1, window_size=8, attention="window", mlp_ratio=2.0))
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=16, num_res_blocks=1))
+  m.discriminator = ml_collections.ConfigDict(dict(base_ch=16, n_layers=2))
   m.sam_variant = "tiny"
+  # 8-pixel patches: a 32 x 32 embedding grid, so that SAM's tokens match the 24 x 32
+  # fusion latents of a 96 x 128 image (16-pixel patches give 12 x 16 tokens).
+  m.sam_overrides = ml_collections.ConfigDict(dict(patch_size=8))
   m.sam_checkpoint = None
   m.allow_random_sam = True
   m.encoder_dtype = "float32"
@@ -49,6 +53,7 @@ def get_config(arg=None):
     t.stages[s].num_steps = n
     t.stages[s].lr = 2e-3
   t.stages.tokenizer.disc_start = 10 ** 9     # no adversarial term in the short demo
+  t.stages.tokenizer.disc_weight = 0.0
   c.eval.batch_size = 8
   c.eval.pad_multiple = 16
   return config_lib.apply_variants(c, arg)

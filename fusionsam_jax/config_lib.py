@@ -54,6 +54,7 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=4, depth_self=2, window_size=8, attention="window", mlp_ratio=2.0))
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=64, num_res_blocks=2))
+  m.discriminator = ml_collections.ConfigDict(dict(base_ch=64, n_layers=3))  # PatchGAN (Eq. 8)
   m.sam_variant = "vit_h"
   m.sam_checkpoint = config_dict.placeholder(str)
   m.sam_checkpoint = "ckpt/sam_vit_h"
@@ -129,6 +130,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=2, depth_self=1, window_size=8, attention="window", mlp_ratio=2.0))
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=16, num_res_blocks=1))
+  m.discriminator = ml_collections.ConfigDict(dict(base_ch=16, n_layers=2))
   m.sam_variant = "tiny"
   m.sam_checkpoint = None
   m.allow_random_sam = True

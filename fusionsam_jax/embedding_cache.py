@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 FORMAT = "fusionsam_jax.embedding_cache/1"
 CACHE_DIR = "embedding_cache"
 MODEL_KEYS = ("modalities", "scale", "tokenizer_kind", "tokenizer", "fusion", "fmp",
-              "fused_decoder", "sam_variant", "encoder_dtype", "attn_impl")
+              "fused_decoder", "sam_variant", "sam_overrides", "encoder_dtype", "attn_impl")
 
 
 # --------------------------------------------------------------------------------------------

@@ -201,16 +201,48 @@ def check_sam_weights(config) -> str | None:
   return path
 
 
+def sam_config(config):
+  """The SAM size: the preset ``model.sam_variant``, with ``model.sam_overrides`` (if any)
+  applied. Overrides give a different architecture, so they are refused together with
+  converted SAM weights."""
+  from fusionsam_jax.models.sam.sam import SAM_PRESETS
+  m = config.model
+  if m.sam_variant not in SAM_PRESETS:
+    raise ValueError(f"model.sam_variant {m.sam_variant!r}: expected one of {sorted(SAM_PRESETS)}")
+  cfg = SAM_PRESETS[m.sam_variant]
+  overrides = dict(m.get("sam_overrides") or {})
+  if overrides:
+    if m.sam_checkpoint:
+      raise ValueError(f"model.sam_overrides {overrides} change SAM's architecture; they "
+                       "cannot be combined with converted SAM weights (model.sam_checkpoint)")
+    unknown = sorted(set(overrides) - set(cfg.to_dict()))
+    if unknown:
+      raise ValueError(f"model.sam_overrides: unknown SamConfig field(s) {unknown}")
+    cfg = type(cfg).from_dict({**cfg.to_dict(), **overrides})
+  return cfg
+
+
 def build_model(config):
   from fusionsam_jax.models import fusionsam
-  return fusionsam.build_model(config.model)
+  return fusionsam.build_model(config.model, sam_config=sam_config(config))
+
+
+def run_once(fn: Callable, *args):
+  """``jax.jit(fn)(*args)`` for functions that run once (param init). On CPU the XLA
+  backend's optimisation passes cost more than they save for a single run (FusionSAM's init
+  compiles in ~16 s instead of ~35 s on 2 cores), so they are turned down there."""
+  jitted = jax.jit(fn)
+  if jax.devices()[0].platform == "cpu":
+    return jitted.lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+  return jitted(*args)
 
 
 def init_params(config, model, *, load_sam: bool = True) -> PyTree:
   """Random init of the whole tree, then the converted SAM weights (when configured)."""
   from fusionsam_jax.models import fusionsam
   rng = jax.random.PRNGKey(int(config.seed))
-  params = fusionsam.init_params(model, rng, tuple(config.train.crop_size))
+  hw = tuple(config.train.crop_size)
+  params = run_once(lambda r: fusionsam.init_params(model, r, hw), rng)
   if load_sam:
     path = check_sam_weights(config)
     if path is not None:
@@ -409,6 +441,11 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
     sc = config.train.stages[stage]
     n_steps = int(sc.num_steps)
     t0 = time.perf_counter()
+    if not S.trainable(stage, m) or n_steps <= 0:
+      why = ("nothing to train" if not S.trainable(stage, m) else "num_steps is 0")
+      say(f"== stage '{stage}': {why}; skipped")
+      results[stage] = {"skipped": True, "steps": 0, "seconds": 0.0, "last_eval": {}}
+      continue
     ckpt = stage_checkpointer(config, workdir, stage, fp)
     with ckpt:
       done = ckpt.is_stage_done()
@@ -428,8 +465,9 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
 
       if stage == "tokenizer":
         from fusionsam_jax.models import fusionsam
-        disc = fusionsam.init_discriminators(m, jax.random.fold_in(rng, 7),
-                                             tuple(config.train.crop_size))
+        hw = tuple(config.train.crop_size)
+        disc = run_once(lambda r: fusionsam.init_discriminators(m, r, hw),
+                        jax.random.fold_in(rng, 7))
         d_tx = T.make_optimizer(float(sc.lr), float(sc.weight_decay))
         g_loss, d_loss = S.tokenizer_losses(model, m, sc, perceptual=None if done
                                             else perceptual_loss(config))
@@ -453,7 +491,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
         it = None
         cache = None
         if not done:
-          cache = EC.maybe_build(config, workdir, model, params, spec, mesh, val_source)
+          cache = EC.maybe_build(config, workdir, model, params, spec, mesh, val_source,
+                                 progress=progress)
           if cache is not None:
             it = iter(cache.train_loader(config))
             val_batches = cache.val_batches  # noqa: E731
