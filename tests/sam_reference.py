@@ -52,8 +52,11 @@ def official():
   return modeling, predictor
 
 
-def build_torch_sam(cfg, seed=0):
-  """Official SAM modules at the sizes of a `SamConfig`, every parameter random."""
+def build_torch_sam(cfg, seed=0, randomize=True):
+  """Official SAM modules at the sizes of a `SamConfig`, every parameter random.
+
+  `randomize=False` skips the re-randomisation (e.g. to read shapes on the meta device).
+  """
   import functools
   import torch
 
@@ -79,6 +82,8 @@ def build_torch_sam(cfg, seed=0):
           transformer_dim=cfg.prompt_embed_dim, iou_head_depth=3,
           iou_head_hidden_dim=cfg.iou_head_hidden_dim),
       pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+  if not randomize:
+    return sam.eval()
   # SAM zero-initialises rel-pos tables and pos_embed and LayerNorms start at identity:
   # randomise them so the parity test exercises every term.
   g = torch.Generator().manual_seed(seed + 1)

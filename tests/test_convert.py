@@ -66,24 +66,8 @@ def test_variant_detection_from_shapes():
 
 def _abstract_torch_shapes(cfg):
   with torch.device("meta"):
-    sam = _meta_sam(cfg)
+    sam = ref.build_torch_sam(cfg, randomize=False)
   return {k: tuple(v.shape) for k, v in sam.state_dict().items()}
-
-
-def _meta_sam(cfg):
-  import functools
-  m, _ = ref.official()
-  e = cfg.img_size // cfg.patch_size
-  return m.Sam(
-      image_encoder=m.ImageEncoderViT(
-          depth=cfg.encoder_depth, embed_dim=cfg.encoder_embed_dim, img_size=cfg.img_size,
-          num_heads=cfg.encoder_num_heads, use_rel_pos=True,
-          global_attn_indexes=cfg.encoder_global_attn_indexes, window_size=cfg.window_size,
-          out_chans=256, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)),
-      prompt_encoder=m.PromptEncoder(embed_dim=256, image_embedding_size=(e, e),
-                                     input_image_size=(1024, 1024), mask_in_chans=16),
-      mask_decoder=m.MaskDecoder(num_multimask_outputs=3, transformer=m.TwoWayTransformer(
-          depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8), transformer_dim=256))
 
 
 def test_model_type_mismatch(tiny_pth, tmp_path):

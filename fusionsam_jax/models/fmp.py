@@ -396,6 +396,6 @@ class ConcatFusion(nn.Module):
     @nn.compact
     def __call__(self, latents: Sequence[Array]) -> dict:
         latents = list(latents)
-        _check_latents(latents)
+        _check_latents(latents, min_m=1)  # one latent: the single-modality variants
         out = self.out_dim or latents[0].shape[-1]
         return dict(fusion=nn.Conv(out, (1, 1), name="conv")(jnp.concatenate(latents, -1)))

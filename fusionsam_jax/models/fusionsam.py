@@ -1,0 +1,267 @@
+"""FusionSAM assembled: LSTG tokenizers -> FMP -> fused image -> frozen SAM encoder, and
+fusion prompts -> semantic mask decoder (paper Fig. 2; DESIGN.md §2).
+
+Parameter tree (top level):
+  tokenizer_<m>   LatentTokenizer per modality m        (ablation A: patch_embed_<m>)
+  fmp             FusionMaskPrompting                   (ablation B / 1 modality: concat_fusion)
+  fused_decoder   FusedImageDecoder -> fused RGB image
+  image_encoder   SAM ViT (frozen; SAM's names)
+  prompt_encoder  SAM prompt encoder; mask_downscaling takes d_c channels
+  point_prompt    FusionPointPromptEncoder
+  mask_decoder    SemanticMaskDecoder (SAM's transformer + per-class output tokens)
+
+Shapes: images (B, H, W, C_m) in [0, 1]; latents (B, H/s, W/s, d_c); SAM embeddings
+(B, e, e, C) with e = img_size / 16; logits (B, H, W, K).
+"""
+
+import dataclasses
+import json
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusionsam_jax.models.discriminator import PatchGANDiscriminator
+from fusionsam_jax.models.fmp import ConcatFusion, FusionMaskPrompting
+from fusionsam_jax.models.fused_decoder import FusedImageDecoder, PatchEmbedTokenizer
+from fusionsam_jax.models.lstg import LatentTokenizer
+from fusionsam_jax.models.prompts import FusionPointPromptEncoder, dense_prompt_input
+from fusionsam_jax.models.sam.sam import (PIXEL_MEAN, PIXEL_STD, SAM_PRESETS, SamConfig,
+                                          make_image_encoder, make_prompt_encoder)
+from fusionsam_jax.models.sam.transforms import get_preprocess_shape
+from fusionsam_jax.models.semantic_decoder import SemanticMaskDecoder
+
+CHANNELS = {"rgb": 3, "thermal": 1, "depth": 1}
+
+
+def _frozen(d) -> Tuple[Tuple[str, Any], ...]:
+  return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(d).items()))
+
+
+class FusionSAM(nn.Module):
+  """The whole model. Build it with `build_model(config.model)`."""
+
+  modalities: Tuple[str, ...]
+  num_classes: int
+  sam: SamConfig
+  scale: int = 4
+  tokenizer_kind: str = "lstg"  # "lstg" | "patch" (ablation A)
+  tokenizer_kwargs: Tuple[Tuple[str, Any], ...] = ()
+  fusion: str = "fmp"  # "fmp" | "concat" (ablation B; always for one modality)
+  fmp_kwargs: Tuple[Tuple[str, Any], ...] = ()
+  fused_decoder_kwargs: Tuple[Tuple[str, Any], ...] = ()
+  encoder_dtype: str = "float32"
+  attn_impl: str = "xla"
+  num_points: int = 8
+  train_sam_encoder: bool = False
+
+  def setup(self):
+    tk = dict(self.tokenizer_kwargs)
+    self.latent_dim = tk.get("latent_dim", 16)
+    for m in self.modalities:
+      if m not in CHANNELS:
+        raise ValueError(f"unknown modality {m!r}; expected one of {sorted(CHANNELS)}")
+      if self.tokenizer_kind == "lstg":
+        setattr(self, f"tokenizer_{m}",
+                LatentTokenizer(in_channels=CHANNELS[m], scale=self.scale, **tk))
+      elif self.tokenizer_kind == "patch":
+        setattr(self, f"patch_embed_{m}",
+                PatchEmbedTokenizer(latent_dim=self.latent_dim, scale=self.scale))
+      else:
+        raise ValueError(f"tokenizer_kind must be 'lstg' or 'patch', got {self.tokenizer_kind!r}")
+    if self.fusion == "fmp" and len(self.modalities) >= 2:
+      self.fmp = FusionMaskPrompting(**dict(self.fmp_kwargs))
+    elif self.fusion in ("fmp", "concat"):
+      self.concat_fusion = ConcatFusion()
+    else:
+      raise ValueError(f"fusion must be 'fmp' or 'concat', got {self.fusion!r}")
+    self.fused_decoder = FusedImageDecoder(out_channels=3, scale=self.scale,
+                                           **dict(self.fused_decoder_kwargs))
+    self.image_encoder = make_image_encoder(self.sam, jnp.dtype(self.encoder_dtype),
+                                            self.attn_impl)
+    self.prompt_encoder = make_prompt_encoder(self.sam)
+    self.point_prompt = FusionPointPromptEncoder(self.num_points, self.sam.prompt_embed_dim)
+    self.mask_decoder = SemanticMaskDecoder(
+        self.num_classes, self.sam.prompt_embed_dim, self.sam.decoder_transformer_depth,
+        self.sam.decoder_num_heads, self.sam.decoder_mlp_dim)
+
+  # --- stage 1: tokenizers -------------------------------------------------------------
+  def tokenizer(self, x, modality: str):
+    """LSTG forward for one modality: dict(z, z_q, indices, recon, loss terms)."""
+    return getattr(self, f"tokenizer_{modality}")(x)
+
+  def tokenize(self, images: Mapping[str, Any]) -> Dict[str, Any]:
+    """{m: (B, H, W, C_m)} -> {m: z_q (B, h, w, d_c)} (patch embeddings for ablation A)."""
+    out = {}
+    for m in self.modalities:
+      if self.tokenizer_kind == "lstg":
+        out[m] = getattr(self, f"tokenizer_{m}").encode(images[m])["z_q"]
+      else:
+        out[m] = getattr(self, f"patch_embed_{m}")(images[m])
+    return out
+
+  # --- stage 2: fusion -----------------------------------------------------------------
+  def fuse(self, latents: Mapping[str, Any]):
+    """{m: (B, h, w, d_c)} -> dict(fusion (B, h, w, d_c), fused (B, H, W, 3) in [0, 1])."""
+    zs = [latents[m] for m in self.modalities]
+    if hasattr(self, "fmp") and len(zs) >= 2:
+      fusion = self.fmp(zs)["fusion"]
+    else:
+      fusion = self.concat_fusion(zs)["fusion"]
+    return dict(fusion=fusion, fused=self.fused_decoder(fusion))
+
+  # --- SAM image path ------------------------------------------------------------------
+  def sam_input(self, fused):
+    """Fused image (B, H, W, 3) in [0, 1] -> SAM's normalised, padded input (B, S, S, 3).
+
+    As SAM's preprocessing: longest side resized to S (bilinear), normalised with SAM's
+    pixel mean/std on the 0-255 scale, zero-padded bottom/right.
+    """
+    b, h, w, _ = fused.shape
+    s = self.sam.img_size
+    nh, nw = get_preprocess_shape(h, w, s)
+    x = jax.image.resize(fused * 255.0, (b, nh, nw, 3), "linear", antialias=True)
+    x = (x - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
+    return jnp.pad(x, ((0, 0), (0, s - nh), (0, s - nw), (0, 0)))
+
+  def image_embeddings(self, fused):
+    """(B, H, W, 3) -> SAM embeddings (B, e, e, C) float32. No gradient by default."""
+    x = self.sam_input(fused)
+    if not self.train_sam_encoder:
+      x = jax.lax.stop_gradient(x)
+    emb = self.image_encoder(x.astype(jnp.dtype(self.encoder_dtype))).astype(jnp.float32)
+    return emb if self.train_sam_encoder else jax.lax.stop_gradient(emb)
+
+  # --- stage 3: prompts + semantic decoder ---------------------------------------------
+  def segment(self, fusion, image_embeddings, out_hw: Tuple[int, int]):
+    """Fusion (B, h, w, d_c) + SAM embeddings -> dict(logits (B, H, W, K), low_res
+    (B, K, 4e, 4e), class_logits (B, K), points (B, k, 2), saliency (B, h, w))."""
+    s = self.sam.img_size
+    content = get_preprocess_shape(out_hw[0], out_hw[1], s)  # fused image inside SAM frame
+    mask_size = 4 * self.sam.image_embedding_size
+    dense_in = dense_prompt_input(fusion, content, mask_size)  # (B, 4e, 4e, d_c)
+    h, w = fusion.shape[1:3]
+    pe = self.prompt_encoder.pe_layer
+    tokens, coords, saliency = self.point_prompt(
+        fusion, lambda c: pe.forward_with_coords(c, (s, s)),
+        self.prompt_encoder.point_embeddings[1].embedding[0],
+        (content[0] / h, content[1] / w))
+    _, dense = self.prompt_encoder(None, None, dense_in)
+    masks, class_logits = self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(),
+                                            tokens, dense, fusion.mean(axis=(1, 2)))
+    # As SAM's postprocess: to the padded frame, crop the content, resize to (H, W).
+    b, k = masks.shape[:2]
+    low = jax.image.resize(masks, (b, k, s, s), "linear", antialias=False)
+    low = low[:, :, :content[0], :content[1]]
+    up = jax.image.resize(low, (b, k) + tuple(out_hw), "linear", antialias=False)
+    logits = up.transpose(0, 2, 3, 1) + class_logits[:, None, None, :]
+    return dict(logits=logits, low_res=masks, class_logits=class_logits, points=coords,
+                saliency=saliency)
+
+  def __call__(self, images: Mapping[str, Any], image_embeddings=None):
+    """Full forward. images: {m: (B, H, W, C_m)} in [0, 1]. Pass cached `image_embeddings`
+    to skip the SAM encoder."""
+    latents = self.tokenize(images)
+    fz = self.fuse(latents)
+    if image_embeddings is None:
+      image_embeddings = self.image_embeddings(fz["fused"])
+    hw = images[self.modalities[0]].shape[1:3]
+    out = self.segment(fz["fusion"], image_embeddings, hw)
+    out.update(fused=fz["fused"], fusion=fz["fusion"], image_embeddings=image_embeddings)
+    return out
+
+  def init_all(self, images):
+    """Touches every submodule (init helper): tokenizers with reconstruction, full forward."""
+    if self.tokenizer_kind == "lstg":
+      for m in self.modalities:
+        self.tokenizer(images[m], m)
+    return self(images)
+
+
+def sam_config_from(model_cfg) -> SamConfig:
+  variant = model_cfg.get("sam_variant", "tiny")
+  if variant not in SAM_PRESETS:
+    raise ValueError(f"model.sam_variant {variant!r}: expected one of {sorted(SAM_PRESETS)}")
+  return SAM_PRESETS[variant]
+
+
+def build_model(model_cfg, sam_config: Optional[SamConfig] = None) -> FusionSAM:
+  """FusionSAM from `config.model` (a ConfigDict or dict)."""
+  g = model_cfg.get
+  return FusionSAM(
+      modalities=tuple(g("modalities")), num_classes=int(g("num_classes")),
+      sam=sam_config or sam_config_from(model_cfg), scale=int(g("scale", 4)),
+      tokenizer_kind=g("tokenizer_kind", "lstg"),
+      tokenizer_kwargs=_frozen(g("tokenizer", {}) or {}), fusion=g("fusion", "fmp"),
+      fmp_kwargs=_frozen(g("fmp", {}) or {}),
+      fused_decoder_kwargs=_frozen(g("fused_decoder", {}) or {}),
+      encoder_dtype=g("encoder_dtype", "float32"), attn_impl=g("attn_impl", "xla"),
+      num_points=int(g("num_points", 8)))
+
+
+def dummy_images(model: FusionSAM, image_hw: Tuple[int, int], batch: int = 1):
+  return {m: jnp.zeros((batch,) + tuple(image_hw) + (CHANNELS[m],), jnp.float32)
+          for m in model.modalities}
+
+
+def init_params(model: FusionSAM, rng, image_hw: Tuple[int, int]):
+  """Random params for every part (SAM parts too: load real ones with load_sam_weights)."""
+  return jax.jit(lambda r: model.init(r, dummy_images(model, image_hw),
+                                      method=FusionSAM.init_all)["params"])(rng)
+
+
+def make_discriminator(model_cfg) -> PatchGANDiscriminator:
+  d = dict(model_cfg.get("discriminator", {}) or {})
+  return PatchGANDiscriminator(**d)
+
+
+def init_discriminators(model_cfg, rng, image_hw: Tuple[int, int]):
+  """{m: PatchGAN params} for each modality (stage 1's adversarial loss)."""
+  disc = make_discriminator(model_cfg)
+  out = {}
+  for i, m in enumerate(model_cfg.get("modalities")):
+    x = jnp.zeros((1,) + tuple(image_hw) + (CHANNELS[m],), jnp.float32)
+    out[m] = disc.init(jax.random.fold_in(rng, i), x)["params"]
+  return out
+
+
+def load_sam_weights(params, sam_ckpt_dir: str, model_cfg=None):
+  """Copies converted SAM weights into FusionSAM's SAM-derived parts.
+
+  image_encoder: as is. prompt_encoder: as is, except mask_downscaling's first conv, which
+  takes d_c channels here: SAM's 1-channel kernel is spread over the d_c inputs (divided by
+  d_c, so a constant map gives SAM's response). mask_decoder: transformer and
+  output_upscaling as is; class token i and hypernetwork MLP i start from SAM's mask token /
+  MLP (i mod num_mask_tokens). Raises CheckpointError if the sizes don't fit.
+  """
+  from fusionsam_jax.sam_checkpoint import CheckpointError, load_sam_checkpoint
+
+  cfg, sam = load_sam_checkpoint(sam_ckpt_dir)
+  pe = params["image_encoder"]["patch_embed"]["proj"]["kernel"]
+  if jax.tree.map(np.shape, sam["image_encoder"]) != jax.tree.map(np.shape, params["image_encoder"]):
+    raise CheckpointError(
+        f"{sam_ckpt_dir}: SAM checkpoint is {cfg} but the model's image encoder has a "
+        f"different size (patch-embed kernel {tuple(pe.shape)}); set model.sam_variant to match")
+  new = dict(params)
+  new["image_encoder"] = sam["image_encoder"]
+  pr = jax.tree.map(lambda x: x, dict(sam["prompt_encoder"]))
+  k0 = np.asarray(pr["mask_downscaling"]["layers_0"]["kernel"])  # (2, 2, 1, c)
+  d_c = params["prompt_encoder"]["mask_downscaling"]["layers_0"]["kernel"].shape[2]
+  md = dict(pr["mask_downscaling"])
+  md["layers_0"] = dict(md["layers_0"], kernel=jnp.asarray(np.repeat(k0, d_c, axis=2) / d_c))
+  pr["mask_downscaling"] = md
+  new["prompt_encoder"] = pr
+  dec = dict(params["mask_decoder"])
+  sd = sam["mask_decoder"]
+  dec["transformer"] = sd["transformer"]
+  dec["output_upscaling"] = sd["output_upscaling"]
+  mask_tokens = np.asarray(sd["mask_tokens"]["embedding"])
+  k = dec["class_tokens"].shape[0]
+  dec["class_tokens"] = jnp.asarray(mask_tokens[np.arange(k) % len(mask_tokens)])
+  n_mlps = len(mask_tokens)
+  for i in range(k):
+    dec[f"output_hypernetworks_mlps_{i}"] = sd[f"output_hypernetworks_mlps_{i % n_mlps}"]
+  new["mask_decoder"] = dec
+  return new

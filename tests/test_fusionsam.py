@@ -1,0 +1,219 @@
+"""FusionSAM assembled: shapes, gradient flow per stage, SAM weight loading, ablations,
+and overfitting one generated batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from fusionsam_jax import stages
+from fusionsam_jax.models.fusionsam import (CHANNELS, FusionSAM, build_model, dummy_images,
+                                            init_discriminators, init_params, load_sam_weights)
+from fusionsam_jax.metrics.miou import ConfusionMatrix
+
+
+def tiny_cfg(**over):
+  cfg = ConfigDict(dict(
+      modalities=("rgb", "thermal"), num_classes=5, sam_variant="tiny", scale=4,
+      tokenizer_kind="lstg", fusion="fmp",
+      tokenizer=dict(latent_dim=8, num_codes=32, ch=8, num_res_blocks=1),
+      fmp=dict(num_heads=2, depth_self=1, window_size=4), fused_decoder=dict(ch=8, num_res_blocks=1),
+      discriminator=dict(base_ch=8, n_layers=2), num_points=4, freeze_fmp_in_segmentation=True))
+  cfg.update(over)
+  return cfg
+
+
+def _batch(cfg, hw=(32, 48), b=2, seed=0):
+  rng = np.random.default_rng(seed)
+  batch = {m: rng.integers(0, 256, (b,) + hw + (CHANNELS[m],), dtype=np.uint8)
+           for m in cfg.modalities}
+  batch["label"] = rng.integers(0, cfg.num_classes, (b,) + hw).astype(np.int32)
+  batch["label"][:, :2] = 255
+  return batch
+
+
+@pytest.fixture(scope="module")
+def built():
+  cfg = tiny_cfg()
+  model = build_model(cfg)
+  params = init_params(model, jax.random.PRNGKey(0), (32, 48))
+  return cfg, model, params
+
+
+@pytest.mark.parametrize("mods", [("rgb", "thermal"), ("rgb", "depth", "thermal")])
+def test_output_shapes(mods):
+  cfg = tiny_cfg(modalities=mods)
+  model = build_model(cfg)
+  for hw, run in (((32, 48), True), ((480, 640), False)):
+    images = dummy_images(model, hw, 2)
+    f = lambda p, x: model.apply({"params": p}, x)
+    if run:
+      params = init_params(model, jax.random.PRNGKey(0), hw)
+      out = jax.jit(f)(params, images)
+    else:  # MFNet size: shape inference only (CPU time)
+      params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), hw))
+      out = jax.eval_shape(f, params, images)
+    h, w = hw
+    assert out["logits"].shape == (2, h, w, 5)
+    assert out["fused"].shape == (2, h, w, 3)
+    assert out["fusion"].shape == (2, h // 4, w // 4, 8)
+    assert out["image_embeddings"].shape == (2, 16, 16, 64)
+    assert out["points"].shape == (2, 4, 2)
+    if run:
+      fused = np.asarray(out["fused"])
+      assert fused.min() >= 0 and fused.max() <= 1
+
+
+def _nonzero(tree):
+  return any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(tree))
+
+
+def test_segmentation_gradients(built):
+  cfg, model, params = built
+  batch = _batch(cfg)
+  for freeze in (True, False):
+    c = tiny_cfg(freeze_fmp_in_segmentation=freeze)
+    loss_fn = stages.segmentation_loss_fn(model, c, ConfigDict(dict(dice_weight=1.0)))
+    grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(0))[0])(params)
+    for name in stages.trainable("segmentation", c):
+      top, *rest = name.split("/")
+      sub = grads[top]
+      for r in rest:
+        sub = sub[r]
+      assert _nonzero(sub), (freeze, name)
+    # The SAM image encoder gets exactly zero gradient: it is frozen and never differentiated.
+    assert not _nonzero(grads["image_encoder"])
+    assert not _nonzero(grads["tokenizer_rgb"]) and not _nonzero(grads["tokenizer_thermal"])
+    assert _nonzero(grads["fmp"]) == (not freeze)
+
+
+def test_fusion_and_tokenizer_gradients(built):
+  cfg, model, params = built
+  batch = _batch(cfg)
+  f = stages.fusion_loss_fn(model, cfg, ConfigDict(dict(weights=None)))
+  grads = jax.grad(lambda p: f(p, batch, None)[0])(params)
+  assert _nonzero(grads["fmp"]) and _nonzero(grads["fused_decoder"])
+  assert not _nonzero(grads["tokenizer_rgb"]) and not _nonzero(grads["image_encoder"])
+  disc = init_discriminators(cfg, jax.random.PRNGKey(1), (32, 48))
+  g_fn, d_fn = stages.tokenizer_losses(model, cfg, ConfigDict(dict(disc_start=0, disc_weight=0.8)))
+  (loss, (aux, carry)), gg = jax.value_and_grad(
+      lambda p: g_fn(p, disc, batch, None, jnp.asarray(5)), has_aux=True)(params)
+  for m in cfg.modalities:
+    assert _nonzero(gg[f"tokenizer_{m}"]["encoder"]) and _nonzero(gg[f"tokenizer_{m}"]["decoder"])
+    assert _nonzero(gg[f"tokenizer_{m}"]["quantizer"])
+    assert float(aux[f"{m}/adaptive_weight"]) > 0
+    assert 1 <= float(aux[f"{m}/perplexity"]) <= 32
+  assert not _nonzero(gg["fmp"]) and not _nonzero(gg["mask_decoder"])
+  dg = jax.grad(lambda d: d_fn(d, carry, batch, None, jnp.asarray(5))[0])(disc)
+  assert all(_nonzero(dg[m]) for m in cfg.modalities)
+  # Before the discriminator start step the adversarial terms are off.
+  dg0 = jax.grad(lambda d: d_fn(d, carry, batch, None, jnp.asarray(5))[0])
+  g0, d0 = stages.tokenizer_losses(model, cfg, ConfigDict(dict(disc_start=10, disc_weight=0.8)))
+  assert not _nonzero(jax.grad(lambda d: d0(d, carry, batch, None, jnp.asarray(5))[0])(disc))
+
+
+def test_load_sam_weights(built, tmp_path):
+  """Converted SAM weights land in the SAM-derived parts; the d_c-channel dense prompt conv
+  responds to a constant map exactly as SAM's 1-channel conv does."""
+  from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
+  from fusionsam_jax.sam_checkpoint import save_sam_checkpoint
+  cfg, model, params = built
+  sam_cfg = SAM_PRESETS["tiny"]
+  sam_params = Sam(sam_cfg).init_params(jax.random.PRNGKey(7))
+  save_sam_checkpoint(str(tmp_path / "sam"), sam_cfg, sam_params)
+  loaded = load_sam_weights(params, str(tmp_path / "sam"), cfg)
+  np.testing.assert_array_equal(loaded["image_encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
+                                sam_params["image_encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])
+  mt = np.asarray(sam_params["mask_decoder"]["mask_tokens"]["embedding"])
+  np.testing.assert_array_equal(loaded["mask_decoder"]["class_tokens"], mt[np.arange(5) % 4])
+  sam = Sam(sam_cfg)
+  const = jnp.full((1, 64, 64, 1), 0.7)
+  _, want = sam.apply({"params": sam_params}, mask_inputs=const, method=Sam.prompt_embeddings)
+  _, got = model.apply({"params": loaded}, None, None, jnp.full((1, 64, 64, 8), 0.7),
+                       method=lambda m, *a: m.prompt_encoder(*a))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # A SAM checkpoint of another size is refused with a clear error.
+  from fusionsam_jax.sam_checkpoint import CheckpointError
+  other = build_model(tiny_cfg(sam_variant="vit_b"))
+  abstract = jax.eval_shape(lambda: init_params(other, jax.random.PRNGKey(0), (32, 48)))
+  with pytest.raises(CheckpointError, match="sam_variant"):
+    load_sam_weights(abstract, str(tmp_path / "sam"), cfg)
+
+
+@pytest.mark.parametrize("over", [dict(tokenizer_kind="patch"), dict(fusion="concat"),
+                                  dict(modalities=("rgb",)), dict(modalities=("thermal",))])
+def test_ablations_and_single_modality_take_a_step(over):
+  cfg = tiny_cfg(**over)
+  model = build_model(cfg)
+  params = init_params(model, jax.random.PRNGKey(0), (32, 48))
+  batch = _batch(cfg)
+  names = {s: stages.trainable(s, cfg) for s in stages.STAGES}
+  if over.get("tokenizer_kind") == "patch":
+    assert names["tokenizer"] == [] and "patch_embed_rgb" in names["fusion"]
+  if len(cfg.modalities) == 1 or over.get("fusion") == "concat":
+    assert "concat_fusion" in params and "fmp" not in params
+  loss_fn = stages.segmentation_loss_fn(model, cfg, ConfigDict(dict(dice_weight=1.0)))
+  opt = optax.adam(1e-3)
+  st = opt.init(params)
+  l0, g = jax.value_and_grad(lambda p: loss_fn(p, batch, None)[0])(params)
+  upd, st = opt.update(g, st, params)
+  p1 = optax.apply_updates(params, upd)
+  assert np.isfinite(float(l0))
+  assert np.isfinite(float(loss_fn(p1, batch, None)[0]))
+
+
+def test_overfits_one_generated_batch():
+  """A tiny FusionSAM fits one batch of generated RGB-T scenes: loss / 10, mIoU >= 0.9."""
+  from fusionsam_jax.data import generate_elements
+  els = generate_elements("mfnet", 2, seed=3, height=64, width=64)
+  cfg = tiny_cfg(num_classes=9, freeze_fmp_in_segmentation=False)
+  batch = {m: np.stack([e[m] for e in els]) for m in cfg.modalities}
+  batch["label"] = np.stack([e["label"] for e in els]).astype(np.int32)
+  model = build_model(cfg)
+  params = init_params(model, jax.random.PRNGKey(0), (64, 64))
+  loss_fn = stages.segmentation_loss_fn(model, cfg, ConfigDict(dict(dice_weight=1.0)))
+  names = stages.trainable("segmentation", cfg)
+  from fusionsam_jax.training import make_optimizer, trainable_mask
+  mask = trainable_mask(params, names)
+  opt = make_optimizer(3e-3, 0.0, mask)
+  # Embeddings don't change (frozen SAM, fused image from the frozen decoder): compute once.
+  emb = jax.jit(stages.embed_fn(model))(params, batch)
+  batch["image_embeddings"] = emb
+
+  @jax.jit
+  def step(p, s):
+    (l, _), g = jax.value_and_grad(lambda p: loss_fn(p, batch, None), has_aux=True)(p)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s, l
+
+  state = opt.init(params)
+  first = None
+  for _ in range(150):
+    params, state, loss = step(params, state)
+    first = float(loss) if first is None else first
+  pred = np.asarray(jax.jit(stages.predict_fn(model))(params, batch)["pred"])
+  cm = ConfusionMatrix(9)
+  cm.update(pred, batch["label"])
+  assert float(loss) < first / 10, (first, float(loss))
+  assert cm.miou() >= 0.9, cm.iou()
+
+
+def test_zero_shot_baseline_on_fused_image(built):
+  """Fig. 7a baseline: SAM on the fused image equals SAM run on that image directly."""
+  from fusionsam_jax.baseline import fused_image_uint8, zero_shot
+  from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
+  from fusionsam_jax.predictor import SamPredictor
+  cfg, model, params = built
+  fused = fused_image_uint8(model, params, _batch(cfg))
+  assert fused.shape == (2, 32, 48, 3) and fused.dtype == np.uint8
+  sam_params = Sam(SAM_PRESETS["tiny"]).init_params(jax.random.PRNGKey(2))
+  pred = SamPredictor(SAM_PRESETS["tiny"], sam_params)
+  masks, iou, low = zero_shot(pred, fused[0], point_coords=[[10, 12]], point_labels=[1],
+                              box=[2, 3, 30, 25])
+  assert masks.shape == (1, 32, 48) and masks.dtype == np.bool_ and iou.shape == (1,)
+  pred.set_image(fused[0])
+  m2, _, _ = pred.predict(np.array([[10.0, 12.0]]), np.array([1]), np.array([2.0, 3, 30, 25]),
+                          multimask_output=False)
+  np.testing.assert_array_equal(masks, m2)
