@@ -1,0 +1,243 @@
+"""Building blocks of the experiment configs in ``configs/`` (config as code).
+
+Every config file has ``get_config(arg=None) -> ml_collections.ConfigDict``. ``arg`` is the
+text after the colon of ``--config configs/mfnet.py:ARG``: comma-separated variant names,
+applied in order, e.g. ``configs/mfnet.py:tiny,rgb_only``. The variants every config knows:
+
+* ``tiny``: a smoke-run model (tiny random SAM, small tokenizer and FMP, 96 x 128 crops,
+  a few steps per stage). It still reads the config's dataset.
+* ``generated``: train on a generated scene set in the dataset's layout (no download),
+  made on first use (``config.generate``).
+* ``ablation_a``: no LSTG; FMP on patch embeddings of the raw images (paper Sec. 4.4 (A)).
+* ``ablation_b``: FMP replaced by concatenation + 1x1 conv (paper Sec. 4.4 (B)).
+* ``rgb_only`` / ``thermal_only`` / ``depth_only``: one modality (fusion = concat).
+* ``no_cache``: segmentation stage on augmented inputs without the embedding cache.
+
+Paper settings (KDD '25, Sec. 4.1): Adam, lr 1e-4, weight decay 1e-3, batch 4, 100 epochs,
+SAM ViT-H. Each stage runs 100 epochs of the train split (steps = epochs x (train size //
+batch)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Mapping
+
+import ml_collections
+from ml_collections import config_dict
+
+#: Train-split sizes of the prepared real datasets (docs/data.md): MFNet's official train
+#: list; FMB and VDT-2048 after carving 10 % of the official train set as ``val``.
+TRAIN_SIZES = {"mfnet": 784, "fmb": 1098, "vdt": 943}
+
+#: Stages in training order (fusionsam_jax.stages.STAGES).
+STAGE_NAMES = ("tokenizer", "fusion", "segmentation")
+
+
+def steps_for_epochs(train_size: int, batch_size: int, epochs: float) -> int:
+  """Optimizer steps for `epochs` passes over a split (batches drop the remainder)."""
+  per_epoch = max(1, train_size // batch_size)
+  return int(math.ceil(per_epoch * epochs))
+
+
+def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) -> ml_collections.ConfigDict:
+  """The paper-scale model (ViT-H SAM, bf16 encoder with cuDNN attention)."""
+  m = ml_collections.ConfigDict()
+  m.modalities = tuple(modalities)
+  m.num_classes = num_classes
+  m.task = task
+  m.scale = 4
+  m.tokenizer_kind = "lstg"          # "lstg" | "patch" (ablation A)
+  m.tokenizer = ml_collections.ConfigDict(dict(
+      latent_dim=64, num_codes=1024, ch=64, num_res_blocks=2, beta=0.25))
+  m.fusion = "fmp"                   # "fmp" | "concat" (ablation B)
+  m.fmp = ml_collections.ConfigDict(dict(
+      num_heads=4, depth_self=2, window_size=8, attention="window", mlp_ratio=2.0))
+  m.fused_decoder = ml_collections.ConfigDict(dict(ch=64, num_res_blocks=2))
+  m.discriminator = ml_collections.ConfigDict(dict(base_ch=64, n_layers=3))  # PatchGAN (Eq. 8)
+  m.sam_variant = "vit_h"
+  m.sam_checkpoint = config_dict.placeholder(str)
+  m.sam_checkpoint = "ckpt/sam_vit_h"
+  m.allow_random_sam = False
+  m.encoder_dtype = "bfloat16"
+  m.attn_impl = "cudnn"
+  m.num_points = 8
+  m.freeze_fmp_in_segmentation = True
+  return m
+
+
+def stages_config(steps: Mapping[str, int], *, lr: float = 1e-4,
+                  weight_decay: float = 1e-3) -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.tokenizer = ml_collections.ConfigDict(dict(
+      num_steps=steps["tokenizer"], lr=lr, weight_decay=weight_decay,
+      disc_start=steps["tokenizer"] // 2, disc_weight=0.8, perceptual_weight=1.0,
+      rec_weight=1.0))
+  s.fusion = ml_collections.ConfigDict(dict(
+      num_steps=steps["fusion"], lr=lr, weight_decay=weight_decay,
+      weights=ml_collections.ConfigDict(dict(ssim=10.0, intensity=20.0, gradient=20.0))))
+  s.segmentation = ml_collections.ConfigDict(dict(
+      num_steps=steps["segmentation"], lr=lr, weight_decay=weight_decay, dice_weight=1.0))
+  return s
+
+
+def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[str, ...],
+                crop_size: tuple[int, int], epochs: float = 100.0,
+                batch_size: int = 4) -> ml_collections.ConfigDict:
+  """Paper defaults for a real dataset (prepared with ``python -m fusionsam_jax.data.prepare``)."""
+  c = ml_collections.ConfigDict()
+  c.dataset = dataset
+  c.data_dir = "data_cache"          # --data-dir of the prepare command
+  c.seed = 0
+  c.model = model_config(modalities=modalities, num_classes=num_classes, task=task)
+  steps = steps_for_epochs(TRAIN_SIZES[dataset], batch_size, epochs)
+  t = c.train = ml_collections.ConfigDict()
+  t.batch_size = batch_size
+  t.crop_size = tuple(crop_size)
+  t.scale_range = (0.5, 2.0)
+  t.flip_prob = 0.5
+  t.worker_count = 2
+  t.log_every = 50
+  t.eval_every = steps_for_epochs(TRAIN_SIZES[dataset], batch_size, 5)   # every 5 epochs
+  t.checkpoint_every = 1000
+  t.keep_latest = 1
+  t.best_k = 3
+  t.image_every = 2000
+  t.grad_clip = 0.0                  # global-norm clip; 0 = off
+  t.embedding_cache = ml_collections.ConfigDict(dict(
+      enabled=True,                  # only used when model.freeze_fmp_in_segmentation
+      num_views=2,                   # 0: un-augmented, 1: flipped, >= 2: seeded random views
+      seed=0,
+      dtype="float16"))              # storage dtype of the cached embeddings
+  t.stages = stages_config({s: steps for s in STAGE_NAMES})
+  e = c.eval = ml_collections.ConfigDict()
+  e.batch_size = 4
+  e.split = "test"
+  e.val_split = "val"                # model selection (best-k); never the test split
+  e.pad_multiple = 16
+  e.after_training = True            # evaluate the best checkpoint on `split` at the end
+  c.perceptual_weights = config_dict.placeholder(str)   # converted VGG16 .npz, None = off
+  return c
+
+
+# -- variants --------------------------------------------------------------------------------
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+  m = c.model
+  m.tokenizer = ml_collections.ConfigDict(dict(
+      latent_dim=16, num_codes=128, ch=16, num_res_blocks=1, beta=0.25))
+  m.fmp = ml_collections.ConfigDict(dict(
+      num_heads=2, depth_self=1, window_size=8, attention="window", mlp_ratio=2.0))
+  m.fused_decoder = ml_collections.ConfigDict(dict(ch=16, num_res_blocks=1))
+  m.discriminator = ml_collections.ConfigDict(dict(base_ch=16, n_layers=2))
+  m.sam_variant = "tiny"
+  m.sam_checkpoint = None
+  m.allow_random_sam = True
+  m.encoder_dtype = "float32"
+  m.attn_impl = "xla"
+  m.num_points = 4
+  t = c.train
+  t.batch_size = 2
+  t.crop_size = (96, 128)
+  t.worker_count = 0
+  t.log_every = 2
+  t.eval_every = 4
+  t.checkpoint_every = 4
+  t.image_every = 0
+  t.embedding_cache.num_views = 1
+  t.embedding_cache.dtype = "float32"
+  for s in STAGE_NAMES:
+    t.stages[s].num_steps = 4
+    t.stages[s].lr = 1e-3
+  t.stages.tokenizer.disc_start = 2
+  c.eval.batch_size = 2
+
+
+def generate_config(num: int = 200, seed: int = 0, height: int | None = None,
+                    width: int | None = None) -> ml_collections.ConfigDict:
+  """``config.generate``: make a scene set in the dataset's layout on first use
+  (`fusionsam_jax.data.generate_dataset`); height / width None = ``train.crop_size``."""
+  g = ml_collections.ConfigDict()
+  g.num = num
+  g.seed = seed
+  g.height = config_dict.placeholder(int)
+  g.width = config_dict.placeholder(int)
+  g.height, g.width = height, width
+  return g
+
+
+def _generated(c: ml_collections.ConfigDict) -> None:
+  if c.get("generate") is None:
+    c.generate = generate_config()
+
+
+def _modality_only(name: str) -> Callable[[ml_collections.ConfigDict], None]:
+  def apply(c: ml_collections.ConfigDict) -> None:
+    if name not in c.model.modalities:
+      raise ValueError(f"{name}_only: dataset {c.dataset} has modalities "
+                       f"{tuple(c.model.modalities)}")
+    c.model.modalities = (name,)
+  return apply
+
+
+def _ablation_a(c):
+  c.model.tokenizer_kind = "patch"
+
+
+def _ablation_b(c):
+  c.model.fusion = "concat"
+
+
+def _no_cache(c):
+  c.train.embedding_cache.enabled = False
+
+
+VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "tiny": _tiny,
+    "generated": _generated,
+    "ablation_a": _ablation_a,
+    "ablation_b": _ablation_b,
+    "rgb_only": _modality_only("rgb"),
+    "thermal_only": _modality_only("thermal"),
+    "depth_only": _modality_only("depth"),
+    "no_cache": _no_cache,
+}
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None,
+                   extra: Mapping[str, Callable] | None = None) -> ml_collections.ConfigDict:
+  """Applies the comma-separated variants of `arg` in order; records them in
+  ``c.variant``."""
+  table = dict(VARIANTS)
+  table.update(extra or {})
+  names = [a.strip() for a in str(arg or "").split(",") if a.strip()]
+  unknown = [n for n in names if n not in table]
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {unknown}; known: {sorted(table)} "
+                     "(combine with commas, e.g. configs/mfnet.py:tiny,rgb_only)")
+  for n in names:
+    table[n](c)
+  c.variant = ",".join(names)
+  return c
+
+
+# -- configs read back from a workdir ------------------------------------------------------------
+
+
+def _tuplify(x):
+  if isinstance(x, Mapping):
+    return {k: _tuplify(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_tuplify(v) for v in x)
+  return x
+
+
+def config_from_dict(d: Mapping) -> ml_collections.ConfigDict:
+  """A ConfigDict from the plain dict stored in ``workdir/config.json`` (JSON lists become
+  tuples again)."""
+  return ml_collections.ConfigDict(_tuplify(dict(d)))
+
+
+def iter_stage_names(config) -> Iterable[str]:
+  return [s for s in STAGE_NAMES if s in config.train.stages]

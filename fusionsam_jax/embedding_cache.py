@@ -1,0 +1,421 @@
+"""SAM image-embedding cache for the segmentation stage.
+
+When ``model.freeze_fmp_in_segmentation`` is True, nothing upstream of the frozen SAM image
+encoder trains in the segmentation stage (tokenizers, fusion module, fused-image decoder and
+the encoder itself are frozen), so the embedding of an input never changes during the stage.
+The encoder is by far the most expensive part of a step (ViT-H: ~6 TFLOP per image), so we
+compute every embedding once (`stages.embed_fn`) and reuse it.
+
+**Augmentation.** Random augmentation draws a new view of an image at every step, and an
+embedding can only be cached for a view that is known in advance. With the cache on, the
+segmentation stage therefore trains on a *fixed* set of ``train.embedding_cache.num_views``
+views per training image, made once:
+
+* view 0: the image at scale 1, centre crop (or centre padding) to ``train.crop_size``;
+* view 1: view 0 mirrored left-right;
+* views 2, 3, ...: random scale in ``train.scale_range`` / crop / flip drawn from
+  ``numpy.random.default_rng([seed, index, view])`` (the training pipeline's own
+  `RandomScaleCropFlip`, so the same geometry as augmented training).
+
+The cached views (inputs, labels and embeddings) are shuffled every epoch by a grain sampler.
+Set ``train.embedding_cache.enabled=False`` (variant ``no_cache``) to train the stage on
+freshly augmented inputs with the encoder in every step instead. Validation images are
+cached as the eval loader yields them (full resolution, padded, ``valid`` masks).
+
+**Key.** A cache is valid for exactly what it was computed from; its key is a hash of:
+the params of the tokenizers / patch embeddings, the fusion module, the fused-image decoder
+and the SAM image encoder (every leaf's bytes); the prepared split's files (or, for an
+in-memory source, every element); the view settings (crop size, scale range, number of views,
+seed); the model settings that change the embedding (modalities, sizes, SAM variant, encoder
+dtype, attention implementation); and the storage dtype. A different key means a rebuild;
+the caches of other keys for that split are then deleted.
+
+**Storage.** ``WORKDIR/embedding_cache/<split>-<key>/``: ``meta.json``; for ``train``:
+``<modality>.npy`` (uint8, N x H x W x C), ``label.npy`` (uint8), ``embeddings.npy``
+(N x e x e x C, ``dtype``), read through memory maps; for ``val``: one ``batch_XXXXX.npz``
+per eval batch. A cache is written into a temporary folder that is renamed into place when
+complete, so an interrupted build leaves nothing that looks valid (temporary folders are
+removed on the next build).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusionsam_jax import training as T
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fusionsam_jax.embedding_cache/1"
+CACHE_DIR = "embedding_cache"
+MODEL_KEYS = ("modalities", "scale", "tokenizer_kind", "tokenizer", "fusion", "fmp",
+              "fused_decoder", "sam_variant", "sam_overrides", "encoder_dtype", "attn_impl")
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing
+# --------------------------------------------------------------------------------------------
+
+
+def embed_param_names(params: Mapping) -> list[str]:
+  """The top-level param names the SAM embedding depends on."""
+  return sorted(k for k in params
+                if k.startswith(("tokenizer_", "patch_embed_"))
+                or k in ("fmp", "concat_fusion", "fused_decoder", "image_encoder"))
+
+
+def hash_params(params: Mapping, names: Iterable[str] | None = None) -> str:
+  """blake2b over the path, dtype, shape and bytes of every leaf under `names`."""
+  h = hashlib.blake2b(digest_size=16)
+  names = sorted(names if names is not None else params)
+  for name in names:
+    leaves = jax.tree_util.tree_flatten_with_path(params[name])[0]
+    for path, leaf in leaves:
+      a = np.asarray(jax.device_get(leaf))
+      h.update(f"{name}{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
+      h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def hash_source(source, dataset_dir: str | None = None, split: str | None = None,
+                name: str | None = None) -> str:
+  """Fingerprint of a split: the prepared files' bytes when `dataset_dir` is given (TFDS
+  ``<name>-<split>.*`` files + ``dataset_info.json``), else every element's arrays."""
+  h = hashlib.blake2b(digest_size=16)
+  if dataset_dir is not None and split is not None and name is not None:
+    files = sorted(f for f in os.listdir(dataset_dir) if f.startswith(f"{name}-{split}."))
+    if files:
+      for f in files + ["dataset_info.json"]:
+        p = os.path.join(dataset_dir, f)
+        if not os.path.isfile(p):
+          continue
+        h.update(f.encode())
+        with open(p, "rb") as fh:
+          for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+      return h.hexdigest()
+  h.update(str(len(source)).encode())
+  for i in range(len(source)):
+    el = source[i]
+    for k in sorted(el):
+      v = el[k]
+      a = np.asarray(v)
+      h.update(f"{i}|{k}|{a.dtype}|{a.shape}".encode())
+      h.update(a.tobytes() if a.dtype != object else repr(v).encode())
+  return h.hexdigest()
+
+
+def cache_key(config, params: Mapping, data_fingerprint: str, split: str) -> tuple[str, dict]:
+  """(hex key, the JSON-able description it hashes)."""
+  from fusionsam_jax.training.guards import config_to_dict
+  c = config.train.embedding_cache
+  desc = {
+      "format": FORMAT,
+      "split": split,
+      "params": hash_params(params, embed_param_names(params)),
+      "data": data_fingerprint,
+      "model": {k: config_to_dict(config.model[k]) for k in MODEL_KEYS if k in config.model},
+      "dtype": str(c.dtype),
+  }
+  if split == "train":
+    desc["views"] = {"num_views": int(c.num_views), "seed": int(c.seed),
+                     "crop_size": list(config.train.crop_size),
+                     "scale_range": list(config.train.scale_range)}
+  else:
+    desc["eval"] = {"batch_size": int(config.eval.batch_size),
+                    "pad_multiple": int(config.eval.pad_multiple)}
+  blob = json.dumps(desc, sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:16], desc
+
+
+# --------------------------------------------------------------------------------------------
+# Views
+# --------------------------------------------------------------------------------------------
+
+
+def make_view(element: Mapping, view: int, *, index: int, crop_size, scale_range, seed: int,
+              modalities) -> dict:
+  """View `view` of a source element (see the module docstring); uint8 images, uint8 label."""
+  from fusionsam_jax.data.pipeline import RandomScaleCropFlip, Standardize, scale_crop_flip
+  el = Standardize(tuple(modalities)).map(dict(element))
+  h, w = el["label"].shape[:2]
+  ch, cw = int(crop_size[0]), int(crop_size[1])
+  if view <= 1:
+    params = {"scale": 1.0, "offset": ((h - ch) // 2, (w - cw) // 2), "flip": view == 1}
+  else:
+    rng = np.random.default_rng([int(seed), int(index), int(view)])
+    params = RandomScaleCropFlip((ch, cw), tuple(scale_range)).draw(h, w, rng)
+  out = scale_crop_flip(el, crop_size=(ch, cw), **params)
+  out["label"] = np.asarray(out["label"]).astype(np.uint8)
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Cache objects
+# --------------------------------------------------------------------------------------------
+
+
+class TrainCacheSource:
+  """Random-access source over a train cache folder (memory-mapped, opened lazily)."""
+
+  def __init__(self, directory: str, modalities):
+    self.directory = directory
+    self.modalities = tuple(modalities)
+    with open(os.path.join(directory, "meta.json")) as f:
+      self.meta = json.load(f)
+    self._arrays = None
+
+  def _open(self):
+    if self._arrays is None:
+      keys = list(self.modalities) + ["label", "embeddings"]
+      self._arrays = {k: np.load(os.path.join(self.directory, f"{k}.npy"), mmap_mode="r")
+                      for k in keys}
+    return self._arrays
+
+  def __len__(self) -> int:
+    return int(self.meta["num_examples"])
+
+  def __getitem__(self, i):
+    a = self._open()
+    out = {k: np.array(a[k][i]) for k in self.modalities}
+    out["label"] = np.array(a["label"][i]).astype(np.int32)
+    out["image_embeddings"] = np.array(a["embeddings"][i])
+    return out
+
+  def __getstate__(self):
+    return {"directory": self.directory, "modalities": self.modalities, "meta": self.meta,
+            "_arrays": None}
+
+
+@dataclasses.dataclass
+class Cache:
+  """A train cache (+ optionally a val cache). `hit`: True when both were found on disk."""
+  train_dir: str
+  val_dir: str | None
+  hit: bool
+  train_hit: bool
+  val_hit: bool
+  modalities: tuple
+
+  def train_source(self) -> TrainCacheSource:
+    return TrainCacheSource(self.train_dir, self.modalities)
+
+  def train_loader(self, config):
+    """Shuffled (per-epoch, seeded), repeating, batched loader over the cached views."""
+    import grain.python as grain
+    from fusionsam_jax.data.pipeline import process_shard_options
+    src = self.train_source()
+    shard = process_shard_options(drop_remainder=True)
+    per_process = int(config.train.batch_size) // jax.process_count()
+    sampler = grain.IndexSampler(num_records=len(src), shard_options=shard, shuffle=True,
+                                 num_epochs=None, seed=int(config.seed) + 3)
+    return grain.DataLoader(data_source=src, sampler=sampler,
+                            operations=[grain.Batch(per_process, drop_remainder=True)],
+                            worker_count=0, shard_options=shard)
+
+  def val_batches(self):
+    """The cached val batches, in eval-loader order (each with ``image_embeddings``)."""
+    if self.val_dir is None:
+      raise ValueError("no val cache")
+    files = sorted(f for f in os.listdir(self.val_dir) if f.startswith("batch_"))
+    for f in files:
+      with np.load(os.path.join(self.val_dir, f)) as z:
+        yield {k: z[k] for k in z.files}
+
+
+def with_embeddings(loss_fn: Callable) -> Callable:
+  """Wraps a segmentation loss so that cached (possibly float16) embeddings enter as f32."""
+  def wrapped(params, batch, rng, step):
+    if "image_embeddings" in batch:
+      batch = dict(batch, image_embeddings=batch["image_embeddings"].astype(jnp.float32))
+    return loss_fn(params, batch, rng, step)
+  return wrapped
+
+
+def _finish_dir(tmp: str, final: str, root: str, split: str) -> None:
+  if jax.process_index() == 0:
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.replace(tmp, final)
+    for d in os.listdir(root):
+      p = os.path.join(root, d)
+      if d.startswith(f"{split}-") and p != final and os.path.isdir(p):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _tmp_dir(root: str, split: str) -> str:
+  os.makedirs(root, exist_ok=True)
+  for d in os.listdir(root):  # leftovers of interrupted builds
+    if d.startswith(f".{split}-"):
+      shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+  return tempfile.mkdtemp(prefix=f".{split}-", dir=root)
+
+
+def _embed_jit(model, mesh):
+  from fusionsam_jax import stages
+  fn = stages.embed_fn(model)
+  return jax.jit(lambda p, b: fn(p, b).astype(jnp.float32),
+                 in_shardings=(T.replicated(mesh), T.data_sharding(mesh)),
+                 out_shardings=T.replicated(mesh))
+
+
+def build_train_cache(directory: str, config, params, source, embed, mesh, desc: dict,
+                      progress: bool = True) -> None:
+  """Computes every view's embedding and writes the train cache folder at `directory`."""
+  c = config.train.embedding_cache
+  mods = tuple(config.model.modalities)
+  n_src, n_views = len(source), int(c.num_views)
+  n = n_src * n_views
+  bs = max(int(config.eval.batch_size), mesh.size)
+  bs = -(-bs // mesh.size) * mesh.size
+  arrays = None
+  pbar = None
+  if progress and jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    pbar = tqdm(total=n, desc="embedding cache (train)", unit="view", dynamic_ncols=True)
+  order = [(i, v) for i in range(n_src) for v in range(n_views)]
+  for start in range(0, n, bs):
+    chunk = order[start:start + bs]
+    views = [make_view(source[i], v, index=i, crop_size=config.train.crop_size,
+                       scale_range=config.train.scale_range, seed=int(c.seed), modalities=mods)
+             for i, v in chunk]
+    batch = {k: np.stack([x[k] for x in views]) for k in mods + ("label",)}
+    pad = bs - len(chunk)
+    if pad:
+      batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
+    emb = np.asarray(jax.device_get(embed(params, T.shard_batch(
+        {k: batch[k] for k in mods}, mesh))))[:len(chunk)]
+    if arrays is None:
+      arrays = {}
+      for k in mods + ("label",):
+        arrays[k] = np.lib.format.open_memmap(os.path.join(directory, f"{k}.npy"), "w+",
+                                              np.uint8, (n,) + batch[k].shape[1:])
+      arrays["embeddings"] = np.lib.format.open_memmap(
+          os.path.join(directory, "embeddings.npy"), "w+", np.dtype(str(c.dtype)),
+          (n,) + emb.shape[1:])
+    sl = slice(start, start + len(chunk))
+    for k in mods + ("label",):
+      arrays[k][sl] = batch[k][:len(chunk)]
+    arrays["embeddings"][sl] = emb.astype(arrays["embeddings"].dtype)
+    if pbar is not None:
+      pbar.update(len(chunk))
+  if pbar is not None:
+    pbar.close()
+  for a in (arrays or {}).values():
+    a.flush()
+  del arrays
+  meta = dict(desc, num_examples=n, num_source=n_src, num_views=n_views, time=time.time())
+  with open(os.path.join(directory, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+
+
+def build_val_cache(directory: str, config, params, val_source, embed, mesh, desc: dict) -> None:
+  from fusionsam_jax.experiment import eval_iterable, strip_batch
+  i = 0
+  for batch in eval_iterable(config, val_source):
+    b = strip_batch(batch)
+    mods = tuple(config.model.modalities)
+    emb = np.asarray(jax.device_get(embed(params, T.shard_batch({k: b[k] for k in mods},
+                                                                  mesh))))
+    b["image_embeddings"] = emb.astype(np.dtype(str(config.train.embedding_cache.dtype)))
+    np.savez(os.path.join(directory, f"batch_{i:05d}.npz"), **b)
+    i += 1
+  with open(os.path.join(directory, "meta.json"), "w") as f:
+    json.dump(dict(desc, num_batches=i, time=time.time()), f, indent=1)
+
+
+def cache_enabled(config) -> tuple[bool, str]:
+  c = config.train.get("embedding_cache")
+  if c is None or not c.enabled:
+    return False, "train.embedding_cache.enabled is False"
+  if not config.model.freeze_fmp_in_segmentation:
+    return False, ("model.freeze_fmp_in_segmentation is False: the fusion module trains in "
+                   "the segmentation stage, so embeddings change every step")
+  if int(c.num_views) < 1:
+    return False, "train.embedding_cache.num_views < 1"
+  return True, ""
+
+
+def maybe_build(config, workdir: str, model, params, spec, mesh, val_source,
+                *, progress: bool = True, say: Callable[[str], None] | None = None
+                ) -> Cache | None:
+  """Returns the segmentation stage's cache (built if needed), or None when it is off.
+
+  `spec` is an `experiment.DataSpec` (or None together with an in-memory `train_source`
+  via `build_for_sources`)."""
+  from fusionsam_jax.data.prepare import dataset_dir
+  train_source = spec.source("train")
+  ddir = dataset_dir(spec.name, spec.data_dir)
+  return build_for_sources(config, workdir, model, params, mesh,
+                           train_source, val_source,
+                           train_fp=hash_source(train_source, ddir, "train", spec.name),
+                           val_fp=hash_source(val_source, ddir, config.eval.val_split,
+                                              spec.name),
+                           progress=progress, say=say)
+
+
+def build_for_sources(config, workdir, model, params, mesh, train_source, val_source, *,
+                      train_fp: str | None = None, val_fp: str | None = None,
+                      progress: bool = True, say: Callable[[str], None] | None = None
+                      ) -> Cache | None:
+  from fusionsam_jax import stages
+  say = say or (lambda m: print(m, flush=True) if jax.process_index() == 0 else None)
+  ok, why = cache_enabled(config)
+  if not ok:
+    say(f"Embedding cache off ({why}); the segmentation stage runs the SAM encoder every step "
+        "on augmented inputs.")
+    return None
+  trained = set(stages.trainable("segmentation", config.model))
+  upstream = [k for k in embed_param_names(params) if k in trained]
+  if upstream:
+    say(f"Embedding cache off: {upstream} train in the segmentation stage.")
+    return None
+  root = os.path.join(os.fspath(workdir), CACHE_DIR)
+  t0 = time.perf_counter()
+  embed = None
+  dirs, hits = {}, {}
+  sources = {"train": (train_source, train_fp)}
+  if val_source is not None:
+    sources[str(config.eval.val_split)] = (val_source, val_fp)
+  for split, (src, fp) in sources.items():
+    fp = fp or hash_source(src)
+    kind = "train" if split == "train" else "val"
+    key, desc = cache_key(config, params, fp, kind)
+    final = os.path.join(root, f"{kind}-{key}")
+    dirs[kind] = final
+    if os.path.isfile(os.path.join(final, "meta.json")):
+      hits[kind] = True
+      continue
+    hits[kind] = False
+    stale = [d for d in (os.listdir(root) if os.path.isdir(root) else [])
+             if d.startswith(f"{kind}-")]
+    say(f"Embedding cache ({kind}): {'rebuilding, inputs changed' if stale else 'building'} "
+        f"({len(src)} images{' x %d views' % int(config.train.embedding_cache.num_views) if kind == 'train' else ''}) in {final}")
+    embed = embed or _embed_jit(model, mesh)
+    tmp = _tmp_dir(root, kind)
+    try:
+      if kind == "train":
+        build_train_cache(tmp, config, params, src, embed, mesh, desc, progress=progress)
+      else:
+        build_val_cache(tmp, config, params, src, embed, mesh, desc)
+      _finish_dir(tmp, final, root, kind)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  if all(hits.values()):
+    say(f"Embedding cache: reusing {', '.join(dirs.values())}")
+  else:
+    say(f"Embedding cache ready ({time.perf_counter() - t0:.1f} s)")
+  return Cache(dirs["train"], dirs.get("val"), all(hits.values()), hits["train"],
+               hits.get("val", False), tuple(config.model.modalities))

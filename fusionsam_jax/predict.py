@@ -1,0 +1,253 @@
+r"""Segment new images with a trained FusionSAM run; writes PNGs.
+
+    # one sample: the modality images in the config's order (rgb, thermal [, ...])
+    python -m fusionsam_jax.predict --workdir runs/mfnet --inputs rgb.png thermal.png --out out/
+    # several samples: repeat the groups; an MFNet 4-channel PNG (RGB + thermal) is one sample
+    python -m fusionsam_jax.predict --workdir runs/mfnet --inputs 00001D.png 00002N.png --out out/
+    # a folder in the dataset's layout (MFNet: images/; FMB: Visible/ Infrared/;
+    # VDT-2048: V/ D/ T/), optionally restricted to a split (split list or split folder)
+    python -m fusionsam_jax.predict --workdir runs/mfnet --input-dir MFNet --split test --out out/
+
+The config stored in the workdir says which modalities, classes and palette to use; the
+segmentation stage's checkpoint (``--checkpoint best`` by val mIoU, ``latest`` or a step)
+gives the params. For each sample NAME, OUT gets (each written atomically):
+
+* ``NAME_fused.png``: the fused image (Fig. 1's fusion feature map), RGB;
+* ``NAME_mask.png``: the prediction colour-coded with the dataset's palette;
+* ``NAME_overlay.png``: the colour mask blended over the RGB input (or the fused image);
+* ``NAME_label.png``: class ids (single channel, 0..K-1), for metric scripts;
+* ``NAME_saliency.png`` (saliency task only): the salient-class probability x 255.
+
+Images are processed at their own resolution (padded at the bottom/right to a multiple of
+``config.eval.pad_multiple``, outputs cropped back). Exit status 0, or 1 with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+
+class InputError(ValueError):
+  """Unusable --inputs / --input-dir."""
+
+
+def _read(path: str) -> np.ndarray:
+  from fusionsam_jax.data.io import read_image
+  return read_image(path)
+
+
+def _as_modality(arr: np.ndarray, modality: str, path: str, grey_policy: str) -> np.ndarray:
+  from fusionsam_jax.data.io import to_grey, to_rgb
+  if modality == "rgb":
+    if arr.shape[-1] == 1:
+      raise InputError(f"{path}: expected an RGB image for modality 'rgb', got 1 channel")
+    return to_rgb(arr, path)
+  return to_grey(arr, path, grey_policy)
+
+
+def _is_mfnet_combined(arr: np.ndarray) -> bool:
+  """A 4-channel PNG whose 4th channel is not an opaque alpha: MFNet's RGB + thermal."""
+  return arr.ndim == 3 and arr.shape[-1] == 4 and not np.all(arr[..., 3] == 255)
+
+
+def samples_from_files(files: list[str], modalities: tuple[str, ...],
+                       grey_policy: str = "strict") -> list[tuple[str, dict]]:
+  """Groups `files` into samples: an MFNet 4-channel PNG (RGB + thermal) is one sample when
+  the run's modalities are within (rgb, thermal); otherwise each sample takes one file per
+  modality, in the config's modality order."""
+  out = []
+  i = 0
+  mods = tuple(modalities)
+  while i < len(files):
+    first = _read(files[i])
+    name = os.path.splitext(os.path.basename(files[i]))[0]
+    if _is_mfnet_combined(first) and set(mods) <= {"rgb", "thermal"}:
+      parts = {"rgb": np.ascontiguousarray(first[..., :3]),
+               "thermal": np.ascontiguousarray(first[..., 3:])}
+      out.append((name, {m: parts[m] for m in mods}))
+      i += 1
+      continue
+    group = files[i:i + len(mods)]
+    if len(group) < len(mods):
+      raise InputError(
+          f"--inputs: {len(files)} files do not group into samples of {len(mods)} "
+          f"({', '.join(mods)}); the last sample starting at {files[i]} is incomplete")
+    el = {}
+    for j, (m, p) in enumerate(zip(mods, group)):
+      el[m] = _as_modality(first if j == 0 else _read(p), m, p, grey_policy)
+    shapes = {m: a.shape[:2] for m, a in el.items()}
+    if len(set(shapes.values())) != 1:
+      raise InputError(f"--inputs {group}: images of one sample differ in size: {shapes}")
+    out.append((name, el))
+    i += len(mods)
+  return out
+
+
+def samples_from_dir(root: str, dataset: str, modalities: tuple[str, ...],
+                     split: str | None = None, grey_policy: str = "strict"
+                     ) -> list[tuple[str, dict]]:
+  """Samples of a folder in the dataset's layout (labels are not needed)."""
+  from fusionsam_jax.data import layouts
+  from fusionsam_jax.data.info import get_info
+  info = get_info(dataset)
+  layout = layouts.get_layout(info.name)
+  root = os.fspath(root)
+  if not os.path.isdir(root):
+    raise InputError(f"--input-dir {root}: not a folder")
+  if info.name == "mfnet":
+    img_dir = os.path.join(root, "images") if os.path.isdir(os.path.join(root, "images")) \
+        else root
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(img_dir)
+                   if f.lower().endswith(".png") and not f.startswith("."))
+    if split:
+      lst = os.path.join(root, f"{split}.txt")
+      if not os.path.isfile(lst):
+        raise InputError(f"{lst}: no split list for --split {split}")
+      names = layouts.read_split_list(lst)
+    if not names:
+      raise InputError(f"{img_dir}: no .png images")
+    return samples_from_files([os.path.join(img_dir, f"{n}.png") for n in names], modalities,
+                              grey_policy)
+  # Folder-per-modality layouts (FMB, VDT-2048).
+  base = root
+  if split:
+    sub = layout.split_dirs.get(split, split)
+    base = os.path.join(root, sub)
+    if not os.path.isdir(base):
+      raise InputError(f"{base}: no folder for --split {split} "
+                       f"(expected one of {sorted(layout.split_dirs.values())})")
+  dirs = {m: os.path.join(base, layout.role_dirs[m]) for m in modalities}
+  for m, d in dirs.items():
+    if not os.path.isdir(d):
+      raise InputError(f"{d}: missing {m} folder (layout of {info.name}: "
+                       f"{', '.join(layout.role_dirs[x] for x in modalities)} under {base})")
+  from fusionsam_jax.data.io import IMAGE_SUFFIXES
+  first = dirs[modalities[0]]
+  stems = sorted(os.path.splitext(f)[0] for f in os.listdir(first)
+                 if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and not f.startswith("."))
+  files = []
+  for s in stems:
+    for m in modalities:
+      cands = [f for f in os.listdir(dirs[m]) if os.path.splitext(f)[0] == s]
+      if not cands:
+        raise InputError(f"{os.path.join(dirs[m], s)}.*: missing {m} image of sample {s}")
+      files.append(os.path.join(dirs[m], cands[0]))
+  return samples_from_files(files, modalities, grey_policy)
+
+
+def _write_png_atomic(path: str, arr: np.ndarray) -> None:
+  from fusionsam_jax.data.io import write_png
+  d = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
+  os.close(fd)
+  try:
+    write_png(tmp, arr)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+class Predictor:
+  """A trained run, ready to segment samples: ``Predictor(workdir)(element) -> outputs``."""
+
+  def __init__(self, workdir: str, checkpoint: str | int = "best", config=None):
+    import jax
+    from fusionsam_jax import experiment, stages
+    from fusionsam_jax.data.info import get_info
+    self.config = config if config is not None else experiment.load_workdir_config(workdir)
+    self.model = experiment.build_model(self.config)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    self.params, self.step, self.which = experiment.restore_params(
+        self.config, workdir, checkpoint, model=self.model, mesh=mesh)
+    self.info = get_info(self.config.dataset)
+    self.modalities = tuple(self.config.model.modalities)
+    self.pad_multiple = int(self.config.eval.pad_multiple)
+    self._predict = jax.jit(stages.predict_fn(self.model))
+
+  def __call__(self, element: dict) -> dict:
+    """element: modality -> uint8 (H, W, C). Returns pred (H, W) int32, fused (H, W, 3)
+    uint8, prob (H, W) float (saliency) -- cropped to the input size."""
+    import jax
+    h, w = element[self.modalities[0]].shape[:2]
+    m = self.pad_multiple
+    th, tw = -(-h // m) * m, -(-w // m) * m
+    batch = {}
+    for k in self.modalities:
+      a = np.asarray(element[k])
+      a = a[..., None] if a.ndim == 2 else a
+      batch[k] = np.pad(a, [(0, th - h), (0, tw - w), (0, 0)])[None]
+    out = jax.device_get(self._predict(self.params, batch))
+    res = {"pred": np.asarray(out["pred"])[0, :h, :w].astype(np.int32),
+           "fused": np.round(np.clip(np.asarray(out["fused"])[0, :h, :w], 0, 1) * 255
+                             ).astype(np.uint8)}
+    if self.config.model.task == "saliency":
+      logits = np.asarray(out["logits"], np.float32)[0, :h, :w]
+      e = np.exp(logits - logits.max(-1, keepdims=True))
+      res["prob"] = (e / e.sum(-1, keepdims=True))[..., 1]
+    return res
+
+  def write(self, name: str, element: dict, out_dir: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    res = self(element)
+    mask = self.info.colorize(res["pred"])
+    base = element["rgb"] if "rgb" in element else res["fused"]
+    overlay = np.round(0.5 * base.astype(np.float32) + 0.5 * mask.astype(np.float32)
+                       ).astype(np.uint8)
+    files = {"fused": res["fused"], "mask": mask, "overlay": overlay,
+             "label": res["pred"].astype(np.uint8)}
+    if "prob" in res:
+      files["saliency"] = np.round(np.clip(res["prob"], 0, 1) * 255).astype(np.uint8)
+    paths = []
+    for suffix, arr in files.items():
+      p = os.path.join(out_dir, f"{name}_{suffix}.png")
+      _write_png_atomic(p, arr)
+      paths.append(p)
+    return paths
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m fusionsam_jax.predict", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="training run folder (config + checkpoints)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--inputs", nargs="+", help="image files, one per modality per sample "
+                   "(config order), or MFNet 4-channel PNGs")
+  src.add_argument("--input-dir", help="a folder in the dataset's layout")
+  p.add_argument("--split", default=None, help="with --input-dir: only this split")
+  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--checkpoint", default="best", help="best | latest | STEP")
+  p.add_argument("--grey-policy", default="strict", choices=("strict", "luma"),
+                 help="thermal/depth images stored in colour: error (strict) or luma")
+  a = p.parse_args(argv)
+  from fusionsam_jax import experiment
+  from fusionsam_jax.cli_common import quiet_logs
+  from fusionsam_jax.data import DatasetError
+  quiet_logs()
+  try:
+    which = experiment.parse_checkpoint_arg(a.checkpoint)
+    config = experiment.load_workdir_config(a.workdir)
+    mods = tuple(config.model.modalities)
+    if a.inputs:
+      samples = samples_from_files(a.inputs, mods, a.grey_policy)
+    else:
+      samples = samples_from_dir(a.input_dir, config.dataset, mods, a.split, a.grey_policy)
+    predictor = Predictor(a.workdir, which, config=config)
+    for name, el in samples:
+      predictor.write(name, el, a.out)
+  except (experiment.SetupError, DatasetError, InputError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {len(samples)} prediction(s) to {a.out} (checkpoint {predictor.which}, "
+        f"step {predictor.step})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

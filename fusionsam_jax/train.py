@@ -1,0 +1,84 @@
+r"""Train FusionSAM: tokenizers -> fusion -> segmentation, each stage resumable.
+
+    python -m fusionsam_jax.train --config configs/mfnet.py --workdir runs/mfnet
+    python -m fusionsam_jax.train --config configs/demo.py --workdir runs/demo
+    python -m fusionsam_jax.train --config configs/mfnet.py:tiny --workdir /tmp/smoke \
+        --config.train.batch_size=8
+
+Re-running the same command resumes: complete stages are skipped, an interrupted stage
+continues from its latest checkpoint (params, optimizer state, step, RNG, data-iterator
+position). Logs: ``WORKDIR/metrics.jsonl`` and TensorBoard (``tensorboard --logdir
+WORKDIR/tensorboard``). When training ends, the best checkpoint (by val mIoU) is evaluated on
+``config.eval.split`` (default test) and the IoU table is printed.
+
+Exit status: 0 done; 1 bad input / setup (missing dataset or SAM weights, ...);
+3 non-finite loss (the message names the step and the loss term; nothing after the last good
+checkpoint is kept); 4 the workdir was made by a different config.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from fusionsam_jax.cli_common import EXIT_CONFIG, EXIT_ERROR, EXIT_NONFINITE, quiet_logs
+
+
+def run(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
+        loss_hook=None) -> int:
+  """Trains; returns the exit status (prints errors). `loss_hook`: see `experiment.train`."""
+  from fusionsam_jax import experiment
+  from fusionsam_jax import training as T
+  from fusionsam_jax.data import DatasetError
+  from fusionsam_jax.sam_checkpoint import CheckpointError
+  try:
+    result = experiment.train(config, workdir, allow_config_change=allow_config_change,
+                              progress=progress, loss_hook=loss_hook)
+  except T.NonFiniteLossError as e:
+    print(f"error: training stopped: {e}. Lower the learning rate or check the data, then "
+          "re-run the same command to resume from that checkpoint.", file=sys.stderr)
+    return EXIT_NONFINITE
+  except T.ConfigMismatchError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_CONFIG
+  except (experiment.SetupError, CheckpointError, DatasetError, FileNotFoundError,
+          ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_ERROR
+  stages = ", ".join(
+      f"{k} " + ("skipped" if v["skipped"] else "%.0f s" % v["seconds"])
+      for k, v in result.stages.items())
+  print(f"done in {result.seconds:.1f} s ({stages})", flush=True)
+  return 0
+
+
+def define_flags() -> dict:
+  """The CLI's flags (defined only when run as a program, so that importing this module
+  next to the other CLIs does not clash on --config)."""
+  return {
+      "config": config_flags.DEFINE_config_file(
+          "config", None, "experiment config file (configs/*.py[:variant,...])"),
+      "workdir": flags.DEFINE_string("workdir", None, "run folder: checkpoints, logs, caches"),
+      "allow_config_change": flags.DEFINE_bool(
+          "allow_config_change", False, "continue in a workdir made with a different config "
+          "(the old config.json is kept as config.<time>.json)"),
+      "progress": flags.DEFINE_bool("progress", True, "tqdm progress bars"),
+  }
+
+
+def main(argv, f) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if f["config"].value is None or not f["workdir"].value:
+    print("error: --config and --workdir are required", file=sys.stderr)
+    return 2
+  quiet_logs()
+  return run(f["config"].value, f["workdir"].value,
+             allow_config_change=f["allow_config_change"].value, progress=f["progress"].value)
+
+
+if __name__ == "__main__":
+  _FLAGS = define_flags()
+  app.run(lambda argv: sys.exit(main(argv, _FLAGS)))

@@ -1,0 +1,45 @@
+"""Run with 8 forced CPU devices: a segmentation-stage step of the tiny demo model on a mesh
+of 1 device vs all 8 (global batch 8). Writes losses / updated params to argv[1] (.npz)."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cli_helpers import tiny_config  # noqa: E402
+
+
+def main(out_path):
+  from fusionsam_jax import data, experiment, stages
+  from fusionsam_jax import training as T
+  cfg = tiny_config("/nonexistent")
+  model = experiment.build_model(cfg)
+  params = experiment.init_params(cfg, model)
+  els = data.generate_elements("mfnet", 16, seed=1, height=96, width=128)
+  mods = tuple(cfg.model.modalities)
+  batches = [{k: np.stack([np.asarray(e[k]) if k != "label" else np.asarray(e[k]).astype(np.int32)
+                           for e in els[i:i + 8]]) for k in mods + ("label",)}
+             for i in (0, 8)]
+  out = {"n_devices": np.asarray(jax.device_count())}
+  with jax.default_matmul_precision("highest"):
+    for n in (1, jax.device_count()):
+      mesh = T.make_mesh(jax.devices()[:n])
+      mask, tx = experiment.stage_optimizer(cfg, "segmentation", params)
+      loss_fn = stages.segmentation_loss_fn(model, cfg.model, cfg.train.stages.segmentation)
+      step = T.make_train_step(loss_fn, tx, mesh, trainable=mask, pass_step=True)
+      state = T.TrainState.create(jax.tree.map(lambda x: x.copy(), params), tx, 0)
+      for s, b in enumerate(batches):
+        state, m = step(state, T.shard_batch(b, mesh))
+        out[f"loss_{s}_{n}"] = np.asarray(m["loss"])
+      name = sorted(stages.trainable("segmentation", cfg.model))[-1]
+      leaves = jax.tree.leaves(state.params[name])
+      out[f"param_{n}"] = np.asarray(leaves[0])
+      out[f"shards_{n}"] = np.asarray(len(T.shard_batch(batches[0], mesh)["label"]
+                                          .addressable_shards))
+  np.savez(out_path, **out)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])

@@ -1,0 +1,166 @@
+"""train -> evaluate -> predict on a tiny generated scene set; resume; error paths.
+
+One real `python -m fusionsam_jax.train` run (configs/demo.py:tiny, a few steps per stage)
+is shared by the module; the other checks call the CLIs' functions in-process or run short
+subprocesses that fail early.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _cli_helpers import DEMO_TINY, run_module, tiny_config, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cli_e2e")
+  data, work = root / "data", root / "run"
+  r = run_module("fusionsam_jax.train", f"--config={DEMO_TINY}", f"--workdir={work}",
+                 *tiny_overrides(data))
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+  return {"root": root, "data": data, "work": work, "stdout": r.stdout, "stderr": r.stderr}
+
+
+def _raw_dir(data):
+  gen = data / "generated"
+  (sig,) = os.listdir(gen)
+  return gen / sig / "raw"
+
+
+def test_train_runs_all_stages_and_evaluates(trained):
+  out, work = trained["stdout"], trained["work"]
+  for stage in ("tokenizer", "fusion", "segmentation"):
+    assert f"stage '{stage}'" in out
+    assert os.path.exists(work / "checkpoints" / stage / "STAGE_DONE.json")
+  assert "randomly initialised" in out                    # the demo says SAM is random
+  assert "Perceptual loss (Eq. 7) is OFF" in out
+  assert "mIoU(%)" in out and "unlabeled" in out           # the IoU table
+  assert (work / "eval_test_best.json").exists()
+  assert (work / "config.json").exists()
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  train_rows = [r for r in rows if r["split"] == "segmentation/train"]
+  assert train_rows and all(k in train_rows[-1] for k in ("loss", "lr", "pairs_per_s",
+                                                          "step_time"))
+  assert any(r["split"] == "segmentation/val" and "val_miou" in r for r in rows)
+  assert os.listdir(work / "tensorboard" / "segmentation")
+  assert [d for d in os.listdir(work / "embedding_cache") if d.startswith("train-")]
+
+
+def test_evaluate_json_matches_predictions(trained, capsys):
+  from fusionsam_jax import evaluate as ev
+  from fusionsam_jax import experiment, predict
+  from fusionsam_jax.metrics.miou import ConfusionMatrix, load_label_png
+  work = trained["work"]
+  cfg = experiment.load_workdir_config(str(work))
+  assert ev.run(None, str(work), "latest", "test") == 0
+  printed = capsys.readouterr().out
+  assert "mIoU(%)" in printed and "checkpoint latest" in printed
+  res = json.load(open(work / "eval_test_latest.json"))
+  assert res["split"] == "test" and res["num_images"] == 4
+
+  raw = _raw_dir(trained["data"])
+  out = trained["root"] / "pred"
+  assert predict.main(["--workdir", str(work), "--checkpoint", "latest", "--input-dir",
+                       str(raw), "--split", "test", "--out", str(out)]) == 0
+  names = [n.strip() for n in open(raw / "test.txt") if n.strip()]
+  cm = ConfusionMatrix(cfg.model.num_classes)
+  for n in names:
+    for suffix in ("fused", "mask", "overlay", "label"):
+      with Image.open(out / f"{n}_{suffix}.png") as im:
+        assert im.size == (128, 96), (n, suffix, im.size)
+    cm.update(load_label_png(out / f"{n}_label.png"), load_label_png(raw / "labels" / f"{n}.png"))
+  assert np.array_equal(cm.matrix, np.asarray(res["confusion_matrix"]))
+  assert cm.miou() == pytest.approx(res["miou"], abs=1e-12)
+
+  # A single MFNet 4-channel PNG is one sample.
+  out2 = trained["root"] / "pred_single"
+  assert predict.main(["--workdir", str(work), "--inputs", str(raw / "images" / f"{names[0]}.png"),
+                       "--out", str(out2)]) == 0
+  with Image.open(out2 / f"{names[0]}_mask.png") as im:
+    assert im.mode == "RGB" and im.size == (128, 96)
+
+
+def test_rerun_skips_completed_stages(trained, capsys):
+  from fusionsam_jax import experiment
+  work = trained["work"]
+  before = open(work / "metrics.jsonl").read()
+  cfg = tiny_config(trained["data"])
+  cfg.eval.after_training = False
+  result = experiment.train(cfg, str(work), progress=False)
+  assert all(v["skipped"] for v in result.stages.values()), result.stages
+  after = open(work / "metrics.jsonl").read()
+  assert after == before   # no training step ran
+  assert "already complete" in capsys.readouterr().out
+
+
+def test_different_config_in_workdir_is_refused(trained, capsys):
+  from fusionsam_jax import train
+  cfg = tiny_config(trained["data"])
+  cfg.train.stages.segmentation.lr = 0.5
+  assert train.run(cfg, str(trained["work"]), progress=False) == 4
+  err = capsys.readouterr().err
+  assert "different config" in err and "train.stages.segmentation.lr" in err
+
+
+def test_evaluate_without_checkpoint_fails(tmp_path):
+  r = run_module("fusionsam_jax.evaluate", f"--config={DEMO_TINY}", f"--workdir={tmp_path}",
+                 f"--config.data_dir={tmp_path / 'data'}", timeout=300)
+  assert r.returncode != 0
+  assert "no segmentation-stage checkpoint" in r.stderr and "fusionsam_jax.train" in r.stderr
+
+
+def test_missing_dataset_and_sam_weights_messages(tmp_path, capsys):
+  from fusionsam_jax import train
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "mfnet_cfg", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                                "mfnet.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("tiny")
+  c.data_dir = str(tmp_path / "nothing")
+  assert train.run(c, str(tmp_path / "w1"), progress=False) == 1
+  err = capsys.readouterr().err
+  assert "not prepared" in err and "python -m fusionsam_jax.data.prepare --dataset mfnet" in err
+
+  c = mod.get_config()
+  c.data_dir = str(tmp_path / "nothing")
+  c.model.sam_checkpoint = str(tmp_path / "ckpt" / "sam_vit_h")
+  from fusionsam_jax import experiment
+  with pytest.raises(experiment.SamWeightsMissingError, match="convert_sam_weights.py"):
+    experiment.check_sam_weights(c)
+
+
+def test_nonfinite_loss_stops_with_step_and_term(tmp_path, capsys):
+  import jax.numpy as jnp
+  from fusionsam_jax import train
+
+  def inject_nan(stage, loss_fn):  # the fusion loss's first term turns NaN at update 2
+    if stage != "fusion":
+      return loss_fn
+
+    def wrapped(params, batch, rng, step):
+      loss, aux = loss_fn(params, batch, rng, step)
+      aux = dict(aux)
+      k = sorted(aux)[0]
+      aux[k] = jnp.where(step + 1 == 2, jnp.nan, aux[k])
+      return jnp.where(step + 1 == 2, jnp.nan, loss), aux
+    return wrapped
+
+  cfg = tiny_config(tmp_path / "data")
+  cfg.train.checkpoint_every = 1
+  cfg.train.log_every = 1
+  work = tmp_path / "nan"
+  assert train.run(cfg, str(work), progress=False, loss_hook=inject_nan) == 3
+  err = capsys.readouterr().err
+  assert "non-finite loss term" in err and "at step 2" in err
+  assert "last good checkpoint is step 1" in err
+  assert "'loss'" not in err.split("(also")[0]   # the component term is named, not the total
+  fusion = work / "checkpoints" / "fusion"
+  assert sorted(int(d) for d in os.listdir(fusion) if d.isdigit()) == [1]
+  assert not (fusion / "STAGE_DONE.json").exists()
+  assert (work / "checkpoints" / "tokenizer" / "STAGE_DONE.json").exists()
