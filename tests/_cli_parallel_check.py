@@ -34,7 +34,10 @@ def main(out_path):
         state, m = step(state, T.shard_batch(b, mesh))
         out[f"loss_{s}_{n}"] = np.asarray(m["loss"])
       name = sorted(stages.trainable("segmentation", cfg.model))[-1]
-      leaves = jax.tree.leaves(state.params[name])
+      sub = state.params
+      for part in name.split("/"):  # trainable names may be sub-paths ("a/b")
+        sub = sub[part]
+      leaves = jax.tree.leaves(sub)
       out[f"param_{n}"] = np.asarray(leaves[0])
       out[f"shards_{n}"] = np.asarray(len(T.shard_batch(batches[0], mesh)["label"]
                                           .addressable_shards))
