@@ -23,11 +23,13 @@ def get_config(arg=None):
   c.data_dir = "runs/demo_data"
   c.generate = config_lib.generate_config(num=200, seed=0, height=96, width=128)
   m = c.model
+  # GroupNorm with one group: with 16 channels, 32 groups would be one channel per group
+  # (instance norm), which removes each image's absolute colour / temperature.
   m.tokenizer = ml_collections.ConfigDict(dict(
-      latent_dim=16, num_codes=128, ch=16, num_res_blocks=1, beta=0.25))
+      latent_dim=8, num_codes=64, ch=16, num_res_blocks=1, beta=0.25, max_groups=1))
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=2, depth_self=1, window_size=8, attention="window", mlp_ratio=2.0))
-  m.fused_decoder = ml_collections.ConfigDict(dict(ch=16, num_res_blocks=1))
+  m.fused_decoder = ml_collections.ConfigDict(dict(ch=16, num_res_blocks=1, max_groups=1))
   m.discriminator = ml_collections.ConfigDict(dict(base_ch=16, n_layers=2))
   m.sam_variant = "tiny"
   # 8-pixel patches: a 32 x 32 embedding grid, so that SAM's tokens match the 24 x 32
@@ -48,10 +50,15 @@ def get_config(arg=None):
   t.image_every = 0
   t.embedding_cache.num_views = 2
   t.embedding_cache.dtype = "float32"
-  steps = {"tokenizer": 100, "fusion": 100, "segmentation": 300}
+  steps = {"tokenizer": 400, "fusion": 150, "segmentation": 600}
   for s, n in steps.items():
     t.stages[s].num_steps = n
     t.stages[s].lr = 2e-3
+  t.stages.tokenizer.lr = 3e-3
+  # The tokenizers and the fusion module are convolutional / windowed: train them on
+  # 48 x 64 crops (4x cheaper steps, more of them in the time budget).
+  t.stages.tokenizer.crop_size = (48, 64)
+  t.stages.fusion.crop_size = (48, 64)
   t.stages.tokenizer.disc_start = 10 ** 9     # no adversarial term in the short demo
   t.stages.tokenizer.disc_weight = 0.0
   c.eval.batch_size = 8

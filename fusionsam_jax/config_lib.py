@@ -49,11 +49,11 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.scale = 4
   m.tokenizer_kind = "lstg"          # "lstg" | "patch" (ablation A)
   m.tokenizer = ml_collections.ConfigDict(dict(
-      latent_dim=64, num_codes=1024, ch=64, num_res_blocks=2, beta=0.25))
+      latent_dim=64, num_codes=1024, ch=64, num_res_blocks=2, beta=0.25, max_groups=32))
   m.fusion = "fmp"                   # "fmp" | "concat" (ablation B)
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=4, depth_self=2, window_size=8, attention="window", mlp_ratio=2.0))
-  m.fused_decoder = ml_collections.ConfigDict(dict(ch=64, num_res_blocks=2))
+  m.fused_decoder = ml_collections.ConfigDict(dict(ch=64, num_res_blocks=2, max_groups=32))
   m.discriminator = ml_collections.ConfigDict(dict(base_ch=64, n_layers=3))  # PatchGAN (Eq. 8)
   m.sam_variant = "vit_h"
   m.sam_checkpoint = config_dict.placeholder(str)
@@ -64,6 +64,14 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.num_points = 8
   m.freeze_fmp_in_segmentation = True
   return m
+
+
+def _stage_overrides(d: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Optional per-stage ``batch_size`` / ``crop_size`` (None: ``train.batch_size`` /
+  ``train.crop_size``)."""
+  d.batch_size = config_dict.placeholder(int)
+  d.crop_size = config_dict.placeholder(tuple)
+  return d
 
 
 def stages_config(steps: Mapping[str, int], *, lr: float = 1e-4,
@@ -78,6 +86,8 @@ def stages_config(steps: Mapping[str, int], *, lr: float = 1e-4,
       weights=ml_collections.ConfigDict(dict(ssim=10.0, intensity=20.0, gradient=20.0))))
   s.segmentation = ml_collections.ConfigDict(dict(
       num_steps=steps["segmentation"], lr=lr, weight_decay=weight_decay, dice_weight=1.0))
+  for name in STAGE_NAMES:
+    _stage_overrides(s[name])
   return s
 
 
@@ -126,10 +136,10 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
 def _tiny(c: ml_collections.ConfigDict) -> None:
   m = c.model
   m.tokenizer = ml_collections.ConfigDict(dict(
-      latent_dim=16, num_codes=128, ch=16, num_res_blocks=1, beta=0.25))
+      latent_dim=8, num_codes=64, ch=16, num_res_blocks=1, beta=0.25, max_groups=1))
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=2, depth_self=1, window_size=8, attention="window", mlp_ratio=2.0))
-  m.fused_decoder = ml_collections.ConfigDict(dict(ch=16, num_res_blocks=1))
+  m.fused_decoder = ml_collections.ConfigDict(dict(ch=16, num_res_blocks=1, max_groups=1))
   m.discriminator = ml_collections.ConfigDict(dict(base_ch=16, n_layers=2))
   m.sam_variant = "tiny"
   m.sam_checkpoint = None

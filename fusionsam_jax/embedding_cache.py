@@ -218,7 +218,8 @@ class Cache:
     from fusionsam_jax.data.pipeline import process_shard_options
     src = self.train_source()
     shard = process_shard_options(drop_remainder=True)
-    per_process = int(config.train.batch_size) // jax.process_count()
+    from fusionsam_jax.experiment import stage_batch_size
+    per_process = stage_batch_size(config, "segmentation") // jax.process_count()
     sampler = grain.IndexSampler(num_records=len(src), shard_options=shard, shuffle=True,
                                  num_epochs=None, seed=int(config.seed) + 3)
     return grain.DataLoader(data_source=src, sampler=sampler,

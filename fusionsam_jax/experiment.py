@@ -151,11 +151,25 @@ def strip_batch(batch: Mapping[str, Any]) -> dict:
   return {k: v for k, v in batch.items() if k != "name"}
 
 
+def stage_batch_size(config, stage: str) -> int:
+  """Global batch of a stage: ``train.stages.<stage>.batch_size`` if set, else
+  ``train.batch_size``."""
+  b = config.train.stages[stage].get("batch_size")
+  return int(b if b else config.train.batch_size)
+
+
+def stage_crop_size(config, stage: str) -> tuple[int, int]:
+  """Training crop of a stage: ``train.stages.<stage>.crop_size`` if set, else
+  ``train.crop_size`` (the tokenizer is fully convolutional and may train on smaller crops)."""
+  c = config.train.stages[stage].get("crop_size")
+  return tuple(int(x) for x in (c if c else config.train.crop_size))
+
+
 def train_iterator(config, spec: DataSpec, stage: str):
   from fusionsam_jax import data
-  per_process = config.train.batch_size // jax.process_count()
+  per_process = stage_batch_size(config, stage) // jax.process_count()
   loader = data.train_loader(
-      spec.source("train"), batch_size=per_process, crop_size=tuple(config.train.crop_size),
+      spec.source("train"), batch_size=per_process, crop_size=stage_crop_size(config, stage),
       scale_range=tuple(config.train.scale_range), flip_prob=float(config.train.flip_prob),
       seed=int(config.seed) + STAGE_SEED_OFFSET[stage], worker_count=int(config.train.worker_count),
       modalities=tuple(config.model.modalities))
@@ -380,8 +394,9 @@ def _image_fn(config, model, mesh, batch):
   local = {k: np.asarray(v)[:2] for k, v in strip_batch(batch).items()}
 
   def fn(state, step):
-    params = state.params.get("generator", state.params) if isinstance(
-        state.params, Mapping) and "generator" in state.params else state.params
+    params = state.params
+    if isinstance(params, Mapping) and "generator" in params:   # the tokenizer stage
+      params = params["generator"]
     out = jax.device_get(predict(params, local))
     tiles = []
     for m in config.model.modalities:
@@ -414,10 +429,11 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
   fp = T.check_workdir_config(workdir, config, ignore=MUTABLE_CONFIG_KEYS,
                               allow_change=allow_config_change)
   mesh = T.make_mesh()
-  T.check_global_batch(int(config.train.batch_size), mesh)
-  T.check_global_batch(int(config.eval.batch_size), mesh)
-  for n in (config.train.batch_size, config.eval.batch_size):
-    if int(n) % jax.process_count():
+  sizes = [stage_batch_size(config, s) for s in config_lib.STAGE_NAMES] + [
+      int(config.eval.batch_size)]
+  for n in sizes:
+    T.check_global_batch(n, mesh)
+    if n % jax.process_count():
       raise ValueError(f"batch size {n} is not divisible by the {jax.process_count()} processes")
 
   spec = ensure_data(config, progress=progress)
@@ -465,13 +481,19 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
 
       if stage == "tokenizer":
         from fusionsam_jax.models import fusionsam
-        hw = tuple(config.train.crop_size)
-        disc = run_once(lambda r: fusionsam.init_discriminators(m, r, hw),
-                        jax.random.fold_in(rng, 7))
+        hw = stage_crop_size(config, stage)
         d_tx = T.make_optimizer(float(sc.lr), float(sc.weight_decay))
         g_loss, d_loss = S.tokenizer_losses(model, m, sc, perceptual=None if done
                                             else perceptual_loss(config))
-        state = T.init_gan_state({"generator": params, "discriminator": disc}, tx, d_tx, rng)
+
+        def gan_state(disc, params=params, d_tx=d_tx, tx=tx, rng=rng):
+          return T.init_gan_state({"generator": params, "discriminator": disc}, tx, d_tx, rng)
+        if done:  # only a template for restoring the final checkpoint
+          state = jax.eval_shape(lambda: gan_state(
+              fusionsam.init_discriminators(m, jax.random.PRNGKey(0), hw)))
+        else:
+          state = gan_state(run_once(lambda r: fusionsam.init_discriminators(m, r, hw),
+                                     jax.random.fold_in(rng, 7)))
         step_fn = T.make_gan_train_step(g_loss, d_loss, tx, d_tx, mesh)
         it = None if done else train_iterator(config, spec, stage)
         res = T.run_stage(state=state, train_step=step_fn, data_iter=it or iter(()),
