@@ -50,7 +50,7 @@ def get_config(arg=None):
   t.image_every = 0
   t.embedding_cache.num_views = 2
   t.embedding_cache.dtype = "float32"
-  steps = {"tokenizer": 400, "fusion": 150, "segmentation": 600}
+  steps = {"tokenizer": 300, "fusion": 500, "segmentation": 600}
   for s, n in steps.items():
     t.stages[s].num_steps = n
     t.stages[s].lr = 2e-3

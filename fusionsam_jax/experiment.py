@@ -32,7 +32,8 @@ PyTree = Any
 #: evaluation settings): the workdir config guard ignores them.
 MUTABLE_CONFIG_KEYS = (
     *(f"train.stages.{s}.num_steps" for s in config_lib.STAGE_NAMES),
-    "train.log_every", "train.image_every", "train.worker_count", "eval", "data_dir",
+    "train.log_every", "train.image_every", "train.worker_count", "train.checkpoint_every",
+    "train.eval_every", "train.keep_latest", "train.best_k", "eval", "data_dir",
 )
 STAGE_SEED_OFFSET = {"tokenizer": 1, "fusion": 2, "segmentation": 3}
 
@@ -410,6 +411,21 @@ def _image_fn(config, model, mesh, batch):
   return fn
 
 
+def _n_params(params, mask=None) -> int:
+  leaves = jax.tree.leaves(params)
+  keep = jax.tree.leaves(mask) if mask is not None else [True] * len(leaves)
+  return sum(int(np.prod(x.shape)) for x, k in zip(leaves, keep) if k)
+
+
+def _is_abstract(tree) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def _new_state(make: Callable, params):
+  """`make(params)`, or its shapes when `params` are only shapes (a template to restore)."""
+  return jax.eval_shape(make, params) if _is_abstract(params) else make(params)
+
+
 def train(config, workdir: str, *, allow_config_change: bool = False,
           progress: bool = True, loss_hook: Callable | None = None) -> TrainResult:
   """Runs every stage (each resumable, skipped when complete), then evaluates on the test
@@ -443,8 +459,16 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
         " the official SAM weights cannot be downloaded here, so the frozen image encoder "
         "gives random features. Results say nothing about FusionSAM with real SAM weights.")
   model = build_model(config)
-  params = init_params(config, model)
-  say(f"Model: {T.count_params(params) / 1e6:.2f} M parameters; modalities "
+  first = next((st for st in S.STAGES if S.trainable(st, m)
+                and int(config.train.stages[st].num_steps) > 0), None)
+  if first is not None and os.path.exists(os.path.join(
+      workdir, "checkpoints", first, "STAGE_DONE.json")):
+    # Resuming after the first stage: every param comes from checkpoints, so the initial
+    # values (and the SAM weights) are not needed, only their shapes.
+    params = abstract_params(config, model)
+  else:
+    params = init_params(config, model)
+  say(f"Model: {_n_params(params) / 1e6:.2f} M parameters; modalities "
       f"{tuple(m.modalities)}; SAM {m.sam_variant} ({m.encoder_dtype}, {m.attn_impl}); "
       f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}")
 
@@ -468,8 +492,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
       mask, tx = stage_optimizer(config, stage, params)
       if not done:
         say(f"== stage '{stage}': {n_steps} steps, lr {sc.lr}, trains "
-            f"{T.count_params(params, mask) / 1e6:.3f} M of "
-            f"{T.count_params(params) / 1e6:.2f} M params ({', '.join(S.trainable(stage, m))})")
+            f"{_n_params(params, mask) / 1e6:.3f} M of "
+            f"{_n_params(params) / 1e6:.2f} M params ({', '.join(S.trainable(stage, m))})")
       rng = jax.random.PRNGKey(int(config.seed) * 1000 + STAGE_SEED_OFFSET[stage])
       common = dict(name=stage, num_steps=n_steps, mesh=mesh, checkpointer=ckpt,
                     workdir=workdir, log_every=int(config.train.log_every),
@@ -486,14 +510,14 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
         g_loss, d_loss = S.tokenizer_losses(model, m, sc, perceptual=None if done
                                             else perceptual_loss(config))
 
-        def gan_state(disc, params=params, d_tx=d_tx, tx=tx, rng=rng):
-          return T.init_gan_state({"generator": params, "discriminator": disc}, tx, d_tx, rng)
+        def gan_state(p, disc, d_tx=d_tx, tx=tx, rng=rng):
+          return T.init_gan_state({"generator": p, "discriminator": disc}, tx, d_tx, rng)
         if done:  # only a template for restoring the final checkpoint
-          state = jax.eval_shape(lambda: gan_state(
-              fusionsam.init_discriminators(m, jax.random.PRNGKey(0), hw)))
+          state = jax.eval_shape(lambda p: gan_state(
+              p, fusionsam.init_discriminators(m, jax.random.PRNGKey(0), hw)), params)
         else:
-          state = gan_state(run_once(lambda r: fusionsam.init_discriminators(m, r, hw),
-                                     jax.random.fold_in(rng, 7)))
+          state = gan_state(params, run_once(
+              lambda r: fusionsam.init_discriminators(m, r, hw), jax.random.fold_in(rng, 7)))
         step_fn = T.make_gan_train_step(g_loss, d_loss, tx, d_tx, mesh)
         it = None if done else train_iterator(config, spec, stage)
         res = T.run_stage(state=state, train_step=step_fn, data_iter=it or iter(()),
@@ -501,7 +525,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
         params = res.state.params["generator"]
       elif stage == "fusion":
         loss_fn = hook(stage, S.fusion_loss_fn(model, m, sc))
-        state = T.TrainState.create(params, tx, rng)
+        state = _new_state(lambda p: T.TrainState.create(p, tx, rng), params)
         step_fn = T.make_train_step(loss_fn, tx, mesh, trainable=mask, pass_step=True)
         it = None if done else train_iterator(config, spec, stage)
         res = T.run_stage(state=state, train_step=step_fn, data_iter=it or iter(()),
@@ -528,7 +552,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
           cm = r["cm"]
           return {"val_miou": cm.miou(), "val_pixel_acc": cm.pixel_accuracy()}
 
-        state = T.TrainState.create(params, tx, rng)
+        state = _new_state(lambda p: T.TrainState.create(p, tx, rng), params)
         step_fn = T.make_train_step(loss_fn, tx, mesh, trainable=mask, pass_step=True)
         res = T.run_stage(state=state, train_step=step_fn, data_iter=it or iter(()),
                           eval_fn=eval_fn, eval_every=int(config.train.eval_every),

@@ -76,12 +76,28 @@ def test_evaluate_json_matches_predictions(trained, capsys):
   assert np.array_equal(cm.matrix, np.asarray(res["confusion_matrix"]))
   assert cm.miou() == pytest.approx(res["miou"], abs=1e-12)
 
-  # A single MFNet 4-channel PNG is one sample.
-  out2 = trained["root"] / "pred_single"
-  assert predict.main(["--workdir", str(work), "--inputs", str(raw / "images" / f"{names[0]}.png"),
-                       "--out", str(out2)]) == 0
-  with Image.open(out2 / f"{names[0]}_mask.png") as im:
-    assert im.mode == "RGB" and im.size == (128, 96)
+
+
+def test_predict_input_grouping(trained, tmp_path):
+  from fusionsam_jax import predict
+  from fusionsam_jax.data.io import read_image, write_png
+  raw = _raw_dir(trained["data"])
+  name = sorted(os.listdir(raw / "images"))[0]
+  combined = read_image(raw / "images" / name)
+  # An MFNet 4-channel PNG is one sample ...
+  (s,) = predict.samples_from_files([str(raw / "images" / name)], ("rgb", "thermal"))
+  assert s[0] == name[:-4] and s[1]["rgb"].shape == (96, 128, 3)
+  np.testing.assert_array_equal(s[1]["thermal"][..., 0], combined[..., 3])
+  # ... separate files group by modality, in the config's order.
+  write_png(tmp_path / "a_rgb.png", combined[..., :3])
+  write_png(tmp_path / "a_t.png", combined[..., 3])
+  files = [str(tmp_path / "a_rgb.png"), str(tmp_path / "a_t.png")] * 2
+  out = predict.samples_from_files(files, ("rgb", "thermal"))
+  assert len(out) == 2 and out[0][1]["thermal"].shape == (96, 128, 1)
+  with pytest.raises(predict.InputError, match="incomplete"):
+    predict.samples_from_files(files[:3], ("rgb", "thermal"))
+  assert predict.main(["--workdir", str(trained["work"]), "--inputs", files[0],
+                       "--out", str(tmp_path / "o")]) == 1   # missing thermal -> exit 1
 
 
 def test_rerun_skips_completed_stages(trained, capsys):
@@ -135,7 +151,8 @@ def test_missing_dataset_and_sam_weights_messages(tmp_path, capsys):
     experiment.check_sam_weights(c)
 
 
-def test_nonfinite_loss_stops_with_step_and_term(tmp_path, capsys):
+def test_nonfinite_loss_stops_with_step_and_term(trained, tmp_path, capsys):
+  import shutil
   import jax.numpy as jnp
   from fusionsam_jax import train
 
@@ -151,16 +168,21 @@ def test_nonfinite_loss_stops_with_step_and_term(tmp_path, capsys):
       return jnp.where(step + 1 == 2, jnp.nan, loss), aux
     return wrapped
 
-  cfg = tiny_config(tmp_path / "data")
+  # Start from the trained run's tokenizer stage (copied), so only the fusion stage runs.
+  work = tmp_path / "nan"
+  (work / "checkpoints").mkdir(parents=True)
+  shutil.copy(trained["work"] / "config.json", work / "config.json")
+  shutil.copytree(trained["work"] / "checkpoints" / "tokenizer", work / "checkpoints" / "tokenizer")
+  cfg = tiny_config(trained["data"])
   cfg.train.checkpoint_every = 1
   cfg.train.log_every = 1
-  work = tmp_path / "nan"
   assert train.run(cfg, str(work), progress=False, loss_hook=inject_nan) == 3
-  err = capsys.readouterr().err
+  captured = capsys.readouterr()
+  err = captured.err
   assert "non-finite loss term" in err and "at step 2" in err
   assert "last good checkpoint is step 1" in err
   assert "'loss'" not in err.split("(also")[0]   # the component term is named, not the total
+  assert "stage 'tokenizer' already complete" in captured.out
   fusion = work / "checkpoints" / "fusion"
   assert sorted(int(d) for d in os.listdir(fusion) if d.isdigit()) == [1]
   assert not (fusion / "STAGE_DONE.json").exists()
-  assert (work / "checkpoints" / "tokenizer" / "STAGE_DONE.json").exists()
