@@ -4,7 +4,8 @@ When ``model.freeze_fmp_in_segmentation`` is True, nothing upstream of the froze
 encoder trains in the segmentation stage (tokenizers, fusion module, fused-image decoder and
 the encoder itself are frozen), so the embedding of an input never changes during the stage.
 The encoder is by far the most expensive part of a step (ViT-H: ~6 TFLOP per image), so we
-compute every embedding once (`stages.embed_fn`) and reuse it.
+compute every embedding once (`stages.cache_fn`, which also returns the fusion latents that
+the prompts are made from) and reuse it.
 
 **Augmentation.** Random augmentation draws a new view of an image at every step, and an
 embedding can only be cached for a view that is known in advance. With the cache on, the
@@ -32,8 +33,9 @@ the caches of other keys for that split are then deleted.
 
 **Storage.** ``WORKDIR/embedding_cache/<split>-<key>/``: ``meta.json``; for ``train``:
 ``<modality>.npy`` (uint8, N x H x W x C), ``label.npy`` (uint8), ``embeddings.npy``
-(N x e x e x C, ``dtype``), read through memory maps; for ``val``: one ``batch_XXXXX.npz``
-per eval batch. A cache is written into a temporary folder that is renamed into place when
+(N x e x e x C, ``dtype``) and ``fusion.npy`` (the fusion latents, N x H/4 x W/4 x d_c,
+``dtype``: with both cached, a training step runs only the prompts and the mask decoder),
+read through memory maps; for ``val``: one ``batch_XXXXX.npz`` per eval batch (embeddings). A cache is written into a temporary folder that is renamed into place when
 complete, so an interrupted build leaves nothing that looks valid (temporary folders are
 removed on the next build).
 """
@@ -58,7 +60,7 @@ from fusionsam_jax import training as T
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fusionsam_jax.embedding_cache/1"
+FORMAT = "fusionsam_jax.embedding_cache/2"  # 2: the train cache also stores fusion latents
 CACHE_DIR = "embedding_cache"
 MODEL_KEYS = ("modalities", "scale", "tokenizer_kind", "tokenizer", "fusion", "fmp",
               "fused_decoder", "sam_variant", "sam_overrides", "encoder_dtype", "attn_impl")
@@ -179,7 +181,7 @@ class TrainCacheSource:
 
   def _open(self):
     if self._arrays is None:
-      keys = list(self.modalities) + ["label", "embeddings"]
+      keys = list(self.modalities) + ["label", "embeddings", "fusion"]
       self._arrays = {k: np.load(os.path.join(self.directory, f"{k}.npy"), mmap_mode="r")
                       for k in keys}
     return self._arrays
@@ -192,6 +194,7 @@ class TrainCacheSource:
     out = {k: np.array(a[k][i]) for k in self.modalities}
     out["label"] = np.array(a["label"][i]).astype(np.int32)
     out["image_embeddings"] = np.array(a["embeddings"][i])
+    out["fusion"] = np.array(a["fusion"][i])
     return out
 
   def __getstate__(self):
@@ -237,10 +240,13 @@ class Cache:
 
 
 def with_embeddings(loss_fn: Callable) -> Callable:
-  """Wraps a segmentation loss so that cached (possibly float16) embeddings enter as f32."""
+  """Wraps a segmentation loss so that cached (possibly float16) embeddings and fusion
+  latents enter as float32."""
   def wrapped(params, batch, rng, step):
-    if "image_embeddings" in batch:
-      batch = dict(batch, image_embeddings=batch["image_embeddings"].astype(jnp.float32))
+    cached = {k: batch[k].astype(jnp.float32) for k in ("image_embeddings", "fusion")
+              if k in batch}
+    if cached:
+      batch = dict(batch, **cached)
     return loss_fn(params, batch, rng, step)
   return wrapped
 
@@ -266,8 +272,8 @@ def _tmp_dir(root: str, split: str) -> str:
 
 def _embed_jit(model, mesh):
   from fusionsam_jax import stages
-  fn = stages.embed_fn(model)
-  return jax.jit(lambda p, b: fn(p, b).astype(jnp.float32),
+  fn = stages.cache_fn(model)
+  return jax.jit(lambda p, b: jax.tree.map(lambda x: x.astype(jnp.float32), fn(p, b)),
                  in_shardings=(T.replicated(mesh), T.data_sharding(mesh)),
                  out_shardings=T.replicated(mesh))
 
@@ -296,20 +302,22 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
     pad = bs - len(chunk)
     if pad:
       batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
-    emb = np.asarray(jax.device_get(embed(params, T.shard_batch(
-        {k: batch[k] for k in mods}, mesh))))[:len(chunk)]
+    out = jax.device_get(embed(params, T.shard_batch({k: batch[k] for k in mods}, mesh)))
+    emb = np.asarray(out["image_embeddings"])[:len(chunk)]
+    fusion = np.asarray(out["fusion"])[:len(chunk)]
     if arrays is None:
       arrays = {}
       for k in mods + ("label",):
         arrays[k] = np.lib.format.open_memmap(os.path.join(directory, f"{k}.npy"), "w+",
                                               np.uint8, (n,) + batch[k].shape[1:])
-      arrays["embeddings"] = np.lib.format.open_memmap(
-          os.path.join(directory, "embeddings.npy"), "w+", np.dtype(str(c.dtype)),
-          (n,) + emb.shape[1:])
+      for k, v in (("embeddings", emb), ("fusion", fusion)):
+        arrays[k] = np.lib.format.open_memmap(os.path.join(directory, f"{k}.npy"), "w+",
+                                              np.dtype(str(c.dtype)), (n,) + v.shape[1:])
     sl = slice(start, start + len(chunk))
     for k in mods + ("label",):
       arrays[k][sl] = batch[k][:len(chunk)]
     arrays["embeddings"][sl] = emb.astype(arrays["embeddings"].dtype)
+    arrays["fusion"][sl] = fusion.astype(arrays["fusion"].dtype)
     if pbar is not None:
       pbar.update(len(chunk))
   if pbar is not None:
@@ -329,7 +337,7 @@ def build_val_cache(directory: str, config, params, val_source, embed, mesh, des
     b = strip_batch(batch)
     mods = tuple(config.model.modalities)
     emb = np.asarray(jax.device_get(embed(params, T.shard_batch({k: b[k] for k in mods},
-                                                                  mesh))))
+                                                                  mesh))["image_embeddings"]))
     b["image_embeddings"] = emb.astype(np.dtype(str(config.train.embedding_cache.dtype)))
     np.savez(os.path.join(directory, f"batch_{i:05d}.npz"), **b)
     i += 1

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionsam_jax import config_lib
+from fusionsam_jax.jit_utils import run_once
 from fusionsam_jax import training as T
 
 log = logging.getLogger(__name__)
@@ -242,26 +243,17 @@ def build_model(config):
   return fusionsam.build_model(config.model, sam_config=sam_config(config))
 
 
-def run_once(fn: Callable, *args):
-  """``jax.jit(fn)(*args)`` for functions that run once (param init). On CPU the XLA
-  backend's optimisation passes cost more than they save for a single run (FusionSAM's init
-  compiles in ~16 s instead of ~35 s on 2 cores), so they are turned down there."""
-  jitted = jax.jit(fn)
-  if jax.devices()[0].platform == "cpu":
-    return jitted.lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
-  return jitted(*args)
-
-
 def init_params(config, model, *, load_sam: bool = True) -> PyTree:
   """Random init of the whole tree, then the converted SAM weights (when configured)."""
   from fusionsam_jax.models import fusionsam
   rng = jax.random.PRNGKey(int(config.seed))
   hw = tuple(config.train.crop_size)
-  params = run_once(lambda r: fusionsam.init_params(model, r, hw), rng)
-  if load_sam:
-    path = check_sam_weights(config)
-    if path is not None:
-      params = fusionsam.load_sam_weights(params, path, config.model)
+  path = check_sam_weights(config) if load_sam else None
+  # With SAM weights to load, the encoder's random values would be thrown away: shapes only.
+  params = fusionsam.init_params(model, rng, hw,
+                                 image_encoder="random" if path is None else "abstract")
+  if path is not None:
+    params = fusionsam.load_sam_weights(params, path, config.model)
   return params
 
 

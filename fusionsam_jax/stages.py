@@ -164,18 +164,24 @@ def _fuse_for_segmentation(model, model_cfg, params, images):
 
 def segmentation_loss_fn(model: FusionSAM, model_cfg, stage_cfg):
   """Stage 3: CE + Dice on the semantic logits. Uses `batch["image_embeddings"]` when the
-  embedding cache provides it."""
+  embedding cache provides it, and skips the fusion path too when the cache also provides
+  the fusion latents `batch["fusion"]` (B, h, w, d_c) (see `cache_fn`)."""
   mods = tuple(model_cfg.get("modalities"))
   dice_w = float(stage_cfg.get("dice_weight", 1.0))
 
   def loss_fn(params, batch, rng, step=None):
-    images = inputs_from_batch(batch, mods)
-    fz = _fuse_for_segmentation(model, model_cfg, params, images)
-    emb = batch.get("image_embeddings") if hasattr(batch, "get") else None
-    if emb is None:
-      emb = model.apply({"params": params}, fz["fused"], method=FusionSAM.image_embeddings)
-    hw = images[mods[0]].shape[1:3]
-    out = model.apply({"params": params}, fz["fusion"], emb, hw, method=FusionSAM.segment)
+    get = batch.get if hasattr(batch, "get") else (lambda k: None)
+    emb, fusion = get("image_embeddings"), get("fusion")
+    if fusion is not None and emb is not None:
+      # Both cached (frozen fusion path): no tokenizer, FMP or encoder work in the step.
+      fusion = jax.lax.stop_gradient(fusion)
+    else:
+      fz = _fuse_for_segmentation(model, model_cfg, params, inputs_from_batch(batch, mods))
+      fusion = fz["fusion"]
+      if emb is None:
+        emb = model.apply({"params": params}, fz["fused"], method=FusionSAM.image_embeddings)
+    hw = batch["label"].shape[1:3]
+    out = model.apply({"params": params}, fusion, emb, hw, method=FusionSAM.segment)
     total, terms = losses.segmentation_loss(out["logits"], batch["label"], dice_weight=dice_w)
     return total, {k: v for k, v in terms.items() if k != "num_valid"}
 
@@ -193,6 +199,22 @@ def embed_fn(model: FusionSAM):
     latents = _latents(model, params, images)
     fused = model.apply({"params": params}, latents, method=FusionSAM.fuse)["fused"]
     return model.apply({"params": params}, fused, method=FusionSAM.image_embeddings)
+
+  return fn
+
+
+def cache_fn(model: FusionSAM):
+  """fn(params, batch) -> dict(image_embeddings (B, e, e, C), fusion (B, h, w, d_c)): what
+  the segmentation stage's cache stores for a view (both fixed while the fusion path is
+  frozen). Depends on the same params as `embed_fn`."""
+  mods = model.modalities
+
+  def fn(params, batch):
+    images = inputs_from_batch(batch, mods)
+    latents = _latents(model, params, images)
+    fz = model.apply({"params": params}, latents, method=FusionSAM.fuse)
+    emb = model.apply({"params": params}, fz["fused"], method=FusionSAM.image_embeddings)
+    return dict(image_embeddings=emb, fusion=fz["fusion"])
 
   return fn
 

@@ -46,6 +46,19 @@ def test_cache_hit_miss_rebuild(setup, tmp_path):
   el = src[4]
   want = jax.jit(stages.embed_fn(model))(params, {m: el[m][None] for m in cfg.model.modalities})
   np.testing.assert_allclose(el["image_embeddings"], np.asarray(want)[0], rtol=1e-5, atol=1e-5)
+  got = jax.jit(stages.cache_fn(model))(params, {m: el[m][None] for m in cfg.model.modalities})
+  np.testing.assert_allclose(el["fusion"], np.asarray(got["fusion"])[0], rtol=1e-5, atol=1e-5)
+  # The segmentation loss on the cached (embeddings, fusion) equals the loss computed from
+  # the view's images.
+  loss_fn = stages.segmentation_loss_fn(model, cfg.model, cfg.train.stages.segmentation)
+  views = [src[i] for i in range(4)]
+  full = {k: np.stack([v[k] for v in views]) for k in tuple(cfg.model.modalities) + ("label",)}
+  cached = dict(full, **{k: np.stack([v[k] for v in views]) for k in ("image_embeddings",
+                                                                       "fusion")})
+  with jax.default_matmul_precision("highest"):
+    l_full = jax.jit(lambda p, b: loss_fn(p, b, None)[0])(params, full)
+    l_cached = jax.jit(lambda p, b: loss_fn(p, b, None)[0])(params, cached)
+  np.testing.assert_allclose(float(l_cached), float(l_full), rtol=1e-5)
   assert el["label"].dtype == np.int32 and el["rgb"].shape == (96, 128, 3)
   batches = list(c1.val_batches())
   assert batches and "image_embeddings" in batches[0] and "valid" in batches[0]

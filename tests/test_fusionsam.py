@@ -142,6 +142,79 @@ def test_load_sam_weights(built, tmp_path):
     load_sam_weights(abstract, str(tmp_path / "sam"), cfg)
 
 
+@pytest.mark.parametrize("low,frame,content,out", [(16, 64, (48, 64), (96, 128)),
+                                                  (64, 256, (192, 256), (480, 640)),
+                                                  (16, 64, (64, 40), (50, 31))])
+def test_postprocess_masks_equals_sam_resize_chain(low, frame, content, out):
+  """The composed per-axis matrices give SAM's resize -> crop -> resize."""
+  from fusionsam_jax.models.fusionsam import postprocess_masks
+  m = jax.random.normal(jax.random.PRNGKey(0), (2, 3, low, low))
+  want = jax.image.resize(m, (2, 3, frame, frame), "linear", antialias=False)
+  want = want[:, :, :content[0], :content[1]]
+  want = jax.image.resize(want, (2, 3) + out, "linear", antialias=False).transpose(0, 2, 3, 1)
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(lambda x: postprocess_masks(x, frame, content, out))(m)
+  assert got.shape == (2,) + out + (3,)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_init_matches_flax_init():
+  """init_params draws the SAM encoder leaf by leaf (no encoder forward is compiled): same
+  tree, shapes and dtypes as Flax's whole-model init, and the same initializer per leaf
+  (zeros / ones exactly; kernels with lecun_normal's standard deviation)."""
+  cfg = tiny_cfg()
+  model = build_model(cfg)
+  ours = init_params(model, jax.random.PRNGKey(0), (32, 48))
+  flax_init = jax.jit(lambda r: model.init(r, dummy_images(model, (32, 48)),
+                                           method=FusionSAM.init_all)["params"])(
+      jax.random.PRNGKey(0))
+  assert jax.tree.structure(ours) == jax.tree.structure(flax_init)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), ours) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), flax_init)
+  # Everything outside the encoder is Flax's own init, value for value (up to float
+  # rounding: init is compiled with the optimisation passes turned down).
+  for k in flax_init:
+    if k != "image_encoder":
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                   ours[k], flax_init[k])
+  checked = 0
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours["image_encoder"])[0],
+                          jax.tree.leaves(flax_init["image_encoder"])):
+    a, b = np.asarray(a), np.asarray(b)
+    where = jax.tree_util.keystr(path)
+    if not b.any():
+      assert not a.any(), where
+    elif np.all(b == 1):
+      assert np.all(a == 1), where
+    else:
+      assert path[-1].key == "kernel", where
+      fan_in = int(np.prod(b.shape[:-1]))
+      assert abs(a.std() - fan_in ** -0.5) < 0.15 * fan_in ** -0.5, where
+      assert abs(b.std() - fan_in ** -0.5) < 0.15 * fan_in ** -0.5, where
+      assert not np.array_equal(a, b)
+      checked += 1
+  assert checked >= 10
+  # "abstract" leaves the encoder as shapes for load_sam_weights to fill.
+  abstract = init_params(model, jax.random.PRNGKey(0), (32, 48), image_encoder="abstract")
+  assert all(isinstance(x, jax.ShapeDtypeStruct)
+             for x in jax.tree.leaves(abstract["image_encoder"]))
+  jax.tree.map(np.testing.assert_array_equal, abstract["mask_decoder"], ours["mask_decoder"])
+  with pytest.raises(ValueError, match="image_encoder must be"):
+    init_params(model, jax.random.PRNGKey(0), (32, 48), image_encoder="zeros")
+
+
+def test_load_sam_weights_into_abstract_encoder(built, tmp_path):
+  from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
+  from fusionsam_jax.sam_checkpoint import save_sam_checkpoint
+  cfg, model, params = built
+  sam_params = Sam(SAM_PRESETS["tiny"]).init_params(jax.random.PRNGKey(7))
+  save_sam_checkpoint(str(tmp_path / "sam"), SAM_PRESETS["tiny"], sam_params)
+  abstract = init_params(model, jax.random.PRNGKey(0), (32, 48), image_encoder="abstract")
+  a = load_sam_weights(abstract, str(tmp_path / "sam"), cfg)
+  b = load_sam_weights(params, str(tmp_path / "sam"), cfg)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
 @pytest.mark.parametrize("over", [dict(tokenizer_kind="patch"), dict(fusion="concat"),
                                   dict(modalities=("rgb",)), dict(modalities=("thermal",))])
 def test_ablations_and_single_modality_take_a_step(over):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionsam_jax.jit_utils import run_once
 from fusionsam_jax.models.discriminator import PatchGANDiscriminator
 from fusionsam_jax.models.fmp import ConcatFusion, FusionMaskPrompting
 from fusionsam_jax.models.fused_decoder import FusedImageDecoder, PatchEmbedTokenizer
@@ -151,12 +152,10 @@ class FusionSAM(nn.Module):
     _, dense = self.prompt_encoder(None, None, dense_in)
     masks, class_logits = self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(),
                                             tokens, dense, fusion.mean(axis=(1, 2)))
-    # As SAM's postprocess: to the padded frame, crop the content, resize to (H, W).
-    b, k = masks.shape[:2]
-    low = jax.image.resize(masks, (b, k, s, s), "linear", antialias=False)
-    low = low[:, :, :content[0], :content[1]]
-    up = jax.image.resize(low, (b, k) + tuple(out_hw), "linear", antialias=False)
-    logits = up.transpose(0, 2, 3, 1) + class_logits[:, None, None, :]
+    # As SAM's postprocess (to the padded frame, crop the content, resize to (H, W)), as one
+    # linear map per axis.
+    up = postprocess_masks(masks, s, content, tuple(out_hw))  # (B, H, W, K)
+    logits = up + class_logits[:, None, None, :]
     return dict(logits=logits, low_res=masks, class_logits=class_logits, points=coords,
                 saliency=saliency)
 
@@ -172,12 +171,44 @@ class FusionSAM(nn.Module):
     out.update(fused=fz["fused"], fusion=fz["fusion"], image_embeddings=image_embeddings)
     return out
 
-  def init_all(self, images):
-    """Touches every submodule (init helper): tokenizers with reconstruction, full forward."""
+  def init_all(self, images, with_image_encoder: bool = True):
+    """Touches every submodule (init helper): tokenizers with reconstruction, full forward.
+    With `with_image_encoder=False` the SAM encoder is skipped (zero embeddings stand in),
+    so its params are not created; see `init_params`."""
     if self.tokenizer_kind == "lstg":
       for m in self.modalities:
         self.tokenizer(images[m], m)
-    return self(images)
+    if with_image_encoder:
+      return self(images)
+    e, b = self.sam.image_embedding_size, images[self.modalities[0]].shape[0]
+    emb = jnp.zeros((b, e, e, self.sam.prompt_embed_dim), jnp.float32)
+    return self(images, emb)
+
+
+def postprocess_matrix(n_low: int, frame: int, content: int, out: int) -> np.ndarray:
+  """(out, n_low) float32 matrix of SAM's postprocess along one axis: bilinear resize
+  n_low -> frame, keep the first `content` rows, bilinear resize content -> out (both
+  `jax.image.resize(..., "linear", antialias=False)`, as `Sam.postprocess_masks`)."""
+  with jax.ensure_compile_time_eval():
+    eye = jnp.eye(n_low, dtype=jnp.float32)  # column j: the j-th unit low-res row
+    x = jax.image.resize(eye, (frame, n_low), "linear", antialias=False)[:content]
+    x = jax.image.resize(x, (out, n_low), "linear", antialias=False)
+    return np.asarray(x)
+
+
+def postprocess_masks(masks, frame: int, content: Tuple[int, int], out_hw: Tuple[int, int]):
+  """(B, K, n, n) low-res mask logits -> (B, H, W, K) at the input size.
+
+  Equals resize to (frame, frame), crop to `content`, resize to `out_hw` (SAM's
+  postprocess), computed as ``M_h @ m @ M_w^T`` with the composed per-axis matrices: ~10x
+  fewer FLOPs than materialising the (B, K, 1024, 1024) frame, forward and backward.
+  """
+  n_h, n_w = masks.shape[2:]
+  m_h = postprocess_matrix(n_h, frame, content[0], out_hw[0])  # (H, n)
+  m_w = postprocess_matrix(n_w, frame, content[1], out_hw[1])  # (W, n)
+  hi = jax.lax.Precision.HIGHEST
+  x = jnp.einsum("hi,bkij->bkhj", m_h, masks, precision=hi)
+  return jnp.einsum("bkhj,wj->bhwk", x, m_w, precision=hi)
 
 
 def sam_config_from(model_cfg) -> SamConfig:
@@ -206,10 +237,70 @@ def dummy_images(model: FusionSAM, image_hw: Tuple[int, int], batch: int = 1):
           for m in model.modalities}
 
 
-def init_params(model: FusionSAM, rng, image_hw: Tuple[int, int]):
-  """Random params for every part (SAM parts too: load real ones with load_sam_weights)."""
-  return jax.jit(lambda r: model.init(r, dummy_images(model, image_hw),
-                                      method=FusionSAM.init_all)["params"])(rng)
+def image_encoder_of(model: FusionSAM) -> nn.Module:
+  """A stand-alone copy of the model's SAM image encoder (same sizes, dtype, attention)."""
+  return make_image_encoder(model.sam, jnp.dtype(model.encoder_dtype), model.attn_impl)
+
+
+def abstract_image_encoder_params(model: FusionSAM):
+  """Shapes and dtypes (`jax.ShapeDtypeStruct`) of the image encoder's params: traced only."""
+  s = model.sam.img_size
+  enc = image_encoder_of(model)
+  return jax.eval_shape(lambda: enc.init(jax.random.PRNGKey(0),
+                                         jnp.zeros((1, s, s, 3), jnp.float32))["params"])
+
+
+#: Flax's initializer for each SAM image-encoder leaf name (nn.Dense / nn.Conv kernels:
+#: lecun_normal; biases, pos_embed, rel_pos_*: zeros; LayerNorm scales: ones).
+_ENCODER_LEAF_INIT = {
+    "kernel": nn.initializers.lecun_normal(), "bias": nn.initializers.zeros,
+    "scale": nn.initializers.ones, "pos_embed": nn.initializers.zeros,
+    "rel_pos_h": nn.initializers.zeros, "rel_pos_w": nn.initializers.zeros,
+}
+
+
+def random_image_encoder_params(model: FusionSAM, rng):
+  """The image encoder's params drawn leaf by leaf from Flax's initializers.
+
+  Same tree, shapes, dtypes and distributions as ``encoder.init`` (not the same values),
+  without tracing or compiling the encoder's forward at 1024 x 1024: for ViT-H that compile
+  is what made the old whole-model init take minutes on a GPU.
+  """
+  shapes = abstract_image_encoder_params(model)
+  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  inits = []
+  for path, leaf in flat:
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name not in _ENCODER_LEAF_INIT:
+      where = "/".join(str(getattr(k, "key", k)) for k in path)
+      raise ValueError(f"image_encoder/{where}: no initializer known for a leaf named "
+                       f"{name!r}; add it to _ENCODER_LEAF_INIT")
+    inits.append(_ENCODER_LEAF_INIT[name])
+  treedef = jax.tree.structure(shapes)
+
+  def fill(r):
+    keys = jax.random.split(r, len(flat))
+    return jax.tree.unflatten(treedef, [f(k, x.shape, x.dtype) for f, k, (_, x)
+                                        in zip(inits, keys, flat)])
+  return run_once(fill, rng)
+
+
+def init_params(model: FusionSAM, rng, image_hw: Tuple[int, int], *,
+                image_encoder: str = "random"):
+  """Random params for every part (SAM parts too: load real ones with load_sam_weights).
+
+  image_encoder: "random" (Flax's initializers, `random_image_encoder_params`) or
+  "abstract" (`jax.ShapeDtypeStruct` leaves, for `load_sam_weights` to fill: real runs load
+  SAM's encoder, so drawing random values for its 632 M ViT-H params is wasted work).
+  """
+  if image_encoder not in ("random", "abstract"):
+    raise ValueError(f"image_encoder must be 'random' or 'abstract', got {image_encoder!r}")
+  rest = run_once(lambda r: model.init(r, dummy_images(model, image_hw), False,
+                                       method=FusionSAM.init_all)["params"], rng)
+  rest = dict(rest)
+  rest["image_encoder"] = (random_image_encoder_params(model, jax.random.fold_in(rng, 1))
+                           if image_encoder == "random" else abstract_image_encoder_params(model))
+  return rest
 
 
 def make_discriminator(model_cfg) -> PatchGANDiscriminator:
