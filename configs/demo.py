@@ -25,8 +25,12 @@ def get_config(arg=None):
   m = c.model
   # GroupNorm with one group: with 16 channels, 32 groups would be one channel per group
   # (instance norm), which removes each image's absolute colour / temperature.
+  # l2-normalised (cosine) codebook: with plain Euclidean codes most of a 64-code book went
+  # unused in the short demo (perplexity ~14 of 64) and val mIoU was 0.30 after 300
+  # segmentation steps; with this setting 0.42 (docs/demo.md).
   m.tokenizer = ml_collections.ConfigDict(dict(
-      latent_dim=8, num_codes=64, ch=16, num_res_blocks=1, beta=0.25, max_groups=1))
+      latent_dim=16, num_codes=256, ch=16, num_res_blocks=1, beta=0.25, max_groups=1,
+      l2_normalize=True))
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=2, depth_self=1, window_size=8, attention="window", mlp_ratio=2.0))
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=16, num_res_blocks=1, max_groups=1))
