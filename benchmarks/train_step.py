@@ -114,7 +114,7 @@ def run_case(case: str, args) -> dict:
       def fuse(p, x):
         images = stages.inputs_from_batch(x, c.model.modalities)
         latents = model.apply({"params": p}, images, method=fusionsam.FusionSAM.tokenize)
-        return model.apply({"params": p}, latents, method=fusionsam.FusionSAM.fuse)
+        return model.apply({"params": p}, latents, images, method=fusionsam.FusionSAM.fuse)
       fn = jax.jit(fuse)
       gb = T.shard_batch({k: batch[k] for k in c.model.modalities}, mesh)
     else:

@@ -21,7 +21,7 @@ def fused_image_uint8(model: FusionSAM, params, batch) -> np.ndarray:
   """The fusion stage's fused image (B, H, W, 3) as uint8, for SAM or for saving."""
   images = stages.inputs_from_batch(batch, model.modalities)
   latents = model.apply({"params": params}, images, method=FusionSAM.tokenize)
-  fused = model.apply({"params": params}, latents, method=FusionSAM.fuse)["fused"]
+  fused = model.apply({"params": params}, latents, images, method=FusionSAM.fuse)["fused"]
   return np.asarray(jax.device_get(fused * 255.0 + 0.5)).clip(0, 255).astype(np.uint8)
 
 

@@ -54,6 +54,10 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=4, depth_self=2, window_size=8, attention="window", mlp_ratio=2.0))
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=64, num_res_blocks=2, max_groups=32))
+  # The fusion loss fixes only the fused image's luma; its colour comes from the RGB input, as
+  # the official code combines its fused channel with the visible image's a/b ("decoder":
+  # the decoder's own, unconstrained chroma).
+  m.fused_color = "visible_chroma"
   m.discriminator = ml_collections.ConfigDict(dict(base_ch=64, n_layers=3))  # PatchGAN (Eq. 8)
   m.sam_variant = "vit_h"
   m.sam_checkpoint = config_dict.placeholder(str)

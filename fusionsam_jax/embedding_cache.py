@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 FORMAT = "fusionsam_jax.embedding_cache/2"  # 2: the train cache also stores fusion latents
 CACHE_DIR = "embedding_cache"
 MODEL_KEYS = ("modalities", "scale", "tokenizer_kind", "tokenizer", "fusion", "fmp",
-              "fused_decoder", "sam_variant", "sam_overrides", "encoder_dtype", "attn_impl")
+              "fused_decoder", "fused_color", "sam_variant", "sam_overrides", "encoder_dtype",
+              "attn_impl")
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def fusion_loss_fn(model: FusionSAM, model_cfg, stage_cfg):
   def loss_fn(params, batch, rng, step=None):
     images = inputs_from_batch(batch, mods)
     latents = jax.lax.stop_gradient(_latents(model, params, images))
-    out = model.apply({"params": params}, latents, method=FusionSAM.fuse)
+    out = model.apply({"params": params}, latents, images, method=FusionSAM.fuse)
     total, terms = losses.fusion_loss(out["fused"], [images[m] for m in mods], weights)
     return total, {k: v for k, v in terms.items()}
 
@@ -156,7 +156,7 @@ def fusion_loss_fn(model: FusionSAM, model_cfg, stage_cfg):
 
 def _fuse_for_segmentation(model, model_cfg, params, images):
   latents = jax.lax.stop_gradient(_latents(model, params, images))
-  out = model.apply({"params": params}, latents, method=FusionSAM.fuse)
+  out = model.apply({"params": params}, latents, images, method=FusionSAM.fuse)
   if model_cfg.get("freeze_fmp_in_segmentation", True):
     out = jax.lax.stop_gradient(out)
   return out
@@ -197,7 +197,7 @@ def embed_fn(model: FusionSAM):
   def fn(params, batch):
     images = inputs_from_batch(batch, mods)
     latents = _latents(model, params, images)
-    fused = model.apply({"params": params}, latents, method=FusionSAM.fuse)["fused"]
+    fused = model.apply({"params": params}, latents, images, method=FusionSAM.fuse)["fused"]
     return model.apply({"params": params}, fused, method=FusionSAM.image_embeddings)
 
   return fn
@@ -212,7 +212,7 @@ def cache_fn(model: FusionSAM):
   def fn(params, batch):
     images = inputs_from_batch(batch, mods)
     latents = _latents(model, params, images)
-    fz = model.apply({"params": params}, latents, method=FusionSAM.fuse)
+    fz = model.apply({"params": params}, latents, images, method=FusionSAM.fuse)
     emb = model.apply({"params": params}, fz["fused"], method=FusionSAM.image_embeddings)
     return dict(image_embeddings=emb, fusion=fz["fusion"])
 

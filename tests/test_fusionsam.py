@@ -158,6 +158,40 @@ def test_postprocess_masks_equals_sam_resize_chain(low, frame, content, out):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def test_fused_image_takes_visible_chroma():
+  """fused_color='visible_chroma': the fused image has the decoder's luma (so the fusion loss
+  is unchanged) and the RGB input's BT.601 chroma; 'decoder' returns the decoder output."""
+  from fusionsam_jax.losses import rgb_to_y
+  cfg = tiny_cfg()
+  images = {k: jnp.asarray(v[..., :], jnp.float32) / 255.0
+            for k, v in _batch(cfg).items() if k != "label"}
+  out = {}
+  for color in ("decoder", "visible_chroma"):
+    model = build_model(tiny_cfg(fused_color=color))
+    params = init_params(model, jax.random.PRNGKey(0), (32, 48), image_encoder="abstract")
+    params = {k: v for k, v in params.items() if k != "image_encoder"}
+    lat = model.apply({"params": params}, images, method=FusionSAM.tokenize)
+    if color == "visible_chroma":
+      with pytest.raises(ValueError, match="needs the input images"):
+        model.apply({"params": params}, lat, method=FusionSAM.fuse)
+    out[color] = np.asarray(model.apply({"params": params}, lat, images,
+                                        method=FusionSAM.fuse)["fused"], np.float64)
+  dec, vis, rgb = out["decoder"], out["visible_chroma"], np.asarray(images["rgb"], np.float64)
+  y = lambda x: np.asarray(rgb_to_y(jnp.asarray(x)), np.float64)  # noqa: E731
+  np.testing.assert_allclose(y(vis), y(dec), atol=1e-5)
+  # Cb ~ B - Y and Cr ~ R - Y (scaled) of the fused image equal those of the RGB input.
+  for ch in (0, 2):
+    np.testing.assert_allclose(vis[..., ch:ch + 1] - y(vis), rgb[..., ch:ch + 1] - y(rgb),
+                               atol=1e-5)
+  assert not np.allclose(vis, dec, atol=1e-3)
+  # One modality without RGB: nothing to take the colour from, the decoder's output is used.
+  th = tiny_cfg(modalities=("thermal",), fused_color="visible_chroma")
+  m_th = build_model(th)
+  p_th = init_params(m_th, jax.random.PRNGKey(0), (32, 48), image_encoder="abstract")
+  lat = m_th.apply({"params": p_th}, {"thermal": images["thermal"]}, method=FusionSAM.tokenize)
+  assert m_th.apply({"params": p_th}, lat, method=FusionSAM.fuse)["fused"].shape == (2, 32, 48, 3)
+
+
 def test_fast_init_matches_flax_init():
   """init_params draws the SAM encoder leaf by leaf (no encoder forward is compiled): same
   tree, shapes and dtypes as Flax's whole-model init, and the same initializer per leaf

@@ -56,6 +56,7 @@ class FusionSAM(nn.Module):
   encoder_dtype: str = "float32"
   attn_impl: str = "xla"
   num_points: int = 8
+  fused_color: str = "decoder"  # "decoder" | "visible_chroma" (see `fuse`)
   train_sam_encoder: bool = False
 
   def setup(self):
@@ -104,14 +105,32 @@ class FusionSAM(nn.Module):
     return out
 
   # --- stage 2: fusion -----------------------------------------------------------------
-  def fuse(self, latents: Mapping[str, Any]):
-    """{m: (B, h, w, d_c)} -> dict(fusion (B, h, w, d_c), fused (B, H, W, 3) in [0, 1])."""
+  def fuse(self, latents: Mapping[str, Any], images: Optional[Mapping[str, Any]] = None):
+    """{m: (B, h, w, d_c)} -> dict(fusion (B, h, w, d_c), fused (B, H, W, 3) ~[0, 1]).
+
+    The fusion loss constrains only the fused image's luma. With ``fused_color=
+    "visible_chroma"`` (and an RGB modality) the fused image keeps the decoder's luma and
+    takes its chroma from the RGB input, as the official code combines its fused channel
+    with the visible image's colour: ``fused = rgb + (Y(decoded) - Y(rgb))``, which leaves
+    BT.601 Cb/Cr of `rgb` unchanged and sets the luma to the decoder's (unclipped, so the
+    fusion loss sees exactly the decoder's luma). Needs `images`. With "decoder" (or no
+    RGB input) the decoder's own RGB output is used.
+    """
     zs = [latents[m] for m in self.modalities]
     if hasattr(self, "fmp") and len(zs) >= 2:
       fusion = self.fmp(zs)["fusion"]
     else:
       fusion = self.concat_fusion(zs)["fusion"]
-    return dict(fusion=fusion, fused=self.fused_decoder(fusion))
+    fused = self.fused_decoder(fusion)                                     # (B, H, W, 3)
+    if self.fused_color not in ("decoder", "visible_chroma"):
+      raise ValueError(f"fused_color must be 'decoder' or 'visible_chroma', got "
+                       f"{self.fused_color!r}")
+    if self.fused_color == "visible_chroma" and "rgb" in self.modalities:
+      if images is None:
+        raise ValueError("fused_color='visible_chroma' needs the input images in fuse()")
+      rgb = images["rgb"].astype(fused.dtype)
+      fused = rgb + (_luma(fused) - _luma(rgb))
+    return dict(fusion=fusion, fused=fused)
 
   # --- SAM image path ------------------------------------------------------------------
   def sam_input(self, fused):
@@ -163,7 +182,7 @@ class FusionSAM(nn.Module):
     """Full forward. images: {m: (B, H, W, C_m)} in [0, 1]. Pass cached `image_embeddings`
     to skip the SAM encoder."""
     latents = self.tokenize(images)
-    fz = self.fuse(latents)
+    fz = self.fuse(latents, images)
     if image_embeddings is None:
       image_embeddings = self.image_embeddings(fz["fused"])
     hw = images[self.modalities[0]].shape[1:3]
@@ -183,6 +202,10 @@ class FusionSAM(nn.Module):
     e, b = self.sam.image_embedding_size, images[self.modalities[0]].shape[0]
     emb = jnp.zeros((b, e, e, self.sam.prompt_embed_dim), jnp.float32)
     return self(images, emb)
+
+
+def _luma(x):  # (..., 3) -> (..., 1), BT.601 (as losses.rgb_to_y)
+  return jnp.sum(x * jnp.asarray([0.299, 0.587, 0.114], x.dtype), axis=-1, keepdims=True)
 
 
 def postprocess_matrix(n_low: int, frame: int, content: int, out: int) -> np.ndarray:
@@ -229,7 +252,7 @@ def build_model(model_cfg, sam_config: Optional[SamConfig] = None) -> FusionSAM:
       fmp_kwargs=_frozen(g("fmp", {}) or {}),
       fused_decoder_kwargs=_frozen(g("fused_decoder", {}) or {}),
       encoder_dtype=g("encoder_dtype", "float32"), attn_impl=g("attn_impl", "xla"),
-      num_points=int(g("num_points", 8)))
+      num_points=int(g("num_points", 8)), fused_color=g("fused_color", "decoder"))
 
 
 def dummy_images(model: FusionSAM, image_hw: Tuple[int, int], batch: int = 1):
