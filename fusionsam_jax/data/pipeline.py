@@ -247,14 +247,18 @@ class _PaddedSource(Sequence):
     def __getitem__(self, index):
         if index < self._n:
             return dict(self._source[index], _real=True)
-        if self._dummy is None:
+        dummy = self._dummy
+        if dummy is None:
+            # Built completely before it is published: grain reads from several threads, and
+            # a half-built placeholder (no label yet) was seen by another thread.
             first = self._source[0]
-            self._dummy = {k: np.zeros_like(np.asarray(v)) for k, v in first.items()
-                           if k in MODALITY_KEYS}
-            self._dummy["label"] = np.full_like(np.asarray(first["label"]), IGNORE_INDEX)
-            self._dummy["name"] = ""
-            self._dummy["_real"] = False
-        return dict(self._dummy)
+            dummy = {k: np.zeros_like(np.asarray(v)) for k, v in first.items()
+                     if k in MODALITY_KEYS}
+            dummy["label"] = np.full_like(np.asarray(first["label"]), IGNORE_INDEX)
+            dummy["name"] = ""
+            dummy["_real"] = False
+            self._dummy = dummy
+        return dict(dummy)
 
 
 def _round_up(x: int, m: int) -> int:
