@@ -35,7 +35,8 @@ the caches of other keys for that split are then deleted.
 ``<modality>.npy`` (uint8, N x H x W x C), ``label.npy`` (uint8), ``embeddings.npy``
 (N x e x e x C, ``dtype``) and ``fusion.npy`` (the fusion latents, N x H/4 x W/4 x d_c,
 ``dtype``: with both cached, a training step runs only the prompts and the mask decoder),
-read through memory maps; for ``val``: one ``batch_XXXXX.npz`` per eval batch (embeddings). A cache is written into a temporary folder that is renamed into place when
+read through memory maps; for ``val``: one ``batch_XXXXX.npz`` per eval batch (embeddings).
+A cache is written into a temporary folder that is renamed into place when
 complete, so an interrupted build leaves nothing that looks valid (temporary folders are
 removed on the next build).
 """

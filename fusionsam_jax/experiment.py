@@ -403,12 +403,6 @@ def _image_fn(config, model, mesh, batch):
   return fn
 
 
-def _n_params(params, mask=None) -> int:
-  leaves = jax.tree.leaves(params)
-  keep = jax.tree.leaves(mask) if mask is not None else [True] * len(leaves)
-  return sum(int(np.prod(x.shape)) for x, k in zip(leaves, keep) if k)
-
-
 def _is_abstract(tree) -> bool:
   return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
@@ -460,7 +454,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
     params = abstract_params(config, model)
   else:
     params = init_params(config, model)
-  say(f"Model: {_n_params(params) / 1e6:.2f} M parameters; modalities "
+  say(f"Model: {T.count_params(params) / 1e6:.2f} M parameters; modalities "
       f"{tuple(m.modalities)}; SAM {m.sam_variant} ({m.encoder_dtype}, {m.attn_impl}); "
       f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}")
 
@@ -484,8 +478,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
       mask, tx = stage_optimizer(config, stage, params)
       if not done:
         say(f"== stage '{stage}': {n_steps} steps, lr {sc.lr}, trains "
-            f"{_n_params(params, mask) / 1e6:.3f} M of "
-            f"{_n_params(params) / 1e6:.2f} M params ({', '.join(S.trainable(stage, m))})")
+            f"{T.count_params(params, mask) / 1e6:.3f} M of "
+            f"{T.count_params(params) / 1e6:.2f} M params ({', '.join(S.trainable(stage, m))})")
       rng = jax.random.PRNGKey(int(config.seed) * 1000 + STAGE_SEED_OFFSET[stage])
       common = dict(name=stage, num_steps=n_steps, mesh=mesh, checkpointer=ckpt,
                     workdir=workdir, log_every=int(config.train.log_every),

@@ -192,13 +192,10 @@ def embed_fn(model: FusionSAM):
   """fn(params, batch) -> SAM image embeddings of the fused image (what the cache stores).
 
   Depends only on the tokenizer, fusion, fused_decoder and image_encoder params."""
-  mods = model.modalities
+  cached = cache_fn(model)
 
   def fn(params, batch):
-    images = inputs_from_batch(batch, mods)
-    latents = _latents(model, params, images)
-    fused = model.apply({"params": params}, latents, images, method=FusionSAM.fuse)["fused"]
-    return model.apply({"params": params}, fused, method=FusionSAM.image_embeddings)
+    return cached(params, batch)["image_embeddings"]
 
   return fn
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionsam_jax.jit_utils import run_once
+from fusionsam_jax.losses import rgb_to_y
 from fusionsam_jax.models.discriminator import PatchGANDiscriminator
 from fusionsam_jax.models.fmp import ConcatFusion, FusionMaskPrompting
 from fusionsam_jax.models.fused_decoder import FusedImageDecoder, PatchEmbedTokenizer
@@ -79,6 +80,9 @@ class FusionSAM(nn.Module):
       self.concat_fusion = ConcatFusion()
     else:
       raise ValueError(f"fusion must be 'fmp' or 'concat', got {self.fusion!r}")
+    if self.fused_color not in ("decoder", "visible_chroma"):
+      raise ValueError(f"fused_color must be 'decoder' or 'visible_chroma', got "
+                       f"{self.fused_color!r}")
     self.fused_decoder = FusedImageDecoder(out_channels=3, scale=self.scale,
                                            **dict(self.fused_decoder_kwargs))
     self.image_encoder = make_image_encoder(self.sam, jnp.dtype(self.encoder_dtype),
@@ -122,14 +126,11 @@ class FusionSAM(nn.Module):
     else:
       fusion = self.concat_fusion(zs)["fusion"]
     fused = self.fused_decoder(fusion)                                     # (B, H, W, 3)
-    if self.fused_color not in ("decoder", "visible_chroma"):
-      raise ValueError(f"fused_color must be 'decoder' or 'visible_chroma', got "
-                       f"{self.fused_color!r}")
     if self.fused_color == "visible_chroma" and "rgb" in self.modalities:
       if images is None:
         raise ValueError("fused_color='visible_chroma' needs the input images in fuse()")
       rgb = images["rgb"].astype(fused.dtype)
-      fused = rgb + (_luma(fused) - _luma(rgb))
+      fused = rgb + (rgb_to_y(fused) - rgb_to_y(rgb))
     return dict(fusion=fusion, fused=fused)
 
   # --- SAM image path ------------------------------------------------------------------
@@ -202,10 +203,6 @@ class FusionSAM(nn.Module):
     e, b = self.sam.image_embedding_size, images[self.modalities[0]].shape[0]
     emb = jnp.zeros((b, e, e, self.sam.prompt_embed_dim), jnp.float32)
     return self(images, emb)
-
-
-def _luma(x):  # (..., 3) -> (..., 1), BT.601 (as losses.rgb_to_y)
-  return jnp.sum(x * jnp.asarray([0.299, 0.587, 0.114], x.dtype), axis=-1, keepdims=True)
 
 
 def postprocess_matrix(n_low: int, frame: int, content: int, out: int) -> np.ndarray:

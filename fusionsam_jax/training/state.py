@@ -8,11 +8,13 @@ leaves (frozen leaves get `optax.set_to_zero` and an empty `optax.MaskedNode` st
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Sequence, Union
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -90,11 +92,11 @@ def trainable_mask(params: PyTree, trainable: TrainableSpec) -> PyTree:
 
 
 def count_params(params: PyTree, mask: PyTree | None = None) -> int:
-  """Number of scalars in `params` (only where `mask` is True, if given)."""
-  if mask is None:
-    return sum(int(jnp.size(x)) for x in jax.tree.leaves(params))
-  return sum(int(jnp.size(x)) for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
-             if m)
+  """Number of scalars in `params` (only where `mask` is True, if given). Leaves may be
+  arrays or `jax.ShapeDtypeStruct`s."""
+  leaves = jax.tree.leaves(params)
+  keep = jax.tree.leaves(mask) if mask is not None else [True] * len(leaves)
+  return sum(math.prod(np.shape(x)) for x, m in zip(leaves, keep) if m)
 
 
 def make_optimizer(
