@@ -17,11 +17,17 @@ Cases (each in its own subprocess, so that peak GPU memory is per case):
   SAM encoder, forward) per image;
 * ``encoder``: the SAM image encoder's forward alone on the batch (SAM-normalised 1024 x 1024
   input): the reference for the "segmentation step <= 1.3 x encoder forward" target;
-* ``fuse``: the frozen fusion path's forward alone (tokenizers + FMP + fused decoder), the
-  part of the uncached segmentation step that is neither encoder nor decoder.
+* ``fuse``: the frozen fusion path's forward alone (`stages.frozen_fusion`: tokenizers + FMP +
+  fused decoder in ``--fusion-dtype``), the part of the uncached segmentation step that is
+  neither encoder nor decoder.
 
 Params are random (`fusionsam.init_params`: the encoder is drawn leaf by leaf, so no
 1024 x 1024 forward is compiled just to initialise).
+
+Timing: ``ms_per_step`` is the median over 3 runs of ``--steps`` steps dispatched back to
+back (one wait at the end, as the training loop, which fetches metrics only at log steps);
+``latency_ms`` the median of single steps each waited for (adds the host's dispatch time
+to the device's).
 
 Defaults: MFNet size 480 x 640, batch 4, SAM vit_h with random weights, bf16 encoder with cuDNN
 attention (XLA attention off-GPU), the mfnet config's model otherwise. Reports ms/step
@@ -63,6 +69,7 @@ def make_config(args):
   m.sam_checkpoint = None
   m.allow_random_sam = True
   m.encoder_dtype = args.encoder_dtype
+  m.fusion_dtype = args.fusion_dtype
   m.attn_impl = args.attn_impl if on_gpu else "xla"
   c.train.batch_size = args.batch
   c.train.crop_size = (args.height, args.width)
@@ -112,9 +119,7 @@ def run_case(case: str, args) -> dict:
       gb = T.shard_batch({k: batch[k] for k in c.model.modalities}, mesh)
     elif case == "fuse":
       def fuse(p, x):
-        images = stages.inputs_from_batch(x, c.model.modalities)
-        latents = model.apply({"params": p}, images, method=fusionsam.FusionSAM.tokenize)
-        return model.apply({"params": p}, latents, images, method=fusionsam.FusionSAM.fuse)
+        return stages.frozen_fusion(model, p, stages.inputs_from_batch(x, c.model.modalities))
       fn = jax.jit(fuse)
       gb = T.shard_batch({k: batch[k] for k in c.model.modalities}, mesh)
     else:
@@ -146,7 +151,7 @@ def run_case(case: str, args) -> dict:
                                                           c.model.modalities})
         for k, v in cached.items():  # image_embeddings, fusion
           batch[k] = np.repeat(np.asarray(v, np.float32), b, 0)
-      state = T.TrainState.create(params, tx, rng)
+      state = jax.device_put(T.TrainState.create(params, tx, rng), T.replicated(mesh))
       fn = T.make_train_step(loss, tx, mesh, trainable=mask, pass_step=True)
     gb = T.shard_batch(batch, mesh)
 
@@ -160,15 +165,28 @@ def run_case(case: str, args) -> dict:
   for _ in range(args.warmup):
     state, out = step(state)
   jax.block_until_ready(out)
-  times = []
+  times = []  # latency: each step waited for on its own
   for _ in range(args.steps):
     t0 = time.perf_counter()
     state, out = step(state)
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t0)
-  ms = float(np.median(times) * 1e3)
+  runs = []  # throughput: steps dispatched back to back, as the training loop runs them
+  for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      state, out = step(state)
+    jax.block_until_ready(out)
+    runs.append((time.perf_counter() - t0) / args.steps)
+  ms = float(np.median(runs) * 1e3)
+  if args.profile_dir:  # a few more steps under the profiler (perfetto trace, for summaries)
+    with jax.profiler.trace(os.path.join(args.profile_dir, case), create_perfetto_trace=True):
+      for _ in range(3):
+        state, out = step(state)
+      jax.block_until_ready(out)
   res = {"case": case, "batch": b, "height": h, "width": w, "ms_per_step": ms,
-         "min_ms_per_step": float(np.min(times) * 1e3), "pairs_per_s": b / (ms / 1e3),
+         "latency_ms": float(np.median(times) * 1e3),
+         "min_latency_ms": float(np.min(times) * 1e3), "pairs_per_s": b / (ms / 1e3),
          "first_call_s": compile_s, "init_s": init_s, "steps_timed": args.steps,
          "peak_bytes_in_use": peak_bytes(),
          "params_m": T.count_params(params) / 1e6}
@@ -190,11 +208,16 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=10, help="timed steps per case")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--encoder-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  p.add_argument("--fusion-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                 help="compute dtype of the frozen fusion path (model.fusion_dtype)")
   p.add_argument("--attn-impl", default="cudnn", choices=("cudnn", "xla"))
   p.add_argument("--cases", default=",".join(CASES))
   p.add_argument("--case-timeout", type=int, default=240, help="seconds per case")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                "train_step.json"))
+  p.add_argument("--profile-dir", default=None,
+                 help="also trace 3 steps per case with jax.profiler (perfetto trace) into "
+                      "DIR/<case>; summarise with benchmarks/trace_summary.py")
   p.add_argument("--in-process", action="store_true",
                  help="run the cases in this process (peak memory then accumulates)")
   p.add_argument("--_case", default=None, help=argparse.SUPPRESS)
@@ -229,8 +252,9 @@ def main(argv=None):
       tmp = f"{args.out}.{case}.part.json"
       cmd = [sys.executable, os.path.abspath(__file__), "--_case", case, "--_result", tmp]
       for k in ("sam_variant", "height", "width", "batch", "steps", "warmup",
-                "encoder_dtype", "attn_impl"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+                "encoder_dtype", "fusion_dtype", "attn_impl", "profile_dir"):
+        if getattr(args, k) is not None:
+          cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
       try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
         if r.returncode == 0 and os.path.exists(tmp):
@@ -250,6 +274,7 @@ def main(argv=None):
     else:
       mem = f"{res['peak_gib']:.1f} GiB" if res.get("peak_gib") else "n/a"
       print(f"    {res['ms_per_step']:8.1f} ms/step  {res['pairs_per_s']:7.2f} pairs/s  "
+            f"latency {res['latency_ms']:.1f} ms  "
             f"compile {res['first_call_s']:.1f} s  peak {mem}", flush=True)
     save()
   seg, cached = results["cases"].get("segmentation", {}), results["cases"].get(

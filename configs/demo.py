@@ -44,6 +44,7 @@ def get_config(arg=None):
   m.sam_checkpoint = None
   m.allow_random_sam = True
   m.encoder_dtype = "float32"
+  m.fusion_dtype = "float32"
   m.attn_impl = "xla"
   m.num_points = 4
   t = c.train

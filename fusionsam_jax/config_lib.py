@@ -64,6 +64,10 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.sam_checkpoint = "ckpt/sam_vit_h"
   m.allow_random_sam = False
   m.encoder_dtype = "bfloat16"
+  # The frozen fusion path (tokenizers, FMP, fused decoder) in the segmentation stage, the
+  # embedding cache and evaluation: bf16 like the encoder it feeds (the fusion stage itself
+  # trains in float32). "float32" for the exact path.
+  m.fusion_dtype = "bfloat16"
   m.attn_impl = "cudnn"
   m.num_points = 8
   m.freeze_fmp_in_segmentation = True
@@ -149,6 +153,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   m.sam_checkpoint = None
   m.allow_random_sam = True
   m.encoder_dtype = "float32"
+  m.fusion_dtype = "float32"
   m.attn_impl = "xla"
   m.num_points = 4
   t = c.train

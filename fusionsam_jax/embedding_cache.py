@@ -65,7 +65,7 @@ FORMAT = "fusionsam_jax.embedding_cache/2"  # 2: the train cache also stores fus
 CACHE_DIR = "embedding_cache"
 MODEL_KEYS = ("modalities", "scale", "tokenizer_kind", "tokenizer", "fusion", "fmp",
               "fused_decoder", "fused_color", "sam_variant", "sam_overrides", "encoder_dtype",
-              "attn_impl")
+              "fusion_dtype", "attn_impl")
 
 
 # --------------------------------------------------------------------------------------------

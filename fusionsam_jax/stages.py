@@ -154,12 +154,33 @@ def fusion_loss_fn(model: FusionSAM, model_cfg, stage_cfg):
   return loss_fn
 
 
-def _fuse_for_segmentation(model, model_cfg, params, images):
-  latents = jax.lax.stop_gradient(_latents(model, params, images))
+_FUSION_PATH = ("tokenizer_", "patch_embed_", "fmp", "concat_fusion", "fused_decoder")
+
+
+def frozen_fusion(model: FusionSAM, params, images):
+  """Tokenizers -> fusion -> fused decoder, forward only, computed in `model.fusion_dtype`.
+
+  The path the segmentation stage, the embedding cache and evaluation run with the fusion
+  modules frozen. With ``fusion_dtype="bfloat16"`` the path's params and input images are
+  cast to bf16 (convolutions, attention and matmuls then run in bf16; GroupNorm / LayerNorm
+  statistics and the codebook search stay float32); outputs come back as float32
+  ``dict(fusion (B, h, w, d_c), fused (B, H, W, 3))``, under stop-gradient.
+  """
+  dtype = jnp.dtype(model.fusion_dtype)
+  if dtype != jnp.float32:
+    params = {k: (jax.tree.map(lambda x: x.astype(dtype), v) if k.startswith(_FUSION_PATH)
+                  else v) for k, v in params.items()}
+    images = {m: x.astype(dtype) for m, x in images.items()}
+  latents = _latents(model, params, images)
   out = model.apply({"params": params}, latents, images, method=FusionSAM.fuse)
+  return jax.lax.stop_gradient({k: v.astype(jnp.float32) for k, v in out.items()})
+
+
+def _fuse_for_segmentation(model, model_cfg, params, images):
   if model_cfg.get("freeze_fmp_in_segmentation", True):
-    out = jax.lax.stop_gradient(out)
-  return out
+    return frozen_fusion(model, params, images)
+  latents = jax.lax.stop_gradient(_latents(model, params, images))
+  return model.apply({"params": params}, latents, images, method=FusionSAM.fuse)
 
 
 def segmentation_loss_fn(model: FusionSAM, model_cfg, stage_cfg):
@@ -207,9 +228,7 @@ def cache_fn(model: FusionSAM):
   mods = model.modalities
 
   def fn(params, batch):
-    images = inputs_from_batch(batch, mods)
-    latents = _latents(model, params, images)
-    fz = model.apply({"params": params}, latents, images, method=FusionSAM.fuse)
+    fz = frozen_fusion(model, params, inputs_from_batch(batch, mods))
     emb = model.apply({"params": params}, fz["fused"], method=FusionSAM.image_embeddings)
     return dict(image_embeddings=emb, fusion=fz["fusion"])
 
@@ -231,9 +250,13 @@ def predict_fn(model: FusionSAM):
   def fn(params, batch):
     images = inputs_from_batch(batch, mods)
     emb = batch.get("image_embeddings") if hasattr(batch, "get") else None
-    out = model.apply({"params": params}, images, emb)
-    logits = out["logits"]
+    fz = frozen_fusion(model, params, images)
+    if emb is None:
+      emb = model.apply({"params": params}, fz["fused"], method=FusionSAM.image_embeddings)
+    hw = images[mods[0]].shape[1:3]
+    logits = model.apply({"params": params}, fz["fusion"], emb, hw,
+                         method=FusionSAM.segment)["logits"]
     return dict(logits=logits, pred=jnp.argmax(logits, -1).astype(jnp.int32),
-                probs=jax.nn.softmax(logits, -1), fused=out["fused"])
+                probs=jax.nn.softmax(logits, -1), fused=fz["fused"])
 
   return fn

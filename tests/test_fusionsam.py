@@ -325,3 +325,41 @@ def test_zero_shot_baseline_on_fused_image(built):
   m2, _, _ = pred.predict(np.array([[10.0, 12.0]]), np.array([1]), np.array([2.0, 3, 30, 25]),
                           multimask_output=False)
   np.testing.assert_array_equal(masks, m2)
+
+
+def test_frozen_fusion_dtype(built):
+  """`stages.frozen_fusion`: float32 is exactly tokenize -> fuse; bfloat16 (the GPU fast
+  path) returns float32, picks the same codes for almost every token (the codebook search
+  stays float32; bf16 rounding of the encoder output can still flip near-ties) and, from
+  the same codes, computes the fusion to bf16 tolerance."""
+  cfg, model, params = built
+  images = stages.inputs_from_batch(_batch(cfg, b=2, seed=3), cfg.modalities)
+
+  def direct(p, x):
+    lat = model.apply({"params": p}, x, method=FusionSAM.tokenize)
+    return model.apply({"params": p}, lat, x, method=FusionSAM.fuse)
+
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(direct)(params, images)
+    out32 = jax.jit(lambda p, x: stages.frozen_fusion(model, p, x))(params, images)
+  for k in ("fusion", "fused"):
+    np.testing.assert_array_equal(np.asarray(out32[k]), np.asarray(ref[k]))
+  m16 = build_model(tiny_cfg(fusion_dtype="bfloat16"))
+  assert m16.fusion_dtype == "bfloat16"
+  out16 = jax.jit(lambda p, x: stages.frozen_fusion(m16, p, x))(params, images)
+  assert all(v.dtype == jnp.float32 for v in out16.values())
+  p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  i16 = {m: x.astype(jnp.bfloat16) for m, x in images.items()}
+  for m in cfg.modalities:
+    enc = lambda mod, x, m=m: getattr(mod, f"tokenizer_{m}").encode(x)["indices"]
+    same = np.mean(np.asarray(model.apply({"params": params}, images[m], method=enc))
+                   == np.asarray(m16.apply({"params": p16}, i16[m], method=enc)))
+    assert same >= 0.95, (m, same)
+  with jax.default_matmul_precision("highest"):
+    lat = model.apply({"params": params}, images, method=FusionSAM.tokenize)
+  lat16 = {m: x.astype(jnp.bfloat16) for m, x in lat.items()}
+  fz16 = m16.apply({"params": p16}, lat16, i16, method=FusionSAM.fuse)
+  for k in ("fusion", "fused"):
+    a, b = np.asarray(fz16[k], np.float64), np.asarray(ref[k], np.float64)
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert rel < 3e-2, (k, rel)

@@ -65,6 +65,70 @@ def test_frozen_params_unchanged_and_have_no_optimizer_state():
   assert not np.array_equal(np.asarray(state.params["decoder"]["w"]), before["decoder"]["w"])
 
 
+def test_only_trainable_matches_optax_multi_transform():
+  """The flat-list optimizer state gives the same updates as optax's own masking, with a
+  state that holds no placeholder per frozen leaf; a prefix mask works too."""
+  params = _params()
+  mask = T.trainable_mask(params, ["fmp", "decoder"])
+  inner = optax.chain(optax.add_decayed_weights(1e-3), optax.scale_by_adam(),
+                      optax.scale_by_learning_rate(1e-2))
+  ours = T.only_trainable(inner, mask)
+  labels = jax.tree.map(lambda t: "t" if t else "f", mask)
+  ref = optax.multi_transform({"t": inner, "f": optax.set_to_zero()}, labels)
+  s_ours, s_ref = ours.init(params), ref.init(params)
+  r = np.random.default_rng(0)
+  for _ in range(3):
+    g = jax.tree.map(lambda x: jnp.asarray(r.normal(size=x.shape), jnp.float32), params)
+    u_ours, s_ours = ours.update(g, s_ours, params)
+    u_ref, s_ref = ref.update(g, s_ref, params)
+    for a, b in zip(jax.tree.leaves(u_ours), jax.tree.leaves(u_ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert not np.any(np.asarray(u_ours["sam_encoder"]["w"]))
+  # mu and nu over the 28 trainable scalars only, plus the count; no per-leaf placeholders
+  assert sum(int(x.size) for x in jax.tree.leaves(s_ours)) == 2 * 28 + 1
+  assert jax.tree.structure(s_ours).num_nodes < jax.tree.structure(s_ref).num_nodes
+  prefix = {"sam_encoder": False, "fmp": True, "decoder": True}
+  u_pre, _ = T.only_trainable(inner, prefix).update(g, T.only_trainable(inner, prefix).init(
+      params), params)
+  u_full, _ = T.only_trainable(inner, mask).update(g, T.only_trainable(inner, mask).init(
+      params), params)
+  for a, b in zip(jax.tree.leaves(u_pre), jax.tree.leaves(u_full)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_leaves_unread_frozen_params_out_of_the_jitted_call():
+  """A frozen subtree the loss never reads is not passed to the compiled step (host time
+  per argument), and the step's results equal the unsplit step's."""
+  params = _params()
+  params["unused"] = {"w": jnp.ones((64, 64))}
+  mask = T.trainable_mask(params, ["fmp", "decoder"])
+  tx = T.make_optimizer(1e-2, 1e-3, mask)
+  mesh = T.make_mesh(jax.devices()[:1])
+  step = T.make_train_step(_loss, tx, mesh, trainable=mask)
+  plain = T.make_train_step(lambda p, b, r: _loss(jax.tree.map(
+      lambda m, x: x if m else jax.lax.stop_gradient(x), mask, p), b, r), tx, mesh)
+  r = np.random.default_rng(0)
+  batch = T.shard_batch({"x": r.normal(size=(8, 4)).astype(np.float32),
+                         "y": r.normal(size=(8, 2)).astype(np.float32)}, mesh)
+  s1 = T.TrainState.create(params, tx, rng=0)
+  s2 = T.TrainState.create(jax.tree.map(jnp.array, params), tx, rng=0)
+  for _ in range(2):
+    s1, m1 = step(s1, batch)
+    s2, m2 = plain(s2, batch)
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert s1.params["unused"]["w"] is params["unused"]["w"]  # the very same array
+  # What the step found the loss reads, and what it handed to the jitted part.
+  (reads,) = step.reads_by_batch.values()
+  _, fp = step.splitter.split(params, reads)
+  assert fp["unused"]["w"] is None and fp["sam_encoder"]["w"] is not None
+  assert fp["fmp"]["w"] is None  # trainable: in the other tree
+  core = s1.replace(params=step.splitter.split(s1.params)[0])
+  frozen_args = jax.tree.leaves(step.jitted.lower(core, fp, batch).args_info[0][1])
+  assert [a.shape for a in frozen_args] == [(4, 4)]  # sam_encoder/w only
+
+
 def test_l2_weight_decay_matches_torch_adam_form():
   p = {"w": jnp.array([1.0, -2.0])}
   g = {"w": jnp.array([0.5, 0.25])}

@@ -45,10 +45,12 @@ Array = jax.Array
 
 def layer_norm(x: Array, scale: Optional[Array] = None, bias: Optional[Array] = None,
                eps: float = 1e-5) -> Array:
-    """LayerNorm over the channel (last) axis with optional affine params."""
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    """LayerNorm over the channel (last) axis with optional affine params (statistics in
+    float32; the result has x's dtype)."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
     if scale is not None:
         y = y * scale
     if bias is not None:

@@ -55,6 +55,9 @@ class FusionSAM(nn.Module):
   fmp_kwargs: Tuple[Tuple[str, Any], ...] = ()
   fused_decoder_kwargs: Tuple[Tuple[str, Any], ...] = ()
   encoder_dtype: str = "float32"
+  # Compute dtype of the frozen fusion path (tokenizers, fusion, fused decoder) in the
+  # segmentation stage, the embedding cache and evaluation: `stages.frozen_fusion`.
+  fusion_dtype: str = "float32"
   attn_impl: str = "xla"
   num_points: int = 8
   fused_color: str = "decoder"  # "decoder" | "visible_chroma" (see `fuse`)
@@ -248,7 +251,8 @@ def build_model(model_cfg, sam_config: Optional[SamConfig] = None) -> FusionSAM:
       tokenizer_kwargs=_frozen(g("tokenizer", {}) or {}), fusion=g("fusion", "fmp"),
       fmp_kwargs=_frozen(g("fmp", {}) or {}),
       fused_decoder_kwargs=_frozen(g("fused_decoder", {}) or {}),
-      encoder_dtype=g("encoder_dtype", "float32"), attn_impl=g("attn_impl", "xla"),
+      encoder_dtype=g("encoder_dtype", "float32"), fusion_dtype=g("fusion_dtype", "float32"),
+      attn_impl=g("attn_impl", "xla"),
       num_points=int(g("num_points", 8)), fused_color=g("fused_color", "decoder"))
 
 

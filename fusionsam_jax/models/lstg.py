@@ -202,11 +202,14 @@ class VectorQuantizer(nn.Module):
             z = _l2_normalize(z)
         codes = self._codes()                                             # (K, d_c)
         hi = jax.lax.Precision.HIGHEST
-        d = (jnp.sum(z * z, axis=-1, keepdims=True)
-             - 2.0 * jnp.einsum("...c,kc->...k", z, codes, precision=hi)
-             + jnp.sum(codes * codes, axis=-1))                           # (B, h, w, K)
+        # The search runs in float32 whatever the compute dtype (a bf16 path picks the same
+        # codes as the float32 one, up to its own rounding of z).
+        zf, cf = z.astype(jnp.float32), codes.astype(jnp.float32)
+        d = (jnp.sum(zf * zf, axis=-1, keepdims=True)
+             - 2.0 * jnp.einsum("...c,kc->...k", zf, cf, precision=hi)
+             + jnp.sum(cf * cf, axis=-1))                                 # (B, h, w, K)
         indices = jnp.argmin(d, axis=-1).astype(jnp.int32)                # (B, h, w)
-        c = jnp.take(codes, indices, axis=0)                              # (B, h, w, d_c)
+        c = jnp.take(codes, indices, axis=0).astype(z.dtype)              # (B, h, w, d_c)
         codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - c))
         commitment_loss = self.beta * jnp.mean(jnp.square(z - jax.lax.stop_gradient(c)))
         z_q = z + jax.lax.stop_gradient(c - z)                            # straight-through

@@ -38,6 +38,7 @@ from fusionsam_jax.training.state import (
     count_params,
     learning_rate_at,
     make_optimizer,
+    only_trainable,
     trainable_mask,
 )
 
@@ -48,5 +49,5 @@ __all__ = [
     "init_gan_state", "make_gan_train_step", "make_train_step", "run_stage", "DATA_AXIS",
     "check_global_batch", "data_sharding", "make_mesh", "maybe_initialize_distributed",
     "replicated", "shard_batch", "TrainState", "count_params", "learning_rate_at",
-    "make_optimizer", "trainable_mask",
+    "make_optimizer", "only_trainable", "trainable_mask",
 ]
