@@ -141,7 +141,8 @@ def run_case(case: str, args) -> dict:
       disc = fusionsam.init_discriminators(c.model, rng, (h, w))
       d_tx = T.make_optimizer(float(sc.lr), float(sc.weight_decay))
       g_loss, d_loss = stages.tokenizer_losses(model, c.model, sc, perceptual=None)
-      state = T.init_gan_state({"generator": params, "discriminator": disc}, tx, d_tx, rng)
+      state = jax.device_put(T.init_gan_state({"generator": params, "discriminator": disc},
+                                              tx, d_tx, rng), T.replicated(mesh))
       fn = T.make_gan_train_step(g_loss, d_loss, tx, d_tx, mesh)
     else:
       loss = (stages.fusion_loss_fn(model, c.model, sc) if case == "fusion"
