@@ -3,7 +3,7 @@
 `TrainState` is a plain pytree (`flax.struct.dataclass`): `params` is the whole model param
 tree, including frozen parts; a *trainable mask* (bool pytree over `params`) selects what a
 stage updates. The optimizer built by `make_optimizer` keeps Adam moments only for trainable
-leaves (frozen leaves get `optax.set_to_zero` and an empty `optax.MaskedNode` state).
+leaves, as one concatenated vector (`only_trainable`); frozen leaves get zero updates.
 """
 
 from __future__ import annotations
