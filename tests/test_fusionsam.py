@@ -273,7 +273,10 @@ def test_ablations_and_single_modality_take_a_step(over):
 
 
 def test_overfits_one_generated_batch():
-  """A tiny FusionSAM fits one batch of generated RGB-T scenes: loss / 10, mIoU >= 0.9."""
+  """A tiny FusionSAM fits one batch of generated RGB-T scenes: loss / 10, mIoU >= 0.9.
+
+  250 steps: at 150 the fit was still at the threshold (0.87 or 0.9+ depending on float
+  rounding order in the optimizer); at 250 it reaches 1.0 either way."""
   from fusionsam_jax.data import generate_elements
   els = generate_elements("mfnet", 2, seed=3, height=64, width=64)
   cfg = tiny_cfg(num_classes=9, freeze_fmp_in_segmentation=False)
@@ -298,7 +301,7 @@ def test_overfits_one_generated_batch():
 
   state = opt.init(params)
   first = None
-  for _ in range(150):
+  for _ in range(250):
     params, state, loss = step(params, state)
     first = float(loss) if first is None else first
   pred = np.asarray(jax.jit(stages.predict_fn(model))(params, batch)["pred"])
