@@ -237,8 +237,7 @@ def cache_fn(model: FusionSAM):
 
 def embedding_dependencies(params) -> Dict[str, Any]:
   """The param subtrees the cached embeddings depend on (hash these to key the cache)."""
-  keys = [k for k in params if k.startswith(("tokenizer_", "patch_embed_"))]
-  keys += [k for k in ("fmp", "concat_fusion", "fused_decoder", "image_encoder") if k in params]
+  keys = [k for k in params if k.startswith(_FUSION_PATH) or k == "image_encoder"]
   return {k: params[k] for k in sorted(keys)}
 
 

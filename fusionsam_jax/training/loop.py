@@ -63,13 +63,6 @@ class _Splitter:
     read = {id(v) for e in jaxpr.eqns for v in e.invars} | {id(v) for v in jaxpr.outvars}
     return [id(v) in read for v in jaxpr.invars[:len(flat)]]
 
-def _split_frozen(mask: PyTree, params: PyTree) -> tuple[PyTree, PyTree]:
-  """(trainable, frozen): two trees of `params`' structure, None where the other one is."""
-  return _Splitter(mask).split(params)
-
-
-def _merge_frozen(mask: PyTree, trainable: PyTree, frozen: PyTree) -> PyTree:
-  return _Splitter(mask).merge(trainable, frozen)
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
@@ -116,29 +109,29 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=(repl, repl),
                    donate_argnums=(0,) if donate else ())
 
+  splitter = _Splitter(trainable)
+
   def core_fn(core: TrainState, frozen: PyTree, batch: PyTree):
     """`core.params` holds the trainable leaves (None elsewhere), `frozen` the rest."""
     rng = jax.random.fold_in(core.rng, core.step)
     frozen_sg = jax.tree.map(jax.lax.stop_gradient, frozen)
 
     def f(tp):
-      return call_loss(_merge_frozen(trainable, tp, frozen_sg), batch, rng, core.step)
+      return call_loss(splitter.merge(tp, frozen_sg), batch, rng, core.step)
 
     (loss, aux), g_t = jax.value_and_grad(f, has_aux=True)(core.params)
     # The optimizer (over the full tree, e.g. `only_trainable`) sees zero gradients for the
     # frozen leaves; it maps them to zero updates that are discarded, so XLA drops them.
     zeros = jax.tree.map(jnp.zeros_like, frozen)
-    updates, opt_state = optimizer.update(_merge_frozen(trainable, g_t, zeros),
-                                          core.opt_state,
-                                          _merge_frozen(trainable, core.params, frozen))
-    new_t = optax.apply_updates(core.params, _split_frozen(trainable, updates)[0])
+    updates, opt_state = optimizer.update(splitter.merge(g_t, zeros), core.opt_state,
+                                          splitter.merge(core.params, frozen))
+    new_t = optax.apply_updates(core.params, splitter.split(updates)[0])
     metrics = {**dict(aux), "loss": loss, "grad_norm": optax.tree.norm(g_t)}
     return core.replace(step=core.step + 1, params=new_t, opt_state=opt_state), metrics
 
   jitted = jax.jit(core_fn, in_shardings=(repl, repl, data), out_shardings=(repl, repl),
                    donate_argnums=(0,) if donate else ())
 
-  splitter = _Splitter(trainable)
   reads_by_batch = {}  # batch treedef -> which param leaves the loss reads
 
   def step(state: TrainState, batch: PyTree):

@@ -189,11 +189,11 @@ def only_trainable(inner: optax.GradientTransformation, mask: PyTree, *,
     return inner.init(flat(pick(params)))
 
   def update_fn(updates, state, params=None):
-    u = [x for x, k in zip(treedef.flatten_up_to(updates), keep) if k]
+    all_u = treedef.flatten_up_to(updates)
+    u = [x for x, k in zip(all_u, keep) if k]
     new, state = inner.update(flat(u), state, None if params is None else flat(pick(params)))
     it = iter(unflat(new, u))
-    out = [next(it) if k else jax.tree.map(jnp.zeros_like, x)
-           for x, k in zip(treedef.flatten_up_to(updates), keep)]
+    out = [next(it) if k else jax.tree.map(jnp.zeros_like, x) for x, k in zip(all_u, keep)]
     return treedef.unflatten(out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
