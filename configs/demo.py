@@ -47,6 +47,9 @@ def get_config(arg=None):
   m.fusion_dtype = "float32"
   m.attn_impl = "xla"
   m.num_points = 4
+  # Staged segmentation (the official code's way: fusion path frozen, cached embeddings):
+  # Eq. 1 jointly runs the encoder every step, which does not fit the demo's minutes.
+  m.freeze_fmp_in_segmentation = True
   t = c.train
   t.batch_size = 8
   t.scale_range = (0.75, 1.25)

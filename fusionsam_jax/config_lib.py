@@ -11,33 +11,26 @@ applied in order, e.g. ``configs/mfnet.py:tiny,rgb_only``. The variants every co
 * ``ablation_a``: no LSTG; FMP on patch embeddings of the raw images (paper Sec. 4.4 (A)).
 * ``ablation_b``: FMP replaced by concatenation + 1x1 conv (paper Sec. 4.4 (B)).
 * ``rgb_only`` / ``thermal_only`` / ``depth_only``: one modality (fusion = concat).
-* ``no_cache``: segmentation stage on augmented inputs without the embedding cache.
+* ``staged``: the official code's segmentation stage (fusion path frozen, f_s only, over
+  cached SAM embeddings) instead of Eq. 1 jointly.
+* ``no_cache``: (staged) segmentation stage on augmented inputs without the embedding cache.
 
 Paper settings (KDD '25, Sec. 4.1): Adam, lr 1e-4, weight decay 1e-3, batch 4, 100 epochs,
-SAM ViT-H. Each stage runs 100 epochs of the train split (steps = epochs x (train size //
-batch)).
+SAM ViT-H. Each stage runs ``num_epochs`` passes over the prepared train split, turned into
+steps at run time from the split's real size and the stage's batch (``num_steps``, when set,
+overrides it); validation runs every ``train.eval_every_epochs`` (or ``train.eval_every``
+steps).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
-#: Train-split sizes of the prepared real datasets (docs/data.md): MFNet's official train
-#: list; FMB and VDT-2048 after carving 10 % of the official train set as ``val``.
-TRAIN_SIZES = {"mfnet": 784, "fmb": 1098, "vdt": 943}
-
 #: Stages in training order (fusionsam_jax.stages.STAGES).
 STAGE_NAMES = ("tokenizer", "fusion", "segmentation")
-
-
-def steps_for_epochs(train_size: int, batch_size: int, epochs: float) -> int:
-  """Optimizer steps for `epochs` passes over a split (batches drop the remainder)."""
-  per_epoch = max(1, train_size // batch_size)
-  return int(math.ceil(per_epoch * epochs))
 
 
 def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) -> ml_collections.ConfigDict:
@@ -70,7 +63,11 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.fusion_dtype = "bfloat16"
   m.attn_impl = "cudnn"
   m.num_points = 8
-  m.freeze_fmp_in_segmentation = True
+  # False: the segmentation stage optimises Eq. 1 (f_s + f_f) over everything but the SAM
+  # encoder (the paper). True: the official code's staged way (fusion path frozen, the
+  # embedding cache on): the variant ``staged``.
+  m.freeze_fmp_in_segmentation = False
+  m.train_sam_encoder = False        # backprop through the (still frozen) encoder's input
   return m
 
 
@@ -82,19 +79,23 @@ def _stage_overrides(d: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return d
 
 
-def stages_config(steps: Mapping[str, int], *, lr: float = 1e-4,
+def stages_config(epochs: float, *, lr: float = 1e-4,
                   weight_decay: float = 1e-3) -> ml_collections.ConfigDict:
+  """Per-stage settings; durations in epochs (``num_steps`` set: that many steps)."""
   s = ml_collections.ConfigDict()
   s.tokenizer = ml_collections.ConfigDict(dict(
-      num_steps=steps["tokenizer"], lr=lr, weight_decay=weight_decay,
-      disc_start=steps["tokenizer"] // 2, disc_weight=0.8, perceptual_weight=1.0,
-      rec_weight=1.0))
+      num_epochs=epochs, lr=lr, weight_decay=weight_decay, disc_start_fraction=0.5,
+      disc_weight=0.8, perceptual_weight=1.0, rec_weight=1.0))
+  s.tokenizer.disc_start = config_dict.placeholder(int)   # steps; None: the fraction
   s.fusion = ml_collections.ConfigDict(dict(
-      num_steps=steps["fusion"], lr=lr, weight_decay=weight_decay,
+      num_epochs=epochs, lr=lr, weight_decay=weight_decay,
       weights=ml_collections.ConfigDict(dict(ssim=10.0, intensity=20.0, gradient=20.0))))
   s.segmentation = ml_collections.ConfigDict(dict(
-      num_steps=steps["segmentation"], lr=lr, weight_decay=weight_decay, dice_weight=1.0))
+      num_epochs=epochs, lr=lr, weight_decay=weight_decay, dice_weight=1.0,
+      fusion_weight=1.0,   # Eq. 1's f_f next to f_s (joint mode)
+      vq_weight=1.0))      # the tokenizers' Eq. 6 terms (joint mode)
   for name in STAGE_NAMES:
+    s[name].num_steps = config_dict.placeholder(int)
     _stage_overrides(s[name])
   return s
 
@@ -108,7 +109,6 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
   c.data_dir = "data_cache"          # --data-dir of the prepare command
   c.seed = 0
   c.model = model_config(modalities=modalities, num_classes=num_classes, task=task)
-  steps = steps_for_epochs(TRAIN_SIZES[dataset], batch_size, epochs)
   t = c.train = ml_collections.ConfigDict()
   t.batch_size = batch_size
   t.crop_size = tuple(crop_size)
@@ -116,18 +116,19 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
   t.flip_prob = 0.5
   t.worker_count = 2
   t.log_every = 50
-  t.eval_every = steps_for_epochs(TRAIN_SIZES[dataset], batch_size, 5)   # every 5 epochs
+  t.eval_every = config_dict.placeholder(int)   # steps; None: eval_every_epochs
+  t.eval_every_epochs = 5.0
   t.checkpoint_every = 1000
   t.keep_latest = 1
   t.best_k = 3
   t.image_every = 2000
   t.grad_clip = 0.0                  # global-norm clip; 0 = off
   t.embedding_cache = ml_collections.ConfigDict(dict(
-      enabled=True,                  # only used when model.freeze_fmp_in_segmentation
+      enabled=True,                  # only with model.freeze_fmp_in_segmentation (staged)
       num_views=2,                   # 0: un-augmented, 1: flipped, >= 2: seeded random views
       seed=0,
       dtype="float16"))              # storage dtype of the cached embeddings
-  t.stages = stages_config({s: steps for s in STAGE_NAMES})
+  t.stages = stages_config(epochs)
   e = c.eval = ml_collections.ConfigDict()
   e.batch_size = 4
   e.split = "test"
@@ -212,6 +213,12 @@ def _no_cache(c):
   c.train.embedding_cache.enabled = False
 
 
+def _staged(c):
+  """The official code's way: fusion path frozen in the segmentation stage, which then
+  trains prompts + decoder on f_s over cached SAM embeddings."""
+  c.model.freeze_fmp_in_segmentation = True
+
+
 VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "tiny": _tiny,
     "generated": _generated,
@@ -221,6 +228,7 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "thermal_only": _modality_only("thermal"),
     "depth_only": _modality_only("depth"),
     "no_cache": _no_cache,
+    "staged": _staged,
 }
 
 

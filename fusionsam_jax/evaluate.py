@@ -25,21 +25,22 @@ from absl import app, flags
 from ml_collections import config_flags
 
 def run(config, workdir: str, checkpoint: str = "best", split: str | None = None) -> int:
-  from fusionsam_jax import experiment
+  from fusionsam_jax import experiment, workdir as W
   from fusionsam_jax import training as T
   from fusionsam_jax.data import DatasetError
   from fusionsam_jax.cli_common import EXIT_CONFIG, EXIT_ERROR
+  from fusionsam_jax.sam_checkpoint import CheckpointError
   try:
     which = experiment.parse_checkpoint_arg(checkpoint)
     if config is None:
-      config = experiment.load_workdir_config(workdir)
+      config = W.load_config(workdir)
     else:
-      experiment.check_config_matches(config, workdir)
+      W.check_config_matches(config, workdir)
     experiment.evaluate(config, workdir, which, split or config.eval.split)
   except T.ConfigMismatchError as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_CONFIG
-  except (experiment.SetupError, DatasetError, FileNotFoundError, ValueError,
+  except (experiment.SetupError, CheckpointError, DatasetError, FileNotFoundError, ValueError,
           T.CheckpointRestoreError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_ERROR

@@ -1,569 +1,168 @@
-"""What the CLIs (train / evaluate / predict) run: data setup, model building, the three
-training stages, checkpoint restore and evaluation. Library code: it raises, the CLIs print
-and exit.
+"""What the CLIs run: train every stage (resumable), restore a run's params, evaluate.
 
     from fusionsam_jax import experiment
-    experiment.train(config, workdir)                      # all stages, resumable
+    experiment.train(config, workdir)                       # all stages, resumable
+    params, step, what = experiment.restore_params(config, workdir, "best")
     result = experiment.evaluate(config, workdir, "best", "test")
+
+A run's params are composed, never stored whole: the converted SAM weights (recorded by
+sha256 in the workdir) + the seeded random init + each stage's trained params, later stages
+overriding earlier ones (`workdir.py`). Library code: raises; the CLIs print and exit.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import math
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from fusionsam_jax import config_lib
-from fusionsam_jax.jit_utils import run_once
-from fusionsam_jax import training as T
-
-log = logging.getLogger(__name__)
+from fusionsam_jax import stages as S
+from fusionsam_jax import workdir as W
+from fusionsam_jax.data import spec as D
+from fusionsam_jax.errors import NoCheckpointError, SetupError  # noqa: F401 (re-exported)
+from fusionsam_jax.evaluators import segmentation as E
+from fusionsam_jax.models import factory
+from fusionsam_jax.stages import common, fusion, segmentation, tokenizer
+from fusionsam_jax.training import checkpointing, loop, mesh as mesh_lib
+from fusionsam_jax.training.state import count_params
 
 PyTree = Any
-
-#: Config keys that may change between runs in one workdir (more steps, logging cadence,
-#: evaluation settings): the workdir config guard ignores them.
-MUTABLE_CONFIG_KEYS = (
-    *(f"train.stages.{s}.num_steps" for s in config_lib.STAGE_NAMES),
-    "train.log_every", "train.image_every", "train.worker_count", "train.checkpoint_every",
-    "train.eval_every", "train.keep_latest", "train.best_k", "eval", "data_dir",
-)
-STAGE_SEED_OFFSET = {"tokenizer": 1, "fusion": 2, "segmentation": 3}
-
-
-# --------------------------------------------------------------------------------------------
-# Errors (all carry a message a user can act on)
-# --------------------------------------------------------------------------------------------
-
-
-class SetupError(RuntimeError):
-  """Something a run needs is missing (dataset, SAM weights, checkpoint, ...)."""
-
-
-class DataMissingError(SetupError, FileNotFoundError):
-  """The prepared dataset is not there."""
-
-
-class SamWeightsMissingError(SetupError, FileNotFoundError):
-  """The converted SAM checkpoint is not there."""
-
-
-class NoCheckpointError(SetupError, FileNotFoundError):
-  """The workdir has no segmentation-stage checkpoint to evaluate / predict with."""
-
-
-def _primary() -> bool:
-  return jax.process_index() == 0
+_BUILDERS = {"tokenizer": tokenizer.make, "fusion": fusion.make,
+             "segmentation": segmentation.make}
 
 
 def say(msg: str) -> None:
-  """Progress information for the user (process 0, stdout, flushed)."""
-  if _primary():
+  """Progress for the user (process 0, stdout, flushed)."""
+  if jax.process_index() == 0:
     print(msg, flush=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
+def context(config, workdir: str | None = None, *, mesh=None, model=None,
+            data: bool = True, progress: bool = True) -> common.Context:
+  """Everything a stage builder needs. `data`: make sure the dataset is there (a
+  generated set is prepared on first use) and count its train split; without it (restoring
+  params for prediction) no data is touched and durations are unknown (0)."""
+  spec = D.ensure_data(config, say=say) if data else D.data_spec(config)
+  return common.Context(config=config, model=model or factory.build_model(config),
+                        mesh=mesh or mesh_lib.make_mesh(), spec=spec,
+                        train_size=spec.split_size("train") if data else 0, workdir=workdir,
+                        say=say, progress=progress)
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-  """name: dataset / layout name; data_dir: root holding ``<name>/<version>`` (prepared);
-  generated: a generated scene set (made by this package)."""
-  name: str
-  data_dir: str
-  generated: bool
-
-  def source(self, split: str):
-    from fusionsam_jax import data
-    return data.load_source(self.name, split, self.data_dir)
-
-  @property
-  def dataset_dir(self) -> str:
-    from fusionsam_jax.data.prepare import dataset_dir
-    return dataset_dir(self.name, self.data_dir)
+def build_stage(ctx: common.Context, name: str, *, evaluator: E.Evaluator | None = None,
+                **kw) -> common.Stage | None:
+  """The named stage (None: nothing to train). The segmentation stage validates with
+  `evaluator` when given."""
+  if name == "segmentation":
+    return segmentation.make(ctx, evaluator.val_metrics if evaluator else None, **kw)
+  return _BUILDERS[name](ctx, **kw)
 
 
-def _generate_sig(config) -> tuple[str, tuple[int, int]]:
-  g = config.generate
-  h = g.height if g.height is not None else config.train.crop_size[0]
-  w = g.width if g.width is not None else config.train.crop_size[1]
-  from fusionsam_jax.data.info import get_info
-  name = get_info(config.dataset).name
-  return f"{name}-n{g.num}-s{g.seed}-{h}x{w}", (int(h), int(w))
-
-
-def data_spec(config) -> DataSpec:
-  """Where the config's dataset lives (does not check that it exists)."""
-  from fusionsam_jax.data.info import get_info
-  name = get_info(config.dataset).name
-  if config.get("generate") is not None:
-    sig, _ = _generate_sig(config)
-    return DataSpec(name, os.path.join(os.fspath(config.data_dir), "generated", sig), True)
-  return DataSpec(name, os.fspath(config.data_dir), False)
-
-
-def ensure_data(config, *, progress: bool = True) -> DataSpec:
-  """Returns the dataset's `DataSpec`; generates + prepares a generated set when absent.
-
-  Raises `DataMissingError` (naming the prepare command) for a real dataset that has not
-  been prepared.
-  """
-  from fusionsam_jax import data
-  from fusionsam_jax.data.prepare import is_prepared
-  spec = data_spec(config)
-  if is_prepared(spec.name, spec.data_dir):
-    return spec
-  if not spec.generated:
-    info = data.get_info(spec.name)
-    raise DataMissingError(
-        f"dataset '{spec.name}' is not prepared under data_dir={spec.data_dir!r} "
-        f"(expected {spec.dataset_dir}/dataset_info.json). Get {info.source}, then run\n"
-        f"  python -m fusionsam_jax.data.prepare --dataset {spec.name} "
-        f"--manual-dir PATH/TO/{spec.name.upper()} --data-dir {spec.data_dir}\n"
-        f"or point --config.data_dir at the folder you prepared it in.")
-  sig, (h, w) = _generate_sig(config)
-  raw = os.path.join(spec.data_dir, "raw")
-  g = config.generate
-  t0 = time.perf_counter()
-  if _primary():
-    say(f"Generating {g.num} {spec.name}-layout scenes ({h}x{w}, seed {g.seed}) in {raw}")
-    data.generate_dataset(spec.name, raw, int(g.num), int(g.seed), h, w, overwrite=True,
-                          progress=False)
-    data.prepare_dataset(spec.name, raw, spec.data_dir, if_exists="overwrite",
-                         progress=False)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("fusionsam_generate")
-  say(f"Prepared the generated set at {spec.dataset_dir} ({time.perf_counter() - t0:.1f} s)")
-  return spec
-
-
-def strip_batch(batch: Mapping[str, Any]) -> dict:
-  """The numeric part of a loader batch (drops ``name``), ready for `shard_batch`."""
-  return {k: v for k, v in batch.items() if k != "name"}
-
-
-def stage_batch_size(config, stage: str) -> int:
-  """Global batch of a stage: ``train.stages.<stage>.batch_size`` if set, else
-  ``train.batch_size``."""
-  b = config.train.stages[stage].get("batch_size")
-  return int(b if b else config.train.batch_size)
-
-
-def stage_crop_size(config, stage: str) -> tuple[int, int]:
-  """Training crop of a stage: ``train.stages.<stage>.crop_size`` if set, else
-  ``train.crop_size`` (the tokenizer is fully convolutional and may train on smaller crops)."""
-  c = config.train.stages[stage].get("crop_size")
-  return tuple(int(x) for x in (c if c else config.train.crop_size))
-
-
-def train_iterator(config, spec: DataSpec, stage: str):
-  from fusionsam_jax import data
-  per_process = stage_batch_size(config, stage) // jax.process_count()
-  loader = data.train_loader(
-      spec.source("train"), batch_size=per_process, crop_size=stage_crop_size(config, stage),
-      scale_range=tuple(config.train.scale_range), flip_prob=float(config.train.flip_prob),
-      seed=int(config.seed) + STAGE_SEED_OFFSET[stage], worker_count=int(config.train.worker_count),
-      modalities=tuple(config.model.modalities))
-  return iter(loader)
-
-
-def eval_iterable(config, source, *, batch_size: int | None = None):
-  """A fresh eval loader over `source` (full resolution, padding, ``valid`` masks)."""
-  from fusionsam_jax import data
-  bs = int(batch_size or config.eval.batch_size)
-  per_process = max(1, bs // jax.process_count())
-  return data.eval_loader(source, batch_size=per_process,
-                          pad_multiple=int(config.eval.pad_multiple),
-                          modalities=tuple(config.model.modalities))
-
-
-# --------------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------------
-
-
-def check_sam_weights(config) -> str | None:
-  """Returns the converted SAM checkpoint dir (None: random init allowed by the config)."""
-  m = config.model
-  path = m.sam_checkpoint
-  if not path:
-    if not m.allow_random_sam:
-      raise SamWeightsMissingError(
-          "model.sam_checkpoint is not set and model.allow_random_sam is False. Convert the "
-          f"official {m.sam_variant} weights once:\n  python tools/convert_sam_weights.py "
-          f"--checkpoint sam_{m.sam_variant}_XXXX.pth --output ckpt/sam_{m.sam_variant}\n"
-          f"and pass --config.model.sam_checkpoint=ckpt/sam_{m.sam_variant}")
-    return None
-  from fusionsam_jax.sam_checkpoint import META_FILE
-  if not os.path.isfile(os.path.join(path, META_FILE)):
-    what = "does not exist" if not os.path.exists(path) else f"has no {META_FILE}"
-    raise SamWeightsMissingError(
-        f"converted SAM weights {path!r} {what}. Download the official checkpoint "
-        f"(https://github.com/facebookresearch/segment-anything#model-checkpoints, "
-        f"sam_vit_h_4b8939.pth for vit_h) and convert it once:\n"
-        f"  python tools/convert_sam_weights.py --checkpoint sam_vit_h_4b8939.pth "
-        f"--output {path}")
-  return path
-
-
-def sam_config(config):
-  """The SAM size: the preset ``model.sam_variant``, with ``model.sam_overrides`` (if any)
-  applied. Overrides give a different architecture, so they are refused together with
-  converted SAM weights."""
-  from fusionsam_jax.models.sam.sam import SAM_PRESETS
-  m = config.model
-  if m.sam_variant not in SAM_PRESETS:
-    raise ValueError(f"model.sam_variant {m.sam_variant!r}: expected one of {sorted(SAM_PRESETS)}")
-  cfg = SAM_PRESETS[m.sam_variant]
-  overrides = dict(m.get("sam_overrides") or {})
-  if overrides:
-    if m.sam_checkpoint:
-      raise ValueError(f"model.sam_overrides {overrides} change SAM's architecture; they "
-                       "cannot be combined with converted SAM weights (model.sam_checkpoint)")
-    unknown = sorted(set(overrides) - set(cfg.to_dict()))
-    if unknown:
-      raise ValueError(f"model.sam_overrides: unknown SamConfig field(s) {unknown}")
-    cfg = type(cfg).from_dict({**cfg.to_dict(), **overrides})
-  return cfg
-
-
-def build_model(config):
-  from fusionsam_jax.models import fusionsam
-  return fusionsam.build_model(config.model, sam_config=sam_config(config))
-
-
-def init_params(config, model, *, load_sam: bool = True) -> PyTree:
-  """Random init of the whole tree, then the converted SAM weights (when configured)."""
-  from fusionsam_jax.models import fusionsam
-  rng = jax.random.PRNGKey(int(config.seed))
-  hw = tuple(config.train.crop_size)
-  path = check_sam_weights(config) if load_sam else None
-  # With SAM weights to load, the encoder's random values would be thrown away: shapes only.
-  params = fusionsam.init_params(model, rng, hw,
-                                 image_encoder="random" if path is None else "abstract")
-  if path is not None:
-    params = fusionsam.load_sam_weights(params, path, config.model)
-  return params
-
-
-def abstract_params(config, model) -> PyTree:
-  from fusionsam_jax.models import fusionsam
-  return jax.eval_shape(lambda: fusionsam.init_params(model, jax.random.PRNGKey(0),
-                                                      tuple(config.train.crop_size)))
-
-
-def stage_optimizer(config, stage: str, params: PyTree):
-  """(trainable mask, optax optimizer) of a stage over the full param tree."""
-  from fusionsam_jax import stages
-  sc = config.train.stages[stage]
-  mask = T.trainable_mask(params, list(stages.trainable(stage, config.model)))
-  clip = float(config.train.get("grad_clip", 0.0) or 0.0) or None
-  tx = T.make_optimizer(float(sc.lr), float(sc.weight_decay), mask, clip=clip)
-  return mask, tx
-
-
-def perceptual_loss(config):
-  """`vgg.PerceptualLoss` from ``config.perceptual_weights``, or None (loss off, said once)."""
-  path = config.get("perceptual_weights")
-  if not path:
-    say("Perceptual loss (Eq. 7) is OFF: no VGG16 weights given. To enable it, convert "
-        "torchvision's VGG16 once (python tools/convert_vgg16.py --weights vgg16.pth --output "
-        "ckpt/vgg16.npz) and pass --config.perceptual_weights=ckpt/vgg16.npz")
-    return None
-  if not os.path.isfile(path):
-    raise SetupError(f"perceptual_weights {path!r} does not exist; convert VGG16 with "
-                     f"python tools/convert_vgg16.py --weights vgg16.pth --output {path}, or "
-                     "set --config.perceptual_weights='' to train without the perceptual loss")
-  from fusionsam_jax.models import vgg
-  return vgg.PerceptualLoss.from_file(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation pieces shared by training (val) and evaluate (test)
-# --------------------------------------------------------------------------------------------
-
-
-def make_eval_step(model, config, mesh):
-  """jitted ``(params, batch) -> {"cm": (K, K) int32, "prob": (B, H, W) salient prob,
-  "pred", "fused"}`` on the mesh (batch sharded)."""
-  from fusionsam_jax import stages
-  from fusionsam_jax.metrics.miou import confusion_matrix
-  predict = stages.predict_fn(model)
-  k = int(config.model.num_classes)
-  saliency = config.model.task == "saliency"
-
-  def step(params, batch):
-    out = predict(params, batch)
-    cm = confusion_matrix(out["pred"], batch["label"], k, 255, valid=batch["valid"])
-    res = {"cm": cm, "pred": out["pred"], "fused": out["fused"]}
-    if saliency:
-      res["prob"] = jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)[..., 1]
-    return res
-
-  repl, data = T.replicated(mesh), T.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(repl, data), out_shardings=repl)
-
-
-def _host_local(x) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
-
-
-def run_eval(eval_step, params, batches, *, num_classes: int, saliency: bool, mesh,
-             max_batches: int | None = None, on_batch: Callable | None = None) -> dict:
-  """Accumulates one confusion matrix (and SOD metrics) over `batches`."""
-  from fusionsam_jax.metrics.miou import ConfusionMatrix
-  cm = ConfusionMatrix(num_classes, ignore_index=255)
-  sod = None
-  if saliency:
-    from fusionsam_jax.metrics.sod import SODMetrics
-    sod = SODMetrics()
-  n_images = 0
-  for i, batch in enumerate(batches):
-    if max_batches is not None and i >= max_batches:
-      break
-    local = strip_batch(batch)
-    out = eval_step(params, T.shard_batch(local, mesh))
-    cm.add(_host_local(out["cm"]))
-    valid = np.asarray(local["valid"])
-    n_images += int(valid.reshape(valid.shape[0], -1).any(1).sum())
-    if sod is not None or on_batch is not None:
-      host = {k: _host_local(v) for k, v in out.items() if k != "cm"}
-      if sod is not None:
-        probs, labels = host["prob"], np.asarray(local["label"])
-        for j in range(valid.shape[0]):
-          rows, cols = valid[j].any(1).sum(), valid[j].any(0).sum()
-          if rows == 0:
-            continue
-          # As the field does: the map is saved as an 8-bit PNG, then evaluated.
-          pm = np.round(np.clip(probs[j, :rows, :cols], 0, 1) * 255).astype(np.uint8)
-          gt = (labels[j, :rows, :cols] == 1).astype(np.uint8) * 255
-          sod.update(pm, gt)
-      if on_batch is not None:
-        on_batch(batch, host)
-  out = {"cm": cm, "num_images": n_images}
-  if sod is not None:
-    out["sod"] = sod.results(curves=False) if sod.count else {}
-  return out
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
+def _restore_trained(ckpt, stage: common.Stage, params: PyTree, which, mesh):
+  """(trained model params, step) of checkpoint `which` of a stage."""
+  restored = ckpt.restore(stage.abstract_state(params), which, mesh=mesh)
+  if restored is None:
+    raise NoCheckpointError(f"{ckpt.directory} holds no checkpoint")
+  return stage.model_params(restored.state), restored.step
 
 
 @dataclasses.dataclass
 class TrainResult:
   stages: dict                       # stage -> {"skipped", "steps", "seconds", "last_eval"}
-  evaluation: dict | None            # `evaluate` result on config.eval.split (or None)
+  evaluation: dict | None            # `evaluate` on config.eval.split (or None)
   seconds: float
 
 
-def stage_checkpointer(config, workdir: str, stage: str, fingerprint: str | None = None,
-                       ) -> T.StageCheckpointer:
-  t = config.train
-  return T.StageCheckpointer(
-      os.path.join(workdir, "checkpoints", stage), save_interval_steps=int(t.checkpoint_every),
-      keep_latest=int(t.keep_latest), best_k=int(t.best_k) if stage == "segmentation" else 0,
-      best_metric="val_miou", stage=stage, config_fingerprint=fingerprint)
+def train(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
+          step_hook: Callable | None = None) -> TrainResult:
+  """Runs every stage (each resumable, skipped when complete), then evaluates the best
+  checkpoint on ``config.eval.split`` when ``config.eval.after_training``.
 
-
-def _image_fn(config, model, mesh, batch):
-  """TensorBoard images: inputs | fused | prediction | ground truth, per example."""
-  from fusionsam_jax import stages
-  from fusionsam_jax.data.info import get_info
-  info = get_info(config.dataset)
-  predict = jax.jit(stages.predict_fn(model))
-  local = {k: np.asarray(v)[:2] for k, v in strip_batch(batch).items()}
-
-  def fn(state, step):
-    params = state.params
-    if isinstance(params, Mapping) and "generator" in params:   # the tokenizer stage
-      params = params["generator"]
-    out = jax.device_get(predict(params, local))
-    tiles = []
-    for m in config.model.modalities:
-      x = local[m]
-      tiles.append(np.repeat(x, 3, -1) if x.shape[-1] == 1 else x)
-    tiles.append(np.round(np.clip(np.asarray(out["fused"]), 0, 1) * 255).astype(np.uint8))
-    tiles.append(info.colorize(np.asarray(out["pred"])) if config.model.task == "semantic"
-                 else np.repeat((np.asarray(out["pred"])[..., None] * 255).astype(np.uint8), 3, -1))
-    tiles.append(info.colorize(np.where(local["label"] == 255, 0, local["label"])))
-    return {"inputs|fused|pred|truth": np.concatenate(tiles, axis=2)}
-  return fn
-
-
-def _is_abstract(tree) -> bool:
-  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
-
-
-def _new_state(make: Callable, params):
-  """`make(params)`, or its shapes when `params` are only shapes (a template to restore)."""
-  return jax.eval_shape(make, params) if _is_abstract(params) else make(params)
-
-
-def train(config, workdir: str, *, allow_config_change: bool = False,
-          progress: bool = True, loss_hook: Callable | None = None) -> TrainResult:
-  """Runs every stage (each resumable, skipped when complete), then evaluates on the test
-  split when ``config.eval.after_training``.
-
-  `loss_hook(stage, loss_fn) -> loss_fn` (instrumentation, e.g. tests that inject a NaN)
-  wraps the fusion and segmentation losses.
-  """
-  hook = loss_hook or (lambda stage, fn: fn)
-  from fusionsam_jax import stages as S
-  from fusionsam_jax import embedding_cache as EC
-
+  `step_hook(stage_name, train_step) -> train_step` wraps a stage's step (instrumentation,
+  e.g. tests that inject a NaN)."""
   t_start = time.perf_counter()
-  T.maybe_initialize_distributed()
+  mesh_lib.maybe_initialize_distributed()
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
-  fp = T.check_workdir_config(workdir, config, ignore=MUTABLE_CONFIG_KEYS,
-                              allow_change=allow_config_change)
-  mesh = T.make_mesh()
-  sizes = [stage_batch_size(config, s) for s in config_lib.STAGE_NAMES] + [
-      int(config.eval.batch_size)]
-  for n in sizes:
-    T.check_global_batch(n, mesh)
-    if n % jax.process_count():
-      raise ValueError(f"batch size {n} is not divisible by the {jax.process_count()} processes")
-
-  spec = ensure_data(config, progress=progress)
+  fp = W.check_config(workdir, config, allow_change=allow_config_change)
+  mesh = mesh_lib.make_mesh()
+  for st in S.STAGES:
+    mesh_lib.check_global_batch(D.stage_batch_size(config, st), mesh)
+  mesh_lib.check_global_batch(int(config.eval.batch_size), mesh)
+  sam_path = factory.sam_weights_path(config)
+  W.record_sam_weights(workdir, sam_path)
+  ctx = context(config, workdir, mesh=mesh, progress=progress)
   m = config.model
-  if not m.sam_checkpoint:
+  if sam_path is None:
     say(f"NOTE: SAM is a randomly initialised '{m.sam_variant}' model (model.allow_random_sam):"
-        " the official SAM weights cannot be downloaded here, so the frozen image encoder "
-        "gives random features. Results say nothing about FusionSAM with real SAM weights.")
-  model = build_model(config)
-  first = next((st for st in S.STAGES if S.trainable(st, m)
-                and int(config.train.stages[st].num_steps) > 0), None)
-  if first is not None and os.path.exists(os.path.join(
-      workdir, "checkpoints", first, "STAGE_DONE.json")):
-    # Resuming after the first stage: every param comes from checkpoints, so the initial
-    # values (and the SAM weights) are not needed, only their shapes.
-    params = abstract_params(config, model)
-  else:
-    params = init_params(config, model)
-  say(f"Model: {T.count_params(params) / 1e6:.2f} M parameters; modalities "
-      f"{tuple(m.modalities)}; SAM {m.sam_variant} ({m.encoder_dtype}, {m.attn_impl}); "
-      f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}")
-
-  val_source = spec.source(config.eval.val_split)
-  first_val = (next(iter(eval_iterable(config, val_source)))
-               if int(config.train.image_every) > 0 else None)
-  eval_step = make_eval_step(model, config, mesh)
+        " the frozen image encoder gives random features; results say nothing about "
+        "FusionSAM with real SAM weights.")
+  params = factory.init_params(config, ctx.model)
+  say(f"Model: {count_params(params) / 1e6:.2f} M parameters; modalities {tuple(m.modalities)};"
+      f" SAM {m.sam_variant} ({m.encoder_dtype}, {m.attn_impl}); {jax.device_count()} "
+      f"device(s): {jax.devices()[0].device_kind}; {ctx.train_size} training pairs")
+  evaluator = E.Evaluator(ctx.model, config, mesh)
+  image_every = int(config.train.image_every)
+  tiles = None
+  if image_every > 0:
+    first_val = next(iter(D.eval_iterable(config, ctx.spec.source(config.eval.val_split))))
+    tiles = E.image_tiles(config, ctx.model, first_val)
   results: dict[str, dict] = {}
-  for stage in S.STAGES:
-    sc = config.train.stages[stage]
-    n_steps = int(sc.num_steps)
+  for name in S.STAGES:
     t0 = time.perf_counter()
-    if not S.trainable(stage, m) or n_steps <= 0:
-      why = ("nothing to train" if not S.trainable(stage, m) else "num_steps is 0")
-      say(f"== stage '{stage}': {why}; skipped")
-      results[stage] = {"skipped": True, "steps": 0, "seconds": 0.0, "last_eval": {}}
+    stage = build_stage(ctx, name, evaluator=evaluator)
+    if stage is None or stage.num_steps <= 0:
+      say(f"== stage '{name}': {'nothing to train' if stage is None else 'num_steps is 0'};"
+          " skipped")
+      results[name] = {"skipped": True, "steps": 0, "seconds": 0.0, "last_eval": {}}
       continue
-    ckpt = stage_checkpointer(config, workdir, stage, fp)
-    with ckpt:
+    with W.stage_checkpointer(config, workdir, name, best_k=stage.best_k,
+                              fingerprint=fp) as ckpt:
       done = ckpt.is_stage_done()
-      mask, tx = stage_optimizer(config, stage, params)
-      if not done:
-        say(f"== stage '{stage}': {n_steps} steps, lr {sc.lr}, trains "
-            f"{T.count_params(params, mask) / 1e6:.3f} M of "
-            f"{T.count_params(params) / 1e6:.2f} M params ({', '.join(S.trainable(stage, m))})")
-      rng = jax.random.PRNGKey(int(config.seed) * 1000 + STAGE_SEED_OFFSET[stage])
-      common = dict(name=stage, num_steps=n_steps, mesh=mesh, checkpointer=ckpt,
-                    workdir=workdir, log_every=int(config.train.log_every),
-                    learning_rate=float(sc.lr), progress=progress,
-                    image_every=int(config.train.image_every),
-                    shard_fn=lambda b: T.shard_batch(strip_batch(b), mesh))
-      image_fn = _image_fn(config, model, mesh, first_val) if int(
-          config.train.image_every) > 0 and not done else None
-
-      if stage == "tokenizer":
-        from fusionsam_jax.models import fusionsam
-        hw = stage_crop_size(config, stage)
-        d_tx = T.make_optimizer(float(sc.lr), float(sc.weight_decay))
-        g_loss, d_loss = S.tokenizer_losses(model, m, sc, perceptual=None if done
-                                            else perceptual_loss(config))
-
-        def gan_state(p, disc, d_tx=d_tx, tx=tx, rng=rng):
-          return T.init_gan_state({"generator": p, "discriminator": disc}, tx, d_tx, rng)
-        if done:  # only a template for restoring the final checkpoint
-          state = jax.eval_shape(lambda p: gan_state(
-              p, fusionsam.init_discriminators(m, jax.random.PRNGKey(0), hw)), params)
-        else:
-          state = gan_state(params, run_once(
-              lambda r: fusionsam.init_discriminators(m, r, hw), jax.random.fold_in(rng, 7)))
-        step_fn = T.make_gan_train_step(g_loss, d_loss, tx, d_tx, mesh)
-        it = None if done else train_iterator(config, spec, stage)
-        res = T.run_stage(state=state, train_step=step_fn, data_iter=it or iter(()),
-                          image_fn=image_fn, **common)
-        params = res.state.params["generator"]
-      elif stage == "fusion":
-        loss_fn = hook(stage, S.fusion_loss_fn(model, m, sc))
-        state = _new_state(lambda p: T.TrainState.create(p, tx, rng), params)
-        step_fn = T.make_train_step(loss_fn, tx, mesh, trainable=mask, pass_step=True)
-        it = None if done else train_iterator(config, spec, stage)
-        res = T.run_stage(state=state, train_step=step_fn, data_iter=it or iter(()),
-                          image_fn=image_fn, **common)
-        params = res.state.params
+      trained = common.select(params, stage.trainable)
+      if done:
+        state = stage.abstract_state(params)
+        it = iter(())
       else:
-        loss_fn = hook(stage, S.segmentation_loss_fn(model, m, sc))
-        val_batches = lambda: eval_iterable(config, val_source)  # noqa: E731
-        it = None
-        cache = None
-        if not done:
-          cache = EC.maybe_build(config, workdir, model, params, spec, mesh, val_source,
-                                 progress=progress)
-          if cache is not None:
-            it = iter(cache.train_loader(config))
-            val_batches = cache.val_batches  # noqa: E731
-            loss_fn = EC.with_embeddings(loss_fn)
-          else:
-            it = train_iterator(config, spec, stage)
+        say(f"== stage '{name}': {stage.num_steps} steps (batch {stage.batch_size}), lr "
+            f"{stage.lr}, trains {count_params(trained) / 1e6:.3f} M of "
+            f"{count_params(params) / 1e6:.2f} M params ({', '.join(stage.trainable)})"
+            + "".join(f"; {n}" for n in stage.notes))
+        state = stage.init_state(trained)
+        it = stage.iterator(params)
+      frozen = stage.frozen(params)
 
-        def eval_fn(state):
-          r = run_eval(eval_step, state.params, val_batches(),
-                       num_classes=int(m.num_classes), saliency=False, mesh=mesh)
-          cm = r["cm"]
-          return {"val_miou": cm.miou(), "val_pixel_acc": cm.pixel_accuracy()}
+      def full(st, stage=stage):
+        return common.merge(params, stage.model_params(st))
 
-        state = _new_state(lambda p: T.TrainState.create(p, tx, rng), params)
-        step_fn = T.make_train_step(loss_fn, tx, mesh, trainable=mask, pass_step=True)
-        res = T.run_stage(state=state, train_step=step_fn, data_iter=it or iter(()),
-                          eval_fn=eval_fn, eval_every=int(config.train.eval_every),
-                          image_fn=image_fn, **common)
-        params = res.state.params
+      step_fn = step_hook(name, stage.train_step) if step_hook else stage.train_step
+      res = loop.run_stage(
+          name=name, state=state, train_step=step_fn, data_iter=it, frozen=frozen,
+          num_steps=stage.num_steps, mesh=mesh, checkpointer=ckpt, workdir=workdir,
+          eval_fn=(lambda st, stage=stage: stage.eval_fn(full(st))) if stage.eval_fn else None,
+          eval_every=stage.eval_every, log_every=int(config.train.log_every),
+          image_fn=(lambda st, step: tiles(full(st))) if tiles is not None and name != "tokenizer"
+          else None,
+          image_every=image_every, learning_rate=stage.lr, progress=progress,
+          shard_fn=lambda b: mesh_lib.shard_batch(D.strip_batch(b), mesh))
+      params = full(res.state)
     dt = time.perf_counter() - t0
-    results[stage] = {"skipped": res.skipped, "steps": n_steps, "seconds": dt,
-                      "last_eval": res.last_eval}
+    results[name] = {"skipped": res.skipped, "steps": stage.num_steps, "seconds": dt,
+                     "last_eval": res.last_eval}
     if res.skipped:
-      say(f"== stage '{stage}' already complete ({res.restored_step} steps); skipped")
+      say(f"== stage '{name}' already complete ({res.restored_step} steps); skipped")
     else:
       extra = f"; val {res.last_eval}" if res.last_eval else ""
-      say(f"== stage '{stage}' done in {dt:.1f} s{extra}")
+      say(f"== stage '{name}' done in {dt:.1f} s{extra}")
   del params
-
   evaluation = None
   if config.eval.get("after_training", False):
-    evaluation = evaluate(config, workdir, "best", config.eval.split, mesh=mesh, model=model,
-                          eval_step=eval_step)
+    evaluation = evaluate(config, workdir, "best", config.eval.split, ctx=ctx,
+                          evaluator=evaluator)
   return TrainResult(results, evaluation, time.perf_counter() - t_start)
-
-
-# --------------------------------------------------------------------------------------------
-# Restore + evaluate
-# --------------------------------------------------------------------------------------------
 
 
 def parse_checkpoint_arg(value: str | int) -> str | int:
@@ -578,110 +177,78 @@ def parse_checkpoint_arg(value: str | int) -> str | int:
     raise ValueError(f"--checkpoint {value!r}: expected best, latest or a step number") from None
 
 
-def restore_params(config, workdir: str, which: str | int = "best", *, model=None,
-                   mesh=None) -> tuple[PyTree, int, str]:
-  """Restores the segmentation stage's params. Returns (params, step, what) where `what`
-  says which checkpoint was used ("best", "latest" or "step N")."""
+def restore_params(config, workdir: str, which: str | int = "best", *,
+                   ctx: common.Context | None = None) -> tuple[PyTree, int, str]:
+  """A trained run's full params: the SAM weights (checked against the workdir's record),
+  the seeded init, each stage's final params and checkpoint `which` ("best" by val mIoU,
+  "latest" or a step) of the segmentation stage. Returns (params, step, what)."""
   workdir = os.fspath(workdir)
-  directory = os.path.join(workdir, "checkpoints", "segmentation")
-  steps = []
-  if os.path.isdir(directory):
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-  if not steps:
+  seg_dir = W.stage_dir(workdir, "segmentation")
+  if not (os.path.isdir(seg_dir) and any(d.isdigit() for d in os.listdir(seg_dir))):
     raise NoCheckpointError(
-        f"no segmentation-stage checkpoint in {directory}: train first with\n"
-        f"  python -m fusionsam_jax.train --config CONFIG --workdir {workdir}")
-  model = model or build_model(config)
-  mesh = mesh or T.make_mesh()
-  abstract = abstract_params(config, model)
-  _, tx = stage_optimizer(config, "segmentation", abstract)
-  template = jax.eval_shape(lambda p: T.TrainState.create(p, tx, 0), abstract)
-  with stage_checkpointer(config, workdir, "segmentation") as ckpt:
-    what = which
-    if which == "best" and ckpt.best_step() is None:
-      log.warning("no checkpoint has a val_miou; using the latest")
-      what = "latest"
-    try:
-      restored = ckpt.restore(template, what, mesh=mesh)
-    except T.CheckpointRestoreError as e:
-      raise NoCheckpointError(str(e)) from None
-  if restored is None:
-    raise NoCheckpointError(f"no usable checkpoint in {directory}")
+        f"no segmentation-stage checkpoint in {seg_dir}: train first with `python -m "
+        f"fusionsam_jax.train --config CONFIG --workdir {workdir}`")
+  sam_path = factory.sam_weights_path(config)
+  W.check_sam_weights(workdir, sam_path)
+  ctx = ctx or context(config, workdir, data=False, progress=False)
+  params = factory.init_params(config, ctx.model)
+  step, what = 0, which
+  for name in S.STAGES:
+    stage = build_stage(ctx, name, **({"with_perceptual": False} if name == "tokenizer" else {}))
+    if stage is None:
+      continue
+    last = name == "segmentation"
+    with W.stage_checkpointer(config, workdir, name, best_k=stage.best_k) as ckpt:
+      if not last and not ckpt.all_steps():
+        continue  # a stage configured with 0 steps: its params are the initial ones
+      if not last and not ckpt.is_stage_done():
+        raise NoCheckpointError(f"stage '{name}' of {workdir} is not complete; re-run train")
+      what = which if last else "latest"
+      if last and which == "best" and ckpt.best_step() is None:
+        say("note: no checkpoint has a val_miou; using the latest")
+        what = "latest"
+      try:
+        trained, step = _restore_trained(ckpt, stage, params, what, ctx.mesh)
+      except checkpointing.CheckpointRestoreError as e:
+        raise NoCheckpointError(str(e)) from None
+    params = common.merge(params, trained)
   label = what if isinstance(what, str) else f"step {what}"
-  return restored.state.params, restored.step, label
-
-
-def load_workdir_config(workdir: str):
-  path = os.path.join(os.fspath(workdir), "config.json")
-  if not os.path.isfile(path):
-    raise SetupError(f"{path} does not exist: {workdir} is not a training workdir "
-                     "(python -m fusionsam_jax.train --config ... --workdir ...)")
-  with open(path) as f:
-    record = json.load(f)
-  return config_lib.config_from_dict(record["config"])
-
-
-def check_config_matches(config, workdir: str) -> None:
-  """Raises `ConfigMismatchError` if `config` differs from the workdir's stored config."""
-  from fusionsam_jax.training.guards import config_fingerprint
-  path = os.path.join(os.fspath(workdir), "config.json")
-  if not os.path.isfile(path):
-    return
-  with open(path) as f:
-    stored = json.load(f)["config"]
-  if config_fingerprint(stored, MUTABLE_CONFIG_KEYS) != config_fingerprint(
-      config, MUTABLE_CONFIG_KEYS):
-    from fusionsam_jax.training.guards import _drop, _flatten, config_to_dict
-    a = _drop(_flatten(stored), MUTABLE_CONFIG_KEYS)
-    b = _drop(_flatten(config_to_dict(config)), MUTABLE_CONFIG_KEYS)
-    diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
-    raise T.ConfigMismatchError(
-        f"workdir {workdir} was trained with a different config ({path}): "
-        + "; ".join(diff[:20]) + ". Pass the config it was trained with (or none: the "
-        "stored one is used).")
+  return params, step, label
 
 
 def evaluate(config, workdir: str, which: str | int = "best", split: str = "test", *,
-             mesh=None, model=None, eval_step=None, print_table: bool = True) -> dict:
-  """Evaluates a segmentation checkpoint on `split` at full resolution; prints the IoU table
-  (and SOD metrics for saliency) and writes ``workdir/eval_<split>_<which>.json``."""
+             ctx: common.Context | None = None, evaluator: E.Evaluator | None = None,
+             print_table: bool = True) -> dict:
+  """Evaluates a run at full resolution on `split`; prints the IoU table (and SOD metrics
+  for saliency), writes ``workdir/eval_<split>_<which>.json``."""
   from fusionsam_jax.data.info import get_info
   from fusionsam_jax.metrics.miou import format_iou_table, write_json_atomic
   workdir = os.fspath(workdir)
-  mesh = mesh or T.make_mesh()
-  model = model or build_model(config)
-  params, step, what = restore_params(config, workdir, which, model=model, mesh=mesh)
-  spec = ensure_data(config)
-  info = get_info(spec.name)
-  source = spec.source(split)
+  ctx = ctx or context(config, workdir, progress=False)
+  params, step, what = restore_params(config, workdir, which, ctx=ctx)
+  info = get_info(ctx.spec.name)
+  evaluator = evaluator or E.Evaluator(ctx.model, config, ctx.mesh)
   t0 = time.perf_counter()
-  eval_step = eval_step or make_eval_step(model, config, mesh)
-  saliency = config.model.task == "saliency"
-  r = run_eval(eval_step, params, eval_iterable(config, source),
-               num_classes=int(config.model.num_classes), saliency=saliency, mesh=mesh)
-  cm = r["cm"]
-  names = list(info.class_names)
-  summary = cm.summary(names)
-  summary.update(split=split, checkpoint=what, step=int(step), num_images=r["num_images"],
-                 dataset=spec.name, generated=spec.generated,
-                 modalities=list(config.model.modalities), seconds=time.perf_counter() - t0)
-  if saliency:
-    summary["sod"] = {k: float(v) for k, v in r["sod"].items()}
+  r = evaluator.run(params, D.eval_iterable(config, ctx.spec.source(split)))
+  summary = E.summary(r, info.class_names, split=split, checkpoint=what, step=int(step),
+                      dataset=ctx.spec.name, generated=ctx.spec.generated,
+                      modalities=list(config.model.modalities),
+                      seconds=time.perf_counter() - t0)
   tag = what if isinstance(which, str) else str(which)
   path = os.path.join(workdir, f"eval_{split}_{tag}.json")
-  if _primary():
+  if jax.process_index() == 0:
     write_json_atomic(summary, path)
   if print_table:
-    label = f"FusionSAM ({'+'.join(config.model.modalities)})"
-    say(f"\n{spec.name} {split} split, {r['num_images']} images, checkpoint {what} "
+    cm = r["cm"]
+    say(f"\n{ctx.spec.name} {split} split, {r['num_images']} images, checkpoint {what} "
         f"(step {step}):")
-    say(format_iou_table(cm.iou(), names, miou=cm.miou(), method=label))
+    say(format_iou_table(cm.iou(), list(info.class_names), miou=cm.miou(),
+                         method=f"FusionSAM ({'+'.join(config.model.modalities)})"))
     say(f"pixel accuracy {cm.pixel_accuracy() * 100:.2f}%")
-    if saliency and summary.get("sod"):
-      s = summary["sod"]
+    if summary.get("sod"):
       say("S-measure {Sm:.4f}  MAE {MAE:.4f}  E-measure adp/mean/max {adpEm:.4f}/{meanEm:.4f}/"
-          "{maxEm:.4f}  F-measure adp/mean/max {adpFm:.4f}/{meanFm:.4f}/{maxFm:.4f}".format(**s))
+          "{maxEm:.4f}  F-measure adp/mean/max {adpFm:.4f}/{meanFm:.4f}/{maxFm:.4f}".format(
+              **summary["sod"]))
     say(f"wrote {path}")
   summary["path"] = path
   return summary

@@ -159,17 +159,19 @@ class Predictor:
 
   def __init__(self, workdir: str, checkpoint: str | int = "best", config=None):
     import jax
-    from fusionsam_jax import experiment, stages
+    from fusionsam_jax import experiment, workdir as W
     from fusionsam_jax.data.info import get_info
-    self.config = config if config is not None else experiment.load_workdir_config(workdir)
-    self.model = experiment.build_model(self.config)
+    from fusionsam_jax.models.functional import predict_fn
+    self.config = config if config is not None else W.load_config(workdir)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    ctx = experiment.context(self.config, workdir, mesh=mesh, data=False, progress=False)
+    self.model = ctx.model
     self.params, self.step, self.which = experiment.restore_params(
-        self.config, workdir, checkpoint, model=self.model, mesh=mesh)
+        self.config, workdir, checkpoint, ctx=ctx)
     self.info = get_info(self.config.dataset)
     self.modalities = tuple(self.config.model.modalities)
     self.pad_multiple = int(self.config.eval.pad_multiple)
-    self._predict = jax.jit(stages.predict_fn(self.model))
+    self._predict = jax.jit(predict_fn(self.model))
 
   def __call__(self, element: dict) -> dict:
     """element: modality -> uint8 (H, W, C). Returns pred (H, W) int32, fused (H, W, 3)
@@ -226,13 +228,14 @@ def main(argv=None) -> int:
   p.add_argument("--grey-policy", default="strict", choices=("strict", "luma"),
                  help="thermal/depth images stored in colour: error (strict) or luma")
   a = p.parse_args(argv)
-  from fusionsam_jax import experiment
+  from fusionsam_jax import experiment, workdir as W
   from fusionsam_jax.cli_common import quiet_logs
+  from fusionsam_jax.sam_checkpoint import CheckpointError
   from fusionsam_jax.data import DatasetError
   quiet_logs()
   try:
     which = experiment.parse_checkpoint_arg(a.checkpoint)
-    config = experiment.load_workdir_config(a.workdir)
+    config = W.load_config(a.workdir)
     mods = tuple(config.model.modalities)
     if a.inputs:
       samples = samples_from_files(a.inputs, mods, a.grey_policy)
@@ -241,7 +244,8 @@ def main(argv=None) -> int:
     predictor = Predictor(a.workdir, which, config=config)
     for name, el in samples:
       predictor.write(name, el, a.out)
-  except (experiment.SetupError, DatasetError, InputError, FileNotFoundError, ValueError) as e:
+  except (experiment.SetupError, CheckpointError, DatasetError, InputError, FileNotFoundError,
+          ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {len(samples)} prediction(s) to {a.out} (checkpoint {predictor.which}, "

@@ -27,15 +27,15 @@ from fusionsam_jax.cli_common import EXIT_CONFIG, EXIT_ERROR, EXIT_NONFINITE, qu
 
 
 def run(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
-        loss_hook=None) -> int:
-  """Trains; returns the exit status (prints errors). `loss_hook`: see `experiment.train`."""
+        step_hook=None) -> int:
+  """Trains; returns the exit status (prints errors). `step_hook`: see `experiment.train`."""
   from fusionsam_jax import experiment
   from fusionsam_jax import training as T
   from fusionsam_jax.data import DatasetError
   from fusionsam_jax.sam_checkpoint import CheckpointError
   try:
     result = experiment.train(config, workdir, allow_config_change=allow_config_change,
-                              progress=progress, loss_hook=loss_hook)
+                              progress=progress, step_hook=step_hook)
   except T.NonFiniteLossError as e:
     print(f"error: training stopped: {e}. Lower the learning rate or check the data, then "
           "re-run the same command to resume from that checkpoint.", file=sys.stderr)

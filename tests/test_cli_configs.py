@@ -49,11 +49,22 @@ def test_paper_defaults():
   c = load("mfnet").get_config()
   seg = c.train.stages.segmentation
   assert (seg.lr, seg.weight_decay, c.train.batch_size) == (1e-4, 1e-3, 4)
-  assert seg.num_steps == 100 * (784 // 4)
+  assert seg.num_steps is None and seg.num_epochs == 100
+  # Durations are epochs, turned into steps from the data's size at run time: MFNet's 784
+  # training pairs at batch 4 are 196 steps an epoch; batch 8 keeps 100 epochs.
+  from fusionsam_jax.data.spec import eval_every_steps, stage_steps
+  assert stage_steps(c, "segmentation", 784) == 19600
+  c8 = load("mfnet").get_config()
+  c8.train.batch_size = 8
+  assert stage_steps(c8, "tokenizer", 784) == 9800 and eval_every_steps(c8, 784) == 5 * 98
+  c8.train.stages.fusion.num_steps = 30
+  assert stage_steps(c8, "fusion", 784) == 30
   assert c.model.sam_variant == "vit_h" and c.model.encoder_dtype == "bfloat16"
-  assert c.model.attn_impl == "cudnn" and c.model.freeze_fmp_in_segmentation
+  # Eq. 1 jointly by default; the official code's staged mode is a variant.
+  assert c.model.attn_impl == "cudnn" and not c.model.freeze_fmp_in_segmentation
+  assert load("mfnet").get_config("staged").model.freeze_fmp_in_segmentation
   assert c.perceptual_weights is None and c.get("generate") is None
-  assert load("fmb").get_config().train.stages.fusion.num_steps == 100 * (1098 // 4)
+  assert stage_steps(load("fmb").get_config(), "fusion", 1098) == 100 * (1098 // 4)
   assert load("vdt").get_config().model.task == "saliency"
   d = load("demo").get_config()
   assert d.generate.num > 0 and d.model.allow_random_sam and d.model.sam_checkpoint is None

@@ -52,10 +52,11 @@ def test_train_runs_all_stages_and_evaluates(trained):
 
 def test_evaluate_json_matches_predictions(trained, capsys):
   from fusionsam_jax import evaluate as ev
-  from fusionsam_jax import experiment, predict
+  from fusionsam_jax import predict
+  from fusionsam_jax import workdir as W
   from fusionsam_jax.metrics.miou import ConfusionMatrix, load_label_png
   work = trained["work"]
-  cfg = experiment.load_workdir_config(str(work))
+  cfg = W.load_config(str(work))
   assert ev.run(None, str(work), "latest", "test") == 0
   printed = capsys.readouterr().out
   assert "mIoU(%)" in printed and "checkpoint latest" in printed
@@ -146,9 +147,10 @@ def test_missing_dataset_and_sam_weights_messages(tmp_path, capsys):
   c = mod.get_config()
   c.data_dir = str(tmp_path / "nothing")
   c.model.sam_checkpoint = str(tmp_path / "ckpt" / "sam_vit_h")
-  from fusionsam_jax import experiment
-  with pytest.raises(experiment.SamWeightsMissingError, match="convert_sam_weights.py"):
-    experiment.check_sam_weights(c)
+  from fusionsam_jax.errors import SamWeightsMissingError
+  from fusionsam_jax.models import factory
+  with pytest.raises(SamWeightsMissingError, match="convert_sam_weights.py"):
+    factory.sam_weights_path(c)
 
 
 def test_nonfinite_loss_stops_with_step_and_term(trained, tmp_path, capsys):
@@ -156,16 +158,18 @@ def test_nonfinite_loss_stops_with_step_and_term(trained, tmp_path, capsys):
   import jax.numpy as jnp
   from fusionsam_jax import train
 
-  def inject_nan(stage, loss_fn):  # the fusion loss's first term turns NaN at update 2
+  def inject_nan(stage, step_fn):  # a fusion loss term turns NaN at update 2
     if stage != "fusion":
-      return loss_fn
+      return step_fn
 
-    def wrapped(params, batch, rng, step):
-      loss, aux = loss_fn(params, batch, rng, step)
-      aux = dict(aux)
-      k = sorted(aux)[0]
-      aux[k] = jnp.where(step + 1 == 2, jnp.nan, aux[k])
-      return jnp.where(step + 1 == 2, jnp.nan, loss), aux
+    def wrapped(state, frozen, batch):
+      new, metrics = step_fn(state, frozen, batch)
+      metrics = dict(metrics)
+      bad = new.step == 2
+      k = sorted(k for k in metrics if k not in ("loss", "grad_norm"))[0]
+      metrics[k] = jnp.where(bad, jnp.nan, metrics[k])
+      metrics["loss"] = jnp.where(bad, jnp.nan, metrics["loss"])
+      return new, metrics
     return wrapped
 
   # Start from the trained run's tokenizer stage (copied), so only the fusion stage runs.
@@ -176,7 +180,7 @@ def test_nonfinite_loss_stops_with_step_and_term(trained, tmp_path, capsys):
   cfg = tiny_config(trained["data"])
   cfg.train.checkpoint_every = 1
   cfg.train.log_every = 1
-  assert train.run(cfg, str(work), progress=False, loss_hook=inject_nan) == 3
+  assert train.run(cfg, str(work), progress=False, step_hook=inject_nan) == 3
   captured = capsys.readouterr()
   err = captured.err
   assert "non-finite loss term" in err and "at step 2" in err

@@ -8,7 +8,19 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from fusionsam_jax import stages
+from fusionsam_jax.models import functional as F
+from fusionsam_jax.stages import common as C
+from fusionsam_jax.stages import fusion as fusion_stage
+from fusionsam_jax.stages import segmentation as seg_stage
+from fusionsam_jax.stages import tokenizer as tok_stage
+
+STAGE_TRAINABLE = {"tokenizer": tok_stage.trainable, "fusion": fusion_stage.trainable,
+                   "segmentation": seg_stage.trainable}
+
+
+def _seg_loss(model, cfg):
+  return seg_stage.loss_fn(model, cfg, ConfigDict(dict(dice_weight=1.0)),
+                           ConfigDict(dict(weights=None)))
 from fusionsam_jax.models.fusionsam import (CHANNELS, FusionSAM, build_model, dummy_images,
                                             init_discriminators, init_params, load_sam_weights)
 from fusionsam_jax.metrics.miou import ConfusionMatrix
@@ -75,9 +87,9 @@ def test_segmentation_gradients(built):
   batch = _batch(cfg)
   for freeze in (True, False):
     c = tiny_cfg(freeze_fmp_in_segmentation=freeze)
-    loss_fn = stages.segmentation_loss_fn(model, c, ConfigDict(dict(dice_weight=1.0)))
-    grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(0))[0])(params)
-    for name in stages.trainable("segmentation", c):
+    loss_fn = _seg_loss(model, c)
+    grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(0), 0)[0])(params)
+    for name in seg_stage.trainable(c):
       top, *rest = name.split("/")
       sub = grads[top]
       for r in rest:
@@ -85,19 +97,20 @@ def test_segmentation_gradients(built):
       assert _nonzero(sub), (freeze, name)
     # The SAM image encoder gets exactly zero gradient: it is frozen and never differentiated.
     assert not _nonzero(grads["image_encoder"])
-    assert not _nonzero(grads["tokenizer_rgb"]) and not _nonzero(grads["tokenizer_thermal"])
-    assert _nonzero(grads["fmp"]) == (not freeze)
+    # Eq. 1 jointly (not frozen): f_s + f_f reach the tokenizers, FMP and the fused decoder.
+    for name in ("tokenizer_rgb", "tokenizer_thermal", "fmp", "fused_decoder"):
+      assert _nonzero(grads[name]) == (not freeze), (freeze, name)
 
 
 def test_fusion_and_tokenizer_gradients(built):
   cfg, model, params = built
   batch = _batch(cfg)
-  f = stages.fusion_loss_fn(model, cfg, ConfigDict(dict(weights=None)))
-  grads = jax.grad(lambda p: f(p, batch, None)[0])(params)
+  f = fusion_stage.loss_fn(model, cfg, ConfigDict(dict(weights=None)))
+  grads = jax.grad(lambda p: f(p, batch, None, 0)[0])(params)
   assert _nonzero(grads["fmp"]) and _nonzero(grads["fused_decoder"])
   assert not _nonzero(grads["tokenizer_rgb"]) and not _nonzero(grads["image_encoder"])
   disc = init_discriminators(cfg, jax.random.PRNGKey(1), (32, 48))
-  g_fn, d_fn = stages.tokenizer_losses(model, cfg, ConfigDict(dict(disc_start=0, disc_weight=0.8)))
+  g_fn, d_fn = tok_stage.losses_fn(model, cfg, ConfigDict(dict(disc_weight=0.8)), 0)
   (loss, (aux, carry)), gg = jax.value_and_grad(
       lambda p: g_fn(p, disc, batch, None, jnp.asarray(5)), has_aux=True)(params)
   for m in cfg.modalities:
@@ -110,7 +123,7 @@ def test_fusion_and_tokenizer_gradients(built):
   assert all(_nonzero(dg[m]) for m in cfg.modalities)
   # Before the discriminator start step the adversarial terms are off.
   dg0 = jax.grad(lambda d: d_fn(d, carry, batch, None, jnp.asarray(5))[0])
-  g0, d0 = stages.tokenizer_losses(model, cfg, ConfigDict(dict(disc_start=10, disc_weight=0.8)))
+  g0, d0 = tok_stage.losses_fn(model, cfg, ConfigDict(dict(disc_weight=0.8)), 10)
   assert not _nonzero(jax.grad(lambda d: d0(d, carry, batch, None, jnp.asarray(5))[0])(disc))
 
 
@@ -257,19 +270,19 @@ def test_ablations_and_single_modality_take_a_step(over):
   model = build_model(cfg)
   params = init_params(model, jax.random.PRNGKey(0), (32, 48))
   batch = _batch(cfg)
-  names = {s: stages.trainable(s, cfg) for s in stages.STAGES}
+  names = {s: fn(cfg) for s, fn in STAGE_TRAINABLE.items()}
   if over.get("tokenizer_kind") == "patch":
-    assert names["tokenizer"] == [] and "patch_embed_rgb" in names["fusion"]
+    assert names["tokenizer"] == () and "patch_embed_rgb" in names["fusion"]
   if len(cfg.modalities) == 1 or over.get("fusion") == "concat":
     assert "concat_fusion" in params and "fmp" not in params
-  loss_fn = stages.segmentation_loss_fn(model, cfg, ConfigDict(dict(dice_weight=1.0)))
+  loss_fn = _seg_loss(model, cfg)
   opt = optax.adam(1e-3)
   st = opt.init(params)
-  l0, g = jax.value_and_grad(lambda p: loss_fn(p, batch, None)[0])(params)
+  l0, g = jax.value_and_grad(lambda p: loss_fn(p, batch, None, 0)[0])(params)
   upd, st = opt.update(g, st, params)
   p1 = optax.apply_updates(params, upd)
   assert np.isfinite(float(l0))
-  assert np.isfinite(float(loss_fn(p1, batch, None)[0]))
+  assert np.isfinite(float(loss_fn(p1, batch, None, 0)[0]))
 
 
 def test_overfits_one_generated_batch():
@@ -279,32 +292,33 @@ def test_overfits_one_generated_batch():
   rounding order in the optimizer); at 250 it reaches 1.0 either way."""
   from fusionsam_jax.data import generate_elements
   els = generate_elements("mfnet", 2, seed=3, height=64, width=64)
-  cfg = tiny_cfg(num_classes=9, freeze_fmp_in_segmentation=False)
+  cfg = tiny_cfg(num_classes=9, freeze_fmp_in_segmentation=True)
   batch = {m: np.stack([e[m] for e in els]) for m in cfg.modalities}
   batch["label"] = np.stack([e["label"] for e in els]).astype(np.int32)
   model = build_model(cfg)
   params = init_params(model, jax.random.PRNGKey(0), (64, 64))
-  loss_fn = stages.segmentation_loss_fn(model, cfg, ConfigDict(dict(dice_weight=1.0)))
-  names = stages.trainable("segmentation", cfg)
-  from fusionsam_jax.training import make_optimizer, trainable_mask
-  mask = trainable_mask(params, names)
-  opt = make_optimizer(3e-3, 0.0, mask)
+  loss_fn = _seg_loss(model, cfg)
+  names = seg_stage.trainable(cfg)
+  opt = C.make_optimizer(3e-3, 0.0)
   # Embeddings don't change (frozen SAM, fused image from the frozen decoder): compute once.
-  emb = jax.jit(stages.embed_fn(model))(params, batch)
-  batch["image_embeddings"] = emb
+  batch.update(jax.jit(F.cache_fn(model))(params, batch))
+  frozen = C.drop(params, names)
 
   @jax.jit
   def step(p, s):
-    (l, _), g = jax.value_and_grad(lambda p: loss_fn(p, batch, None), has_aux=True)(p)
+    (l, _), g = jax.value_and_grad(lambda p: loss_fn(C.merge(frozen, p), batch, None, 0),
+                                   has_aux=True)(p)
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s, l
 
-  state = opt.init(params)
+  trained = C.select(params, names)
+  state = opt.init(trained)
   first = None
   for _ in range(250):
-    params, state, loss = step(params, state)
+    trained, state, loss = step(trained, state)
     first = float(loss) if first is None else first
-  pred = np.asarray(jax.jit(stages.predict_fn(model))(params, batch)["pred"])
+  params = C.merge(params, trained)
+  pred = np.asarray(jax.jit(F.predict_fn(model))(params, batch)["pred"])
   cm = ConfusionMatrix(9)
   cm.update(pred, batch["label"])
   assert float(loss) < first / 10, (first, float(loss))
@@ -331,12 +345,12 @@ def test_zero_shot_baseline_on_fused_image(built):
 
 
 def test_frozen_fusion_dtype(built):
-  """`stages.frozen_fusion`: float32 is exactly tokenize -> fuse; bfloat16 (the GPU fast
+  """`functional.frozen_fusion`: float32 is exactly tokenize -> fuse; bfloat16 (the GPU fast
   path) returns float32, picks the same codes for almost every token (the codebook search
   stays float32; bf16 rounding of the encoder output can still flip near-ties) and, from
   the same codes, computes the fusion to bf16 tolerance."""
   cfg, model, params = built
-  images = stages.inputs_from_batch(_batch(cfg, b=2, seed=3), cfg.modalities)
+  images = F.inputs_from_batch(_batch(cfg, b=2, seed=3), cfg.modalities)
 
   def direct(p, x):
     lat = model.apply({"params": p}, x, method=FusionSAM.tokenize)
@@ -344,12 +358,12 @@ def test_frozen_fusion_dtype(built):
 
   with jax.default_matmul_precision("highest"):
     ref = jax.jit(direct)(params, images)
-    out32 = jax.jit(lambda p, x: stages.frozen_fusion(model, p, x))(params, images)
+    out32 = jax.jit(lambda p, x: F.frozen_fusion(model, p, x))(params, images)
   for k in ("fusion", "fused"):
     np.testing.assert_array_equal(np.asarray(out32[k]), np.asarray(ref[k]))
   m16 = build_model(tiny_cfg(fusion_dtype="bfloat16"))
   assert m16.fusion_dtype == "bfloat16"
-  out16 = jax.jit(lambda p, x: stages.frozen_fusion(m16, p, x))(params, images)
+  out16 = jax.jit(lambda p, x: F.frozen_fusion(m16, p, x))(params, images)
   assert all(v.dtype == jnp.float32 for v in out16.values())
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   i16 = {m: x.astype(jnp.bfloat16) for m, x in images.items()}

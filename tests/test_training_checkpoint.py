@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from fusionsam_jax import training as T
+from fusionsam_jax.stages import common as C
 
 
 def _state(v: float):
   params = {"enc": {"w": jnp.full((3, 2), v)}, "head": {"b": jnp.full((2,), v)}}
-  tx = T.make_optimizer(1e-3, 1e-3, T.trainable_mask(params, "head"))
+  tx = C.make_optimizer(1e-3, 1e-3)
   return T.TrainState.create(params, tx, rng=0).replace(step=jnp.int32(int(v)))
 
 

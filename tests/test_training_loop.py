@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 
 from fusionsam_jax import training as T
-from fusionsam_jax.training import _toy
+import _toy
+from fusionsam_jax.stages import common as C
 
 
 def _setup(tmp_path, num_steps):
   model = _toy.ToyModel()
   params = dict(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))["params"])
-  tx = T.make_optimizer(1e-2, 1e-3, None)
+  tx = C.make_optimizer(1e-2, 1e-3)
   state = T.TrainState.create(params, tx, rng=0)
   mesh = T.make_mesh(jax.devices()[:1])
-  step = T.make_train_step(_toy.make_loss_fn(model), tx, mesh, pass_step=True)
+  step = C.make_train_step(_toy.make_loss_fn(model), tx, mesh)
   it = _toy.make_loader(8, seed=0, kind="dataset")
   ckpt = T.StageCheckpointer(tmp_path / "ck", save_interval_steps=100, keep_latest=1,
                              best_k=1, stage="s")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fusionsam_jax import training as T
-from fusionsam_jax.training import _toy
+import _toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,7 @@ def test_eight_devices_match_one_device(tmp_path):
   out = tmp_path / "eq8.npz"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  subprocess.run([sys.executable, "-m", "fusionsam_jax.training._toy", "--workdir",
+  subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "_toy.py"), "--workdir",
                   str(tmp_path), "--equivalence_out", str(out)],
                  check=True, env=env, cwd=ROOT, timeout=300)
   eight = dict(np.load(out))

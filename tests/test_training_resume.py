@@ -16,7 +16,7 @@ ARGS = ["--steps_a", "8", "--steps_b", "12", "--save_every", "4"]
 
 
 def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "fusionsam_jax.training._toy", "--workdir", str(workdir),
+  return [sys.executable, os.path.join(os.path.dirname(__file__), "_toy.py"), "--workdir", str(workdir),
           *ARGS, *extra]
 
 

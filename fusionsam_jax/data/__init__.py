@@ -19,7 +19,7 @@ _LAZY = {
     "train_loader": "pipeline", "eval_loader": "pipeline", "num_eval_batches": "pipeline",
     "process_shard_options": "pipeline",
     "load_source": "sources", "InMemorySource": "sources",
-    "prepare_dataset": "prepare", "is_prepared": "prepare", "dataset_dir": "prepare",
+    "prepare_dataset": "prepare", "is_prepared": "paths", "dataset_dir": "paths",
     "generate_dataset": "generate", "generate_scene": "generate",
     "generate_elements": "generate", "split_indices": "generate",
 }

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from fusionsam_jax.data import info as info_lib
 from fusionsam_jax.data import layouts
 
-VERSION = "1.0.0"
+from fusionsam_jax.data.paths import VERSION  # noqa: E402
 
 
 def _features(info: info_lib.DatasetInfo) -> tfds.features.FeaturesDict:

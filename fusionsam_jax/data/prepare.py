@@ -18,18 +18,9 @@ import tempfile
 from fusionsam_jax.data import info as info_lib
 from fusionsam_jax.data import layouts
 from fusionsam_jax.data.io import GREY_POLICIES, DatasetError, LayoutError
+from fusionsam_jax.data.paths import dataset_dir, is_prepared  # noqa: F401 (re-exported)
 
 IF_EXISTS = ("error", "skip", "overwrite")
-
-
-def dataset_dir(name: str, data_dir) -> str:
-    """``data_dir/<name>/<version>``, where a prepared dataset lives."""
-    from fusionsam_jax.data.builders import VERSION
-    return os.path.join(os.fspath(data_dir), info_lib.get_info(name).name, VERSION)
-
-
-def is_prepared(name: str, data_dir) -> bool:
-    return os.path.isfile(os.path.join(dataset_dir(name, data_dir), "dataset_info.json"))
 
 
 def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "strict",

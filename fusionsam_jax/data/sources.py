@@ -18,7 +18,7 @@ def load_source(name: str, split: str, data_dir) -> Sequence[dict]:
     """
     import tensorflow_datasets as tfds
 
-    from fusionsam_jax.data.prepare import dataset_dir, is_prepared
+    from fusionsam_jax.data.paths import dataset_dir, is_prepared
 
     name = info_lib.get_info(name).name
     if not is_prepared(name, data_dir):

@@ -111,6 +111,18 @@ class FusionSAM(nn.Module):
         out[m] = getattr(self, f"patch_embed_{m}")(images[m])
     return out
 
+  def tokenize_vq(self, images: Mapping[str, Any]):
+    """As `tokenize`, plus each tokenizer's Eq. 6 term (codebook + beta * commitment):
+    ({m: z_q (B, h, w, d_c)}, {m: vq_loss ()}); zero terms for patch embeddings."""
+    out, vq = {}, {}
+    for m in self.modalities:
+      if self.tokenizer_kind == "lstg":
+        q = getattr(self, f"tokenizer_{m}").encode(images[m])
+        out[m], vq[m] = q["z_q"], q["vq_loss"]
+      else:
+        out[m], vq[m] = getattr(self, f"patch_embed_{m}")(images[m]), jnp.zeros(())
+    return out, vq
+
   # --- stage 2: fusion -----------------------------------------------------------------
   def fuse(self, latents: Mapping[str, Any], images: Optional[Mapping[str, Any]] = None):
     """{m: (B, h, w, d_c)} -> dict(fusion (B, h, w, d_c), fused (B, H, W, 3) ~[0, 1]).
@@ -342,14 +354,37 @@ def init_discriminators(model_cfg, rng, image_hw: Tuple[int, int]):
   return out
 
 
-def load_sam_weights(params, sam_ckpt_dir: str, model_cfg=None):
-  """Copies converted SAM weights into FusionSAM's SAM-derived parts.
+def _take(own, loaded, where: str):
+  """`own`'s tree with each leaf replaced by `loaded`'s leaf at the same path.
 
-  image_encoder: as is. prompt_encoder: as is, except mask_downscaling's first conv, which
-  takes d_c channels here: SAM's 1-channel kernel is spread over the d_c inputs (divided by
-  d_c, so a constant map gives SAM's response). mask_decoder: transformer and
-  output_upscaling as is; class token i and hypernetwork MLP i start from SAM's mask token /
-  MLP (i mod num_mask_tokens). Raises CheckpointError if the sizes don't fit.
+  The result has exactly `own`'s structure (what `init_params` and every checkpoint template
+  build): SAM subtrees the model never uses (e.g. the prompt encoder's padding-point
+  embedding) are left out rather than grafted in. Raises CheckpointError when a leaf the
+  model has is missing in `loaded` or has another shape."""
+  from fusionsam_jax.sam_checkpoint import CheckpointError
+  if not isinstance(own, Mapping):
+    if np.shape(own) != np.shape(loaded):
+      raise CheckpointError(f"SAM weights: {where} has shape {tuple(np.shape(loaded))}, the "
+                            f"model expects {tuple(np.shape(own))}")
+    return jnp.asarray(loaded)
+  if not isinstance(loaded, Mapping):
+    raise CheckpointError(f"SAM weights: {where} is a leaf, the model expects a subtree")
+  missing = sorted(set(own) - set(loaded))
+  if missing:
+    raise CheckpointError(f"SAM weights: {where} lacks {missing} that the model needs")
+  return {k: _take(own[k], loaded[k], f"{where}/{k}") for k in own}
+
+
+def load_sam_weights(params, sam_ckpt_dir: str, model_cfg=None):
+  """Copies converted SAM weights into FusionSAM's SAM-derived parts; the returned tree has
+  exactly the structure of `params` (leaves may be `jax.ShapeDtypeStruct`s to fill).
+
+  image_encoder: as is. prompt_encoder: the parts the model has, as is, except
+  mask_downscaling's first conv, which takes d_c channels here: SAM's 1-channel kernel is
+  spread over the d_c inputs (divided by d_c, so a constant map gives SAM's response).
+  mask_decoder: transformer and output_upscaling as is; class token i and hypernetwork MLP i
+  start from SAM's mask token / MLP (i mod num_mask_tokens). Raises CheckpointError if the
+  sizes don't fit.
   """
   from fusionsam_jax.sam_checkpoint import CheckpointError, load_sam_checkpoint
 
@@ -360,23 +395,24 @@ def load_sam_weights(params, sam_ckpt_dir: str, model_cfg=None):
         f"{sam_ckpt_dir}: SAM checkpoint is {cfg} but the model's image encoder has a "
         f"different size (patch-embed kernel {tuple(pe.shape)}); set model.sam_variant to match")
   new = dict(params)
-  new["image_encoder"] = sam["image_encoder"]
-  pr = jax.tree.map(lambda x: x, dict(sam["prompt_encoder"]))
+  new["image_encoder"] = _take(params["image_encoder"], sam["image_encoder"], "image_encoder")
+  pr = dict(sam["prompt_encoder"])
   k0 = np.asarray(pr["mask_downscaling"]["layers_0"]["kernel"])  # (2, 2, 1, c)
   d_c = params["prompt_encoder"]["mask_downscaling"]["layers_0"]["kernel"].shape[2]
   md = dict(pr["mask_downscaling"])
-  md["layers_0"] = dict(md["layers_0"], kernel=jnp.asarray(np.repeat(k0, d_c, axis=2) / d_c))
+  md["layers_0"] = dict(md["layers_0"], kernel=np.repeat(k0, d_c, axis=2) / d_c)
   pr["mask_downscaling"] = md
-  new["prompt_encoder"] = pr
-  dec = dict(params["mask_decoder"])
+  new["prompt_encoder"] = _take(params["prompt_encoder"], pr, "prompt_encoder")
   sd = sam["mask_decoder"]
-  dec["transformer"] = sd["transformer"]
-  dec["output_upscaling"] = sd["output_upscaling"]
   mask_tokens = np.asarray(sd["mask_tokens"]["embedding"])
-  k = dec["class_tokens"].shape[0]
-  dec["class_tokens"] = jnp.asarray(mask_tokens[np.arange(k) % len(mask_tokens)])
+  k = params["mask_decoder"]["class_tokens"].shape[0]
   n_mlps = len(mask_tokens)
+  dec = {"transformer": sd["transformer"], "output_upscaling": sd["output_upscaling"],
+         "class_tokens": mask_tokens[np.arange(k) % n_mlps]}
   for i in range(k):
     dec[f"output_hypernetworks_mlps_{i}"] = sd[f"output_hypernetworks_mlps_{i % n_mlps}"]
-  new["mask_decoder"] = dec
+  own = params["mask_decoder"]
+  new["mask_decoder"] = {
+      key: (_take(own[key], dec[key], f"mask_decoder/{key}") if key in dec else own[key])
+      for key in own}
   return new

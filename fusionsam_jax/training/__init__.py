@@ -1,53 +1,39 @@
-"""Model-agnostic training infrastructure: mesh, state, optimizer, checkpoints, loop.
+"""Model-agnostic training infrastructure: mesh, state, checkpoints, the stage loop, logging.
 
-See docs/training.md for how a stage is wired.
+See docs/training.md for how a stage is wired (`fusionsam_jax.stages` builds the steps).
 """
 
 from fusionsam_jax.training.checkpointing import (
-    CheckpointRestoreError,
-    Restored,
-    StageCheckpointer,
-    atomic_write_text,
+  CheckpointRestoreError,
+  Restored,
+  StageCheckpointer,
+  atomic_write_text,
 )
 from fusionsam_jax.training.guards import (
-    ConfigMismatchError,
-    NonFiniteLossError,
-    check_finite,
-    check_workdir_config,
-    config_fingerprint,
+  ConfigMismatchError,
+  NonFiniteLossError,
+  check_finite,
+  check_workdir_config,
+  config_fingerprint,
 )
 from fusionsam_jax.training.logging import MetricWriter, read_metrics_jsonl
-from fusionsam_jax.training.loop import (
-    StageResult,
-    init_gan_state,
-    make_gan_train_step,
-    make_train_step,
-    run_stage,
-)
+from fusionsam_jax.training.loop import DevicePrefetch, StageResult, run_stage
 from fusionsam_jax.training.mesh import (
-    DATA_AXIS,
-    check_global_batch,
-    data_sharding,
-    make_mesh,
-    maybe_initialize_distributed,
-    replicated,
-    shard_batch,
+  DATA_AXIS,
+  check_global_batch,
+  data_sharding,
+  make_mesh,
+  maybe_initialize_distributed,
+  replicated,
+  shard_batch,
 )
-from fusionsam_jax.training.state import (
-    TrainState,
-    count_params,
-    learning_rate_at,
-    make_optimizer,
-    only_trainable,
-    trainable_mask,
-)
+from fusionsam_jax.training.state import TrainState, count_params, learning_rate_at
 
 __all__ = [
-    "CheckpointRestoreError", "Restored", "StageCheckpointer", "atomic_write_text",
-    "ConfigMismatchError", "NonFiniteLossError", "check_finite", "check_workdir_config",
-    "config_fingerprint", "MetricWriter", "read_metrics_jsonl", "StageResult",
-    "init_gan_state", "make_gan_train_step", "make_train_step", "run_stage", "DATA_AXIS",
-    "check_global_batch", "data_sharding", "make_mesh", "maybe_initialize_distributed",
-    "replicated", "shard_batch", "TrainState", "count_params", "learning_rate_at",
-    "make_optimizer", "only_trainable", "trainable_mask",
+  "CheckpointRestoreError", "Restored", "StageCheckpointer", "atomic_write_text",
+  "ConfigMismatchError", "NonFiniteLossError", "check_finite", "check_workdir_config",
+  "config_fingerprint", "MetricWriter", "read_metrics_jsonl", "DevicePrefetch", "StageResult",
+  "run_stage", "DATA_AXIS", "check_global_batch", "data_sharding", "make_mesh",
+  "maybe_initialize_distributed", "replicated", "shard_batch", "TrainState", "count_params",
+  "learning_rate_at",
 ]

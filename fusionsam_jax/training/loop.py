@@ -31,187 +31,71 @@ PyTree = Any
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
 
 
-class _Splitter:
-  """Splits a params tree by a bool mask of its structure into (trainable, frozen) trees,
-  each with None where the other has a leaf, and merges them back. Flat list work on a
-  cached treedef (per-leaf Python `tree.map`s over the ViT-H tree cost ~10 ms of host time
-  per step)."""
+class DevicePrefetch:
+  """Pulls host batches from `it` in a background thread and places them on the mesh
+  (`shard_fn`) `size` steps ahead, so data loading and host-to-device copies overlap the
+  running step. Keeps, with each batch, the source iterator's state *after* it, so that
+  `get_state()` is the state of the last batch handed out (a checkpoint resumes exactly
+  there). `wait_s` accumulates the time `next()` blocked (the loop logs it as
+  ``data_wait``)."""
 
-  def __init__(self, mask: PyTree):
-    self.treedef = jax.tree.structure(mask)
-    self.keep = [bool(m) for m in self.treedef.flatten_up_to(mask)]
+  _END = object()
 
-  def split(self, params: PyTree, reads: list[bool] | None = None) -> tuple[PyTree, PyTree]:
-    """`reads` (one bool per leaf): frozen leaves marked False are left out (None) too."""
-    flat = self.treedef.flatten_up_to(params)
-    reads = reads or [True] * len(flat)
-    un = self.treedef.unflatten
-    return (un([x if k else None for x, k in zip(flat, self.keep)]),
-            un([None if k or not r else x for x, k, r in zip(flat, self.keep, reads)]))
+  def __init__(self, it: Iterator, shard_fn: Callable, size: int = 2):
+    import queue
+    import threading
+    self._it, self._shard = it, shard_fn
+    self._q: "queue.Queue" = queue.Queue(maxsize=max(1, size))
+    self._state = it.get_state() if hasattr(it, "get_state") else None
+    self._stop = threading.Event()
+    self.wait_s = 0.0
+    self._thread = threading.Thread(target=self._run, daemon=True, name="device-prefetch")
+    self._thread.start()
 
-  def merge(self, trainable: PyTree, frozen: PyTree) -> PyTree:
-    t, f = self.treedef.flatten_up_to(trainable), self.treedef.flatten_up_to(frozen)
-    return self.treedef.unflatten([a if k else b for a, b, k in zip(t, f, self.keep)])
+  def _run(self):
+    try:
+      while not self._stop.is_set():
+        try:
+          batch = next(self._it)
+        except StopIteration:
+          self._q.put((self._END, None, None))
+          return
+        st = self._it.get_state() if hasattr(self._it, "get_state") else None
+        placed = self._shard(batch)
+        while not self._stop.is_set():
+          try:
+            self._q.put((placed, st, batch), timeout=0.1)
+            break
+          except Exception:  # queue.Full
+            continue
+    except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer
+      self._q.put((e, None, None))
 
-  def reads(self, loss: Callable[[PyTree], Any], params: PyTree) -> list[bool]:
-    """Which leaves of `params` the traced `loss(params)` reads (one bool per leaf)."""
-    flat = self.treedef.flatten_up_to(params)
-    abstract = self.treedef.unflatten([jax.ShapeDtypeStruct(np.shape(x), x.dtype)
-                                       for x in flat])
-    closed = jax.make_jaxpr(loss)(abstract)
-    jaxpr = closed.jaxpr
-    read = {id(v) for e in jaxpr.eqns for v in e.invars} | {id(v) for v in jaxpr.outvars}
-    return [id(v) in read for v in jaxpr.invars[:len(flat)]]
+  def __iter__(self):
+    return self
 
+  def __next__(self):
+    t0 = time.perf_counter()
+    placed, st, _ = self._q.get()
+    self.wait_s += time.perf_counter() - t0
+    if placed is self._END:
+      raise StopIteration
+    if isinstance(placed, BaseException):
+      raise placed
+    self._state = st
+    return placed
 
+  def get_state(self):
+    return self._state
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, *, trainable: PyTree | None = None,
-                    pass_step: bool = False, donate: bool = True):
-  """A ``(state, batch) -> (state, metrics)`` train step, jitted over the mesh.
-
-  Args:
-    loss_fn: ``(params, batch, rng) -> (loss, aux)``, or with `pass_step`
-      ``(params, batch, rng, step)``; `aux` is a dict of scalar metrics (loss terms).
-      `rng` is ``fold_in(state.rng, state.step)``, so a resumed run draws the same keys.
-    optimizer: e.g. `make_optimizer(...)`.
-    mesh: from `make_mesh()`.
-    trainable: bool mask over params (`trainable_mask`). Only the trainable leaves go
-      through the jitted update (differentiated, updated, donated); frozen leaves enter it
-      as read-only inputs under `stop_gradient` and come back as the very same arrays
-      (bitwise unchanged). Frozen leaves the loss does not read (the SAM encoder when the
-      segmentation stage runs on cached embeddings; found by tracing the loss once per
-      batch structure) are not passed to the jitted call at all. With the 632 M frozen
-      ViT-H params passing through the step, the cached segmentation step took 28.8 ms
-      on an H100; now 4.6 ms (README).
-    donate: donate the input state's buffers (the caller must not reuse that state).
-
-  Metrics returned: ``loss``, the aux terms, ``grad_norm`` (global norm of the gradients of
-  the trainable params).
-  """
-  repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)
-
-  def call_loss(params, batch, rng, step):
-    if pass_step:
-      return loss_fn(params, batch, rng, step)
-    return loss_fn(params, batch, rng)
-
-  if trainable is None:
-    def step_fn(state: TrainState, batch: PyTree):
-      rng = jax.random.fold_in(state.rng, state.step)
-      (loss, aux), grads = jax.value_and_grad(
-          lambda p: call_loss(p, batch, rng, state.step), has_aux=True)(state.params)
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      metrics = {**dict(aux), "loss": loss, "grad_norm": optax.tree.norm(grads)}
-      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=(repl, repl),
-                   donate_argnums=(0,) if donate else ())
-
-  splitter = _Splitter(trainable)
-
-  def core_fn(core: TrainState, frozen: PyTree, batch: PyTree):
-    """`core.params` holds the trainable leaves (None elsewhere), `frozen` the rest."""
-    rng = jax.random.fold_in(core.rng, core.step)
-    frozen_sg = jax.tree.map(jax.lax.stop_gradient, frozen)
-
-    def f(tp):
-      return call_loss(splitter.merge(tp, frozen_sg), batch, rng, core.step)
-
-    (loss, aux), g_t = jax.value_and_grad(f, has_aux=True)(core.params)
-    # The optimizer (over the full tree, e.g. `only_trainable`) sees zero gradients for the
-    # frozen leaves; it maps them to zero updates that are discarded, so XLA drops them.
-    zeros = jax.tree.map(jnp.zeros_like, frozen)
-    updates, opt_state = optimizer.update(splitter.merge(g_t, zeros), core.opt_state,
-                                          splitter.merge(core.params, frozen))
-    new_t = optax.apply_updates(core.params, splitter.split(updates)[0])
-    metrics = {**dict(aux), "loss": loss, "grad_norm": optax.tree.norm(g_t)}
-    return core.replace(step=core.step + 1, params=new_t, opt_state=opt_state), metrics
-
-  jitted = jax.jit(core_fn, in_shardings=(repl, repl, data), out_shardings=(repl, repl),
-                   donate_argnums=(0,) if donate else ())
-
-  reads_by_batch = {}  # batch treedef -> which param leaves the loss reads
-
-  def step(state: TrainState, batch: PyTree):
-    key = jax.tree.structure(batch)
-    if key not in reads_by_batch:
-      # Frozen leaves the loss never reads (the SAM encoder when the batch carries cached
-      # embeddings) stay out of the jitted call: each argument costs host time per step.
-      rng = jax.random.fold_in(state.rng, state.step)
-      reads_by_batch[key] = splitter.reads(
-          lambda p: call_loss(p, batch, rng, state.step), state.params)
-    tp, fp = splitter.split(state.params, reads_by_batch[key])
-    core, metrics = jitted(state.replace(params=tp), fp, batch)
-    return core.replace(params=splitter.merge(core.params, state.params)), metrics
-
-  step.jitted = jitted  # the compiled part, e.g. for `.lower()`
-  step.splitter, step.reads_by_batch = splitter, reads_by_batch
-  return step
-
-
-def init_gan_state(params: Mapping[str, PyTree], g_optimizer: optax.GradientTransformation,
-                   d_optimizer: optax.GradientTransformation, rng: jax.Array | int, *,
-                   g_key: str = "generator", d_key: str = "discriminator") -> TrainState:
-  """A `TrainState` whose params are ``{g_key: ..., d_key: ...}`` and whose
-  opt_state is ``{"g": g_optimizer state, "d": d_optimizer state}``."""
-  for k in (g_key, d_key):
-    if k not in params:
-      raise ValueError(f"params has no '{k}' subtree (keys: {sorted(params)})")
-
-  state = TrainState.create(params, optax.identity(), rng)
-  return state.replace(opt_state={"g": g_optimizer.init(params[g_key]),
-                                  "d": d_optimizer.init(params[d_key])})
-
-
-def make_gan_train_step(g_loss_fn: Callable, d_loss_fn: Callable,
-                        g_optimizer: optax.GradientTransformation,
-                        d_optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                        *, g_key: str = "generator", d_key: str = "discriminator",
-                        donate: bool = True):
-  """A jitted step for two param groups with separate optimizers (VQGAN-style).
-
-  ``g_loss_fn(g_params, d_params, batch, rng, step) -> (loss, (aux, carry))``: the
-  generator loss (the discriminator is held fixed); `carry` (e.g. the reconstructions)
-  is passed, with `stop_gradient`, to
-  ``d_loss_fn(d_params, carry, batch, rng, step) -> (loss, aux)``, the discriminator
-  loss. Both use the params from before this step (like taming-transformers' two
-  optimizer passes over one forward). State from `init_gan_state`. Metrics: ``loss``
-  (generator), generator aux, ``d_loss`` and ``d/<name>`` for discriminator aux, and
-  ``grad_norm`` / ``d_grad_norm``.
-  """
-  repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)
-
-  def step_fn(state: TrainState, batch: PyTree):
-    rng = jax.random.fold_in(state.rng, state.step)
-    g_rng, d_rng = jax.random.split(rng)
-    gp, dp = state.params[g_key], state.params[d_key]
-
-    def gf(g):
-      return g_loss_fn(g, jax.lax.stop_gradient(dp), batch, g_rng, state.step)
-
-    (g_loss, (g_aux, carry)), g_grads = jax.value_and_grad(gf, has_aux=True)(gp)
-    carry = jax.lax.stop_gradient(carry)
-
-    def df(d):
-      return d_loss_fn(d, carry, batch, d_rng, state.step)
-
-    (d_loss, d_aux), d_grads = jax.value_and_grad(df, has_aux=True)(dp)
-    g_upd, g_os = g_optimizer.update(g_grads, state.opt_state["g"], gp)
-    d_upd, d_os = d_optimizer.update(d_grads, state.opt_state["d"], dp)
-    params = dict(state.params)
-    params[g_key] = optax.apply_updates(gp, g_upd)
-    params[d_key] = optax.apply_updates(dp, d_upd)
-    metrics = {**dict(g_aux), "loss": g_loss, "grad_norm": optax.tree.norm(g_grads),
-               **{f"d/{k}": v for k, v in dict(d_aux).items()}, "d_loss": d_loss,
-               "d_grad_norm": optax.tree.norm(d_grads)}
-    new_state = state.replace(step=state.step + 1, params=type(state.params)(params),
-                              opt_state={"g": g_os, "d": d_os})
-    return new_state, metrics
-
-  return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=(repl, repl),
-                 donate_argnums=(0,) if donate else ())
+  def close(self):
+    self._stop.set()
+    try:
+      while True:
+        self._q.get_nowait()
+    except Exception:  # noqa: BLE001 -- queue.Empty
+      pass
+    self._thread.join(timeout=5)
 
 
 @jax.jit
@@ -244,8 +128,9 @@ def run_stage(
     *,
     name: str,
     state: TrainState,
-    train_step: Callable[[TrainState, PyTree], tuple[TrainState, Mapping[str, Any]]],
+    train_step: Callable[[TrainState, PyTree, PyTree], tuple[TrainState, Mapping[str, Any]]],
     data_iter: Iterator,
+    frozen: PyTree = None,
     num_steps: int,
     mesh: jax.sharding.Mesh,
     checkpointer: StageCheckpointer,
@@ -282,9 +167,12 @@ def run_stage(
     end; then the stage-done marker is written.
   * `image_fn(state, step) -> {name: HWC/NHWC image}` every `image_every` steps.
 
-  `data_iter` yields host-local numpy batches (pytrees, batch-major leaves) and has
-  `get_state()` / `set_state()` (grain iterators do); it must not run out before
-  `num_steps`. `shard_fn` places a batch on the mesh (default `shard_batch`).
+  `train_step(state, frozen, batch)`: `frozen` (the frozen params the step reads) is
+  passed unchanged to every step. `data_iter` yields host-local numpy batches (pytrees,
+  batch-major leaves) and has `get_state()` / `set_state()` (grain iterators do); it must
+  not run out before `num_steps`. `shard_fn` places a batch on the mesh (default
+  `shard_batch`); a `DevicePrefetch` thread runs it two steps ahead. ``data_wait`` (s per
+  step the loop waited for data) is logged with ``step_time``.
   """
   primary = jax.process_index() == 0
   repl = mesh_lib.replicated(mesh)
@@ -313,6 +201,8 @@ def run_stage(
     raise ValueError(f"stage '{name}': checkpoint step {start} is beyond num_steps "
                      f"{num_steps}")
 
+  frozen = jax.device_put(frozen if frozen is not None else {}, repl)
+  batches = DevicePrefetch(data_iter, shard_fn, size=2) if start < num_steps else None
   writer = MetricWriter(workdir, tensorboard=tensorboard,
                         purge_step=(start + 1) if start else None,
                         tb_subdir=os.path.join("tensorboard", name))
@@ -328,20 +218,27 @@ def run_stage(
   interval_sums: dict[str, float] = {}
   interval_n = 0
   t_mark, pairs, steps_t = time.perf_counter(), 0, 0
+  wait_mark = 0.0
   last_eval: dict = {}
   step = start
   try:
     while step < num_steps:
       try:
-        batch = next(data_iter)
+        gbatch = next(batches)
       except StopIteration:
         raise RuntimeError(f"stage '{name}': the data iterator ran out at step {step} of "
                            f"{num_steps}; make the training iterator repeat") from None
-      gbatch = shard_fn(batch)
       pairs += _global_batch_size(gbatch)
-      state, metrics = train_step(state, gbatch)
+      state, metrics = train_step(state, frozen, gbatch)
       step += 1
       steps_t += 1
+      if step == start + 1:
+        # The first step of a run compiles: its time is an event, not throughput.
+        jax.block_until_ready(metrics)
+        writer.write_scalars(step, {"first_step_s": time.perf_counter() - t_mark},
+                             split=f"{name}/event")
+        t_mark, pairs, steps_t = time.perf_counter(), 0, 0
+        wait_mark = batches.wait_s
       pending.append((step, metrics))
       if pbar is not None:
         pbar.update(1)
@@ -370,6 +267,7 @@ def run_stage(
         scalars = {k: v / interval_n for k, v in interval_sums.items()}
         scalars["step_time"] = dt / max(steps_t, 1)
         scalars["pairs_per_s"] = pairs / dt if dt > 0 else float("nan")
+        scalars["data_wait"] = (batches.wait_s - wait_mark) / max(steps_t, 1)
         if learning_rate is not None:
           scalars["lr"] = learning_rate_at(learning_rate, step - 1)
         writer.write_scalars(step, scalars, split=f"{name}/train")
@@ -377,6 +275,7 @@ def run_stage(
           pbar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4g}", refresh=False)
         interval_sums, interval_n = {}, 0
         t_mark, pairs, steps_t = time.perf_counter(), 0, 0
+        wait_mark = batches.wait_s
 
       if do_eval:
         last_eval = {k: float(v) for k, v in dict(eval_fn(state)).items()}
@@ -386,7 +285,7 @@ def run_stage(
       if do_save:
         if not bool(_tree_all_finite(state.params)):
           raise guards.NonFiniteLossError(step, "params", float("nan"), last_ckpt)
-        checkpointer.save(step, state, data_iter=data_iter, metrics=last_eval if do_eval
+        checkpointer.save(step, state, data_iter=batches, metrics=last_eval if do_eval
                           else None, meta={"stage": name, "num_steps": num_steps}, force=True)
         last_ckpt = step
 
@@ -394,12 +293,19 @@ def run_stage(
         writer.write_images(step, image_fn(state, step), split=f"{name}/train")
       if do_log or do_eval:
         writer.flush()
-      if do_save or do_eval:
-        # keep save/eval time out of the throughput
+      if do_save or do_eval or do_img:
+        # keep save/eval/image time out of the throughput
         t_mark, pairs, steps_t = time.perf_counter(), 0, 0
+        wait_mark = batches.wait_s
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      writer.write_scalars(step, {"peak_bytes": float(stats["peak_bytes_in_use"])},
+                           split=f"{name}/event")
     checkpointer.mark_stage_done({"step": step, "num_steps": num_steps,
                                   "last_eval": last_eval, "time": time.time()})
   finally:
+    if batches is not None:
+      batches.close()
     try:
       checkpointer.wait()
     finally:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionsam_jax import training as T
+from fusionsam_jax.stages import common as C
 
 NUM_RECORDS = 64
 FEATURES = 8
@@ -113,31 +114,33 @@ def run(workdir: str, *, steps_a: int = 12, steps_b: int = 0, save_every: int = 
   xs = np.stack([r["x"] for r in records])
   ys = np.stack([r["y"] for r in records])
 
-  def eval_fn(state):
-    pred = model.apply({"params": state.params}, xs)
+  def eval_fn(p):
+    pred = model.apply({"params": p}, xs)
     mse = float(np.mean((np.asarray(pred) - ys) ** 2))
     return {"val_miou": 1.0 / (1.0 + mse), "val_mse": mse}
 
   results = {}
-  for name, steps, trainable in (("a", steps_a, None), ("b", steps_b, "head")):
+  for name, steps, trainable in (("a", steps_a, tuple(params)), ("b", steps_b, ("head",))):
     if steps <= 0:
       continue
-    mask = T.trainable_mask(params, trainable)
-    tx = T.make_optimizer(config["lr"], config["wd"], mask, clip=1.0)
-    state = T.TrainState.create(params, tx, rng=jax.random.PRNGKey(1 if name == "a" else 2))
+    tx = C.make_optimizer(config["lr"], config["wd"], clip=1.0)
+    state = T.TrainState.create(C.select(params, trainable), tx,
+                                rng=jax.random.PRNGKey(1 if name == "a" else 2))
+    frozen = C.drop(params, trainable)
     it = make_loader(batch_size, seed=0 if name == "a" else 1, kind=loader)
     if step_delay:
       it = _Slow(it, step_delay)
     ckpt = T.StageCheckpointer(os.path.join(workdir, "checkpoints", name),
                                save_interval_steps=save_every, keep_latest=2, best_k=2,
                                stage=name, config_fingerprint=fp)
-    step_fn = T.make_train_step(loss_fn, tx, mesh, trainable=mask, pass_step=True)
+    step_fn = C.make_train_step(loss_fn, tx, mesh)
     with ckpt:
-      res = T.run_stage(name=name, state=state, train_step=step_fn, data_iter=it,
+      res = T.run_stage(name=name, state=state, train_step=step_fn, data_iter=it, frozen=frozen,
                         num_steps=steps, mesh=mesh, checkpointer=ckpt, workdir=workdir,
-                        eval_fn=eval_fn if eval_every else None, eval_every=eval_every,
+                        eval_fn=(lambda st, frozen=frozen: eval_fn(C.merge(frozen, st.params)))
+                        if eval_every else None, eval_every=eval_every,
                         log_every=4, learning_rate=config["lr"], progress=progress)
-    params = res.state.params
+    params = C.merge(frozen, res.state.params)
     results[name] = res
   flat = {jax.tree_util.keystr(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -151,19 +154,18 @@ def equivalence_run(num_devices: int, steps: int = 3) -> dict[str, np.ndarray]:
     mesh = T.make_mesh(jax.devices()[:num_devices])
     model = ToyModel()
     params = dict(model.init(jax.random.PRNGKey(0), jnp.zeros((1, FEATURES)))["params"])
-    mask = T.trainable_mask(params, "head")
-    tx = T.make_optimizer(1e-2, 1e-3, mask, clip=1.0)
-    state = T.TrainState.create(params, tx, rng=3)
-    step_fn = T.make_train_step(make_loss_fn(model), tx, mesh, trainable=mask,
-                                pass_step=True)
+    tx = C.make_optimizer(1e-2, 1e-3, clip=1.0)
+    state = T.TrainState.create(C.select(params, ["head"]), tx, rng=3)
+    frozen = C.drop(params, ["head"])
+    step_fn = C.make_train_step(make_loss_fn(model), tx, mesh)
     recs = make_records(16 * steps, seed=5)
     out = {}
     for s in range(steps):
       chunk = recs[16 * s:16 * (s + 1)]
       batch = {k: np.stack([r[k] for r in chunk]) for k in ("x", "y")}
-      state, m = step_fn(state, T.shard_batch(batch, mesh))
+      state, m = step_fn(state, frozen, T.shard_batch(batch, mesh))
       out[f"loss_{s}"] = np.asarray(m["loss"])
-    for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+    for p, x in jax.tree_util.tree_flatten_with_path(C.merge(frozen, state.params))[0]:
       out["param" + jax.tree_util.keystr(p)] = np.asarray(x)
     out["n_devices"] = np.asarray(len(mesh.devices.flat))
     out["batch_shards"] = np.asarray(len(

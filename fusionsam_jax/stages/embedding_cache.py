@@ -4,7 +4,7 @@ When ``model.freeze_fmp_in_segmentation`` is True, nothing upstream of the froze
 encoder trains in the segmentation stage (tokenizers, fusion module, fused-image decoder and
 the encoder itself are frozen), so the embedding of an input never changes during the stage.
 The encoder is by far the most expensive part of a step (ViT-H: ~6 TFLOP per image), so we
-compute every embedding once (`stages.cache_fn`, which also returns the fusion latents that
+compute every embedding once (`models.functional.cache_fn`, which also returns the fusion latents that
 the prompts are made from) and reuse it.
 
 **Augmentation.** Random augmentation draws a new view of an image at every step, and an
@@ -199,6 +199,12 @@ class TrainCacheSource:
     out["fusion"] = np.array(a["fusion"][i])
     return out
 
+  def __repr__(self) -> str:
+    # Stable across processes: grain stores the source's repr in the iterator state and
+    # compares it on restore (an object address here made every resume fail).
+    return (f"TrainCacheSource({self.meta.get('key', os.path.basename(self.directory))}, "
+            f"n={len(self)}, modalities={self.modalities})")
+
   def __getstate__(self):
     return {"directory": self.directory, "modalities": self.modalities, "meta": self.meta,
             "_arrays": None}
@@ -223,7 +229,7 @@ class Cache:
     from fusionsam_jax.data.pipeline import process_shard_options
     src = self.train_source()
     shard = process_shard_options(drop_remainder=True)
-    from fusionsam_jax.experiment import stage_batch_size
+    from fusionsam_jax.data.spec import stage_batch_size
     per_process = stage_batch_size(config, "segmentation") // jax.process_count()
     sampler = grain.IndexSampler(num_records=len(src), shard_options=shard, shuffle=True,
                                  num_epochs=None, seed=int(config.seed) + 3)
@@ -273,8 +279,8 @@ def _tmp_dir(root: str, split: str) -> str:
 
 
 def _embed_jit(model, mesh):
-  from fusionsam_jax import stages
-  fn = stages.cache_fn(model)
+  from fusionsam_jax.models.functional import cache_fn
+  fn = cache_fn(model)
   return jax.jit(lambda p, b: jax.tree.map(lambda x: x.astype(jnp.float32), fn(p, b)),
                  in_shardings=(T.replicated(mesh), T.data_sharding(mesh)),
                  out_shardings=T.replicated(mesh))
@@ -333,7 +339,7 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
 
 
 def build_val_cache(directory: str, config, params, val_source, embed, mesh, desc: dict) -> None:
-  from fusionsam_jax.experiment import eval_iterable, strip_batch
+  from fusionsam_jax.data.spec import eval_iterable, strip_batch
   i = 0
   for batch in eval_iterable(config, val_source):
     b = strip_batch(batch)
@@ -364,9 +370,8 @@ def maybe_build(config, workdir: str, model, params, spec, mesh, val_source,
                 ) -> Cache | None:
   """Returns the segmentation stage's cache (built if needed), or None when it is off.
 
-  `spec` is an `experiment.DataSpec` (or None together with an in-memory `train_source`
-  via `build_for_sources`)."""
-  from fusionsam_jax.data.prepare import dataset_dir
+  `spec` is a `data.spec.DataSpec` (in-memory sources: `build_for_sources`)."""
+  from fusionsam_jax.data.paths import dataset_dir
   train_source = spec.source("train")
   ddir = dataset_dir(spec.name, spec.data_dir)
   return build_for_sources(config, workdir, model, params, mesh,
@@ -381,17 +386,11 @@ def build_for_sources(config, workdir, model, params, mesh, train_source, val_so
                       train_fp: str | None = None, val_fp: str | None = None,
                       progress: bool = True, say: Callable[[str], None] | None = None
                       ) -> Cache | None:
-  from fusionsam_jax import stages
   say = say or (lambda m: print(m, flush=True) if jax.process_index() == 0 else None)
   ok, why = cache_enabled(config)
   if not ok:
     say(f"Embedding cache off ({why}); the segmentation stage runs the SAM encoder every step "
         "on augmented inputs.")
-    return None
-  trained = set(stages.trainable("segmentation", config.model))
-  upstream = [k for k in embed_param_names(params) if k in trained]
-  if upstream:
-    say(f"Embedding cache off: {upstream} train in the segmentation stage.")
     return None
   root = os.path.join(os.fspath(workdir), CACHE_DIR)
   t0 = time.perf_counter()

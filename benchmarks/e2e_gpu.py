@@ -1,0 +1,168 @@
+r"""The user's GPU path end to end, measured: a random-init official SAM ``.pth`` -> the
+converter -> a generated full-size MFNet-layout set -> prepare -> the train CLI on the paper
+config (a short schedule) -> evaluate -> predict, then `benchmarks/train_step.py` on the same
+config and machine, so each stage's loop step time can be compared with the benchmark's.
+
+    python benchmarks/e2e_gpu.py --out benchmarks/results/e2e_h100.json            # vit_h
+    python benchmarks/e2e_gpu.py --variant tiny --height 96 --width 128 --scenes 16 \
+        --out /tmp/e2e_cpu.json                                                     # smoke
+
+Records, per command: exit code and wall time; per stage (from the run's metrics.jsonl):
+first-call time (compilation included), steady loop step time (median of the log rows after
+the first), data wait per step, peak device memory, checkpoint bytes; the workdir's size; and
+the step benchmark beside the loop. Needs `segment_anything` (to build the official model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import environment, write_json  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", None, "JSON output")
+_SCRATCH = flags.DEFINE_string("scratch", "runs/e2e", "scratch folder (deleted first)")
+_VARIANT = flags.DEFINE_string("variant", "vit_h", "SAM variant of the random .pth")
+_SCENES = flags.DEFINE_integer("scenes", 80, "generated scenes (about half train)")
+_H = flags.DEFINE_integer("height", 480, "scene height")
+_W = flags.DEFINE_integer("width", 640, "scene width")
+_STEPS = flags.DEFINE_list("steps", ["30", "30", "60"], "tokenizer, fusion, segmentation steps")
+_EXTRA = flags.DEFINE_list("extra", [], "more --config.X=Y overrides for train / benchmark")
+_BENCH_STEPS = flags.DEFINE_integer("bench_steps", 10, "steps per timed benchmark run")
+
+
+def make_pth(variant: str, path: str) -> float:
+  """A randomly initialised official SAM (segment_anything's own builder), saved as .pth."""
+  import torch
+  t0 = time.perf_counter()
+  from segment_anything import sam_model_registry
+  torch.manual_seed(0)
+  sam = sam_model_registry[variant](checkpoint=None)
+  torch.save(sam.state_dict(), path)
+  return time.perf_counter() - t0
+
+
+def tiny_pth(path: str) -> float:
+  t0 = time.perf_counter()
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import torch
+  from sam_reference import build_torch_sam
+  from fusionsam_jax.models.sam.sam import SAM_PRESETS
+  torch.save(build_torch_sam(SAM_PRESETS["tiny"]).state_dict(), path)
+  return time.perf_counter() - t0
+
+
+def run(cmd, log, env=None):
+  t0 = time.perf_counter()
+  with open(log, "w") as f:
+    r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+  wall = time.perf_counter() - t0
+  print(f"[{r.returncode}] {wall:7.1f} s  {' '.join(cmd)[:160]}", flush=True)
+  return {"cmd": " ".join(cmd), "returncode": r.returncode, "wall_s": wall,
+          "log_tail": open(log).read()[-1500:]}
+
+
+def stage_stats(workdir: str) -> dict:
+  from fusionsam_jax.workdir import dir_bytes
+  rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+  out = {}
+  for stage in ("tokenizer", "fusion", "segmentation"):
+    train = [r for r in rows if r.get("split") == f"{stage}/train"]
+    events = {k: v for r in rows if r.get("split") == f"{stage}/event" for k, v in r.items()}
+    steady = train[1:-1] or train[1:] or train
+    out[stage] = {
+        "loop_step_ms": 1e3 * statistics.median(r["step_time"] for r in steady) if steady
+        else None,
+        "loop_step_ms_rows": [1e3 * r["step_time"] for r in train],
+        "data_wait_ms": 1e3 * statistics.median(r.get("data_wait", 0.0) for r in steady)
+        if steady else None,
+        "first_step_s": events.get("first_step_s"), "peak_bytes": events.get("peak_bytes"),
+        "checkpoint_bytes": dir_bytes(os.path.join(workdir, "checkpoints", stage)),
+        "last": {k: v for k, v in (train[-1] if train else {}).items()
+                 if isinstance(v, (int, float))},
+    }
+  return out
+
+
+def main(argv):
+  del argv
+  scratch = os.path.abspath(_SCRATCH.value)
+  shutil.rmtree(scratch, ignore_errors=True)
+  os.makedirs(scratch)
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(scratch, "jax_cache"),
+             PYTHONUNBUFFERED="1")
+  res = {"environment": environment(), "commands": {}}
+  t_all = time.perf_counter()
+  pth = os.path.join(scratch, f"sam_{_VARIANT.value}_random.pth")
+  res["make_pth_s"] = tiny_pth(pth) if _VARIANT.value == "tiny" else make_pth(_VARIANT.value, pth)
+  res["pth_bytes"] = os.path.getsize(pth)
+  ckpt, raw, data = (os.path.join(scratch, x) for x in ("ckpt", "raw", "data"))
+  work = os.path.join(scratch, "run")
+  py = sys.executable
+  cfg = "configs/mfnet.py" + (":tiny" if _VARIANT.value == "tiny" else "")
+  steps = [int(s) for s in _STEPS.value]
+  common = [f"--config={cfg}", f"--config.data_dir={data}",
+            f"--config.model.sam_checkpoint={ckpt}", f"--config.train.crop_size=({_H.value},"
+            f"{_W.value})", "--config.model.allow_random_sam=False", *[
+                f"--config.{e}" for e in _EXTRA.value]]
+  train_args = [*common, f"--workdir={work}",
+                f"--config.train.stages.tokenizer.num_steps={steps[0]}",
+                f"--config.train.stages.fusion.num_steps={steps[1]}",
+                f"--config.train.stages.segmentation.num_steps={steps[2]}",
+                f"--config.train.stages.tokenizer.disc_start={steps[0] // 3}",
+                "--config.train.eval_every=30", "--config.train.checkpoint_every=30",
+                "--config.train.log_every=5", "--noprogress"]
+  cmds = {
+      "convert": [py, "tools/convert_sam_weights.py", "--checkpoint", pth, "--output", ckpt],
+      "generate": [py, "-m", "fusionsam_jax.data.generate", "--layout", "mfnet", "--out", raw,
+                   "--num", str(_SCENES.value), "--height", str(_H.value), "--width",
+                   str(_W.value)],
+      "prepare": [py, "-m", "fusionsam_jax.data.prepare", "--dataset", "mfnet", "--manual-dir",
+                  raw, "--data-dir", data, "--no-progress"],
+      "train": [py, "-m", "fusionsam_jax.train", *train_args],
+      "evaluate": [py, "-m", "fusionsam_jax.evaluate", f"--workdir={work}"],
+      "predict": [py, "-m", "fusionsam_jax.predict", "--workdir", work, "--input-dir", raw,
+                  "--split", "test", "--out", os.path.join(scratch, "pred")],
+      "benchmark": [py, "benchmarks/train_step.py", *common,
+                    f"--workdir={os.path.join(scratch, 'bench')}",
+                    f"--steps={_BENCH_STEPS.value}",
+                    f"--out={os.path.join(scratch, 'bench.json')}"],
+  }
+  for name, cmd in cmds.items():
+    res["commands"][name] = run(cmd, os.path.join(scratch, f"{name}.log"), env)
+    if res["commands"][name]["returncode"] != 0 and name not in ("evaluate", "predict"):
+      break
+  if os.path.exists(os.path.join(work, "metrics.jsonl")):
+    res["stages"] = stage_stats(work)
+    from fusionsam_jax.workdir import dir_bytes
+    res["workdir_bytes"] = dir_bytes(work)
+    res["converted_sam_bytes"] = dir_bytes(ckpt)
+  bench = os.path.join(scratch, "bench.json")
+  if os.path.exists(bench):
+    b = json.load(open(bench))["stages"]
+    res["benchmark"] = b
+    for stage, s in res.get("stages", {}).items():
+      ms = b.get(stage, {}).get("ms_per_step")
+      if ms and s.get("loop_step_ms"):
+        s["benchmark_ms"] = ms
+        s["loop_over_benchmark"] = s["loop_step_ms"] / ms
+  res["total_s"] = time.perf_counter() - t_all
+  res["all_exit_zero"] = all(c["returncode"] == 0 for c in res["commands"].values())
+  print(json.dumps({k: v for k, v in res.items() if k not in ("commands", "benchmark")},
+                   indent=1, default=str))
+  if _OUT.value:
+    write_json(_OUT.value, res)
+  return 0 if res["all_exit_zero"] else 1
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,165 @@
+"""Where a config's data lives and the iterators the stages and evaluators read.
+
+    spec = ensure_data(config)              # generates + prepares a generated set on first use
+    it = train_iterator(config, spec, "fusion")
+    for batch in eval_iterable(config, spec.source("val")): ...
+
+Durations: a stage runs ``num_epochs`` passes over the prepared train split unless
+``num_steps`` is set; `stage_steps` turns epochs into steps from the split's real size at run
+time, so ``--config.train.batch_size=8`` keeps the number of epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+
+from fusionsam_jax.errors import DataMissingError
+
+#: Seed offsets of the stages' training iterators (distinct shuffles per stage).
+STAGE_SEED_OFFSET = {"tokenizer": 1, "fusion": 2, "segmentation": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """name: dataset name; data_dir: root holding ``<name>/<version>`` (prepared);
+  generated: a generated scene set (made by this package)."""
+  name: str
+  data_dir: str
+  generated: bool
+
+  def source(self, split: str):
+    from fusionsam_jax.data.sources import load_source
+    return load_source(self.name, split, self.data_dir)
+
+  @property
+  def dataset_dir(self) -> str:
+    from fusionsam_jax.data.paths import dataset_dir
+    return dataset_dir(self.name, self.data_dir)
+
+  def split_size(self, split: str) -> int:
+    return len(self.source(split))
+
+
+def _generate_sig(config) -> tuple[str, tuple[int, int]]:
+  from fusionsam_jax.data.info import get_info
+  g = config.generate
+  h = g.height if g.height is not None else config.train.crop_size[0]
+  w = g.width if g.width is not None else config.train.crop_size[1]
+  return f"{get_info(config.dataset).name}-n{g.num}-s{g.seed}-{h}x{w}", (int(h), int(w))
+
+
+def data_spec(config) -> DataSpec:
+  """Where the config's dataset lives (does not check that it exists)."""
+  from fusionsam_jax.data.info import get_info
+  name = get_info(config.dataset).name
+  if config.get("generate") is not None:
+    sig, _ = _generate_sig(config)
+    return DataSpec(name, os.path.join(os.fspath(config.data_dir), "generated", sig), True)
+  return DataSpec(name, os.fspath(config.data_dir), False)
+
+
+def ensure_data(config, *, say: Callable[[str], None] = print) -> DataSpec:
+  """The dataset's `DataSpec`; a generated set is generated + prepared when absent.
+
+  Raises `DataMissingError` (naming the prepare command) for a real dataset that has not
+  been prepared.
+  """
+  from fusionsam_jax.data import generate, info, paths, prepare
+  spec = data_spec(config)
+  if paths.is_prepared(spec.name, spec.data_dir):
+    return spec
+  if not spec.generated:
+    src = info.get_info(spec.name).source
+    raise DataMissingError(
+        f"dataset '{spec.name}' is not prepared under data_dir={spec.data_dir!r} "
+        f"(expected {spec.dataset_dir}/dataset_info.json). Get {src}, then run "
+        f"`python -m fusionsam_jax.data.prepare --dataset {spec.name} --manual-dir "
+        f"PATH/TO/{spec.name.upper()} --data-dir {spec.data_dir}`, or point "
+        "--config.data_dir at the folder you prepared it in.")
+  _, (h, w) = _generate_sig(config)
+  raw = os.path.join(spec.data_dir, "raw")
+  g = config.generate
+  t0 = time.perf_counter()
+  if jax.process_index() == 0:
+    say(f"Generating {g.num} {spec.name}-layout scenes ({h}x{w}, seed {g.seed}) in {raw}")
+    generate.generate_dataset(spec.name, raw, int(g.num), int(g.seed), h, w, overwrite=True,
+                              progress=False)
+    prepare.prepare_dataset(spec.name, raw, spec.data_dir, if_exists="overwrite",
+                            progress=False)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("fusionsam_generate")
+  say(f"Prepared the generated set at {spec.dataset_dir} ({time.perf_counter() - t0:.1f} s)")
+  return spec
+
+
+def strip_batch(batch: Mapping[str, Any]) -> dict:
+  """The numeric part of a loader batch (drops ``name``), ready for `shard_batch`."""
+  return {k: v for k, v in batch.items() if k != "name"}
+
+
+def stage_batch_size(config, stage: str) -> int:
+  """Global batch of a stage: ``train.stages.<stage>.batch_size`` if set, else
+  ``train.batch_size``."""
+  b = config.train.stages[stage].get("batch_size")
+  return int(b if b else config.train.batch_size)
+
+
+def stage_crop_size(config, stage: str) -> tuple[int, int]:
+  """Training crop of a stage: ``train.stages.<stage>.crop_size`` if set, else
+  ``train.crop_size``."""
+  c = config.train.stages[stage].get("crop_size")
+  return tuple(int(x) for x in (c if c else config.train.crop_size))
+
+
+def steps_per_epoch(train_size: int, batch_size: int) -> int:
+  """Batches per pass over `train_size` examples (the last partial batch is dropped)."""
+  return max(1, int(train_size) // int(batch_size))
+
+
+def stage_steps(config, stage: str, train_size: int) -> int:
+  """A stage's optimizer steps: ``num_steps`` when set, else ``num_epochs`` passes over a
+  train split of `train_size` examples at the stage's batch size."""
+  sc = config.train.stages[stage]
+  if sc.get("num_steps") is not None:
+    return int(sc.num_steps)
+  per = steps_per_epoch(train_size, stage_batch_size(config, stage))
+  return int(math.ceil(per * float(sc.get("num_epochs", 0.0))))
+
+
+def eval_every_steps(config, train_size: int) -> int:
+  """Validation cadence in steps: ``train.eval_every`` when set, else
+  ``train.eval_every_epochs`` of the segmentation stage."""
+  t = config.train
+  if t.get("eval_every") is not None:
+    return int(t.eval_every)
+  per = steps_per_epoch(train_size, stage_batch_size(config, "segmentation"))
+  return int(math.ceil(per * float(t.get("eval_every_epochs", 5))))
+
+
+def train_iterator(config, spec: DataSpec, stage: str):
+  """An endless, shuffled, augmented iterator over the train split at the stage's batch and
+  crop size (per-process batch); has grain's `get_state` / `set_state`."""
+  from fusionsam_jax.data.pipeline import train_loader
+  per_process = stage_batch_size(config, stage) // jax.process_count()
+  loader = train_loader(
+      spec.source("train"), batch_size=per_process, crop_size=stage_crop_size(config, stage),
+      scale_range=tuple(config.train.scale_range), flip_prob=float(config.train.flip_prob),
+      seed=int(config.seed) + STAGE_SEED_OFFSET[stage],
+      worker_count=int(config.train.worker_count), modalities=tuple(config.model.modalities))
+  return iter(loader)
+
+
+def eval_iterable(config, source, *, batch_size: int | None = None):
+  """A fresh eval loader over `source` (full resolution, padding, ``valid`` masks)."""
+  from fusionsam_jax.data.pipeline import eval_loader
+  bs = int(batch_size or config.eval.batch_size)
+  per_process = max(1, bs // jax.process_count())
+  return eval_loader(source, batch_size=per_process, pad_multiple=int(config.eval.pad_multiple),
+                     modalities=tuple(config.model.modalities))

@@ -1,0 +1,21 @@
+"""Errors a user can act on. Library code raises these; the CLIs print one line and exit."""
+
+
+class SetupError(RuntimeError):
+  """Something a run needs is missing or does not fit (dataset, SAM weights, checkpoint)."""
+
+
+class DataMissingError(SetupError, FileNotFoundError):
+  """The prepared dataset is not there."""
+
+
+class SamWeightsMissingError(SetupError, FileNotFoundError):
+  """The converted SAM checkpoint is not there."""
+
+
+class SamWeightsChangedError(SetupError):
+  """The converted SAM checkpoint differs from the one the workdir was trained with."""
+
+
+class NoCheckpointError(SetupError, FileNotFoundError):
+  """The workdir has no usable checkpoint for what was asked."""

@@ -1,0 +1,1 @@
+"""Evaluators: full-resolution segmentation / saliency evaluation of a params tree."""

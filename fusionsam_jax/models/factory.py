@@ -1,0 +1,85 @@
+"""Building FusionSAM from a config: the SAM size, the module, its params.
+
+    model = build_model(config)
+    params = init_params(config, model)          # random init + converted SAM weights
+    shapes = abstract_params(config, model)      # jax.ShapeDtypeStruct leaves, no compute
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from fusionsam_jax.errors import SamWeightsMissingError
+
+PyTree = Any
+
+
+def sam_config(config):
+  """The SAM size: the preset ``model.sam_variant`` with ``model.sam_overrides`` applied.
+  Overrides change the architecture, so they are refused together with converted weights."""
+  from fusionsam_jax.models.sam.sam import SAM_PRESETS
+  m = config.model
+  if m.sam_variant not in SAM_PRESETS:
+    raise ValueError(f"model.sam_variant {m.sam_variant!r}: expected one of {sorted(SAM_PRESETS)}")
+  cfg = SAM_PRESETS[m.sam_variant]
+  overrides = dict(m.get("sam_overrides") or {})
+  if overrides:
+    if m.sam_checkpoint:
+      raise ValueError(f"model.sam_overrides {overrides} change SAM's architecture; they "
+                       "cannot be combined with converted SAM weights (model.sam_checkpoint)")
+    unknown = sorted(set(overrides) - set(cfg.to_dict()))
+    if unknown:
+      raise ValueError(f"model.sam_overrides: unknown SamConfig field(s) {unknown}")
+    cfg = type(cfg).from_dict({**cfg.to_dict(), **overrides})
+  return cfg
+
+
+def build_model(config):
+  from fusionsam_jax.models import fusionsam
+  return fusionsam.build_model(config.model, sam_config=sam_config(config))
+
+
+def sam_weights_path(config) -> str | None:
+  """The converted SAM checkpoint directory of the config (None: random SAM allowed).
+  Raises `SamWeightsMissingError` with the conversion command when it is missing."""
+  from fusionsam_jax.sam_checkpoint import META_FILE
+  m = config.model
+  path = m.sam_checkpoint
+  if not path:
+    if not m.allow_random_sam:
+      raise SamWeightsMissingError(
+          "model.sam_checkpoint is not set and model.allow_random_sam is False; convert the "
+          f"official {m.sam_variant} weights once (`python tools/convert_sam_weights.py "
+          f"--checkpoint sam_{m.sam_variant}_XXXX.pth --output ckpt/sam_{m.sam_variant}`) and "
+          f"pass --config.model.sam_checkpoint=ckpt/sam_{m.sam_variant}")
+    return None
+  if not os.path.isfile(os.path.join(path, META_FILE)):
+    what = "does not exist" if not os.path.exists(path) else f"has no {META_FILE}"
+    raise SamWeightsMissingError(
+        f"converted SAM weights {path!r} {what}; download the official checkpoint "
+        "(sam_vit_h_4b8939.pth for vit_h) and convert it once: `python "
+        f"tools/convert_sam_weights.py --checkpoint sam_vit_h_4b8939.pth --output {path}`")
+  return path
+
+
+def init_params(config, model, *, load_sam: bool = True) -> PyTree:
+  """Random init of the whole tree (seeded by ``config.seed``), then the converted SAM
+  weights when configured (the encoder is then never drawn at random)."""
+  from fusionsam_jax.models import fusionsam
+  path = sam_weights_path(config) if load_sam else None
+  params = fusionsam.init_params(model, jax.random.PRNGKey(int(config.seed)),
+                                 tuple(config.train.crop_size),
+                                 image_encoder="random" if path is None else "abstract")
+  if path is not None:
+    params = fusionsam.load_sam_weights(params, path, config.model)
+  return params
+
+
+def abstract_params(config, model) -> PyTree:
+  """The param tree's shapes and dtypes (`jax.ShapeDtypeStruct` leaves)."""
+  from fusionsam_jax.models import fusionsam
+  return jax.eval_shape(lambda: fusionsam.init_params(model, jax.random.PRNGKey(0),
+                                                      tuple(config.train.crop_size)))

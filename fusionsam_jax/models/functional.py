@@ -1,0 +1,96 @@
+"""Pure functions of (params, batch) over FusionSAM that training, caching, evaluation and
+prediction share. Batches are dicts of uint8 images ``{m: (B, H, W, C_m)}`` (+ ``label``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from fusionsam_jax.models.fusionsam import FusionSAM
+
+#: Top-level params of the fusion path (everything upstream of the SAM image encoder).
+FUSION_PATH = ("tokenizer_", "patch_embed_", "fmp", "concat_fusion", "fused_decoder")
+
+
+def is_fusion_path(name: str) -> bool:
+  return name.startswith(FUSION_PATH)
+
+
+def inputs_from_batch(batch: Mapping[str, Any], modalities) -> Dict[str, jax.Array]:
+  """uint8 images -> float32 in [0, 1], one entry per modality."""
+  return {m: jnp.asarray(batch[m]).astype(jnp.float32) / 255.0 for m in modalities}
+
+
+def latents(model: FusionSAM, params, images):
+  """Quantised latents per modality ``{m: (B, h, w, d_c)}`` (straight-through gradients)."""
+  return model.apply({"params": params}, images, method=FusionSAM.tokenize)
+
+
+def fuse(model: FusionSAM, params, images, *, train_tokenizers: bool = False):
+  """dict(fusion (B, h, w, d_c), fused (B, H, W, 3)) with gradients into FMP and the fused
+  decoder (and, with `train_tokenizers`, into the tokenizers through the straight-through
+  quantiser)."""
+  z = latents(model, params, images)
+  if not train_tokenizers:
+    z = jax.lax.stop_gradient(z)
+  return model.apply({"params": params}, z, images, method=FusionSAM.fuse)
+
+
+def frozen_fusion(model: FusionSAM, params, images):
+  """Tokenizers -> fusion -> fused decoder, forward only, computed in `model.fusion_dtype`.
+
+  With ``fusion_dtype="bfloat16"`` the path's params and inputs are cast to bf16 (GroupNorm /
+  LayerNorm statistics and the codebook search stay float32); outputs come back float32,
+  under stop-gradient: dict(fusion (B, h, w, d_c), fused (B, H, W, 3)).
+  """
+  dtype = jnp.dtype(model.fusion_dtype)
+  if dtype != jnp.float32:
+    params = {k: (jax.tree.map(lambda x: x.astype(dtype), v) if is_fusion_path(k) else v)
+              for k, v in params.items()}
+    images = {m: x.astype(dtype) for m, x in images.items()}
+  out = model.apply({"params": params}, latents(model, params, images), images,
+                    method=FusionSAM.fuse)
+  return jax.lax.stop_gradient({k: v.astype(jnp.float32) for k, v in out.items()})
+
+
+def image_embeddings(model: FusionSAM, params, fused):
+  """SAM image embeddings (B, e, e, C) of the fused image; the encoder input is under
+  stop-gradient (the encoder is frozen and nothing trains through it)."""
+  return model.apply({"params": params}, jax.lax.stop_gradient(fused),
+                     method=FusionSAM.image_embeddings)
+
+
+def cache_fn(model: FusionSAM):
+  """fn(params, batch) -> dict(image_embeddings (B, e, e, C), fusion (B, h, w, d_c)): what
+  the embedding cache stores for a view while the fusion path is frozen."""
+  mods = model.modalities
+
+  def fn(params, batch):
+    fz = frozen_fusion(model, params, inputs_from_batch(batch, mods))
+    return dict(image_embeddings=image_embeddings(model, params, fz["fused"]),
+                fusion=fz["fusion"])
+
+  return fn
+
+
+def predict_fn(model: FusionSAM):
+  """fn(params, batch) -> dict(logits (B,H,W,K), pred (B,H,W) int32, fused (B,H,W,3),
+  probs (B,H,W,K)). Uses ``batch["image_embeddings"]`` when present."""
+  mods = model.modalities
+
+  def fn(params, batch):
+    images = inputs_from_batch(batch, mods)
+    emb = batch.get("image_embeddings") if hasattr(batch, "get") else None
+    fz = frozen_fusion(model, params, images)
+    if emb is None:
+      emb = image_embeddings(model, params, fz["fused"])
+    hw = images[mods[0]].shape[1:3]
+    logits = model.apply({"params": params}, fz["fusion"], emb.astype(jnp.float32), hw,
+                         method=FusionSAM.segment)["logits"]
+    return dict(logits=logits, pred=jnp.argmax(logits, -1).astype(jnp.int32),
+                probs=jax.nn.softmax(logits, -1), fused=fz["fused"])
+
+  return fn

@@ -1,0 +1,156 @@
+"""Stage 1: one LSTG tokenizer per modality (paper Sec. 3.2.2).
+
+Loss per modality: Eq. 5 reconstruction + Eq. 6 codebook / commitment + Eq. 7 perceptual
+(VGG16 features from a user file; off otherwise, said once) + Eq. 8 adversarial (PatchGAN,
+hinge, VQGAN's adaptive weight, from ``disc_start`` on). State: ``{"generator":
+{tokenizer_<m>}, "discriminator": {m: PatchGAN}}``; nothing else is read.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from fusionsam_jax import losses
+from fusionsam_jax.data.spec import stage_batch_size, stage_crop_size, stage_steps, train_iterator
+from fusionsam_jax.errors import SetupError
+from fusionsam_jax.models.functional import inputs_from_batch
+from fusionsam_jax.models.fusionsam import FusionSAM, init_discriminators, make_discriminator
+from fusionsam_jax.stages import common
+from fusionsam_jax.training.state import TrainState
+
+NAME = "tokenizer"
+
+
+def trainable(model_cfg) -> tuple[str, ...]:
+  if model_cfg.get("tokenizer_kind", "lstg") == "patch":
+    return ()
+  return tuple(f"tokenizer_{m}" for m in model_cfg.modalities)
+
+
+def disc_start(config, num_steps: int) -> int:
+  """``disc_start`` (steps) when set, else ``disc_start_fraction`` of the stage."""
+  sc = config.train.stages[NAME]
+  if sc.get("disc_start") is not None:
+    return int(sc.disc_start)
+  return int(float(sc.get("disc_start_fraction", 0.5)) * num_steps)
+
+
+def perceptual_loss(config, say):
+  """`vgg.PerceptualLoss` from ``config.perceptual_weights``, or None (loss off, said)."""
+  path = config.get("perceptual_weights")
+  if not path:
+    say("Perceptual loss (Eq. 7) is OFF: no VGG16 weights given (convert torchvision's VGG16 "
+        "once with tools/convert_vgg16.py and pass --config.perceptual_weights=FILE.npz)")
+    return None
+  if not os.path.isfile(path):
+    raise SetupError(f"perceptual_weights {path!r} does not exist; convert VGG16 with "
+                     f"`python tools/convert_vgg16.py --weights vgg16.pth --output {path}`, or "
+                     "set --config.perceptual_weights='' to train without it")
+  from fusionsam_jax.models import vgg
+  return vgg.PerceptualLoss.from_file(path)
+
+
+def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=None):
+  """(g_loss_fn, d_loss_fn) for `common.make_gan_train_step`."""
+  mods = tuple(model_cfg.modalities)
+  disc = make_discriminator(model_cfg)
+  rec_w = float(stage_cfg.get("rec_weight", 1.0))
+  perc_w = float(stage_cfg.get("perceptual_weight", 1.0)) if perceptual is not None else 0.0
+  disc_w = float(stage_cfg.get("disc_weight", 0.8))
+  num_codes = int(dict(model_cfg.get("tokenizer", {})).get("num_codes", 1024))
+
+  def g_loss_fn(g, d, batch, rng, step):
+    images = inputs_from_batch(batch, mods)
+    total, aux, carry = 0.0, {}, {}
+    for m in mods:
+      x = images[m]
+      out = model.apply({"params": g}, x, m, method=FusionSAM.tokenizer)
+
+      def nll_of(r, x=x):
+        rec = jnp.mean(jnp.abs(x - r))  # Eq. 5
+        if perceptual is not None:
+          return rec_w * rec + perc_w * jnp.mean(perceptual(x, r)), rec
+        return rec_w * rec, rec
+
+      def adv_of(r, m=m):  # Eq. 8, generator side
+        return losses.generator_adv_loss(disc.apply({"params": d[m]}, r))
+
+      nll, rec = nll_of(out["recon"])
+      g_adv = adv_of(out["recon"])
+      w_disc = losses.adopt_weight(disc_w, step, start)
+      if disc_w > 0:
+        # VQGAN's adaptive weight: gradient norms w.r.t. the decoder's last layer.
+        gs = jax.lax.stop_gradient(g)
+        kernel = gs[f"tokenizer_{m}"]["decoder"]["conv_out"]["kernel"]
+
+        def recon_of(kern, m=m, x=x):
+          tok = dict(gs[f"tokenizer_{m}"])
+          tok["decoder"] = dict(tok["decoder"], conv_out=dict(tok["decoder"]["conv_out"],
+                                                              kernel=kern))
+          return model.apply({"params": dict(gs, **{f"tokenizer_{m}": tok})}, x, m,
+                             method=FusionSAM.tokenizer)["recon"]
+
+        r0, pullback = jax.vjp(recon_of, kernel)
+        g_nll = pullback(jax.grad(lambda r: nll_of(r)[0])(r0))[0]
+        g_g = pullback(jax.grad(adv_of)(r0))[0]
+        lam = losses.adaptive_adv_weight(jnp.linalg.norm(g_nll), jnp.linalg.norm(g_g))
+      else:
+        lam = jnp.zeros(())
+      total = total + nll + out["vq_loss"] + w_disc * lam * g_adv
+      usage = losses.codebook_usage(out["indices"], num_codes)
+      aux.update({f"{m}/rec": rec, f"{m}/codebook": out["codebook_loss"],
+                  f"{m}/commitment": out["commitment_loss"], f"{m}/g_adv": g_adv,
+                  f"{m}/adaptive_weight": lam, f"{m}/perplexity": usage["perplexity"],
+                  f"{m}/dead_codes": usage["dead_fraction"]})
+      carry[m] = out["recon"]
+    return total, (aux, carry)
+
+  def d_loss_fn(d, carry, batch, rng, step):
+    images = inputs_from_batch(batch, mods)
+    total, aux = 0.0, {}
+    w = losses.adopt_weight(1.0, step, start)
+    for m in mods:
+      loss_m = losses.hinge_d_loss(disc.apply({"params": d[m]}, images[m]),
+                                   disc.apply({"params": d[m]}, carry[m]))
+      total = total + w * loss_m
+      aux[f"{m}/d_hinge"] = loss_m
+    aux["d_weight"] = w
+    return total, aux
+
+  return g_loss_fn, d_loss_fn
+
+
+def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage | None:
+  """The tokenizer stage, or None when there is nothing to train (ablation A)."""
+  config, model = ctx.config, ctx.model
+  names = trainable(config.model)
+  if not names:
+    return None
+  sc = config.train.stages[NAME]
+  num_steps = stage_steps(config, NAME, ctx.train_size)
+  start = disc_start(config, num_steps)
+  g_tx = common.stage_optimizer(config, NAME)
+  d_tx = common.stage_optimizer(config, NAME)
+  key = common.stage_key(config, NAME)
+  hw = stage_crop_size(config, NAME)
+
+  def init_state(params):
+    discs = init_discriminators(config.model, jax.random.fold_in(key, 7), hw)
+    sp = {"generator": params, "discriminator": discs}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=sp,
+                      opt_state={"g": g_tx.init(params), "d": d_tx.init(discs)},
+                      rng=jax.random.key_data(key) if jnp.issubdtype(
+                          key.dtype, jax.dtypes.prng_key) else key)
+
+  perceptual = perceptual_loss(config, ctx.say) if with_perceptual else None
+  g_loss, d_loss = losses_fn(model, config.model, sc, start, perceptual)
+  return common.Stage(
+      name=NAME, num_steps=num_steps, batch_size=stage_batch_size(config, NAME),
+      lr=float(sc.lr), trainable=names, reads=names, init_state=init_state,
+      train_step=common.make_gan_train_step(g_loss, d_loss, g_tx, d_tx, ctx.mesh),
+      iterator=lambda params: train_iterator(config, ctx.spec, NAME),
+      model_params=lambda state: state.params["generator"],
+      notes=(f"discriminator from step {start}",))
