@@ -38,6 +38,13 @@ _W = flags.DEFINE_integer("width", 640, "scene width")
 _STEPS = flags.DEFINE_list("steps", ["30", "30", "60"], "tokenizer, fusion, segmentation steps")
 _EXTRA = flags.DEFINE_list("extra", [], "more --config.X=Y overrides for train / benchmark")
 _BENCH_STEPS = flags.DEFINE_integer("bench_steps", 10, "steps per timed benchmark run")
+_ONLY = flags.DEFINE_list("only", [], "run only these commands (make_pth, convert, generate, "
+                          "prepare, train, evaluate, predict, benchmark); with --resume, "
+                          "earlier results are kept from SCRATCH/partial.json")
+_DEADLINE = flags.DEFINE_float("deadline_s", 0.0, "stop commands this many seconds after "
+                                "the start (0: none), so the JSON is still written")
+_TEST_EVAL = flags.DEFINE_bool("test_eval", True, "evaluate on test at the end of train")
+_RESUME = flags.DEFINE_bool("resume", False, "keep the scratch folder and earlier results")
 
 
 def make_pth(variant: str, path: str) -> float:
@@ -61,13 +68,17 @@ def tiny_pth(path: str) -> float:
   return time.perf_counter() - t0
 
 
-def run(cmd, log, env=None):
+def run(cmd, log, env=None, timeout=None):
   t0 = time.perf_counter()
   with open(log, "w") as f:
-    r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+      rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
+                          timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+      rc = "timeout"
   wall = time.perf_counter() - t0
-  print(f"[{r.returncode}] {wall:7.1f} s  {' '.join(cmd)[:160]}", flush=True)
-  return {"cmd": " ".join(cmd), "returncode": r.returncode, "wall_s": wall,
+  print(f"[{rc}] {wall:7.1f} s  {' '.join(cmd)[:160]}", flush=True)
+  return {"cmd": " ".join(cmd), "returncode": rc, "wall_s": wall,
           "log_tail": open(log).read()[-1500:]}
 
 
@@ -96,15 +107,22 @@ def stage_stats(workdir: str) -> dict:
 def main(argv):
   del argv
   scratch = os.path.abspath(_SCRATCH.value)
-  shutil.rmtree(scratch, ignore_errors=True)
-  os.makedirs(scratch)
+  partial = os.path.join(scratch, "partial.json")
+  if not _RESUME.value:
+    shutil.rmtree(scratch, ignore_errors=True)
+  os.makedirs(scratch, exist_ok=True)
+  only = set(_ONLY.value)
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(scratch, "jax_cache"),
              PYTHONUNBUFFERED="1")
   res = {"environment": environment(), "commands": {}}
+  if _RESUME.value and os.path.exists(partial):
+    res = dict(json.load(open(partial)), environment=res["environment"])
   t_all = time.perf_counter()
   pth = os.path.join(scratch, f"sam_{_VARIANT.value}_random.pth")
-  res["make_pth_s"] = tiny_pth(pth) if _VARIANT.value == "tiny" else make_pth(_VARIANT.value, pth)
-  res["pth_bytes"] = os.path.getsize(pth)
+  if not only or "make_pth" in only or "convert" in only:
+    res["make_pth_s"] = (tiny_pth(pth) if _VARIANT.value == "tiny"
+                         else make_pth(_VARIANT.value, pth))
+    res["pth_bytes"] = os.path.getsize(pth)
   ckpt, raw, data = (os.path.join(scratch, x) for x in ("ckpt", "raw", "data"))
   work = os.path.join(scratch, "run")
   py = sys.executable
@@ -119,8 +137,10 @@ def main(argv):
                 f"--config.train.stages.fusion.num_steps={steps[1]}",
                 f"--config.train.stages.segmentation.num_steps={steps[2]}",
                 f"--config.train.stages.tokenizer.disc_start={steps[0] // 3}",
-                "--config.train.eval_every=30", "--config.train.checkpoint_every=30",
-                "--config.train.log_every=5", "--noprogress"]
+                f"--config.train.eval_every={max(1, steps[2] // 2)}",
+                f"--config.train.checkpoint_every={max(1, steps[2] // 2)}",
+                "--config.train.log_every=5", "--noprogress",
+                f"--config.eval.after_training={_TEST_EVAL.value}"]
   cmds = {
       "convert": [py, "tools/convert_sam_weights.py", "--checkpoint", pth, "--output", ckpt],
       "generate": [py, "-m", "fusionsam_jax.data.generate", "--layout", "mfnet", "--out", raw,
@@ -138,7 +158,13 @@ def main(argv):
                     f"--out={os.path.join(scratch, 'bench.json')}"],
   }
   for name, cmd in cmds.items():
-    res["commands"][name] = run(cmd, os.path.join(scratch, f"{name}.log"), env)
+    if only and name not in only:
+      continue
+    left = (_DEADLINE.value - (time.perf_counter() - t_all)) if _DEADLINE.value else None
+    if left is not None and left < 20:
+      break
+    res["commands"][name] = run(cmd, os.path.join(scratch, f"{name}.log"), env, left)
+    write_json(partial, res)
     if res["commands"][name]["returncode"] != 0 and name not in ("evaluate", "predict"):
       break
   if os.path.exists(os.path.join(work, "metrics.jsonl")):
@@ -155,8 +181,10 @@ def main(argv):
       if ms and s.get("loop_step_ms"):
         s["benchmark_ms"] = ms
         s["loop_over_benchmark"] = s["loop_step_ms"] / ms
-  res["total_s"] = time.perf_counter() - t_all
+  res["total_s"] = res.get("total_s", 0.0) + time.perf_counter() - t_all
+  write_json(partial, res)
   res["all_exit_zero"] = all(c["returncode"] == 0 for c in res["commands"].values())
+  res["commands_run"] = sorted(res["commands"])
   print(json.dumps({k: v for k, v in res.items() if k not in ("commands", "benchmark")},
                    indent=1, default=str))
   if _OUT.value:

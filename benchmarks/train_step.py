@@ -108,10 +108,10 @@ def main(argv):
     results[name]["wall_s"] = time.perf_counter() - t0
     print(name, json.dumps({k: v for k, v in results[name].items() if k != "error"}),
           results[name].get("error", ""), flush=True)
-  out = {"environment": environment(), "config": config.to_dict() if config else None,
-         "steps": _STEPS.value, "stages": results}
-  if _OUT.value:
-    write_json(_OUT.value, json.loads(json.dumps(out, default=str)))
+    out = {"environment": environment(), "config": config.to_dict() if config else None,
+           "steps": _STEPS.value, "stages": results}
+    if _OUT.value:  # after every stage: a run cut short keeps what it measured
+      write_json(_OUT.value, json.loads(json.dumps(out, default=str)))
   return 0 if all("error" not in r for r in results.values()) else 1
 
 

@@ -24,6 +24,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from fusionsam_jax.cli_common import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
+
 def run(config, workdir: str, checkpoint: str = "best", split: str | None = None) -> int:
   from fusionsam_jax import experiment, workdir as W
   from fusionsam_jax import training as T
@@ -56,6 +58,9 @@ def define_flags() -> dict:
       "checkpoint": flags.DEFINE_string("checkpoint", "best", "best | latest | STEP"),
       "split": flags.DEFINE_string("split", None, "split to evaluate (default: "
                                    "config.eval.split, normally test)"),
+      "compilation_cache": flags.DEFINE_string(
+          "compilation_cache", DEFAULT_COMPILATION_CACHE, "JAX persistent compilation cache "
+          "folder ('' = off): a second run loads its compiled steps"),
   }
 
 
@@ -67,6 +72,7 @@ def main(argv, f) -> int:
     print("error: --workdir is required", file=sys.stderr)
     return 2
   quiet_logs()
+  enable_compilation_cache(f["compilation_cache"].value)
   return run(f["config"].value, f["workdir"].value, f["checkpoint"].value, f["split"].value)
 
 

@@ -242,7 +242,10 @@ def codebook_usage(indices, codebook_size: int):
     k = int(codebook_size)
     idx = jnp.asarray(indices).reshape(-1).astype(jnp.int32)
     ok = (idx >= 0) & (idx < k)
-    counts = jax.ops.segment_sum(ok.astype(jnp.int32), jnp.where(ok, idx, 0), num_segments=k)
+    # A one-hot sum rather than a scatter (segment_sum): scatter atomics serialise when the
+    # codes collapse onto a few entries; float32 counts are exact below 2**24 per batch.
+    counts = jnp.sum(jax.nn.one_hot(jnp.where(ok, idx, -1), k, dtype=jnp.float32),
+                     axis=0).astype(jnp.int32)
     total = jnp.maximum(jnp.sum(counts), 1)
     p = counts.astype(jnp.float32) / total.astype(jnp.float32)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))

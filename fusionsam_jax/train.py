@@ -23,7 +23,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from fusionsam_jax.cli_common import EXIT_CONFIG, EXIT_ERROR, EXIT_NONFINITE, quiet_logs
+from fusionsam_jax.cli_common import (DEFAULT_COMPILATION_CACHE, EXIT_CONFIG, EXIT_ERROR,
+                                      EXIT_NONFINITE, enable_compilation_cache, quiet_logs)
 
 
 def run(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
@@ -65,6 +66,9 @@ def define_flags() -> dict:
           "allow_config_change", False, "continue in a workdir made with a different config "
           "(the old config.json is kept as config.<time>.json)"),
       "progress": flags.DEFINE_bool("progress", True, "tqdm progress bars"),
+      "compilation_cache": flags.DEFINE_string(
+          "compilation_cache", DEFAULT_COMPILATION_CACHE, "JAX persistent compilation cache "
+          "folder ('' = off): a second run loads its compiled steps"),
   }
 
 
@@ -75,6 +79,7 @@ def main(argv, f) -> int:
     print("error: --config and --workdir are required", file=sys.stderr)
     return 2
   quiet_logs()
+  enable_compilation_cache(f["compilation_cache"].value)
   return run(f["config"].value, f["workdir"].value,
              allow_config_change=f["allow_config_change"].value, progress=f["progress"].value)
 

@@ -209,7 +209,13 @@ class VectorQuantizer(nn.Module):
              - 2.0 * jnp.einsum("...c,kc->...k", zf, cf, precision=hi)
              + jnp.sum(cf * cf, axis=-1))                                 # (B, h, w, K)
         indices = jnp.argmin(d, axis=-1).astype(jnp.int32)                # (B, h, w)
-        c = jnp.take(codes, indices, axis=0).astype(z.dtype)              # (B, h, w, d_c)
+        # The code lookup as a one-hot matmul, not a gather: the gather's gradient is a
+        # scatter-add into the codebook whose atomics serialise as the codes collapse onto a
+        # few entries (on an H100 the tokenizer step slowed from 1.0 to 4.3 s within 20
+        # steps); the matmul costs the same whatever the indices. Exact at HIGHEST precision.
+        onehot = jax.nn.one_hot(indices, codes.shape[0], dtype=cf.dtype)  # (B, h, w, K)
+        c = jnp.einsum("...k,kc->...c", onehot, codes.astype(jnp.float32),
+                       precision=hi).astype(z.dtype)                      # (B, h, w, d_c)
         codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - c))
         commitment_loss = self.beta * jnp.mean(jnp.square(z - jax.lax.stop_gradient(c)))
         z_q = z + jax.lax.stop_gradient(c - z)                            # straight-through
