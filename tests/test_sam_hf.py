@@ -103,11 +103,16 @@ def test_matches_transformers(hf):
   labels = np.array([[[1, 0, 1], [1, 1, 0]]], np.int64)
   boxes = np.sort(rng.uniform(0, s, (1, 2, 2, 2)), axis=2).reshape(1, 2, 4).astype(np.float32)
   module = Sam(sam.config)
+  e4 = 4 * sam.config.image_embedding_size
+  # One program for every prompt kind (the padded layout the predictor uses).
+  decode = jax.jit(lambda p, e, *args, multi: module.apply(
+      {"params": p}, e, *args, np.zeros((2, e4, e4, 1), np.float32), np.zeros(2, bool),
+      multi, method=Sam.decode_padded), static_argnames="multi")
   with torch.no_grad():
     t_emb = model.get_image_embeddings(torch.as_tensor(pixels))
   with jax.default_matmul_precision("highest"):
-    emb = module.apply({"params": sam.params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
-                       method=Sam.encode)
+    emb = jax.jit(lambda p, x: module.apply({"params": p}, x, method=Sam.encode))(
+        sam.params, jnp.asarray(pixels.transpose(0, 2, 3, 1)))
     assert ref.rel_err(np.asarray(emb).transpose(0, 3, 1, 2), t_emb.numpy()) < TOL
     cases = [dict(input_points=pts, input_labels=labels), dict(input_boxes=boxes),
              dict(input_points=pts, input_labels=labels, input_boxes=boxes)]
@@ -116,14 +121,15 @@ def test_matches_transformers(hf):
         with torch.no_grad():
           out = model(image_embeddings=t_emb, multimask_output=multi,
                       **{k: torch.as_tensor(v) for k, v in case.items()})
-        kw = {}
-        if "input_points" in case:
-          kw["point_coords"] = jnp.asarray(pts[0])
-          kw["point_labels"] = jnp.asarray(labels[0])
-        if "input_boxes" in case:
-          kw["boxes"] = jnp.asarray(boxes[0])
-        low, iou = module.apply({"params": sam.params}, emb, **kw, multimask_output=multi,
-                                method=Sam.decode)
+        has_pts, has_box = "input_points" in case, "input_boxes" in case
+        coords = np.zeros((2, 4, 2), np.float32)
+        labs = np.full((2, 4), -1, np.int32)
+        valid = np.zeros((2, 4), bool)
+        if has_pts:
+          coords[:, :3], labs[:, :3] = pts[0], labels[0]
+          valid[:, :3 if has_box else 4] = True  # SAM's pad point when there is no box
+        low, iou = decode(sam.params, emb, coords, labs, valid, boxes[0],
+                          np.full(2, has_box), multi=multi)
         want_low = out.pred_masks[0].numpy()
         assert low.shape == want_low.shape
         assert ref.rel_err(low, want_low) < TOL
