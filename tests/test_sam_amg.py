@@ -130,3 +130,30 @@ def test_nms_matches_stand_in():
     want = batched_nms(torch.as_tensor(boxes).float(), torch.as_tensor(scores),
                        torch.zeros(200), thr).numpy()
     np.testing.assert_array_equal(nms(boxes, scores, thr), want)
+
+
+def test_small_region_cleanup_matches_official(image):
+  """min_mask_region_area: our cleanup + NMS against the official static method (cv2)."""
+  pytest.importorskip("cv2")
+  Official = ref.official_amg()
+  from segment_anything.utils.amg import MaskData
+  from fusionsam_jax.models.sam import amg
+  rng = np.random.default_rng(5)
+  masks = []
+  for k in range(6):  # region masks with specks and holes, some near-duplicates
+    m = image[..., k % 3] > 60 + 20 * k
+    m ^= rng.random(m.shape) > 0.995
+    masks.append(m)
+  masks.append(masks[0].copy())
+  rles = [amg.mask_to_rle(m) for m in masks]
+  boxes = amg._mask_boxes_np(np.stack(masks))
+  iou = rng.random(len(masks)).astype(np.float32)
+  want = Official.postprocess_small_regions(
+      MaskData(rles=[dict(r) for r in rles], boxes=torch.as_tensor(boxes),
+               iou_preds=torch.as_tensor(iou)), 50, 0.7)
+  got = SamAutomaticMaskGenerator._postprocess_small_regions(
+      {"rles": [dict(r) for r in rles], "boxes": boxes.copy(), "iou_preds": iou}, 50, 0.7)
+  assert len(got["rles"]) == len(want["rles"]) < len(masks)
+  assert got["rles"] == want["rles"]
+  np.testing.assert_array_equal(got["boxes"], want["boxes"].numpy())
+  np.testing.assert_array_equal(got["iou_preds"], want["iou_preds"].numpy())
