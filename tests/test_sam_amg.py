@@ -161,8 +161,8 @@ def test_small_region_cleanup_matches_official(image):
 
 def test_matches_official_with_crops(models, image):
   """crop_n_layers=1: per-crop embeddings, crop-edge filtering and crop NMS run. (With this
-  model every mask of the four crops touches a crop edge and is filtered out, in both
-  implementations, so the surviving masks all come from the full-image crop.)"""
+  model no mask from the four crops survives the filters and NMS, in either
+  implementation: the surviving masks all come from the full-image crop.)"""
   tsam, sam = models
   kw = dict(KW, crop_n_layers=1, crop_n_points_downscale_factor=2, crop_overlap_ratio=0.25,
             output_mode="uncompressed_rle")
