@@ -14,7 +14,7 @@ import numpy as np
 
 from fusionsam_jax import stages
 from fusionsam_jax.models.fusionsam import FusionSAM
-from fusionsam_jax.predictor import SamPredictor
+from fusionsam_jax.models.sam.predictor import SamPredictor
 
 
 def fused_image_uint8(model: FusionSAM, params, batch) -> np.ndarray:

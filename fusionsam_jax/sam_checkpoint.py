@@ -12,6 +12,7 @@ The conversion is a tree walk: a PyTorch key `blocks.3.attn.qkv.weight` names th
 (kh, kw, in, out), LayerNorm weight -> scale, Embedding weight -> embedding).
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -285,3 +286,124 @@ def convert_file(checkpoint: str, output: str, model_type: str = "auto",
   meta = {"source": os.path.basename(checkpoint), "sha256": sha256sum(checkpoint)}
   save_sam_checkpoint(output, cfg, params, meta, overwrite=overwrite)
   return cfg, output
+
+
+# ---- Hugging Face `facebook/sam-vit-*` safetensors (no PyTorch needed) ---------------------
+
+_HF_RULES = (
+    # (pattern, replacement) applied in order to the full key.
+    (r"^shared_image_embedding\.positional_embedding$",
+     "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    (r"^vision_encoder\.", "image_encoder."),
+    (r"^image_encoder\.patch_embed\.projection\.", "image_encoder.patch_embed.proj."),
+    (r"^image_encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"image_encoder.blocks.\1.norm\2."),
+    (r"^image_encoder\.layers\.(\d+)\.", r"image_encoder.blocks.\1."),
+    (r"^image_encoder\.neck\.conv1\.", "image_encoder.neck.0."),
+    (r"^image_encoder\.neck\.layer_norm1\.", "image_encoder.neck.1."),
+    (r"^image_encoder\.neck\.conv2\.", "image_encoder.neck.2."),
+    (r"^image_encoder\.neck\.layer_norm2\.", "image_encoder.neck.3."),
+    (r"^prompt_encoder\.mask_embed\.conv1\.", "prompt_encoder.mask_downscaling.0."),
+    (r"^prompt_encoder\.mask_embed\.layer_norm1\.", "prompt_encoder.mask_downscaling.1."),
+    (r"^prompt_encoder\.mask_embed\.conv2\.", "prompt_encoder.mask_downscaling.3."),
+    (r"^prompt_encoder\.mask_embed\.layer_norm2\.", "prompt_encoder.mask_downscaling.4."),
+    (r"^prompt_encoder\.mask_embed\.conv3\.", "prompt_encoder.mask_downscaling.6."),
+    (r"^prompt_encoder\.point_embed\.", "prompt_encoder.point_embeddings."),
+    (r"^mask_decoder\.transformer\.layers\.(\d+)\.layer_norm(\d)\.",
+     r"mask_decoder.transformer.layers.\1.norm\2."),
+    (r"^mask_decoder\.transformer\.layer_norm_final_attn\.",
+     "mask_decoder.transformer.norm_final_attn."),
+    (r"^mask_decoder\.upscale_conv1\.", "mask_decoder.output_upscaling.0."),
+    (r"^mask_decoder\.upscale_layer_norm\.", "mask_decoder.output_upscaling.1."),
+    (r"^mask_decoder\.upscale_conv2\.", "mask_decoder.output_upscaling.3."),
+)
+# HF's decoder MLPs are proj_in, layers.0..L-1, proj_out; SAM's are layers.0..L+1.
+_HF_MLP = r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\."
+
+
+def hf_to_sam_state_dict(sd: Mapping[str, np.ndarray], path: str = "checkpoint"):
+  """Hugging Face `SamModel` tensor names -> the official `segment_anything` names."""
+  import re
+
+  out: Dict[str, np.ndarray] = {}
+  mlp_hidden: Dict[str, int] = {}
+  for k in sd:
+    m = re.match(_HF_MLP + r"layers\.(\d+)\.", k)
+    if m:
+      mlp_hidden[m.group(1)] = max(mlp_hidden.get(m.group(1), 0), int(m.group(2)) + 1)
+  dup = "prompt_encoder.shared_embedding.positional_embedding"
+  for k, v in sd.items():
+    if k == dup:  # a tied copy of shared_image_embedding.positional_embedding
+      continue
+    new = k
+    for pat, rep in _HF_RULES:
+      new = re.sub(pat, rep, new)
+    m = re.match(_HF_MLP + r"(proj_in|proj_out|layers\.(\d+))\.(.*)$", new)
+    if m:
+      base, part, idx, leaf = m.group(1), m.group(2), m.group(3), m.group(4)
+      if part == "proj_in":
+        n = 0
+      elif part == "proj_out":
+        n = mlp_hidden.get(base, 0) + 1
+      else:
+        n = int(idx) + 1
+      new = f"{base}.layers.{n}.{leaf}"
+    out[new] = v
+  if dup in sd and "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" not in out:
+    out["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = sd[dup]
+  return out
+
+
+def _hf_decoder_heads(path: str) -> Optional[int]:
+  cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+  if not os.path.isfile(cfg_path):
+    return None
+  try:
+    with open(cfg_path) as f:
+      return int(json.load(f)["mask_decoder_config"]["num_attention_heads"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def load_hf_safetensors(path: str):
+  """`facebook/sam-vit-*` `model.safetensors` (or its folder) -> (SamConfig, params).
+
+  Reads with safetensors' numpy API (no PyTorch). The decoder's head count comes from the
+  `config.json` beside the file when there is one (it is not visible in tensor shapes).
+  """
+  if os.path.isdir(path):
+    path = os.path.join(path, "model.safetensors")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such file")
+  try:
+    from safetensors.numpy import load_file
+  except ImportError as e:  # pragma: no cover - depends on the install
+    raise CheckpointError("reading .safetensors files needs the safetensors package: "
+                          "pip install safetensors") from e
+  try:
+    raw = load_file(path)
+  except Exception as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
+  sd = hf_to_sam_state_dict(raw, path)
+  cfg = infer_config(sd, path)
+  heads = _hf_decoder_heads(path)
+  if heads is not None:
+    cfg = dataclasses.replace(cfg, decoder_num_heads=heads)
+  sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
+  return convert_state_dict(sd, cfg, path)
+
+
+def load_any(checkpoint: str):
+  """(SamConfig, params) from a converted directory, a `.pth` (needs PyTorch) or a Hugging
+  Face `model.safetensors` / folder holding one."""
+  checkpoint = os.fspath(checkpoint)
+  if os.path.isdir(checkpoint):
+    if os.path.isfile(os.path.join(checkpoint, META_FILE)):
+      return load_sam_checkpoint(checkpoint)
+    if os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+      return load_hf_safetensors(checkpoint)
+    raise CheckpointError(f"{checkpoint}: neither a converted SAM checkpoint ({META_FILE}) "
+                          "nor a Hugging Face folder (model.safetensors)")
+  if checkpoint.endswith(".safetensors"):
+    return load_hf_safetensors(checkpoint)
+  sd = load_torch_state_dict(checkpoint)
+  return convert_state_dict(sd, None, checkpoint)

@@ -116,3 +116,51 @@ def rel_err(a, b):
   """max |a - b| / max |b|."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def _install_stub_torchvision_ops():
+  """`torchvision.ops.boxes.batched_nms` / `box_area` for the official generator, in torch.
+
+  NMS as torchvision defines it: by decreasing score (stable for ties), dropping boxes whose
+  IoU with a kept box is > iou_threshold; categories never suppress each other.
+  """
+  if "torchvision.ops.boxes" in sys.modules:
+    return
+  import torch
+
+  def box_area(boxes):
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+  def batched_nms(boxes, scores, idxs, iou_threshold):
+    boxes = boxes.float()
+    order = torch.sort(scores, descending=True, stable=True).indices
+    areas = box_area(boxes)
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    keep = []
+    for i in order.tolist():
+      if suppressed[i]:
+        continue
+      keep.append(i)
+      lt = torch.maximum(boxes[i, :2], boxes[:, :2])
+      rb = torch.minimum(boxes[i, 2:], boxes[:, 2:])
+      wh = (rb - lt).clamp(min=0)
+      inter = wh[:, 0] * wh[:, 1]
+      iou = inter / (areas[i] + areas - inter)
+      suppressed |= (iou > iou_threshold) & (idxs == idxs[i])
+    return torch.as_tensor(keep, dtype=torch.int64)
+
+  tv = sys.modules["torchvision"]
+  ops = types.ModuleType("torchvision.ops")
+  boxes_mod = types.ModuleType("torchvision.ops.boxes")
+  boxes_mod.batched_nms, boxes_mod.box_area = batched_nms, box_area
+  ops.boxes = boxes_mod
+  tv.ops = ops
+  sys.modules.update({"torchvision.ops": ops, "torchvision.ops.boxes": boxes_mod})
+
+
+def official_amg():
+  """The official `SamAutomaticMaskGenerator` class (torchvision ops stood in)."""
+  official()
+  _install_stub_torchvision_ops()
+  import segment_anything.automatic_mask_generator as amg
+  return amg.SamAutomaticMaskGenerator

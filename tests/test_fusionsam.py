@@ -329,7 +329,7 @@ def test_zero_shot_baseline_on_fused_image(built):
   """Fig. 7a baseline: SAM on the fused image equals SAM run on that image directly."""
   from fusionsam_jax.baseline import fused_image_uint8, zero_shot
   from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
-  from fusionsam_jax.predictor import SamPredictor
+  from fusionsam_jax.models.sam.predictor import SamPredictor
   cfg, model, params = built
   fused = fused_image_uint8(model, params, _batch(cfg))
   assert fused.shape == (2, 32, 48, 3) and fused.dtype == np.uint8

@@ -73,20 +73,21 @@ class MaskDecoder(nn.Module):
                                    self.iou_head_depth, dtype=self.dtype)
 
   def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings,
-               dense_prompt_embeddings, multimask_output: bool):
+               dense_prompt_embeddings, multimask_output: bool, sparse_mask=None):
     """image_embeddings: (Bi, h, w, C), Bi = 1 or B; image_pe: (1, h, w, C);
-    sparse: (B, N, C); dense: (B, h, w, C).
+    sparse: (B, N, C); dense: (B, h, w, C); sparse_mask: optional (B, N) bool, False for
+    padding tokens (they are excluded from attention, as if absent).
 
     Returns masks (B, M, 4h, 4w) and iou_pred (B, M), M = 3 if multimask_output else 1.
     """
     masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
-                                         dense_prompt_embeddings)
+                                         dense_prompt_embeddings, sparse_mask)
     if multimask_output:
       return masks[:, 1:], iou_pred[:, 1:]
     return masks[:, :1], iou_pred[:, :1]
 
   def predict_masks(self, image_embeddings, image_pe, sparse_prompt_embeddings,
-                    dense_prompt_embeddings):
+                    dense_prompt_embeddings, sparse_mask=None):
     b = sparse_prompt_embeddings.shape[0]
     output_tokens = jnp.concatenate([self.iou_token.embedding, self.mask_tokens.embedding], 0)
     output_tokens = jnp.broadcast_to(output_tokens[None], (b,) + output_tokens.shape)
@@ -97,7 +98,11 @@ class MaskDecoder(nn.Module):
     src = src + dense_prompt_embeddings
     pos_src = jnp.broadcast_to(image_pe, src.shape)
     _, h, w, c = src.shape
-    hs, src = self.transformer(src, pos_src, tokens)
+    token_mask = None
+    if sparse_mask is not None:
+      token_mask = jnp.concatenate([jnp.ones((b, output_tokens.shape[1]), bool),
+                                    sparse_mask.astype(bool)], 1)
+    hs, src = self.transformer(src, pos_src, tokens, token_mask)
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
     upscaled = self.output_upscaling(src.reshape(b, h, w, c))  # (B, 4h, 4w, C/8)

@@ -146,3 +146,25 @@ class PromptEncoder(nn.Module):
       h, w = self.image_embedding_size
       dense = jnp.broadcast_to(no_mask, (bs, h, w, self.embed_dim))
     return sparse, dense
+
+  def embed_padded(self, coords, labels, point_valid, boxes, box_valid, masks, mask_valid):
+    """Every prompt kind in one fixed layout (no Python branches, so one compilation).
+
+    coords (B, Np, 2), labels (B, Np) with -1 in padding slots, point_valid (B, Np) bool;
+    boxes (B, 4), box_valid (B,) bool; masks (B, 4h, 4w, 1), mask_valid (B,) bool.
+    Returns (sparse (B, Np + 2, C), sparse_mask (B, Np + 2), dense (B, h, w, C)). Tokens
+    where sparse_mask is False are padding: the decoder leaves them out of attention, so
+    the result equals `__call__` on the unpadded prompts (SAM's own "pad" point, added
+    when there is no box, is a valid -1 slot here).
+    """
+    sparse = jnp.concatenate([self._embed_points(coords, labels, pad=False),
+                              self._embed_boxes(boxes)], 1)
+    box_valid = jnp.asarray(box_valid, bool)
+    sparse_mask = jnp.concatenate([jnp.asarray(point_valid, bool),
+                                   jnp.stack([box_valid, box_valid], 1)], 1)
+    h, w = self.image_embedding_size
+    no_mask = jnp.broadcast_to(self.no_mask_embed.embedding[0], (coords.shape[0], h, w,
+                                                                   self.embed_dim))
+    dense = jnp.where(jnp.asarray(mask_valid, bool)[:, None, None, None],
+                      self._embed_masks(masks), no_mask)
+    return sparse, sparse_mask, dense

@@ -131,6 +131,14 @@ class Sam(nn.Module):
     return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse,
                              dense, multimask_output)
 
+  def decode_padded(self, image_embeddings, coords, labels, point_valid, boxes, box_valid,
+                    masks, mask_valid, multimask_output: bool = True):
+    """`decode` on prompts in the fixed padded layout of `PromptEncoder.embed_padded`."""
+    sparse, sparse_mask, dense = self.prompt_encoder.embed_padded(
+        coords, labels, point_valid, boxes, box_valid, masks, mask_valid)
+    return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse,
+                             dense, multimask_output, sparse_mask)
+
   def prompt_embeddings(self, point_coords=None, point_labels=None, boxes=None,
                         mask_inputs=None):
     points = None if point_coords is None else (point_coords, point_labels)

@@ -20,7 +20,8 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, q, k, v):  # (B, Nq, C), (B, Nk, C), (B, Nk, C)
+  def __call__(self, q, k, v, key_mask=None):  # (B, Nq, C), (B, Nk, C), (B, Nk, C)
+    """`key_mask` (B, Nk) bool: False keys get zero attention weight (None: all keys)."""
     internal_dim = self.embedding_dim // self.downsample_rate
     assert internal_dim % self.num_heads == 0, "num_heads must divide embedding_dim"
     q = nn.Dense(internal_dim, dtype=self.dtype, name="q_proj")(q)
@@ -32,7 +33,10 @@ class Attention(nn.Module):
     k = k.reshape(b, -1, self.num_heads, hd)
     v = v.reshape(b, -1, self.num_heads, hd)
     attn = jnp.einsum("bqnc,bknc->bnqk", q, k) / jnp.sqrt(jnp.asarray(hd, q.dtype))
-    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+    attn = attn.astype(jnp.float32)
+    if key_mask is not None:
+      attn = jnp.where(key_mask[:, None, None, :], attn, -jnp.inf)
+    attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
     out = jnp.einsum("bnqk,bknc->bqnc", attn, v).reshape(b, nq, internal_dim)
     return nn.Dense(self.embedding_dim, dtype=self.dtype, name="out_proj")(out)
 
@@ -48,15 +52,16 @@ class TwoWayAttentionBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, queries, keys, query_pe, key_pe):
+  def __call__(self, queries, keys, query_pe, key_pe, token_mask=None):
+    """`token_mask` (B, Nq) bool marks real tokens; padding tokens are never attended to."""
     ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
     self_attn = Attention(self.embedding_dim, self.num_heads, dtype=self.dtype,
                           name="self_attn")
     if self.skip_first_layer_pe:
-      queries = self_attn(queries, queries, queries)
+      queries = self_attn(queries, queries, queries, token_mask)
     else:
       q = queries + query_pe
-      queries = queries + self_attn(q, q, queries)
+      queries = queries + self_attn(q, q, queries, token_mask)
     queries = ln("norm1")(queries)
 
     q, k = queries + query_pe, keys + key_pe
@@ -71,7 +76,8 @@ class TwoWayAttentionBlock(nn.Module):
 
     q, k = queries + query_pe, keys + key_pe
     keys = keys + Attention(self.embedding_dim, self.num_heads, self.attention_downsample_rate,
-                            dtype=self.dtype, name="cross_attn_image_to_token")(k, q, queries)
+                            dtype=self.dtype, name="cross_attn_image_to_token")(k, q, queries,
+                                                                        token_mask)
     keys = ln("norm4")(keys)
     return queries, keys
 
@@ -87,8 +93,11 @@ class TwoWayTransformer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, image_embedding, image_pe, point_embedding):
+  def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None):
     """image_embedding, image_pe: (B, h, w, C); point_embedding: (B, N, C).
+
+    `token_mask` (B, N) bool: padding tokens (False) are masked out of every attention
+    over tokens, so the real tokens' outputs equal those of the unpadded sequence.
 
     Returns (queries (B, N, C), keys (B, h*w, C)).
     """
@@ -100,7 +109,7 @@ class TwoWayTransformer(nn.Module):
       queries, keys = TwoWayAttentionBlock(
           self.embedding_dim, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
           skip_first_layer_pe=(i == 0), dtype=self.dtype, name=f"layers_{i}")(
-              queries, keys, point_embedding, key_pe)
+              queries, keys, point_embedding, key_pe, token_mask)
     q, k = queries + point_embedding, keys + key_pe
     queries = queries + Attention(self.embedding_dim, self.num_heads,
                                   self.attention_downsample_rate, dtype=self.dtype,

@@ -5,7 +5,7 @@ Images are resized with Pillow's bilinear filter exactly as `segment_anything` d
 (torchvision's `resize` on a PIL image calls PIL's bilinear resize).
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +68,56 @@ def postprocess_masks(masks, input_size: Tuple[int, int], original_size: Tuple[i
   masks = resize_bilinear(masks, (img_size, img_size))
   masks = masks[..., :input_size[0], :input_size[1]]
   return resize_bilinear(masks, original_size)
+
+
+def size_bucket(n: int) -> int:
+  """The padded length an output side of `n` pixels is computed at (then cropped on the host).
+
+  256, 512, 768, 1024, 1536, 2048, 3072, 4096, then multiples of 2048: few distinct sizes,
+  at most 1.5x the pixels per side above 512.
+  """
+  for b in (256, 512, 768, 1024, 1536, 2048, 3072, 4096):
+    if n <= b:
+      return b
+  return -(-n // 2048) * 2048
+
+
+def bilinear_taps(in_len: int, out_len: int, padded_len: Optional[int] = None):
+  """Source indices and weights of `F.interpolate(mode="bilinear", align_corners=False)`
+  along one axis, computed as PyTorch does (float32 scale in / out, clamped at 0).
+
+  Returns (i0, i1, w1), each (padded_len,): out[d] = (1 - w1) * in[i0] + w1 * in[i1].
+  Entries past `out_len` are padding (index 0, weight 0); the caller crops them away.
+  """
+  padded_len = padded_len or out_len
+  if not 0 < out_len <= padded_len or in_len <= 0:
+    raise ValueError(f"bad resize {in_len} -> {out_len} (padded to {padded_len})")
+  scale = np.float32(in_len) / np.float32(out_len)
+  src = scale * (np.arange(out_len, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+  src = np.maximum(src, np.float32(0))
+  i0 = src.astype(np.int32)
+  i1 = np.where(i0 < in_len - 1, i0 + 1, i0).astype(np.int32)
+  w1 = (src - i0.astype(np.float32)).astype(np.float32)
+  pad = padded_len - out_len
+  return (np.pad(i0, (0, pad)), np.pad(i1, (0, pad)), np.pad(w1, (0, pad)))
+
+
+def resize_with_taps(x, taps_y, taps_x):
+  """Separable bilinear resize of (..., H, W) maps by gathering with `bilinear_taps`."""
+  y0, y1, wy = taps_y
+  x0, x1, wx = taps_x
+  wy = wy[:, None].astype(x.dtype)
+  x = jnp.take(x, y0, axis=-2) * (1 - wy) + jnp.take(x, y1, axis=-2) * wy
+  return jnp.take(x, x0, axis=-1) * (1 - wx).astype(x.dtype) + jnp.take(x, x1, axis=-1) * wx
+
+
+def postprocess_masks_padded(masks, taps_y, taps_x, img_size: int = 1024):
+  """`postprocess_masks` with the size-dependent part in data, not in shapes.
+
+  Upsamples the low-res logits to the fixed (img_size, img_size) canvas, then resizes the
+  (input_size) crop to original_size with precomputed taps (whose indices never leave the
+  crop), padded to a size bucket. The caller crops [..., :H, :W]; the values there are
+  those of `postprocess_masks`.
+  """
+  masks = resize_bilinear(masks, (img_size, img_size))
+  return resize_with_taps(masks, taps_y, taps_x)

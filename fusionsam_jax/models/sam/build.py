@@ -1,0 +1,65 @@
+"""`sam_model_registry` and `build_sam_vit_{h,l,b}`, as in `segment_anything.build_sam`.
+
+  sam = sam_model_registry["vit_h"](checkpoint="sam_vit_h_4b8939.pth")
+  predictor = SamPredictor(sam)
+
+`checkpoint` may be
+- a directory written by tools/convert_sam_weights.py (Orbax params + sam_meta.json);
+- an official `.pth` (converted in memory; needs PyTorch);
+- a Hugging Face `model.safetensors` of `facebook/sam-vit-{h,l,b}` or the folder holding it
+  (read with safetensors' numpy API: no PyTorch);
+- None: random weights (for tests and shapes).
+The builder checks that the weights are the variant it builds.
+"""
+
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from fusionsam_jax.models.sam.predictor import LoadedSam
+from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam, SamConfig, preset_name
+from fusionsam_jax.sam_checkpoint import CheckpointError, load_any
+
+
+def load_sam(checkpoint: str, encoder_dtype=jnp.float32, attn_impl: str = "xla") -> LoadedSam:
+  """Any supported checkpoint -> LoadedSam, the variant read off the weights."""
+  cfg, params = load_any(checkpoint)
+  return LoadedSam(cfg, params, encoder_dtype, attn_impl)
+
+
+def _build(variant: str, checkpoint: Optional[str] = None, encoder_dtype=jnp.float32,
+           attn_impl: str = "xla", seed: int = 0) -> LoadedSam:
+  want = SAM_PRESETS[variant]
+  if checkpoint is None:
+    params = Sam(want).init_params(jax.random.PRNGKey(seed))
+    return LoadedSam(want, params, encoder_dtype, attn_impl)
+  sam = load_sam(os.fspath(checkpoint), encoder_dtype, attn_impl)
+  if sam.config != want:
+    found = preset_name(sam.config) or "a custom size"
+    raise CheckpointError(f"{checkpoint}: build_sam_{variant} needs {variant} weights, "
+                          f"found {found}")
+  return sam
+
+
+def build_sam_vit_h(checkpoint=None, **kwargs) -> LoadedSam:
+  return _build("vit_h", checkpoint, **kwargs)
+
+
+def build_sam_vit_l(checkpoint=None, **kwargs) -> LoadedSam:
+  return _build("vit_l", checkpoint, **kwargs)
+
+
+def build_sam_vit_b(checkpoint=None, **kwargs) -> LoadedSam:
+  return _build("vit_b", checkpoint, **kwargs)
+
+
+build_sam = build_sam_vit_h
+
+sam_model_registry = {
+    "default": build_sam_vit_h,
+    "vit_h": build_sam_vit_h,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+}
