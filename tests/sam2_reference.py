@@ -96,7 +96,8 @@ def build_torch_sam2(name, seed=0, randomize=True, device="cpu"):
   """Meta's SAM 2.1 model (`name` in CONFIGS or "tiny"), every parameter and buffer random.
 
   The official init leaves LayerNorms at identity, biases and position embeddings at zero
-  and the memory tokens tiny; all of them are redrawn so the parity tests see every term.
+  and the memory tokens tiny; every parameter is redrawn so the parity tests see every term
+  (the buffers, the prompt encoder's Gaussian matrix, are random from the start).
   """
   import torch
 
@@ -109,19 +110,20 @@ def build_torch_sam2(name, seed=0, randomize=True, device="cpu"):
   if not randomize:
     return model.eval()
   g = torch.Generator().manual_seed(seed + 1)
+  embeddings = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Embedding)}
   with torch.no_grad():
-    for n, p in list(model.named_parameters()) + list(model.named_buffers()):
-      if not p.is_floating_point():
-        continue
-      if n.endswith(".weight") and p.ndim == 1:  # LayerNorm scales
-        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-      elif n.endswith(".bias"):
+    for n, p in model.named_parameters():
+      if n.endswith(".bias"):
         p.copy_(0.1 * torch.randn(p.shape, generator=g))
-      elif "pos_embed" in n or "embed" in n or "token" in n or p.ndim <= 1:
+      elif n.endswith(".weight") and p.ndim == 1:  # LayerNorm scales
+        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+      elif n in embeddings:
+        p.copy_(torch.randn(p.shape, generator=g))
+      elif not n.endswith(".weight"):  # free tensors: pos_embed, no_mem_embed, ...
         p.copy_(0.5 * torch.randn(p.shape, generator=g))
       else:  # Linear / Conv weights: unit-variance outputs
-        fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 1
-        p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(fan_in))
+        p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(np.prod(p.shape[1:])))
   return model.eval()
 
 
