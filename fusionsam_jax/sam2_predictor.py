@@ -14,9 +14,11 @@ numpy float32 arrays, masks (C, H, W) (0 / 1 unless return_logits), scores (C,),
 logits (C, 256, 256) clamped to [-32, 32]. With several boxes (B, 4) the outputs gain a
 leading B. `get_image_embedding` returns the embedding channels-last, (1, 64, 64, 256).
 
-The encoder and the decoder are jitted. The number of prompt points is padded up to a power
-of two with tokens that are masked out of attention, so a new click count recompiles only
-when it crosses a power of two and the result is exactly that of the unpadded prompt.
+The encoder and the decoder are jitted (the upsampling to the original size is a separate
+small jit, so a new image size does not recompile the decoder). The number of prompt points
+is padded up to a power of two with tokens that are masked out of attention, so a new click
+count recompiles only when it crosses a power of two, and the result is exactly that of the
+unpadded prompt.
 The hole / sprinkle post-processing of `sam2` (off by default there) is not provided.
 """
 
@@ -48,8 +50,8 @@ class Sam2ImagePredictor:
     self._encode = jax.jit(
         lambda p, x: self.model.apply({"params": p}, x, method=Sam2.encode))
     self._preprocess = jax.jit(self._preprocess_impl)
-    self._decode = jax.jit(self._decode_impl, static_argnames=("multimask_output", "orig_hw",
-                                                                "return_logits"))
+    self._decode = jax.jit(self._decode_impl, static_argnames=("multimask_output",))
+    self._postprocess = jax.jit(self._postprocess_impl, static_argnames=("orig_hw",))
     self.reset_predictor()
 
   @classmethod
@@ -167,14 +169,15 @@ class Sam2ImagePredictor:
       token_mask = np.concatenate([labels != PAD_LABEL, np.ones((labels.shape[0], 1), bool)], 1)
     return coords, labels, masks, token_mask
 
-  def _decode_impl(self, params, features, coords, labels, masks, token_mask, multimask_output,
-                   orig_hw, return_logits):
+  def _decode_impl(self, params, features, coords, labels, masks, token_mask, multimask_output):
     low_res, iou, _ = self.model.apply({"params": params}, features, coords, labels, None,
                                        masks, multimask_output, token_mask, method=Sam2.decode)
-    out = resize_2d(low_res, orig_hw, bilinear_matrix)
-    if not return_logits:
-      out = (out > self.mask_threshold).astype(jnp.float32)
-    return out, iou, jnp.clip(low_res, -32.0, 32.0)
+    return low_res, iou
+
+  @staticmethod
+  def _postprocess_impl(low_res, orig_hw):
+    """Low-res logits (B, M, h, w) -> logits at the original size, and clamped low-res."""
+    return resize_2d(low_res, orig_hw, bilinear_matrix), jnp.clip(low_res, -32.0, 32.0)
 
   def _predict(self, point_coords, point_labels, box, mask_input, multimask_output,
                return_logits, normalize_coords, img_idx):
@@ -183,12 +186,15 @@ class Sam2ImagePredictor:
     feats = self._features
     if feats.image_embed.shape[0] > 1:
       feats = jax.tree_util.tree_map(lambda a: a[img_idx:img_idx + 1], feats)
-    out = self._decode(self.params, feats, coords, labels, masks, token_mask,
-                       multimask_output=bool(multimask_output),
-                       orig_hw=tuple(int(v) for v in self._orig_hw[img_idx]),
-                       return_logits=bool(return_logits))
-    return tuple(np.asarray(o, np.float32).squeeze(0) if o.shape[0] == 1
-                 else np.asarray(o, np.float32) for o in out)
+    low_res, iou = self._decode(self.params, feats, coords, labels, masks, token_mask,
+                                multimask_output=bool(multimask_output))
+    masks_out, low_res = self._postprocess(
+        low_res, orig_hw=tuple(int(v) for v in self._orig_hw[img_idx]))
+    masks_out = np.asarray(masks_out, np.float32)
+    if not return_logits:
+      masks_out = (masks_out > self.mask_threshold).astype(np.float32)
+    out = (masks_out, np.asarray(iou, np.float32), np.asarray(low_res, np.float32))
+    return tuple(o.squeeze(0) if o.shape[0] == 1 else o for o in out)
 
   def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
               multimask_output: bool = True, return_logits: bool = False,
