@@ -84,15 +84,23 @@ def _install_stub_torchvision():
                       "torchvision.ops.boxes": boxes})
 
 
-def official():
-  """Imports `sam2` (build_sam, the image predictor) with the torchvision stand-in."""
+def official(prefer_real_torchvision=False):
+  """Imports `sam2` (build_sam, the image predictor) with the torchvision stand-in, or with the
+  real torchvision when asked and it imports (GPU hosts with a matching CUDA build)."""
+  if prefer_real_torchvision and "torchvision" not in sys.modules:
+    try:
+      import torchvision.ops.boxes  # noqa: F401
+      import torchvision.transforms  # noqa: F401
+    except Exception:  # absent, or built for another torch
+      for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+        del sys.modules[k]
   _install_stub_torchvision()
   import sam2.build_sam as build_sam
   import sam2.sam2_image_predictor as image_predictor
   return build_sam, image_predictor
 
 
-def build_torch_sam2(name, seed=0, randomize=True, device="cpu"):
+def build_torch_sam2(name, seed=0, randomize=True, device="cpu", prefer_real_torchvision=False):
   """Meta's SAM 2.1 model (`name` in CONFIGS or "tiny"), every parameter and buffer random.
 
   The official init leaves LayerNorms at identity, biases and position embeddings at zero
@@ -101,7 +109,7 @@ def build_torch_sam2(name, seed=0, randomize=True, device="cpu"):
   """
   import torch
 
-  build_sam, _ = official()
+  build_sam, _ = official(prefer_real_torchvision)
   torch.manual_seed(seed)
   config = CONFIGS["hiera_t" if name == "tiny" else name]
   overrides = TINY_OVERRIDES if name == "tiny" else []
