@@ -22,6 +22,7 @@ unpadded prompt.
 The hole / sprinkle post-processing of `sam2` (off by default there) is not provided.
 """
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import jax
@@ -42,16 +43,20 @@ class Sam2ImagePredictor:
   """Computes the image features once, then answers prompts quickly."""
 
   def __init__(self, config: Sam2Config, params, mask_threshold: float = 0.0,
-               encoder_dtype=jnp.float32, attn_impl: str = "xla"):
+               encoder_dtype=jnp.float32, attn_impl: str = "xla",
+               compiler_options: Optional[dict] = None):
+    """`encoder_dtype=jnp.bfloat16, attn_impl="cudnn"` is the GPU fast path;
+    `compiler_options` go to every `jax.jit` (e.g. {"xla_backend_optimization_level": 0}
+    for quicker compiles on CPU)."""
+    jit = functools.partial(jax.jit, compiler_options=compiler_options)
     self.config = config
     self.params = params
     self.mask_threshold = mask_threshold
     self.model = Sam2(config, dtype=encoder_dtype, attn_impl=attn_impl)
-    self._encode = jax.jit(
-        lambda p, x: self.model.apply({"params": p}, x, method=Sam2.encode))
-    self._preprocess = jax.jit(self._preprocess_impl)
-    self._decode = jax.jit(self._decode_impl, static_argnames=("multimask_output",))
-    self._postprocess = jax.jit(self._postprocess_impl, static_argnames=("orig_hw",))
+    self._encode = jit(lambda p, x: self.model.apply({"params": p}, x, method=Sam2.encode))
+    self._preprocess = jit(self._preprocess_impl)
+    self._decode = jit(self._decode_impl, static_argnames=("multimask_output",))
+    self._postprocess = jit(self._postprocess_impl, static_argnames=("orig_hw",))
     self.reset_predictor()
 
   @classmethod

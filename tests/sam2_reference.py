@@ -40,7 +40,10 @@ TINY_OVERRIDES = [
 
 
 def _install_stub_torchvision():
-  if "torchvision.transforms" in sys.modules:
+  """Registers the stand-in, adding to (not replacing) any torchvision modules already
+  registered (tests/sam_reference.py registers `torchvision.transforms.functional`)."""
+  existing = sys.modules.get("torchvision.transforms")
+  if existing is not None and hasattr(existing, "Resize"):
     return
   import torch
   import torch.nn.functional as F
@@ -73,15 +76,16 @@ def _install_stub_torchvision():
   def _unused(*args, **kwargs):
     raise NotImplementedError("torchvision stand-in: ops are not available in tests")
 
-  tv = types.ModuleType("torchvision")
-  tr = types.ModuleType("torchvision.transforms")
-  ops = types.ModuleType("torchvision.ops")
-  boxes = types.ModuleType("torchvision.ops.boxes")
+  mods = {}
+  for name in ("torchvision", "torchvision.transforms", "torchvision.ops",
+               "torchvision.ops.boxes"):
+    mods[name] = sys.modules.get(name) or types.ModuleType(name)
+  tv, tr = mods["torchvision"], mods["torchvision.transforms"]
+  ops, boxes = mods["torchvision.ops"], mods["torchvision.ops.boxes"]
   tr.ToTensor, tr.Resize, tr.Normalize = ToTensor, Resize, Normalize
   boxes.batched_nms = boxes.box_area = _unused
   tv.transforms, tv.ops, ops.boxes = tr, ops, boxes
-  sys.modules.update({"torchvision": tv, "torchvision.transforms": tr, "torchvision.ops": ops,
-                      "torchvision.ops.boxes": boxes})
+  sys.modules.update(mods)
 
 
 def official(prefer_real_torchvision=False):

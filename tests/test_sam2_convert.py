@@ -69,7 +69,8 @@ def test_converts_and_records_metadata(tiny_pt, tmp_path, capsys):
   # One leaf per layout rule, against the torch tensors.
   np.testing.assert_array_equal(params["image_encoder"]["trunk"]["pos_embed"],
                                 sd["image_encoder.trunk.pos_embed"].numpy())
-  np.testing.assert_array_equal(params["image_encoder"]["trunk"]["blocks_1"]["attn"]["qkv"]["kernel"],
+  trunk = params["image_encoder"]["trunk"]
+  np.testing.assert_array_equal(trunk["blocks_1"]["attn"]["qkv"]["kernel"],
                                 sd["image_encoder.trunk.blocks.1.attn.qkv.weight"].numpy().T)
   np.testing.assert_array_equal(params["image_encoder"]["neck"]["convs_0"]["conv"]["kernel"],
                                 sd["image_encoder.neck.convs.0.conv.weight"].numpy()

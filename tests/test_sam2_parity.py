@@ -22,6 +22,8 @@ from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2, Sam2Features
 from fusionsam_jax.sam2_predictor import Sam2ImagePredictor
 
 TOL = 1e-4
+# Unoptimised XLA CPU code: about half the compile time, same float32 arithmetic.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _converted(name, tmp_path_factory):
@@ -64,8 +66,9 @@ def test_backbone_levels(tiny):
     return m.image_encoder.trunk(x), m.backbone(x), m.encode(x)
 
   with jax.default_matmul_precision("highest"):
-    trunk, fpn, feats = jax.jit(lambda p, x: model.apply({"params": p}, x, method=run))(
-        params, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    trunk, fpn, feats = jax.jit(lambda p, x: model.apply({"params": p}, x, method=run),
+                                compiler_options=FAST)(params,
+                                                       jnp.asarray(x.transpose(0, 2, 3, 1)))
   assert len(trunk) == 4 and len(fpn) == 3
   for got, want in list(zip(trunk, t_trunk)) + list(zip(fpn, t_fpn)):
     assert got.shape == _nhwc(want).shape
@@ -121,7 +124,8 @@ def test_prompt_embeddings_and_decoder(tiny, kind):
 
   with jax.default_matmul_precision("highest"):
     (sparse, dense), dense_pe, got = jax.jit(
-        lambda p, f: Sam2(cfg).apply({"params": p}, f, method=run))(params, feats)
+        lambda p, f: Sam2(cfg).apply({"params": p}, f, method=run), compiler_options=FAST)(
+            params, feats)
   assert ref.rel_err(dense_pe, _nhwc(pe.get_dense_pe())) < TOL
   assert sparse.shape == tuple(t_sparse.shape)
   if sparse.shape[1]:
@@ -147,7 +151,8 @@ def _official_predictor(tm, cfg):
 @pytest.fixture(scope="module")
 def tiny_predictors(tiny):
   tm, cfg, _, ckpt = tiny
-  return _official_predictor(tm, cfg), Sam2ImagePredictor.from_checkpoint(str(ckpt))
+  return (_official_predictor(tm, cfg),
+          Sam2ImagePredictor.from_checkpoint(str(ckpt), compiler_options=FAST))
 
 
 def _check_predictor(t_pred, pred, h, w, full=True):
@@ -241,5 +246,6 @@ def test_hiera_t_predictor_matches_official(tmp_path_factory):
   """hiera_t at 1024 x 1024 from a 480 x 640 image: the three feature levels the predictor
   keeps, then points + box through the full-size decoder."""
   tm, cfg, _, ckpt = _converted("hiera_t", tmp_path_factory)
-  _check_predictor(_official_predictor(tm, cfg), Sam2ImagePredictor.from_checkpoint(str(ckpt)),
+  _check_predictor(_official_predictor(tm, cfg),
+                   Sam2ImagePredictor.from_checkpoint(str(ckpt), compiler_options=FAST),
                    480, 640, full=False)

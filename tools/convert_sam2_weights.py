@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Convert a SAM 2 / SAM 2.1 PyTorch checkpoint (.pt) to a Flax/Orbax checkpoint (image path).
 
-  python tools/convert_sam2_weights.py --checkpoint sam2.1_hiera_large.pt --output ckpt/sam2.1_hiera_l
+  python tools/convert_sam2_weights.py --checkpoint sam2.1_hiera_large.pt \
+      --output ckpt/sam2.1_hiera_l
 
 The variant (hiera_t / hiera_s / hiera_b+ / hiera_l) is read off the tensor shapes; the video
 memory tensors are skipped.

@@ -124,8 +124,8 @@ class Sam2(nn.Module):
                                    (1, 1, cfg.d_model))
 
   def backbone(self, images):
-    """(B, S, S, 3) normalised pixels -> `backbone_fpn` [(B, S/4, ., d), (B, S/8, ..), (B, S/16, ..)]
-    (before conv_s0 / conv_s1, as `sam2`'s `image_encoder` returns them)."""
+    """(B, S, S, 3) normalised pixels -> `backbone_fpn`: [(B, S/4, S/4, d), (B, S/8, S/8, d),
+    (B, S/16, S/16, d)], before conv_s0 / conv_s1, as `sam2`'s `image_encoder` returns it."""
     return self.image_encoder(images)
 
   def encode(self, images) -> Sam2Features:
