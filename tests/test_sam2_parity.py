@@ -62,15 +62,21 @@ def test_backbone_levels(tiny):
     t_proj = tm.forward_image(_t(x))["backbone_fpn"]
   model = Sam2(cfg)
 
+  fused = Sam2(cfg, attn_impl="fused")  # jax.nn.dot_product_attention, as cuDNN on GPU
+
   def run(m, x):
     return m.image_encoder.trunk(x), m.backbone(x), m.encode(x)
 
+  def run_both(p, x):
+    return (model.apply({"params": p}, x, method=run),
+            fused.apply({"params": p}, x, method=Sam2.backbone))
+
   with jax.default_matmul_precision("highest"):
-    trunk, fpn, feats = jax.jit(lambda p, x: model.apply({"params": p}, x, method=run),
-                                compiler_options=FAST)(params,
-                                                       jnp.asarray(x.transpose(0, 2, 3, 1)))
+    (trunk, fpn, feats), fpn_fused = jax.jit(run_both, compiler_options=FAST)(
+        params, jnp.asarray(x.transpose(0, 2, 3, 1)))
   assert len(trunk) == 4 and len(fpn) == 3
-  for got, want in list(zip(trunk, t_trunk)) + list(zip(fpn, t_fpn)):
+  pairs = list(zip(trunk, t_trunk)) + list(zip(fpn, t_fpn)) + list(zip(fpn_fused, t_fpn))
+  for got, want in pairs:
     assert got.shape == _nhwc(want).shape
     assert ref.rel_err(got, _nhwc(want)) < TOL
   s0, s1 = feats.high_res_feats
