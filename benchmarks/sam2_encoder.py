@@ -4,8 +4,8 @@
 
 Times `image_encoder` (Hiera trunk + FPN neck, what `set_image` runs) of SAM 2.1 hiera_l at
 1024 x 1024 with random weights, median ms per image over repeated batches (batch 1 and 8):
-JAX bf16 (cuDNN fused attention, and XLA attention) and optionally fp32, PyTorch bf16
-autocast, and bf16 autocast + torch.compile. PyTorch runs first (JAX then preallocates).
+JAX bf16 (cuDNN fused attention, and XLA attention) and fp32, PyTorch bf16 autocast, and
+bf16 autocast + torch.compile (dynamic=False), all in one process (JAX preallocation off).
 Also reports the JAX bf16 features' error against JAX fp32 on the same weights and input.
 Needs `sam2` (install: SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation
 sam2==1.1.0, plus hydra-core, iopath) unless --skip-torch. `--variant tiny --cpu` is a smoke
@@ -43,21 +43,27 @@ def _record(results, key, framework, mode, b, med, mn, first):
   print(f"{key:36s} {med / b:9.2f} ms/img  (first call {first:.1f} s)", flush=True)
 
 
-def bench_torch(args, results, save, size):
+_TORCH = {}
+
+
+def bench_torch(args, results, save, size, modes):
   import torch
   import sam2_reference as ref
 
   dev = "cpu" if args.cpu else "cuda"
   torch.backends.cuda.matmul.allow_tf32 = False
   torch.backends.cudnn.allow_tf32 = False
-  model = ref.build_torch_sam2(args.variant, seed=0, device=dev, prefer_real_torchvision=True)
-  enc = model.image_encoder.eval()
-  del model
+  if "enc" not in _TORCH:
+    model = ref.build_torch_sam2(args.variant, seed=0, device=dev, prefer_real_torchvision=True)
+    _TORCH["enc"] = model.image_encoder.eval()
+    del model
+    _TORCH["x"] = torch.randn(max(args.batches), 3, size, size, device=dev)
+  enc, x_all = _TORCH["enc"], _TORCH["x"]
   results["torch_params_image_encoder"] = sum(p.numel() for p in enc.parameters())
-  x_all = torch.randn(max(args.batches), 3, size, size, device=dev)
   sync = (lambda o: torch.cuda.synchronize()) if dev == "cuda" else (lambda o: None)
-  for mode in args.torch_modes:
-    fn = torch.compile(enc, mode=args.compile_mode) if mode == "bf16_compile" else enc
+  for mode in modes:
+    fn = (torch.compile(enc, mode=args.compile_mode, dynamic=False) if mode == "bf16_compile"
+          else enc)
     for b in args.batches:
       key = f"torch_{mode}_b{b}"
       x = x_all[:b]
@@ -83,22 +89,26 @@ def bench_torch(args, results, save, size):
       torch.cuda.empty_cache()
 
 
-def bench_jax(args, results, save, size):
+_JAX = {"first_out": {}}
+
+
+def bench_jax(args, results, save, size, modes):
   import jax
   import jax.numpy as jnp
   from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2
 
   cfg = SAM2_PRESETS[args.variant]
-  params = jax.jit(Sam2(cfg).init_params)(jax.random.PRNGKey(0))
-  # Zero-initialised position embeddings: give them values so no term is trivially zero.
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(len(str(p))), a.shape)
-      if "pos_embed" in str(p) else a, params)
+  if "params" not in _JAX:
+    params = jax.jit(Sam2(cfg).init_params)(jax.random.PRNGKey(0))
+    # Zero-initialised position embeddings: give them values so no term is trivially zero.
+    _JAX["params"] = jax.tree_util.tree_map_with_path(
+        lambda p, a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(len(str(p))), a.shape)
+        if "pos_embed" in str(p) else a, params)
+    _JAX["x"] = jax.random.normal(jax.random.PRNGKey(1), (max(args.batches), size, size, 3))
+  params, x_all, first_out = _JAX["params"], _JAX["x"], _JAX["first_out"]
   results["jax_params_image_encoder"] = int(sum(
       a.size for a in jax.tree_util.tree_leaves(params["image_encoder"])))
-  x_all = jax.random.normal(jax.random.PRNGKey(1), (max(args.batches), size, size, 3))
-  first_out = {}
-  for mode in args.jax_modes:
+  for mode in modes:
     dtype = jnp.bfloat16 if mode.startswith("bf16") else jnp.float32
     impl = mode.split("-", 1)[1] if "-" in mode else "xla"
     model = Sam2(cfg, dtype=dtype, attn_impl=impl)
@@ -129,7 +139,7 @@ def bench_jax(args, results, save, size):
     del fwd, p
     gc.collect()
   if "fp32" in first_out:
-    for mode, got in first_out.items():
+    for mode, got in list(first_out.items()):
       if mode != "fp32":
         results[f"error_{mode}_vs_fp32"] = [
             {"level": i, "rel_l2": float(np.linalg.norm(g - w) / np.linalg.norm(w)),
@@ -171,10 +181,17 @@ def main():
   except ImportError:
     pass
   save = lambda: write_json(args.out, results)
-  if not args.skip_torch and args.torch_modes:
-    bench_torch(args, results, save, size)
-  if not args.skip_jax:
-    bench_jax(args, results, save, size)
+  # Most wanted first (the JSON is rewritten after every measurement): PyTorch eager bf16,
+  # JAX bf16 cuDNN, PyTorch + torch.compile, then JAX fp32 (error reference) and the rest.
+  torch_modes = [] if args.skip_torch else list(args.torch_modes)
+  jax_modes = [] if args.skip_jax else list(args.jax_modes)
+  first_jax = [m for m in jax_modes if m == "bf16-cudnn"] or jax_modes[:1]
+  phases = [("torch", [m for m in torch_modes if m != "bf16_compile"]), ("jax", first_jax),
+            ("torch", [m for m in torch_modes if m == "bf16_compile"]),
+            ("jax", [m for m in jax_modes if m not in first_jax])]
+  for framework, modes in phases:
+    if modes:
+      (bench_torch if framework == "torch" else bench_jax)(args, results, save, size, modes)
   save()
   rows = [v for v in results.values() if isinstance(v, dict) and "ms_per_image" in v]
   print("\n| run | batch | ms/image |\n|---|---|---|")
