@@ -17,8 +17,8 @@ leading B. `get_image_embedding` returns the embedding channels-last, (1, 64, 64
 The encoder and the decoder are jitted (the upsampling to the original size is a separate
 small jit, so a new image size does not recompile the decoder). The number of prompt points
 is padded up to a power of two with tokens that are masked out of attention, so a new click
-count recompiles only when it crosses a power of two, and the result is exactly that of the
-unpadded prompt.
+count recompiles only when it crosses a power of two, and the result is that of the unpadded
+prompt (to float rounding: padding tokens get exactly zero attention weight).
 The hole / sprinkle post-processing of `sam2` (off by default there) is not provided.
 """
 
