@@ -1,0 +1,1 @@
+"""SAM 2 (image path) in Flax; see `sam2.py`."""
