@@ -37,6 +37,9 @@ __all__ = [
     "ConfusionMatrix",
     "confusion_matrix",
     "format_iou_table",
+    "format_paper_table",
+    "paper_table_rows",
+    "prediction_dir",
     "load_label_png",
     "matched_png_names",
     "evaluate_label_dirs",
@@ -67,6 +70,17 @@ class ConfusionMatrix:
         self.ignore_index = None if ignore_index is None else int(ignore_index)
         self.matrix = np.zeros((self.num_classes, self.num_classes), np.int64)
         self.num_updates = 0
+
+    @classmethod
+    def from_matrix(cls, matrix, ignore_index: int | None = 255) -> "ConfusionMatrix":
+        """An accumulator holding the counts of a ``(C, C)`` matrix (e.g. an evaluation
+        JSON's ``confusion_matrix``)."""
+        m = np.asarray(matrix)
+        if m.ndim != 2 or m.shape[0] != m.shape[1]:
+            raise ValueError(f"confusion matrix must be square (C, C), got shape {m.shape}")
+        cm = cls(m.shape[0], ignore_index)
+        cm.add(m)
+        return cm
 
     def reset(self) -> None:
         self.matrix[...] = 0
@@ -156,6 +170,8 @@ class ConfusionMatrix:
         return out
 
     def mean_class_accuracy(self) -> float:
+        """mAcc: mean per-class recall over the classes present in the truth (nan-mean), as
+        ``sklearn.metrics.balanced_accuracy_score``."""
         acc = self.class_accuracy()
         return float(np.nanmean(acc)) if np.isfinite(acc).any() else math.nan
 
@@ -283,6 +299,11 @@ def format_iou_table(
             float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan)
         body.append([name] + [fmt(vals[i]) for i in col_idx] + [fmt(m)])
 
+    return _render_table(header, body, markdown)
+
+
+def _render_table(header: Sequence[str], body: Sequence[Sequence[str]], markdown: bool) -> str:
+    """Aligned plain text (first column left, the others right) or a Markdown table."""
     if markdown:
         lines = ["| " + " | ".join(header) + " |",
                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -294,6 +315,82 @@ def format_iou_table(
         cells = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, len(r))]
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
+
+
+def paper_table_rows(
+    summary: Mapping,
+    *,
+    dataset: str | None = None,
+    method: str = "FusionSAM (this run)",
+    paper_row: bool = True,
+    all_classes: bool = False,
+    decimals: int = 1,
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of :func:`format_paper_table` (cells as strings), e.g. for HTML."""
+    from fusionsam_jax.data.info import paper_table
+
+    cm = ConfusionMatrix.from_matrix(summary["confusion_matrix"])
+    names = _class_names(summary.get("class_names"), cm.num_classes)
+    name = dataset if dataset is not None else summary.get("dataset")
+    table = None if name is None else paper_table(str(name))
+    if table is not None and any(c not in names for c, _ in table.columns):
+        table = None  # class names of another dataset: not this paper table
+    if table is None or all_classes:
+        cols = [(n, n) for n in names]
+    else:
+        cols = list(table.columns)
+    iou = cm.iou()
+    idx = {n: i for i, n in enumerate(names)}
+
+    def fmt(v):
+        return "-" if v is None or math.isnan(v) else f"{v * 100:.{decimals}f}"
+
+    header = ["Method"] + [h for _, h in cols] + ["mIoU(%)", "mAcc(%)", "PixAcc(%)"]
+    body = [[method] + [fmt(iou[idx[c]]) for c, _ in cols]
+            + [fmt(cm.miou()), fmt(cm.mean_class_accuracy()), fmt(cm.pixel_accuracy())]]
+    show_paper = (paper_row and table is not None and not summary.get("generated", False)
+                  and summary.get("split", table.split) == table.split)
+    if show_paper:
+        ref = table.iou_by_class()
+        body.append([f"FusionSAM (paper, {table.table})"]
+                    + [fmt(ref[c] / 100) if c in ref else "-" for c, _ in cols]
+                    + [fmt(table.miou / 100), "-", "-"])
+    return header, body
+
+
+def format_paper_table(
+    summary: Mapping,
+    *,
+    dataset: str | None = None,
+    method: str = "FusionSAM (this run)",
+    paper_row: bool = True,
+    all_classes: bool = False,
+    decimals: int = 1,
+    markdown: bool = False,
+) -> str:
+    """The result of one evaluation in the column set of the paper's Table 1 (MFNet) / 2 (FMB).
+
+    Args:
+      summary: an evaluation result (``ConfusionMatrix.summary()``, the evaluate JSON): needs
+        ``confusion_matrix`` and ``class_names``; ``dataset``, ``split`` and ``generated`` are
+        read when present.
+      dataset: dataset whose paper columns to use (default ``summary["dataset"]``). Datasets
+        without a paper table (VDT-2048, unknown) show every class.
+      method: label of this run's row.
+      paper_row: add the paper's FusionSAM row (labelled as the paper's numbers) below; only
+        for a real dataset's test split (never for generated scenes, whose classes only
+        borrow the names).
+      all_classes: show every class instead of the paper's columns.
+      decimals: digits after the point (the paper prints 1).
+      markdown: a Markdown table instead of aligned text.
+
+    Columns: the paper's classes (with its headers), ``mIoU(%)`` over *all* classes (as the
+    paper's), ``mAcc(%)`` (mean class accuracy) and ``PixAcc(%)``. nan prints as ``-``.
+    """
+    header, body = paper_table_rows(summary, dataset=dataset, method=method,
+                                    paper_row=paper_row, all_classes=all_classes,
+                                    decimals=decimals)
+    return _render_table(header, body, markdown)
 
 
 # ----------------------------------------------------------------------------- files
@@ -351,6 +448,17 @@ def matched_png_names(pred_dir, gt_dir) -> list[str]:
     return gts
 
 
+def prediction_dir(pred_dir, subfolder: str = "labels") -> str:
+    """`pred_dir`, or its ``subfolder`` when `pred_dir` is a ``predict`` output folder (it has
+    ``subfolder/`` and no PNGs of its own), so that ``--pred-dir OUT`` and
+    ``--pred-dir OUT/labels`` both work."""
+    d = os.fspath(pred_dir)
+    sub = os.path.join(d, subfolder)
+    if os.path.isdir(sub) and os.path.isdir(d) and not _png_names(d):
+        return sub
+    return d
+
+
 def evaluate_label_dirs(pred_dir, gt_dir, num_classes: int, ignore_index: int | None = 255
                         ) -> ConfusionMatrix:
     """Accumulates a :class:`ConfusionMatrix` over PNG label folders matched by filename.
@@ -401,18 +509,27 @@ def main(argv=None) -> int:
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--class-names", default=None, help="comma-separated, one per class")
     p.add_argument("--json", default=None, help="write the results here (atomically)")
+    p.add_argument("--dataset", default=None,
+                   help="mfnet | fmb: print the paper's Table 1 / 2 columns and its row")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = p.parse_args(argv)
     try:
         names = None if args.class_names is None else [
             s.strip() for s in args.class_names.split(",")]
         if names is not None:
             _class_names(names, args.num_classes)
-        cm = evaluate_label_dirs(args.pred_dir, args.gt_dir, args.num_classes,
+        if names is None and args.dataset:
+            from fusionsam_jax.data.info import get_info
+            info = get_info(args.dataset)
+            if info.num_classes == args.num_classes:
+                names = list(info.class_names)
+        cm = evaluate_label_dirs(prediction_dir(args.pred_dir), args.gt_dir, args.num_classes,
                                  args.ignore_index)
         summary = cm.summary(names)
         summary["num_images"] = cm.num_updates
-        print(format_iou_table(cm.iou(), summary["class_names"], miou=cm.miou()))
-        print(f"pixel accuracy: {cm.pixel_accuracy() * 100:.2f}%   images: {cm.num_updates}")
+        print(format_paper_table(summary, dataset=args.dataset, method="predictions",
+                                 paper_row=args.dataset is not None, markdown=args.markdown))
+        print(f"images: {cm.num_updates}")
         if args.json:
             write_json_atomic(summary, args.json)
     except (ValueError, FileNotFoundError, OSError) as e:

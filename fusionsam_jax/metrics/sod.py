@@ -48,7 +48,7 @@ import sys
 
 import numpy as np
 
-from fusionsam_jax.metrics.miou import matched_png_names, write_json_atomic
+from fusionsam_jax.metrics.miou import matched_png_names, prediction_dir, write_json_atomic
 
 __all__ = [
     "EPS",
@@ -388,7 +388,7 @@ def main(argv=None) -> int:
                    help="also write the 256-threshold curves (ascending t) to the JSON")
     args = p.parse_args(argv)
     try:
-        acc = evaluate_sod_dirs(args.pred_dir, args.gt_dir)
+        acc = evaluate_sod_dirs(prediction_dir(args.pred_dir, "saliency"), args.gt_dir)
         res = acc.results(curves=args.curves)
         print("  ".join(f"{k} {res[k]:.4f}" for k in RESULT_KEYS) + f"  images {res['num_images']}")
         if args.json:
