@@ -1,0 +1,1 @@
+"""What users look at after an evaluation: the visual report (``report``)."""
