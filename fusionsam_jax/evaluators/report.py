@@ -447,3 +447,63 @@ def write_report(out_dir, *, result: Mapping, metrics_jsonl=None,
   os.replace(tmp, html_path)
   paths["report"] = html_path
   return paths
+
+
+# -- from a workdir ----------------------------------------------------------------------------
+
+
+def samples_from_source(source, indices: Sequence[int], predict_fn,
+                        modalities: Sequence[str]) -> list[dict]:
+  """Report samples for elements `indices` of a random-access `source` (prepared-dataset
+  elements: modality arrays, ``label``, ``name``). `predict_fn(element) -> {"pred", "fused"}`
+  at the element's resolution (`fusionsam_jax.predict.Predictor`)."""
+  out = []
+  for i in indices:
+    el = source[int(i)]
+    name = el.get("name", str(i))
+    if isinstance(name, bytes):
+      name = name.decode()
+    mods = {m: np.asarray(el[m]) for m in modalities}
+    res = predict_fn(mods)
+    out.append(dict(name=str(name), modalities=mods, fused=np.asarray(res["fused"]),
+                    label=np.asarray(el["label"]), pred=np.asarray(res["pred"])))
+  return out
+
+
+def report_dir_for(result_path: str) -> str:
+  """``WORKDIR/eval_<split>_<ckpt>.json`` -> ``WORKDIR/report_<split>_<ckpt>``."""
+  d, base = os.path.split(os.fspath(result_path))
+  stem = os.path.splitext(base)[0]
+  stem = stem[len("eval_"):] if stem.startswith("eval_") else stem
+  return os.path.join(d, f"report_{stem}")
+
+
+def write_evaluation_report(config, workdir: str, result: Mapping, *,
+                            checkpoint: str | int = "best", num_samples: int = 4,
+                            seed: int = 0, predictor=None, out_dir: str | None = None
+                            ) -> dict[str, str]:
+  """The report of one `experiment.evaluate` result, next to its JSON (``result["path"]``):
+  ``WORKDIR/report_<split>_<ckpt>/report.html``. The qualitative samples are a fixed,
+  seeded choice (`select_samples`) of the split, predicted with `predictor` (default: a
+  `fusionsam_jax.predict.Predictor` of `checkpoint`; pass the evaluation's own to skip a
+  second restore and compile)."""
+  from fusionsam_jax import experiment
+  from fusionsam_jax.data.info import get_info
+  workdir = os.fspath(workdir)
+  info = get_info(config.dataset)
+  samples = []
+  if num_samples > 0:
+    spec = experiment.ensure_data(config, progress=False)
+    source = spec.source(result.get("split", config.eval.split))
+    idx = select_samples(len(source), num_samples, seed)
+    if idx:
+      if predictor is None:
+        from fusionsam_jax.predict import Predictor
+        predictor = Predictor(workdir, checkpoint, config=config)
+      samples = samples_from_source(source, idx, predictor, tuple(config.model.modalities))
+  if out_dir is None:
+    out_dir = report_dir_for(result["path"]) if result.get("path") else os.path.join(
+        workdir, f"report_{result.get('split', 'eval')}")
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  return write_report(out_dir, result=result, metrics_jsonl=metrics if os.path.isfile(metrics)
+                      else None, samples=samples, palette=info.palette)

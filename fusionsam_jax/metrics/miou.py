@@ -18,7 +18,10 @@ Two ways of filling it:
 CLI::
 
     python -m fusionsam_jax.metrics.miou --pred-dir P --gt-dir G --num-classes N \
-        [--ignore-index 255] [--class-names a,b,c] [--json out.json]
+        [--ignore-index 255] [--class-names a,b,c] [--json out.json] \
+        [--split-list test.txt] [--dataset mfnet|fmb] [--markdown]
+
+``--pred-dir`` may be a ``predict`` output folder (its ``labels/`` is read).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "prediction_dir",
     "load_label_png",
     "matched_png_names",
+    "read_name_list",
     "evaluate_label_dirs",
     "write_json_atomic",
     "main",
@@ -428,9 +432,31 @@ def _png_names(d) -> list[str]:
                   and os.path.isfile(os.path.join(d, f)))
 
 
-def matched_png_names(pred_dir, gt_dir) -> list[str]:
-    """Filenames present in both folders; raises naming the first missing/extra file."""
+def read_name_list(path) -> list[str]:
+    """Names of a split list (one per line, e.g. MFNet's ``test.txt``) as ``<name>.png``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such split list")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise ValueError(f"{path}: empty split list")
+    return sorted(n if n.lower().endswith(".png") else f"{n}.png" for n in names)
+
+
+def matched_png_names(pred_dir, gt_dir, names: Sequence[str] | None = None) -> list[str]:
+    """Filenames present in both folders; raises naming the first missing/extra file.
+
+    `names` (e.g. from :func:`read_name_list`) restricts the ground truth to those files
+    (a split of a folder that holds every split, as MFNet's ``labels/``); each must exist.
+    """
     preds, gts = _png_names(pred_dir), _png_names(gt_dir)
+    if names is not None:
+        absent = sorted(set(names) - set(gts))
+        if absent:
+            raise FileNotFoundError(f"{os.path.join(os.fspath(gt_dir), absent[0])}: listed "
+                                    f"ground truth does not exist ({len(absent)} missing)")
+        gts = sorted(set(names))
     if not gts:
         raise FileNotFoundError(f"{gt_dir}: no .png files")
     missing = sorted(set(gts) - set(preds))
@@ -459,14 +485,15 @@ def prediction_dir(pred_dir, subfolder: str = "labels") -> str:
     return d
 
 
-def evaluate_label_dirs(pred_dir, gt_dir, num_classes: int, ignore_index: int | None = 255
-                        ) -> ConfusionMatrix:
-    """Accumulates a :class:`ConfusionMatrix` over PNG label folders matched by filename.
+def evaluate_label_dirs(pred_dir, gt_dir, num_classes: int, ignore_index: int | None = 255,
+                        names: Sequence[str] | None = None) -> ConfusionMatrix:
+    """Accumulates a :class:`ConfusionMatrix` over PNG label folders matched by filename
+    (only `names` of the ground truth when given, see :func:`matched_png_names`).
 
     Labels are never resized: a size mismatch raises ``ValueError`` naming the file.
     """
     cm = ConfusionMatrix(num_classes, ignore_index)
-    for name in matched_png_names(pred_dir, gt_dir):
+    for name in matched_png_names(pred_dir, gt_dir, names):
         pp = os.path.join(os.fspath(pred_dir), name)
         gp = os.path.join(os.fspath(gt_dir), name)
         pred, gt = load_label_png(pp), load_label_png(gp)
@@ -501,14 +528,19 @@ def write_json_atomic(obj, path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fusionsam_jax.metrics.miou",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="mIoU of predicted label PNGs against ground-truth label PNGs "
                     "(files matched by name; one confusion matrix over all images).")
-    p.add_argument("--pred-dir", required=True)
-    p.add_argument("--gt-dir", required=True)
-    p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--ignore-index", type=int, default=255)
+    p.add_argument("--pred-dir", required=True,
+                   help="predicted class-id PNGs (or a predict output folder: its labels/)")
+    p.add_argument("--gt-dir", required=True, help="ground-truth class-id PNGs, same names")
+    p.add_argument("--num-classes", type=int, required=True, help="number of classes C")
+    p.add_argument("--ignore-index", type=int, default=255, help="label value not counted")
     p.add_argument("--class-names", default=None, help="comma-separated, one per class")
     p.add_argument("--json", default=None, help="write the results here (atomically)")
+    p.add_argument("--split-list", default=None,
+                   help="only the ground truth named in this file (one name a line, e.g. "
+                        "MFNet/test.txt)")
     p.add_argument("--dataset", default=None,
                    help="mfnet | fmb: print the paper's Table 1 / 2 columns and its row")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -523,8 +555,9 @@ def main(argv=None) -> int:
             info = get_info(args.dataset)
             if info.num_classes == args.num_classes:
                 names = list(info.class_names)
+        listed = None if args.split_list is None else read_name_list(args.split_list)
         cm = evaluate_label_dirs(prediction_dir(args.pred_dir), args.gt_dir, args.num_classes,
-                                 args.ignore_index)
+                                 args.ignore_index, listed)
         summary = cm.summary(names)
         summary["num_images"] = cm.num_updates
         print(format_paper_table(summary, dataset=args.dataset, method="predictions",

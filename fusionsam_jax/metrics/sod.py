@@ -379,10 +379,12 @@ def evaluate_sod_dirs(pred_dir, gt_dir, alpha: float = 0.5, beta2: float = 0.3) 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fusionsam_jax.metrics.sod",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="S-measure, MAE, E-measure, F-measure (adaptive/mean/max) of saliency PNGs "
                     "against GT PNGs (matched by filename), as PySODMetrics computes them.")
-    p.add_argument("--pred-dir", required=True)
-    p.add_argument("--gt-dir", required=True)
+    p.add_argument("--pred-dir", required=True,
+                   help="saliency PNGs (or a predict output folder: its saliency/)")
+    p.add_argument("--gt-dir", required=True, help="ground-truth mask PNGs, same names")
     p.add_argument("--json", default=None, help="write the results here (atomically)")
     p.add_argument("--curves", action="store_true",
                    help="also write the 256-threshold curves (ascending t) to the JSON")

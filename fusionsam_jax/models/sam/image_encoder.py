@@ -103,7 +103,7 @@ def resolve_attn_impl(attn_impl: str) -> str:
         f"attn_impl={attn_impl!r} needs cuDNN, which this machine does not have (JAX backend "
         f"{jax.default_backend()!r}): using XLA attention instead (same function, slower; "
         "set model.attn_impl to 'xla' to silence this)", AttentionFallbackWarning,
-        stacklevel=3)
+        stacklevel=1)
   return "xla"
 
 
