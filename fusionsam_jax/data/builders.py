@@ -78,13 +78,17 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         plan = self._plan
         if plan is None:
             plan = self.layout.list_splits(dl_manager.manual_dir)
-        return {split: self._generate_examples(samples, split) for split, samples in plan.items()}
+        return {split: self._generate_examples(self._with_progress(samples, split))
+                for split, samples in plan.items()}
 
-    def _generate_examples(self, samples, split: str = ""):
-        if self._progress:
-            import tqdm
-            samples = tqdm.tqdm(samples, desc=f"Writing {self.layout.info.name} {split}",
-                                unit="sample", total=len(samples))
+    def _with_progress(self, samples, split: str):
+        if not self._progress:
+            return samples
+        import tqdm
+        return tqdm.tqdm(samples, desc=f"Writing {self.layout.info.name} {split}",
+                         unit="sample", total=len(samples))
+
+    def _generate_examples(self, samples):
         for sample in samples:
             yield sample.name, self.layout.load(sample, self._grey_policy)
 
