@@ -82,11 +82,18 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 for split, samples in plan.items()}
 
     def _with_progress(self, samples, split: str):
+        """`samples`, with a tqdm bar that opens when the split's writing starts."""
         if not self._progress:
             return samples
-        import tqdm
-        return tqdm.tqdm(samples, desc=f"Writing {self.layout.info.name} {split}",
-                         unit="sample", total=len(samples))
+
+        def gen():
+            import tqdm
+            with tqdm.tqdm(desc=f"Writing {self.layout.info.name} {split}", unit="sample",
+                           total=len(samples)) as bar:
+                for s in samples:
+                    yield s
+                    bar.update()
+        return gen()
 
     def _generate_examples(self, samples):
         for sample in samples:
