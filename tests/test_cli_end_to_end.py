@@ -65,11 +65,16 @@ def test_predict_outputs_chain_into_metric_cli(trained, capsys):
   from fusionsam_jax.data.info import MFNET
   from fusionsam_jax.data.io import read_image
   work = trained["work"]
-  assert ev.run(None, str(work), "latest", "test") == 0
+  assert ev.run(None, str(work), "latest", "test", markdown=True, report=True) == 0
   printed = capsys.readouterr().out
-  assert "mIoU(%)" in printed and "checkpoint latest" in printed and "mAcc" in printed
+  assert "mIoU(%)" in printed and "checkpoint latest" in printed
+  assert "| Method | Unlabeled | Car |" in printed and "| mAcc(%) |" in printed
   res = json.load(open(work / "eval_test_latest.json"))
   assert res["split"] == "test" and res["num_images"] == 4
+  page = open(work / "report_test_latest" / "report.html").read()
+  assert page.count("src='data:image/png;base64,") == 4        # matrix, IoU, samples, curves
+  with Image.open(work / "report_test_latest" / "samples.png") as im:
+    assert im.size[0] > im.size[1] > 300                      # 4 rows x 6 columns
 
   raw = _raw_dir(trained["data"])
   out = trained["root"] / "pred"
