@@ -333,6 +333,8 @@ th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}
 thead{background:#f2f2f2} img{max-width:100%;height:auto;border:1px solid #eee}
 .meta{color:#555;font-size:0.9em} .note{color:#555;font-size:0.85em}
+.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+.row>div{flex:1 1 480px;min-width:0} #confusion_matrix{max-width:620px}
 """
 
 
@@ -423,11 +425,11 @@ def write_report(out_dir, *, result: Mapping, metrics_jsonl=None,
     s = result["sod"]
     parts += ["<h2>Saliency</h2>", _html_table(list(s), [[f"{float(v):.4f}" for v in
                                                           s.values()]])]
-  parts += ["<h2>Per-class IoU</h2>",
-            f"<img id='iou' alt='per-class IoU' src='{_data_uri(paths['iou'])}'>",
-            "<h2>Confusion matrix</h2>",
+  parts += ["<div class='row'><div><h2>Per-class IoU</h2>",
+            f"<img id='iou' alt='per-class IoU' src='{_data_uri(paths['iou'])}'></div>",
+            "<div><h2>Confusion matrix</h2>",
             f"<img id='confusion_matrix' alt='confusion matrix' "
-            f"src='{_data_uri(paths['confusion_matrix'])}'>"]
+            f"src='{_data_uri(paths['confusion_matrix'])}'></div></div>"]
   if "samples" in paths:
     parts += ["<h2>Samples</h2>",
               f"<img id='samples' alt='qualitative samples' src='{_data_uri(paths['samples'])}'>"]
