@@ -56,9 +56,11 @@ def run(config, workdir: str, checkpoint: str = "best", split: str | None = None
       experiment.check_config_matches(config, workdir)
     config_lib.override_model(config, **(model_overrides or {}))
     splits = [s.strip() for s in (split or config.eval.split).split(",") if s.strip()]
+    cache: dict = {}
     for s in splits:
       summary = experiment.evaluate(config, workdir, which, s)
-      emit_extras(config, workdir, summary, which, markdown=markdown, report=report)
+      emit_extras(config, workdir, summary, which, markdown=markdown, report=report,
+                  cache=cache)
   except T.ConfigMismatchError as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_CONFIG
@@ -70,9 +72,10 @@ def run(config, workdir: str, checkpoint: str = "best", split: str | None = None
 
 
 def emit_extras(config, workdir: str, summary: dict, which, *, markdown: bool,
-                report: bool) -> None:
+                report: bool, cache: dict | None = None) -> None:
   """What evaluate adds to `experiment.evaluate`'s table: the paper-column table with mAcc
-  (Markdown with `markdown`), and the visual report (`report`)."""
+  (Markdown with `markdown`), and the visual report (`report`). `cache` keeps the report's
+  predictor between splits (one restore and compile)."""
   from fusionsam_jax.data.info import paper_table
   from fusionsam_jax.metrics.miou import format_paper_table
   label = f"FusionSAM ({'+'.join(config.model.modalities)})"
@@ -86,7 +89,12 @@ def emit_extras(config, workdir: str, summary: dict, which, *, markdown: bool,
           flush=True)
   if report:
     from fusionsam_jax.evaluators.report import write_evaluation_report
-    paths = write_evaluation_report(config, workdir, summary, checkpoint=which)
+    from fusionsam_jax.predict import Predictor
+    cache = {} if cache is None else cache
+    if "predictor" not in cache:
+      cache["predictor"] = Predictor(workdir, which, config=config)
+    paths = write_evaluation_report(config, workdir, summary, checkpoint=which,
+                                    predictor=cache["predictor"])
     print(f"wrote {paths['report']}", flush=True)
 
 
