@@ -36,6 +36,7 @@ from ml_collections import config_flags
 from fusionsam_jax.config_lib import ATTN_IMPLS as _ATTN_IMPLS
 from fusionsam_jax.config_lib import ENCODER_DTYPES as _ENCODER_DTYPES
 
+
 def run(config, workdir: str, checkpoint: str = "best", split: str | None = None, *,
         model_overrides: dict | None = None, markdown: bool = False,
         report: bool = False) -> int:
