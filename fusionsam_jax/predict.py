@@ -22,8 +22,8 @@ OUT gets (each written atomically):
 
 The metric CLIs read these folders directly:
 ``python -m fusionsam_jax.metrics.miou --pred-dir OUT/labels --gt-dir MFNet/labels
---num-classes 9`` (``--pred-dir OUT`` works too), ``python -m fusionsam_jax.metrics.sod
---pred-dir OUT/saliency --gt-dir VDT/Test/GT``.
+--split-list MFNet/test.txt --num-classes 9`` (``--pred-dir OUT`` works too),
+``python -m fusionsam_jax.metrics.sod --pred-dir OUT/saliency --gt-dir VDT-2048/Test/GT``.
 
 Images are processed at their own resolution (padded at the bottom/right to a multiple of
 ``config.eval.pad_multiple``, outputs cropped back). Exit status 0, or 1 with a message.
