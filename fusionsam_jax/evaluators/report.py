@@ -19,6 +19,11 @@ r"""The visual evaluation report: figures and one self-contained ``report.html``
   or opened anywhere) with the table of the paper's columns plus mIoU / mAcc and the table of
   every class.
 
+``python -m fusionsam_jax.evaluate`` writes it next to its JSON. To re-draw it from an
+existing JSON (no re-evaluation; e.g. after training, which evaluates the best checkpoint)::
+
+    python -m fusionsam_jax.evaluators.report --workdir runs/demo [--result eval_test_best.json]
+
 Figures are drawn with matplotlib's Agg canvas (no display, no pyplot state).
 """
 
@@ -509,3 +514,65 @@ def write_evaluation_report(config, workdir: str, result: Mapping, *,
   metrics = os.path.join(workdir, "metrics.jsonl")
   return write_report(out_dir, result=result, metrics_jsonl=metrics if os.path.isfile(metrics)
                       else None, samples=samples, palette=info.palette)
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def _checkpoint_of(result: Mapping) -> str | int:
+  """The checkpoint an evaluation JSON names: "best", "latest" or "step N" -> N."""
+  c = str(result.get("checkpoint", "best"))
+  return int(c.split()[-1]) if c.startswith("step ") else c
+
+
+def define_flags() -> dict:
+  """Defined only when run as a program."""
+  from absl import flags
+  return {
+      "workdir": flags.DEFINE_string("workdir", None, "training run folder"),
+      "result": flags.DEFINE_string("result", "eval_test_best.json",
+                                    "evaluation JSON (relative to --workdir, or a path)"),
+      "out": flags.DEFINE_string("out", None, "output folder (None: report_<split>_<ckpt> "
+                                 "next to the JSON)"),
+      "samples": flags.DEFINE_integer("samples", 4, "images in the qualitative grid"),
+      "seed": flags.DEFINE_integer("seed", 0, "seed of the choice of images"),
+  }
+
+
+def main(argv, f) -> int:
+  """Re-draws the report of an existing evaluation JSON (no re-evaluation)."""
+  import sys
+  from absl import app
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not f["workdir"].value:
+    print("error: --workdir is required", file=sys.stderr)
+    return 2
+  from fusionsam_jax import experiment
+  from fusionsam_jax.cli_common import quiet_logs
+  from fusionsam_jax.data import DatasetError
+  quiet_logs()
+  workdir = f["workdir"].value
+  path = f["result"].value
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(workdir, path)
+  try:
+    with open(path) as fh:
+      result = dict(json.load(fh), path=path)
+    config = experiment.load_workdir_config(workdir)
+    paths = write_evaluation_report(config, workdir, result,
+                                    checkpoint=_checkpoint_of(result),
+                                    num_samples=f["samples"].value, seed=f["seed"].value,
+                                    out_dir=f["out"].value)
+  except (OSError, ValueError, experiment.SetupError, DatasetError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {paths['report']}")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys as _sys
+  from absl import app as _app
+  _FLAGS = define_flags()
+  _app.run(lambda argv: _sys.exit(main(argv, _FLAGS)))
