@@ -266,5 +266,52 @@ def config_from_dict(d: Mapping) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_tuplify(dict(d)))
 
 
+# -- command-line overrides -------------------------------------------------------------------
+
+#: Override text that means None: ``--config.model.sam_checkpoint=None`` (any field), and an
+#: empty value for a field that may be None (a placeholder: ``--config.perceptual_weights=``).
+NONE_TEXT = "None"
+
+
+def normalize_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns the strings "None" (any field) and "" (fields that may be None) into None, in
+  place; returns `c`. ml_collections' flag parser keeps ``--config.x=None`` as the string
+  "None" for a string field. Every CLI that takes ``--config`` applies this after parsing."""
+  if c is None:
+    return c
+  for key in list(c.keys()):
+    v = c[key]
+    if isinstance(v, ml_collections.ConfigDict):
+      normalize_overrides(v)
+    elif isinstance(v, str):
+      # A placeholder field (config_dict.placeholder) is stored as a FieldReference: those
+      # are the ones that may be None, where "" means None too.
+      nullable = isinstance(c._fields.get(key), config_dict.FieldReference)  # pylint: disable=protected-access
+      if v == NONE_TEXT or (v == "" and nullable):
+        c[key] = None
+  return c
+
+
+ATTN_IMPLS = ("xla", "fused", "fused_bias", "cudnn", "cudnn_bias")
+ENCODER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def override_model(config, *, attn_impl: str | None = None,
+                   encoder_dtype: str | None = None):
+  """Sets ``model.attn_impl`` / ``model.encoder_dtype`` (None: keep) for evaluating or
+  predicting on another machine, e.g. a cuDNN / bf16 GPU run on a CPU. Raises ValueError on
+  unknown values. Returns `config` (changed in place)."""
+  if attn_impl is not None:
+    if attn_impl not in ATTN_IMPLS:
+      raise ValueError(f"attn_impl {attn_impl!r}: expected one of {', '.join(ATTN_IMPLS)}")
+    config.model.attn_impl = attn_impl
+  if encoder_dtype is not None:
+    if encoder_dtype not in ENCODER_DTYPES:
+      raise ValueError(f"encoder_dtype {encoder_dtype!r}: expected one of "
+                       f"{', '.join(ENCODER_DTYPES)}")
+    config.model.encoder_dtype = encoder_dtype
+  return config
+
+
 def iter_stage_names(config) -> Iterable[str]:
   return [s for s in STAGE_NAMES if s in config.train.stages]

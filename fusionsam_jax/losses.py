@@ -32,7 +32,7 @@ __all__ = [
 
 def segmentation_loss(logits, labels, ignore_index: int = 255, dice_weight: float = 1.0,
                       dice_smooth: float = 1.0):
-    """Cross-entropy + soft multi-class Dice for semantic segmentation (f_s, DESIGN §2.6).
+    """Cross-entropy + soft multi-class Dice for semantic segmentation (f_s, docs/design.md).
 
     Args:
       logits: ``(B, H, W, C)`` unnormalised class scores (computed in float32).

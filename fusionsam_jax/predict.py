@@ -10,13 +10,20 @@ r"""Segment new images with a trained FusionSAM run; writes PNGs.
 
 The config stored in the workdir says which modalities, classes and palette to use; the
 segmentation stage's checkpoint (``--checkpoint best`` by val mIoU, ``latest`` or a step)
-gives the params. For each sample NAME, OUT gets (each written atomically):
+gives the params. For each sample NAME (the input's file name, which is the ground truth's),
+OUT gets (each written atomically):
 
-* ``NAME_fused.png``: the fused image (Fig. 1's fusion feature map), RGB;
-* ``NAME_mask.png``: the prediction colour-coded with the dataset's palette;
-* ``NAME_overlay.png``: the colour mask blended over the RGB input (or the fused image);
-* ``NAME_label.png``: class ids (single channel, 0..K-1), for metric scripts;
-* ``NAME_saliency.png`` (saliency task only): the salient-class probability x 255.
+* ``labels/NAME.png``: class ids (single channel, 0..K-1), as the ground truth;
+* ``color/NAME.png``: the prediction colour-coded with the dataset's palette;
+* ``overlay/NAME.png``: the colours blended over the RGB input (or the fused image); class 0
+  (unlabeled / background) is left as it is;
+* ``fused/NAME.png``: the fused image (Fig. 1's fusion feature map), RGB;
+* ``saliency/NAME.png`` (saliency task only): the salient-class probability x 255.
+
+The metric CLIs read these folders directly:
+``python -m fusionsam_jax.metrics.miou --pred-dir OUT/labels --gt-dir MFNet/labels
+--split-list MFNet/test.txt --num-classes 9`` (``--pred-dir OUT`` works too),
+``python -m fusionsam_jax.metrics.sod --pred-dir OUT/saliency --gt-dir VDT-2048/Test/GT``.
 
 Images are processed at their own resolution (padded at the bottom/right to a multiple of
 ``config.eval.pad_multiple``, outputs cropped back). Exit status 0, or 1 with a message.
@@ -196,27 +203,80 @@ class Predictor:
     return res
 
   def write(self, name: str, element: dict, out_dir: str) -> list[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    res = self(element)
-    mask = self.info.colorize(res["pred"])
-    base = element["rgb"] if "rgb" in element else res["fused"]
-    overlay = np.round(0.5 * base.astype(np.float32) + 0.5 * mask.astype(np.float32)
-                       ).astype(np.uint8)
-    files = {"fused": res["fused"], "mask": mask, "overlay": overlay,
-             "label": res["pred"].astype(np.uint8)}
-    if "prob" in res:
-      files["saliency"] = np.round(np.clip(res["prob"], 0, 1) * 255).astype(np.uint8)
-    paths = []
-    for suffix, arr in files.items():
-      p = os.path.join(out_dir, f"{name}_{suffix}.png")
-      _write_png_atomic(p, arr)
-      paths.append(p)
-    return paths
+    """Segments `element` and writes its outputs (`write_outputs`); returns the paths."""
+    return write_outputs(out_dir, name, self(element), element, self.info.palette)
+
+
+#: Output sub-folders of `predict`, each holding ``<name>.png`` (the ground truth's name).
+OUTPUT_DIRS = ("labels", "color", "overlay", "fused", "saliency")
+
+
+def overlay(base: np.ndarray, pred: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
+  """The palette colours of `pred` blended over `base` (uint8 (H, W, 3)) with weight
+  `alpha`; class 0 (unlabeled / background) is left unblended, so the scene stays visible."""
+  from fusionsam_jax.data.io import to_rgb
+  base = to_rgb(np.asarray(base), "overlay base")
+  lut = np.zeros((256, 3), np.uint8)
+  lut[:len(palette)] = np.asarray(palette, np.uint8)
+  pred = np.asarray(pred)
+  color = lut[pred.astype(np.uint8)].astype(np.float32)
+  mixed = np.round((1 - alpha) * base.astype(np.float32) + alpha * color).astype(np.uint8)
+  return np.where((pred == 0)[..., None], base, mixed)
+
+
+def write_outputs(out_dir: str, name: str, res: dict, element: dict, palette) -> list[str]:
+  """Writes one sample's outputs, each atomically, as ``OUT/<kind>/<name>.png``:
+
+  * ``labels/``: class ids (single channel, 0..K-1): the ground truth's format and name, so
+    ``python -m fusionsam_jax.metrics.miou --pred-dir OUT/labels --gt-dir GT`` reads them;
+  * ``color/``: the prediction in the dataset's palette;
+  * ``overlay/``: the palette colours blended over the RGB input (or the fused image), class 0
+    left unblended;
+  * ``fused/``: the fused image (RGB);
+  * ``saliency/`` (saliency task): the salient-class probability x 255, for
+    ``python -m fusionsam_jax.metrics.sod --pred-dir OUT/saliency``.
+
+  `res` is `Predictor.__call__`'s result (pred, fused [, prob]).
+  """
+  pred = np.asarray(res["pred"])
+  if pred.min(initial=0) < 0 or pred.max(initial=0) > 255:
+    raise ValueError(f"{name}: class ids outside 0..255 cannot be written as 8-bit PNG")
+  lut = np.zeros((256, 3), np.uint8)
+  lut[:len(palette)] = np.asarray(palette, np.uint8)
+  base = element["rgb"] if "rgb" in element else res["fused"]
+  files = {"labels": pred.astype(np.uint8), "color": lut[pred.astype(np.uint8)],
+           "overlay": overlay(base, pred, palette), "fused": res["fused"]}
+  if "prob" in res:
+    files["saliency"] = np.round(np.clip(res["prob"], 0, 1) * 255).astype(np.uint8)
+  paths = []
+  for kind, arr in files.items():
+    d = os.path.join(out_dir, kind)
+    os.makedirs(d, exist_ok=True)
+    p = os.path.join(d, f"{name}.png")
+    _write_png_atomic(p, arr)
+    paths.append(p)
+  return paths
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+  """The module docstring as written, and every flag's default in --help."""
+
+
+def add_model_override_flags(p: argparse.ArgumentParser) -> None:
+  """--attn_impl / --encoder_dtype: run a workdir on another machine (e.g. a cuDNN + bf16 GPU
+  run on a CPU). cuDNN attention falls back to XLA by itself where cuDNN is absent."""
+  from fusionsam_jax.config_lib import ATTN_IMPLS, ENCODER_DTYPES
+  p.add_argument("--attn_impl", "--attn-impl", dest="attn_impl", default=None,
+                 choices=ATTN_IMPLS, help="SAM attention (None: as in the workdir config)")
+  p.add_argument("--encoder_dtype", "--encoder-dtype", dest="encoder_dtype", default=None,
+                 choices=ENCODER_DTYPES,
+                 help="SAM image-encoder compute dtype (None: as in the workdir config)")
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m fusionsam_jax.predict", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=_HelpFormatter)
   p.add_argument("--workdir", required=True, help="training run folder (config + checkpoints)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--inputs", nargs="+", help="image files, one per modality per sample "
@@ -227,6 +287,9 @@ def main(argv=None) -> int:
   p.add_argument("--checkpoint", default="best", help="best | latest | STEP")
   p.add_argument("--grey-policy", default="strict", choices=("strict", "luma"),
                  help="thermal/depth images stored in colour: error (strict) or luma")
+  add_model_override_flags(p)
+  p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                 help="progress bar (None: when stderr is a terminal)")
   a = p.parse_args(argv)
   from fusionsam_jax import experiment, workdir as W
   from fusionsam_jax.cli_common import quiet_logs
@@ -236,13 +299,17 @@ def main(argv=None) -> int:
   try:
     which = experiment.parse_checkpoint_arg(a.checkpoint)
     config = W.load_config(a.workdir)
+    from fusionsam_jax.config_lib import override_model
+    override_model(config, attn_impl=a.attn_impl, encoder_dtype=a.encoder_dtype)
     mods = tuple(config.model.modalities)
     if a.inputs:
       samples = samples_from_files(a.inputs, mods, a.grey_policy)
     else:
       samples = samples_from_dir(a.input_dir, config.dataset, mods, a.split, a.grey_policy)
     predictor = Predictor(a.workdir, which, config=config)
-    for name, el in samples:
+    from tqdm import tqdm
+    for name, el in tqdm(samples, desc="predict", unit="image", disable=(
+        not sys.stderr.isatty() if a.progress is None else not a.progress)):
       predictor.write(name, el, a.out)
   except (experiment.SetupError, CheckpointError, DatasetError, InputError, FileNotFoundError,
           ValueError) as e:

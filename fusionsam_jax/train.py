@@ -80,7 +80,8 @@ def main(argv, f) -> int:
     return 2
   quiet_logs()
   enable_compilation_cache(f["compilation_cache"].value)
-  return run(f["config"].value, f["workdir"].value,
+  from fusionsam_jax.config_lib import normalize_overrides
+  return run(normalize_overrides(f["config"].value), f["workdir"].value,
              allow_config_change=f["allow_config_change"].value, progress=f["progress"].value)
 
 

@@ -50,33 +50,90 @@ def test_train_runs_all_stages_and_evaluates(trained):
   assert [d for d in os.listdir(work / "embedding_cache") if d.startswith("train-")]
 
 
-def test_evaluate_json_matches_predictions(trained, capsys):
+def _eval_latest(work):
+  """The evaluate result of the fixture's run at its latest checkpoint (made once)."""
+  from fusionsam_jax import evaluate as ev
+  path = work / "eval_test_latest.json"
+  if not path.exists():
+    assert ev.run(None, str(work), "latest", "test") == 0
+  return json.load(open(path))
+
+
+def test_predict_outputs_chain_into_metric_cli(trained, capsys):
   from fusionsam_jax import evaluate as ev
   from fusionsam_jax import predict
-  from fusionsam_jax import workdir as W
-  from fusionsam_jax.metrics.miou import ConfusionMatrix, load_label_png
+  from fusionsam_jax.data.info import MFNET
+  from fusionsam_jax.data.io import read_image
   work = trained["work"]
-  cfg = W.load_config(str(work))
-  assert ev.run(None, str(work), "latest", "test") == 0
+  assert ev.run(None, str(work), "latest", "test", markdown=True, report=True) == 0
   printed = capsys.readouterr().out
   assert "mIoU(%)" in printed and "checkpoint latest" in printed
+  assert "| Method | Unlabeled | Car |" in printed and "| mAcc(%) |" in printed
   res = json.load(open(work / "eval_test_latest.json"))
   assert res["split"] == "test" and res["num_images"] == 4
+  page = open(work / "report_test_latest" / "report.html").read()
+  assert page.count("src='data:image/png;base64,") == 4        # matrix, IoU, samples, curves
+  with Image.open(work / "report_test_latest" / "samples.png") as im:
+    assert im.size[0] > im.size[1] > 300                      # 4 rows x 6 columns
 
   raw = _raw_dir(trained["data"])
   out = trained["root"] / "pred"
   assert predict.main(["--workdir", str(work), "--checkpoint", "latest", "--input-dir",
                        str(raw), "--split", "test", "--out", str(out)]) == 0
   names = [n.strip() for n in open(raw / "test.txt") if n.strip()]
-  cm = ConfusionMatrix(cfg.model.num_classes)
+  assert sorted(os.listdir(out)) == ["color", "fused", "labels", "overlay"]
   for n in names:
-    for suffix in ("fused", "mask", "overlay", "label"):
-      with Image.open(out / f"{n}_{suffix}.png") as im:
-        assert im.size == (128, 96), (n, suffix, im.size)
-    cm.update(load_label_png(out / f"{n}_label.png"), load_label_png(raw / "labels" / f"{n}.png"))
-  assert np.array_equal(cm.matrix, np.asarray(res["confusion_matrix"]))
-  assert cm.miou() == pytest.approx(res["miou"], abs=1e-12)
+    for kind in ("labels", "color", "overlay", "fused"):
+      with Image.open(out / kind / f"{n}.png") as im:
+        assert im.size == (128, 96), (n, kind, im.size)
+    lab = np.asarray(Image.open(out / "labels" / f"{n}.png"))
+    assert lab.ndim == 2 and lab.max() < 9
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "color" / f"{n}.png")),
+                                  np.asarray(MFNET.palette, np.uint8)[lab])
+    rgb = read_image(raw / "images" / f"{n}.png")[..., :3]
+    ov = np.asarray(Image.open(out / "overlay" / f"{n}.png"))
+    np.testing.assert_array_equal(ov[lab == 0], rgb[lab == 0])   # class 0 not blended
 
+  # The metric CLI takes predict's folder as it is (file names are the ground truth's) and
+  # gives evaluate's numbers.
+  r = run_module("fusionsam_jax.metrics.miou", "--pred-dir", str(out), "--gt-dir",
+                 str(raw / "labels"), "--split-list", str(raw / "test.txt"),
+                 "--num-classes", "9", "--json", str(trained["root"] / "chain.json"))
+  assert r.returncode == 0, r.stderr
+  assert "RuntimeWarning" not in r.stderr and "images: 4" in r.stdout
+  chain = json.load(open(trained["root"] / "chain.json"))
+  assert chain["confusion_matrix"] == res["confusion_matrix"]
+  assert chain["miou"] == pytest.approx(res["miou"], abs=1e-12)
+  assert chain["mean_class_accuracy"] == pytest.approx(res["mean_class_accuracy"], abs=1e-12)
+
+
+def test_cudnn_bf16_workdir_runs_on_cpu(trained, tmp_path):
+  """A workdir whose stored config says cuDNN attention + bf16 encoder (a GPU run) predicts
+  and evaluates on this CPU: XLA attention instead, said once; --encoder_dtype float32 gives
+  the numbers of the float32 / XLA run it was trained as."""
+  import shutil
+  from fusionsam_jax import evaluate as ev
+  work = trained["work"]
+  ref = _eval_latest(work)
+  gpu = tmp_path / "gpu_run"
+  shutil.copytree(work / "checkpoints" / "segmentation", gpu / "checkpoints" / "segmentation")
+  record = json.load(open(work / "config.json"))
+  record["config"]["model"].update(attn_impl="cudnn", encoder_dtype="bfloat16")
+  json.dump(record, open(gpu / "config.json", "w"))
+
+  raw = _raw_dir(trained["data"])
+  image = sorted(os.listdir(raw / "images"))[0]
+  r = run_module("fusionsam_jax.predict", "--workdir", str(gpu), "--checkpoint", "latest",
+                 "--inputs", str(raw / "images" / image), "--out", str(tmp_path / "o"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stderr.count("AttentionFallbackWarning") == 1, r.stderr[-3000:]
+  assert (tmp_path / "o" / "labels" / image).exists()
+
+  assert ev.run(None, str(gpu), "latest", "test",
+                model_overrides={"encoder_dtype": "float32"}) == 0
+  got = json.load(open(gpu / "eval_test_latest.json"))
+  assert got["confusion_matrix"] == ref["confusion_matrix"]
+  assert ev.run(None, str(gpu), "latest", "test", model_overrides={"attn_impl": "bogus"}) == 1
 
 
 def test_predict_input_grouping(trained, tmp_path):

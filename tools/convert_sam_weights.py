@@ -14,8 +14,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  class _Formatter(argparse.RawDescriptionHelpFormatter,
+                   argparse.ArgumentDefaultsHelpFormatter):
+    pass
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
   parser.add_argument("--checkpoint", required=True, help="official SAM .pth file")
   parser.add_argument("--output", required=True, help="output directory")
   parser.add_argument("--model-type", default="auto", help="auto|vit_h|vit_l|vit_b")

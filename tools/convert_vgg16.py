@@ -54,7 +54,8 @@ def read_state_dict(path: str) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--weights", required=True, help="torchvision VGG16 state dict (.pth)")
     ap.add_argument("--output", required=True, help="output .npz for load_vgg16_params")
     args = ap.parse_args(argv)

@@ -45,11 +45,24 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def code_path(cls):
         return None
 
-    def __init__(self, *, grey_policy: str = "strict", plan=None, **kwargs):
-        """``plan``: split -> samples from a validation pass (else listed from manual_dir)."""
+    def __init__(self, *, grey_policy: str = "strict", plan=None, progress: bool = False,
+                 **kwargs):
+        """``plan``: split -> samples from a validation pass (else listed from manual_dir).
+        ``progress``: a tqdm bar (count, rate, ETA) per split while writing; TFDS's own bars
+        know no total, so ``prepare`` turns them off."""
         self._grey_policy = grey_policy
         self._plan = plan
+        self._progress = progress
         super().__init__(**kwargs)
+
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "Dataset X
+    # downloaded and prepared to <temporary folder>": nothing is downloaded here and that
+    # folder is renamed right after, so both lines mislead; ``prepare`` says where it went.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _info(self) -> tfds.core.DatasetInfo:
         info = self.layout.info
@@ -65,7 +78,22 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         plan = self._plan
         if plan is None:
             plan = self.layout.list_splits(dl_manager.manual_dir)
-        return {split: self._generate_examples(samples) for split, samples in plan.items()}
+        return {split: self._generate_examples(self._with_progress(samples, split))
+                for split, samples in plan.items()}
+
+    def _with_progress(self, samples, split: str):
+        """`samples`, with a tqdm bar that opens when the split's writing starts."""
+        if not self._progress:
+            return samples
+
+        def gen():
+            import tqdm
+            with tqdm.tqdm(desc=f"Writing {self.layout.info.name} {split}", unit="sample",
+                           total=len(samples)) as bar:
+                for s in samples:
+                    yield s
+                    bar.update()
+        return gen()
 
     def _generate_examples(self, samples):
         for sample in samples:

@@ -490,17 +490,19 @@ def generate_dataset(layout: str, out_dir, num: int, seed: int, height: int = DE
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fusionsam_jax.data.generate",
-        description="Write a generated multimodal scene set in an official dataset layout.")
-    p.add_argument("--layout", required=True, choices=info_lib.DATASETS)
+        description="Write a generated multimodal scene set in an official dataset layout.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layout", required=True, choices=info_lib.DATASETS,
+                   help="dataset layout to imitate")
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--num", type=int, default=200, help="number of samples (all splits)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=DEFAULT_SIZE[0])
-    p.add_argument("--width", type=int, default=DEFAULT_SIZE[1])
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--height", type=int, default=DEFAULT_SIZE[0], help="image height")
+    p.add_argument("--width", type=int, default=DEFAULT_SIZE[1], help="image width")
     p.add_argument("--native", action="store_true",
                    help="use the dataset's native size (overrides --height/--width)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     h, w = args.height, args.width
     if args.native:

@@ -111,6 +111,59 @@ VDT = DatasetInfo(
 )
 
 _INFOS = {i.name: i for i in (MFNET, FMB, VDT)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperTable:
+    """The FusionSAM row of one of the paper's result tables (KDD '25, Sec. 4.3).
+
+    Attributes:
+        dataset: registry name.
+        table: "Table 1" / "Table 2".
+        split: the split the paper reports ("test").
+        columns: ``(class_name, header)`` pairs in the paper's column order (the class names
+            are this package's; the headers are the paper's).
+        iou: FusionSAM's per-column IoU in percent, as printed in the paper.
+        miou: FusionSAM's mIoU in percent, as printed (over all classes, also where the table
+            shows only some of them, as Table 2 does).
+    """
+
+    dataset: str
+    table: str
+    split: str
+    columns: tuple[tuple[str, str], ...]
+    iou: tuple[float, ...]
+    miou: float
+
+    def iou_by_class(self) -> dict[str, float]:
+        """class name -> IoU in percent."""
+        return {c: v for (c, _), v in zip(self.columns, self.iou)}
+
+
+#: The paper's FusionSAM rows ("Ours" in Tables 1 and 2), per dataset. VDT-2048 (saliency)
+#: has no per-class table.
+PAPER_TABLES = {
+    "mfnet": PaperTable(
+        dataset="mfnet", table="Table 1", split="test",
+        columns=(("unlabeled", "Unlabeled"), ("car", "Car"), ("person", "Person"),
+                 ("bike", "Bike"), ("curve", "Curve"), ("car_stop", "Car Stop"),
+                 ("guardrail", "Guardrail"), ("color_cone", "Color Cone"), ("bump", "Bump")),
+        iou=(98.7, 89.6, 76.2, 75.8, 69.6, 50.1, 10.2, 47.6, 61.4), miou=64.4),
+    "fmb": PaperTable(
+        dataset="fmb", table="Table 2", split="test",
+        columns=(("car", "Car"), ("person", "Person"), ("truck", "Truck"), ("lamp", "T-Lamp"),
+                 ("sign", "T-Sign"), ("building", "Building"), ("vegetation", "Vegetation"),
+                 ("pole", "Pole")),
+        iou=(80.4, 59.4, 48.2, 47.3, 52.1, 85.7, 87.8, 52.0), miou=64.1),
+}
+
+
+def paper_table(name: str) -> PaperTable | None:
+    """The paper's table for dataset ``name``, or None (VDT-2048, unknown names)."""
+    try:
+        return PAPER_TABLES.get(get_info(name).name)
+    except ValueError:
+        return None
 DATASETS = tuple(_INFOS)
 
 

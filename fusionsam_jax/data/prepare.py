@@ -57,8 +57,8 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
         if if_exists == "error":
             raise FileExistsError(f"{final}: dataset already prepared (use if_exists='skip' "
                                   "or 'overwrite', CLI --if-exists)")
-    if not progress:
-        tfds.disable_progress_bar()
+    # TFDS's bars have no total (no rate / ETA that means anything): the builder shows its own.
+    tfds.disable_progress_bar()
     plan = layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
                            num_threads=num_threads)
     os.makedirs(data_dir, exist_ok=True)
@@ -71,7 +71,7 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
         try:
             builder = builders.get_builder_cls(name)(
                 data_dir=os.path.join(tmp, "data"), file_format="array_record",
-                grey_policy=grey_policy, plan=plan)
+                grey_policy=grey_policy, plan=plan, progress=progress)
         finally:
             tempfile.tempdir = saved_tempdir
         builder.download_and_prepare(
@@ -94,16 +94,18 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fusionsam_jax.data.prepare",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Validate a manually downloaded (or generated) dataset and write it as "
                     "TFDS ArrayRecord files.")
-    p.add_argument("--dataset", required=True, choices=info_lib.DATASETS)
+    p.add_argument("--dataset", required=True, choices=info_lib.DATASETS, help="which layout")
     p.add_argument("--manual-dir", required=True, help="folder in the official layout")
     p.add_argument("--data-dir", required=True, help="output root (DST/<dataset>/<version>)")
     p.add_argument("--grey-policy", default="strict", choices=GREY_POLICIES,
                    help="thermal/depth stored in colour: 'strict' accepts only equal channels, "
                         "'luma' converts colour to luma")
-    p.add_argument("--if-exists", default="error", choices=IF_EXISTS)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--if-exists", default="error", choices=IF_EXISTS,
+                   help="when DST/<dataset>/<version> exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
         out = prepare_dataset(args.dataset, args.manual_dir, args.data_dir,

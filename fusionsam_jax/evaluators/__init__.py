@@ -1,1 +1,2 @@
-"""Evaluators: full-resolution segmentation / saliency evaluation of a params tree."""
+"""Evaluators: full-resolution segmentation / saliency evaluation of a params tree
+(``segmentation``), the visual report (``report``), SAM zero-shot (``sam_zero_shot``)."""

@@ -18,7 +18,10 @@ Two ways of filling it:
 CLI::
 
     python -m fusionsam_jax.metrics.miou --pred-dir P --gt-dir G --num-classes N \
-        [--ignore-index 255] [--class-names a,b,c] [--json out.json]
+        [--ignore-index 255] [--class-names a,b,c] [--json out.json] \
+        [--split-list test.txt] [--dataset mfnet|fmb] [--markdown]
+
+``--pred-dir`` may be a ``predict`` output folder (its ``labels/`` is read).
 """
 
 from __future__ import annotations
@@ -37,8 +40,12 @@ __all__ = [
     "ConfusionMatrix",
     "confusion_matrix",
     "format_iou_table",
+    "format_paper_table",
+    "paper_table_rows",
+    "prediction_dir",
     "load_label_png",
     "matched_png_names",
+    "read_name_list",
     "evaluate_label_dirs",
     "write_json_atomic",
     "main",
@@ -67,6 +74,17 @@ class ConfusionMatrix:
         self.ignore_index = None if ignore_index is None else int(ignore_index)
         self.matrix = np.zeros((self.num_classes, self.num_classes), np.int64)
         self.num_updates = 0
+
+    @classmethod
+    def from_matrix(cls, matrix, ignore_index: int | None = 255) -> "ConfusionMatrix":
+        """An accumulator holding the counts of a ``(C, C)`` matrix (e.g. an evaluation
+        JSON's ``confusion_matrix``)."""
+        m = np.asarray(matrix)
+        if m.ndim != 2 or m.shape[0] != m.shape[1]:
+            raise ValueError(f"confusion matrix must be square (C, C), got shape {m.shape}")
+        cm = cls(m.shape[0], ignore_index)
+        cm.add(m)
+        return cm
 
     def reset(self) -> None:
         self.matrix[...] = 0
@@ -156,6 +174,8 @@ class ConfusionMatrix:
         return out
 
     def mean_class_accuracy(self) -> float:
+        """mAcc: mean per-class recall over the classes present in the truth (nan-mean), as
+        ``sklearn.metrics.balanced_accuracy_score``."""
         acc = self.class_accuracy()
         return float(np.nanmean(acc)) if np.isfinite(acc).any() else math.nan
 
@@ -283,6 +303,11 @@ def format_iou_table(
             float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan)
         body.append([name] + [fmt(vals[i]) for i in col_idx] + [fmt(m)])
 
+    return _render_table(header, body, markdown)
+
+
+def _render_table(header: Sequence[str], body: Sequence[Sequence[str]], markdown: bool) -> str:
+    """Aligned plain text (first column left, the others right) or a Markdown table."""
     if markdown:
         lines = ["| " + " | ".join(header) + " |",
                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -294,6 +319,82 @@ def format_iou_table(
         cells = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, len(r))]
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
+
+
+def paper_table_rows(
+    summary: Mapping,
+    *,
+    dataset: str | None = None,
+    method: str = "FusionSAM (this run)",
+    paper_row: bool = True,
+    all_classes: bool = False,
+    decimals: int = 1,
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of :func:`format_paper_table` (cells as strings), e.g. for HTML."""
+    from fusionsam_jax.data.info import paper_table
+
+    cm = ConfusionMatrix.from_matrix(summary["confusion_matrix"])
+    names = _class_names(summary.get("class_names"), cm.num_classes)
+    name = dataset if dataset is not None else summary.get("dataset")
+    table = None if name is None else paper_table(str(name))
+    if table is not None and any(c not in names for c, _ in table.columns):
+        table = None  # class names of another dataset: not this paper table
+    if table is None or all_classes:
+        cols = [(n, n) for n in names]
+    else:
+        cols = list(table.columns)
+    iou = cm.iou()
+    idx = {n: i for i, n in enumerate(names)}
+
+    def fmt(v):
+        return "-" if v is None or math.isnan(v) else f"{v * 100:.{decimals}f}"
+
+    header = ["Method"] + [h for _, h in cols] + ["mIoU(%)", "mAcc(%)", "PixAcc(%)"]
+    body = [[method] + [fmt(iou[idx[c]]) for c, _ in cols]
+            + [fmt(cm.miou()), fmt(cm.mean_class_accuracy()), fmt(cm.pixel_accuracy())]]
+    show_paper = (paper_row and table is not None and not summary.get("generated", False)
+                  and summary.get("split", table.split) == table.split)
+    if show_paper:
+        ref = table.iou_by_class()
+        body.append([f"FusionSAM (paper, {table.table})"]
+                    + [fmt(ref[c] / 100) if c in ref else "-" for c, _ in cols]
+                    + [fmt(table.miou / 100), "-", "-"])
+    return header, body
+
+
+def format_paper_table(
+    summary: Mapping,
+    *,
+    dataset: str | None = None,
+    method: str = "FusionSAM (this run)",
+    paper_row: bool = True,
+    all_classes: bool = False,
+    decimals: int = 1,
+    markdown: bool = False,
+) -> str:
+    """The result of one evaluation in the column set of the paper's Table 1 (MFNet) / 2 (FMB).
+
+    Args:
+      summary: an evaluation result (``ConfusionMatrix.summary()``, the evaluate JSON): needs
+        ``confusion_matrix`` and ``class_names``; ``dataset``, ``split`` and ``generated`` are
+        read when present.
+      dataset: dataset whose paper columns to use (default ``summary["dataset"]``). Datasets
+        without a paper table (VDT-2048, unknown) show every class.
+      method: label of this run's row.
+      paper_row: add the paper's FusionSAM row (labelled as the paper's numbers) below; only
+        for a real dataset's test split (never for generated scenes, whose classes only
+        borrow the names).
+      all_classes: show every class instead of the paper's columns.
+      decimals: digits after the point (the paper prints 1).
+      markdown: a Markdown table instead of aligned text.
+
+    Columns: the paper's classes (with its headers), ``mIoU(%)`` over *all* classes (as the
+    paper's), ``mAcc(%)`` (mean class accuracy) and ``PixAcc(%)``. nan prints as ``-``.
+    """
+    header, body = paper_table_rows(summary, dataset=dataset, method=method,
+                                    paper_row=paper_row, all_classes=all_classes,
+                                    decimals=decimals)
+    return _render_table(header, body, markdown)
 
 
 # ----------------------------------------------------------------------------- files
@@ -331,9 +432,31 @@ def _png_names(d) -> list[str]:
                   and os.path.isfile(os.path.join(d, f)))
 
 
-def matched_png_names(pred_dir, gt_dir) -> list[str]:
-    """Filenames present in both folders; raises naming the first missing/extra file."""
+def read_name_list(path) -> list[str]:
+    """Names of a split list (one per line, e.g. MFNet's ``test.txt``) as ``<name>.png``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such split list")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise ValueError(f"{path}: empty split list")
+    return sorted(n if n.lower().endswith(".png") else f"{n}.png" for n in names)
+
+
+def matched_png_names(pred_dir, gt_dir, names: Sequence[str] | None = None) -> list[str]:
+    """Filenames present in both folders; raises naming the first missing/extra file.
+
+    `names` (e.g. from :func:`read_name_list`) restricts the ground truth to those files
+    (a split of a folder that holds every split, as MFNet's ``labels/``); each must exist.
+    """
     preds, gts = _png_names(pred_dir), _png_names(gt_dir)
+    if names is not None:
+        absent = sorted(set(names) - set(gts))
+        if absent:
+            raise FileNotFoundError(f"{os.path.join(os.fspath(gt_dir), absent[0])}: listed "
+                                    f"ground truth does not exist ({len(absent)} missing)")
+        gts = sorted(set(names))
     if not gts:
         raise FileNotFoundError(f"{gt_dir}: no .png files")
     missing = sorted(set(gts) - set(preds))
@@ -351,14 +474,26 @@ def matched_png_names(pred_dir, gt_dir) -> list[str]:
     return gts
 
 
-def evaluate_label_dirs(pred_dir, gt_dir, num_classes: int, ignore_index: int | None = 255
-                        ) -> ConfusionMatrix:
-    """Accumulates a :class:`ConfusionMatrix` over PNG label folders matched by filename.
+def prediction_dir(pred_dir, subfolder: str = "labels") -> str:
+    """`pred_dir`, or its ``subfolder`` when `pred_dir` is a ``predict`` output folder (it has
+    ``subfolder/`` and no PNGs of its own), so that ``--pred-dir OUT`` and
+    ``--pred-dir OUT/labels`` both work."""
+    d = os.fspath(pred_dir)
+    sub = os.path.join(d, subfolder)
+    if os.path.isdir(sub) and os.path.isdir(d) and not _png_names(d):
+        return sub
+    return d
+
+
+def evaluate_label_dirs(pred_dir, gt_dir, num_classes: int, ignore_index: int | None = 255,
+                        names: Sequence[str] | None = None) -> ConfusionMatrix:
+    """Accumulates a :class:`ConfusionMatrix` over PNG label folders matched by filename
+    (only `names` of the ground truth when given, see :func:`matched_png_names`).
 
     Labels are never resized: a size mismatch raises ``ValueError`` naming the file.
     """
     cm = ConfusionMatrix(num_classes, ignore_index)
-    for name in matched_png_names(pred_dir, gt_dir):
+    for name in matched_png_names(pred_dir, gt_dir, names):
         pp = os.path.join(os.fspath(pred_dir), name)
         gp = os.path.join(os.fspath(gt_dir), name)
         pred, gt = load_label_png(pp), load_label_png(gp)
@@ -393,26 +528,41 @@ def write_json_atomic(obj, path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fusionsam_jax.metrics.miou",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="mIoU of predicted label PNGs against ground-truth label PNGs "
                     "(files matched by name; one confusion matrix over all images).")
-    p.add_argument("--pred-dir", required=True)
-    p.add_argument("--gt-dir", required=True)
-    p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--ignore-index", type=int, default=255)
+    p.add_argument("--pred-dir", required=True,
+                   help="predicted class-id PNGs (or a predict output folder: its labels/)")
+    p.add_argument("--gt-dir", required=True, help="ground-truth class-id PNGs, same names")
+    p.add_argument("--num-classes", type=int, required=True, help="number of classes C")
+    p.add_argument("--ignore-index", type=int, default=255, help="label value not counted")
     p.add_argument("--class-names", default=None, help="comma-separated, one per class")
     p.add_argument("--json", default=None, help="write the results here (atomically)")
+    p.add_argument("--split-list", default=None,
+                   help="only the ground truth named in this file (one name a line, e.g. "
+                        "MFNet/test.txt)")
+    p.add_argument("--dataset", default=None,
+                   help="mfnet | fmb: print the paper's Table 1 / 2 columns and its row")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = p.parse_args(argv)
     try:
         names = None if args.class_names is None else [
             s.strip() for s in args.class_names.split(",")]
         if names is not None:
             _class_names(names, args.num_classes)
-        cm = evaluate_label_dirs(args.pred_dir, args.gt_dir, args.num_classes,
-                                 args.ignore_index)
+        if names is None and args.dataset:
+            from fusionsam_jax.data.info import get_info
+            info = get_info(args.dataset)
+            if info.num_classes == args.num_classes:
+                names = list(info.class_names)
+        listed = None if args.split_list is None else read_name_list(args.split_list)
+        cm = evaluate_label_dirs(prediction_dir(args.pred_dir), args.gt_dir, args.num_classes,
+                                 args.ignore_index, listed)
         summary = cm.summary(names)
         summary["num_images"] = cm.num_updates
-        print(format_iou_table(cm.iou(), summary["class_names"], miou=cm.miou()))
-        print(f"pixel accuracy: {cm.pixel_accuracy() * 100:.2f}%   images: {cm.num_updates}")
+        print(format_paper_table(summary, dataset=args.dataset, method="predictions",
+                                 paper_row=args.dataset is not None, markdown=args.markdown))
+        print(f"images: {cm.num_updates}")
         if args.json:
             write_json_atomic(summary, args.json)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -48,7 +48,7 @@ import sys
 
 import numpy as np
 
-from fusionsam_jax.metrics.miou import matched_png_names, write_json_atomic
+from fusionsam_jax.metrics.miou import matched_png_names, prediction_dir, write_json_atomic
 
 __all__ = [
     "EPS",
@@ -379,16 +379,18 @@ def evaluate_sod_dirs(pred_dir, gt_dir, alpha: float = 0.5, beta2: float = 0.3) 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fusionsam_jax.metrics.sod",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="S-measure, MAE, E-measure, F-measure (adaptive/mean/max) of saliency PNGs "
                     "against GT PNGs (matched by filename), as PySODMetrics computes them.")
-    p.add_argument("--pred-dir", required=True)
-    p.add_argument("--gt-dir", required=True)
+    p.add_argument("--pred-dir", required=True,
+                   help="saliency PNGs (or a predict output folder: its saliency/)")
+    p.add_argument("--gt-dir", required=True, help="ground-truth mask PNGs, same names")
     p.add_argument("--json", default=None, help="write the results here (atomically)")
     p.add_argument("--curves", action="store_true",
                    help="also write the 256-threshold curves (ascending t) to the JSON")
     args = p.parse_args(argv)
     try:
-        acc = evaluate_sod_dirs(args.pred_dir, args.gt_dir)
+        acc = evaluate_sod_dirs(prediction_dir(args.pred_dir, "saliency"), args.gt_dir)
         res = acc.results(curves=args.curves)
         print("  ".join(f"{k} {res[k]:.4f}" for k in RESULT_KEYS) + f"  images {res['num_images']}")
         if args.json:

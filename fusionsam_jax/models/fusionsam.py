@@ -1,5 +1,5 @@
 """FusionSAM assembled: LSTG tokenizers -> FMP -> fused image -> frozen SAM encoder, and
-fusion prompts -> semantic mask decoder (paper Fig. 2; DESIGN.md §2).
+fusion prompts -> semantic mask decoder (paper Fig. 2; docs/design.md).
 
 Parameter tree (top level):
   tokenizer_<m>   LatentTokenizer per modality m        (ablation A: patch_embed_<m>)

@@ -8,7 +8,8 @@ Two attention implementations compute the same function:
 - ``"xla"``: the explicit formula (scores + decomposed relative position bias, softmax),
   the reference path used for parity with PyTorch at float32.
 - ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")`, the cuDNN fused
-  (flash) kernel; GPU and bf16/fp16 only. ``"fused"`` is the same computation through
+  (flash) kernel; GPU and bf16/fp16 only. Where there is no GPU backend (a GPU-trained run
+  evaluated on a CPU) it falls back to ``"xla"``, with one `AttentionFallbackWarning`. ``"fused"`` is the same computation through
   dot_product_attention's XLA lowering (any backend; what the CPU tests check).
   The decomposed relative-position bias is folded into augmented query/key vectors, so the
   fused kernel needs no (B, heads, N, N) bias tensor:
@@ -19,6 +20,7 @@ Two attention implementations compute the same function:
 """
 
 import math
+import warnings
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -71,6 +73,38 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos):
 
 # attn_impl -> `implementation` of jax.nn.dot_product_attention (None: its XLA lowering).
 _BACKEND = {"fused": None, "fused_bias": None, "cudnn": "cudnn", "cudnn_bias": "cudnn"}
+
+
+class AttentionFallbackWarning(UserWarning):
+  """cuDNN attention was configured, but this machine has no GPU backend: XLA is used."""
+
+
+_FALLBACK_WARNED = False
+
+
+def cudnn_available() -> bool:
+  """Whether cuDNN fused attention can run here (JAX's default backend is a GPU)."""
+  try:
+    return jax.default_backend() == "gpu"
+  except RuntimeError:  # no backend could be initialised at all
+    return False
+
+
+def resolve_attn_impl(attn_impl: str) -> str:
+  """The attention implementation to run: ``attn_impl``, except that the cuDNN ones become
+  ``"xla"`` where cuDNN is absent (a run trained on a GPU, evaluated on a CPU). Warns once
+  per process (`AttentionFallbackWarning`)."""
+  global _FALLBACK_WARNED
+  if attn_impl not in ("cudnn", "cudnn_bias") or cudnn_available():
+    return attn_impl
+  if not _FALLBACK_WARNED:
+    _FALLBACK_WARNED = True
+    warnings.warn(
+        f"attn_impl={attn_impl!r} needs cuDNN, which this machine does not have (JAX backend "
+        f"{jax.default_backend()!r}): using XLA attention instead (same function, slower; "
+        "set model.attn_impl to 'xla' to silence this)", AttentionFallbackWarning,
+        stacklevel=1)
+  return "xla"
 
 
 def _fold_rel_pos(q, k, v, rel_h, rel_w, scale):
@@ -176,25 +210,26 @@ class Attention(nn.Module):
       rel_h = jnp.einsum("bhwnc,hkc->bnhwk", r_q, rh)  # (B, nh, h, w, kh)
       rel_w = jnp.einsum("bhwnc,wkc->bnhwk", r_q, rw)  # (B, nh, h, w, kw)
 
-    if self.attn_impl == "xla":
+    impl = resolve_attn_impl(self.attn_impl)
+    if impl == "xla":
       attn = jnp.einsum("bqnc,bknc->bnqk", q * scale, k)  # (B, nh, N, N)
       if rel_h is not None:
         attn = (attn.reshape(b, nh, h, w, h, w) + rel_h[..., :, None]
                 + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
       attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
       out = jnp.einsum("bnqk,bknc->bqnc", attn, v)
-    elif self.attn_impl in ("fused_bias", "cudnn_bias") or (
-        self.attn_impl in ("fused", "cudnn") and self.window_size > 0):
+    elif impl in ("fused_bias", "cudnn_bias") or (
+        impl in ("fused", "cudnn") and self.window_size > 0):
       bias = None
       if rel_h is not None:  # materialised (B, nh, N, N) bias
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
       out = jax.nn.dot_product_attention(
           q, k, v, bias=None if bias is None else bias.astype(q.dtype), scale=scale,
-          implementation=_BACKEND[self.attn_impl])
-    elif self.attn_impl in ("fused", "cudnn"):
+          implementation=_BACKEND[impl])
+    elif impl in ("fused", "cudnn"):
       if rel_h is not None:
         q, k, v = _fold_rel_pos(q, k, v, rel_h, rel_w, scale)
-      out = _attention(q, k, v, scale, _BACKEND[self.attn_impl])
+      out = _attention(q, k, v, scale, _BACKEND[impl])
     else:
       raise ValueError(f"attn_impl must be one of {sorted(_BACKEND)} or 'xla', "
                        f"got {self.attn_impl!r}")
