@@ -51,8 +51,12 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.tokenizer = ml_collections.ConfigDict(dict(
       latent_dim=64, num_codes=1024, ch=64, num_res_blocks=2, beta=0.25, max_groups=32))
   m.fusion = "fmp"                   # "fmp" | "concat" (ablation B)
+  # Self-attention in shifted 8 x 8 windows (SwinFusion); the cross-domain (Eq. 9-10) and
+  # complementary (Eq. 11-12) units attend over the whole latent map (Sec. 3.2.3's long-range
+  # cross-modal dependencies), through cuDNN flash attention with attn_impl="cudnn".
   m.fmp = ml_collections.ConfigDict(dict(
-      num_heads=4, depth_self=2, window_size=8, attention="window", mlp_ratio=2.0))
+      num_heads=4, depth_self=2, window_size=8, attention="window", cross_attention="global",
+      mlp_ratio=2.0))
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=64, num_res_blocks=2, max_groups=32))
   # The fusion loss fixes only the fused image's luma; its colour comes from the RGB input, as
   # the official code combines its fused channel with the visible image's a/b ("decoder":
@@ -146,7 +150,8 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   m.tokenizer = ml_collections.ConfigDict(dict(
       latent_dim=8, num_codes=64, ch=16, num_res_blocks=1, beta=0.25, max_groups=1))
   m.fmp = ml_collections.ConfigDict(dict(
-      num_heads=2, depth_self=1, window_size=8, attention="window", mlp_ratio=2.0))
+      num_heads=2, depth_self=1, window_size=8, attention="window", cross_attention="global",
+      mlp_ratio=2.0))
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=16, num_res_blocks=1, max_groups=1))
   m.discriminator = ml_collections.ConfigDict(dict(base_ch=16, n_layers=2))
   m.sam_variant = "tiny"
