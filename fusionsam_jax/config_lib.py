@@ -89,10 +89,12 @@ def _stage_overrides(d: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def stages_config(steps: Mapping[str, int], *, lr: float = 1e-4,
                   weight_decay: float = 1e-3) -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
+  # disc_start: absolute step of Eq. 8's start; unset = disc_start_fraction x num_steps, so
+  # it follows num_steps when that is overridden. rec_loss: Eq. 5, "l2" as the paper writes.
   s.tokenizer = ml_collections.ConfigDict(dict(
       num_steps=steps["tokenizer"], lr=lr, weight_decay=weight_decay,
-      disc_start=steps["tokenizer"] // 2, disc_weight=0.8, perceptual_weight=1.0,
-      rec_weight=1.0))
+      disc_start=config_dict.placeholder(int), disc_start_fraction=0.5, disc_weight=0.8,
+      perceptual_weight=1.0, rec_weight=1.0, rec_loss="l2"))
   s.fusion = ml_collections.ConfigDict(dict(
       num_steps=steps["fusion"], lr=lr, weight_decay=weight_decay,
       weights=ml_collections.ConfigDict(dict(ssim=10.0, intensity=20.0, gradient=20.0))))

@@ -70,7 +70,10 @@ def tokenizer_losses(model: FusionSAM, model_cfg, stage_cfg, perceptual=None):
   rec_w = float(stage_cfg.get("rec_weight", 1.0))
   perc_w = float(stage_cfg.get("perceptual_weight", 1.0)) if perceptual is not None else 0.0
   disc_w = float(stage_cfg.get("disc_weight", 0.8))
-  disc_start = int(stage_cfg.get("disc_start", 0))
+  disc_start = losses.disc_start_step(
+      stage_cfg.get("disc_start", None), stage_cfg.get("num_steps", None),
+      float(stage_cfg.get("disc_start_fraction", 0.5)), disc_w)
+  rec_kind = stage_cfg.get("rec_loss", "l2")
   num_codes = int(dict(model_cfg.get("tokenizer", {})).get("num_codes", 1024))
 
   def g_loss_fn(g, d, batch, rng, step):
@@ -82,7 +85,7 @@ def tokenizer_losses(model: FusionSAM, model_cfg, stage_cfg, perceptual=None):
       recon = out["recon"]
 
       def nll_of(r, x=x):
-        rec = jnp.mean(jnp.abs(x - r))  # Eq. 5
+        rec = losses.reconstruction_loss(x, r, rec_kind)  # Eq. 5
         if perceptual is not None:
           return rec_w * rec + perc_w * jnp.mean(perceptual(x, r)), rec
         return rec_w * rec, rec

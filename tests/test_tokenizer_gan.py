@@ -1,0 +1,60 @@
+"""Eq. 8 live on the paper config's settings: the tokenizer stage's discriminator trains from
+disc_start on when num_steps is shortened on the command line (as in the H100 runs)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import mfnet
+from fusionsam_jax import losses, stages
+from fusionsam_jax import training as T
+from fusionsam_jax.models.fusionsam import CHANNELS, build_model, init_discriminators, init_params
+
+
+def _l2(tree):
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                           for x in jax.tree.leaves(tree))))
+
+
+def test_discriminator_trains_after_disc_start_on_paper_config():
+  c = mfnet.get_config()
+  sc = c.train.stages.tokenizer
+  sc.num_steps = 6                      # --config.train.stages.tokenizer.num_steps=6
+  assert sc.disc_weight > 0 and sc.rec_loss == "l2"
+  start = losses.disc_start_step(sc.disc_start, sc.num_steps, sc.disc_start_fraction,
+                                 sc.disc_weight)
+  assert start == 3
+  # The paper model at tiny widths (the discriminator's start does not depend on them).
+  m = mfnet.get_config("tiny").model
+  model = build_model(m)
+  hw = (32, 48)
+  params = init_params(model, jax.random.PRNGKey(0), hw)
+  disc = init_discriminators(m, jax.random.PRNGKey(1), hw)
+  g_loss, d_loss = stages.tokenizer_losses(model, m, sc)
+  mask = T.trainable_mask(params, stages.trainable("tokenizer", m))
+  tx = T.make_optimizer(float(sc.lr), float(sc.weight_decay), mask)
+  d_tx = T.make_optimizer(losses.disc_lr_schedule(sc.lr, start), float(sc.weight_decay))
+  state = T.init_gan_state({"generator": params, "discriminator": disc}, tx, d_tx, 0)
+  step = T.make_gan_train_step(g_loss, d_loss, tx, d_tx, T.make_mesh(), donate=False)
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(0, 256, (2,) + hw + (CHANNELS[k],), dtype=np.uint8)
+           for k in m.modalities}
+  with jax.default_matmul_precision("highest"):
+    for i in range(int(sc.num_steps)):
+      before = jax.device_get(state.params["discriminator"])
+      state, met = step(state, batch)
+      met = jax.device_get(met)
+      moved = _l2(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
+                               jax.device_get(state.params["discriminator"]), before))
+      hinge = sum(float(met[f"d/{k}/d_hinge"]) for k in m.modalities)
+      if i < start:
+        # Before disc_start: no discriminator loss, gradient or update (not even weight
+        # decay's: disc_lr_schedule).
+        assert float(met["d_loss"]) == 0.0 and float(met["d_grad_norm"]) == 0.0 and moved == 0.0
+      else:
+        # From disc_start: the loss is the hinge loss summed over modalities, with non-zero
+        # gradients, and Adam moves the discriminator's params (~lr per element).
+        assert float(met["d_loss"]) > 0.5 and abs(float(met["d_loss"]) - hinge) < 1e-5
+        assert float(met["d_grad_norm"]) > 0 and moved > 1e-5, (i, met["d_grad_norm"], moved)
+        for k in m.modalities:
+          assert float(met[f"{k}/adaptive_weight"]) > 0
