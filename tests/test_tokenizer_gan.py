@@ -8,7 +8,7 @@ import numpy as np
 from configs import mfnet
 from fusionsam_jax import losses, stages
 from fusionsam_jax import training as T
-from fusionsam_jax.models.fusionsam import CHANNELS, build_model, init_discriminators, init_params
+from fusionsam_jax.models.fusionsam import CHANNELS, FusionSAM, build_model, init_discriminators
 
 
 def _l2(tree):
@@ -19,16 +19,19 @@ def _l2(tree):
 def test_discriminator_trains_after_disc_start_on_paper_config():
   c = mfnet.get_config()
   sc = c.train.stages.tokenizer
-  sc.num_steps = 6                      # --config.train.stages.tokenizer.num_steps=6
+  sc.num_steps = 4                      # --config.train.stages.tokenizer.num_steps=4
   assert sc.disc_weight > 0 and sc.rec_loss == "l2"
   start = losses.disc_start_step(sc.disc_start, sc.num_steps, sc.disc_start_fraction,
                                  sc.disc_weight)
-  assert start == 3
+  assert start == 2
   # The paper model at tiny widths (the discriminator's start does not depend on them).
   m = mfnet.get_config("tiny").model
   model = build_model(m)
-  hw = (32, 48)
-  params = init_params(model, jax.random.PRNGKey(0), hw)
+  hw = (16, 24)
+  params = {}  # the tokenizers' params (all the tokenizer stage reads)
+  for i, k in enumerate(m.modalities):
+    x = jnp.zeros((1,) + hw + (CHANNELS[k],))
+    params.update(model.init(jax.random.PRNGKey(i), x, k, method=FusionSAM.tokenizer)["params"])
   disc = init_discriminators(m, jax.random.PRNGKey(1), hw)
   g_loss, d_loss = stages.tokenizer_losses(model, m, sc)
   mask = T.trainable_mask(params, stages.trainable("tokenizer", m))
