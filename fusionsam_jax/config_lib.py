@@ -48,8 +48,12 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.task = task
   m.scale = 4
   m.tokenizer_kind = "lstg"          # "lstg" | "patch" (ablation A)
+  # Codebook health (docs/design.md): cosine codes searched in an 8-d factorized space
+  # (ViT-VQGAN) + dead-code restart from batch encodings (train.stages.tokenizer,
+  # Jukebox / SoundStream). VQGAN's plain 1024-code book collapsed to ~5 used codes.
   m.tokenizer = ml_collections.ConfigDict(dict(
-      latent_dim=64, num_codes=1024, ch=64, num_res_blocks=2, beta=0.25, max_groups=32))
+      latent_dim=64, num_codes=1024, ch=64, num_res_blocks=2, beta=0.25, max_groups=32,
+      l2_normalize=True, lookup_dim=8))
   m.fusion = "fmp"                   # "fmp" | "concat" (ablation B)
   # Self-attention in shifted 8 x 8 windows (SwinFusion); the cross-domain (Eq. 9-10) and
   # complementary (Eq. 11-12) units attend over the whole latent map (Sec. 3.2.3's long-range
@@ -94,7 +98,9 @@ def stages_config(steps: Mapping[str, int], *, lr: float = 1e-4,
   s.tokenizer = ml_collections.ConfigDict(dict(
       num_steps=steps["tokenizer"], lr=lr, weight_decay=weight_decay,
       disc_start=config_dict.placeholder(int), disc_start_fraction=0.5, disc_weight=0.8,
-      perceptual_weight=1.0, rec_weight=1.0, rec_loss="l2"))
+      perceptual_weight=1.0, rec_weight=1.0, rec_loss="l2",
+      # After every update, codes unused in the batch restart at random batch encodings.
+      restart_dead_codes=True, restart_threshold=1.0))
   s.fusion = ml_collections.ConfigDict(dict(
       num_steps=steps["fusion"], lr=lr, weight_decay=weight_decay,
       weights=ml_collections.ConfigDict(dict(ssim=10.0, intensity=20.0, gradient=20.0))))
@@ -150,7 +156,8 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
 def _tiny(c: ml_collections.ConfigDict) -> None:
   m = c.model
   m.tokenizer = ml_collections.ConfigDict(dict(
-      latent_dim=8, num_codes=64, ch=16, num_res_blocks=1, beta=0.25, max_groups=1))
+      latent_dim=8, num_codes=64, ch=16, num_res_blocks=1, beta=0.25, max_groups=1,
+      l2_normalize=True, lookup_dim=4))
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=2, depth_self=1, window_size=8, attention="window", cross_attention="global",
       mlp_ratio=2.0))
