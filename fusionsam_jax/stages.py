@@ -141,6 +141,32 @@ def tokenizer_losses(model: FusionSAM, model_cfg, stage_cfg, perceptual=None):
   return g_loss_fn, d_loss_fn
 
 
+def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
+  """`g_post_update` for `training.make_gan_train_step`: after each tokenizer update, the
+  codes of each modality's codebook unused in the batch restart at random encodings of the
+  batch (`lstg.restart_dead_codes`; Jukebox / SoundStream). None unless
+  ``stage_cfg.restart_dead_codes``. Aux: ``<m>/restarted_codes``."""
+  if not stage_cfg.get("restart_dead_codes", False):
+    return None
+  from fusionsam_jax.models.fusionsam import CHANNELS  # noqa: PLC0415
+  from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes  # noqa: PLC0415
+  mods = tuple(model_cfg.get("modalities"))
+  thr = float(stage_cfg.get("restart_threshold", 1.0))
+  toks = {m: LatentTokenizer(in_channels=CHANNELS[m], scale=model.scale,
+                             **dict(model.tokenizer_kwargs)) for m in mods}
+
+  def fn(g, batch, rng):
+    images = inputs_from_batch(batch, mods)
+    g, aux = dict(g), {}
+    for i, m in enumerate(mods):
+      g[f"tokenizer_{m}"], n = restart_dead_codes(
+          toks[m], g[f"tokenizer_{m}"], images[m], jax.random.fold_in(rng, i), threshold=thr)
+      aux[f"{m}/restarted_codes"] = n.astype(jnp.float32)
+    return g, aux
+
+  return fn
+
+
 def fusion_loss_fn(model: FusionSAM, model_cfg, stage_cfg):
   """Stage 2: fusion loss of the fused image against every source modality."""
   mods = tuple(model_cfg.get("modalities"))

@@ -169,7 +169,7 @@ def make_gan_train_step(g_loss_fn: Callable, d_loss_fn: Callable,
                         g_optimizer: optax.GradientTransformation,
                         d_optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                         *, g_key: str = "generator", d_key: str = "discriminator",
-                        donate: bool = True):
+                        donate: bool = True, g_post_update: Callable | None = None):
   """A jitted step for two param groups with separate optimizers (VQGAN-style).
 
   ``g_loss_fn(g_params, d_params, batch, rng, step) -> (loss, (aux, carry))``: the
@@ -180,6 +180,10 @@ def make_gan_train_step(g_loss_fn: Callable, d_loss_fn: Callable,
   optimizer passes over one forward). State from `init_gan_state`. Metrics: ``loss``
   (generator), generator aux, ``d_loss`` and ``d/<name>`` for discriminator aux, and
   ``grad_norm`` / ``d_grad_norm``.
+
+  ``g_post_update(g_params, batch, rng) -> (g_params, aux)``, if given, runs on the
+  updated generator params inside the step (e.g. dead-code restarts of the tokenizers'
+  codebooks, `stages.codebook_restart_fn`); its aux joins the metrics.
   """
   repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)
 
@@ -203,7 +207,11 @@ def make_gan_train_step(g_loss_fn: Callable, d_loss_fn: Callable,
     params = dict(state.params)
     params[g_key] = optax.apply_updates(gp, g_upd)
     params[d_key] = optax.apply_updates(dp, d_upd)
-    metrics = {**dict(g_aux), "loss": g_loss, "grad_norm": optax.tree.norm(g_grads),
+    post_aux = {}
+    if g_post_update is not None:
+      params[g_key], post_aux = g_post_update(params[g_key], batch,
+                                              jax.random.fold_in(rng, 1))
+    metrics = {**dict(g_aux), **dict(post_aux), "loss": g_loss, "grad_norm": optax.tree.norm(g_grads),
                **{f"d/{k}": v for k, v in dict(d_aux).items()}, "d_loss": d_loss,
                "d_grad_norm": optax.tree.norm(d_grads)}
     new_state = state.replace(step=state.step + 1, params=type(state.params)(params),
