@@ -492,7 +492,12 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
       if stage == "tokenizer":
         from fusionsam_jax.models import fusionsam
         hw = stage_crop_size(config, stage)
-        d_tx = T.make_optimizer(float(sc.lr), float(sc.weight_decay))
+        from fusionsam_jax import losses as L
+        d_start = L.disc_start_step(sc.get("disc_start"), sc.num_steps,
+                                    float(sc.get("disc_start_fraction", 0.5)),
+                                    float(sc.get("disc_weight", 0.8)))
+        d_tx = T.make_optimizer(L.disc_lr_schedule(float(sc.lr), d_start),
+                                float(sc.weight_decay))
         g_loss, d_loss = S.tokenizer_losses(model, m, sc, perceptual=None if done
                                             else perceptual_loss(config))
 
@@ -504,7 +509,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False,
         else:
           state = gan_state(params, run_once(
               lambda r: fusionsam.init_discriminators(m, r, hw), jax.random.fold_in(rng, 7)))
-        step_fn = T.make_gan_train_step(g_loss, d_loss, tx, d_tx, mesh)
+        step_fn = T.make_gan_train_step(g_loss, d_loss, tx, d_tx, mesh,
+                                        g_post_update=S.codebook_restart_fn(model, m, sc))
         it = None if done else train_iterator(config, spec, stage)
         res = T.run_stage(state=state, train_step=step_fn, data_iter=it or iter(()),
                           image_fn=image_fn, **common)
