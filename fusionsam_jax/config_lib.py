@@ -53,7 +53,7 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   # Jukebox / SoundStream). VQGAN's plain 1024-code book collapsed to ~5 used codes.
   m.tokenizer = ml_collections.ConfigDict(dict(
       latent_dim=64, num_codes=1024, ch=64, num_res_blocks=2, beta=0.25, max_groups=32,
-      l2_normalize=True, lookup_dim=8))
+      l2_normalize=True, lookup_dim=8, usage_decay=0.8))
   m.fusion = "fmp"                   # "fmp" | "concat" (ablation B)
   # Self-attention in shifted 8 x 8 windows (SwinFusion); the cross-domain (Eq. 9-10) and
   # complementary (Eq. 11-12) units attend over the whole latent map (Sec. 3.2.3's long-range
@@ -99,7 +99,8 @@ def stages_config(steps: Mapping[str, int], *, lr: float = 1e-4,
       num_steps=steps["tokenizer"], lr=lr, weight_decay=weight_decay,
       disc_start=config_dict.placeholder(int), disc_start_fraction=0.5, disc_weight=0.8,
       perceptual_weight=1.0, rec_weight=1.0, rec_loss="l2",
-      # After every update, codes unused in the batch restart at random batch encodings.
+      # After every update, codes whose moving-average use per batch (model.tokenizer.
+      # usage_decay) is below restart_threshold restart at random batch encodings.
       restart_dead_codes=True, restart_threshold=1.0))
   s.fusion = ml_collections.ConfigDict(dict(
       num_steps=steps["fusion"], lr=lr, weight_decay=weight_decay,
@@ -157,7 +158,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   m = c.model
   m.tokenizer = ml_collections.ConfigDict(dict(
       latent_dim=8, num_codes=64, ch=16, num_res_blocks=1, beta=0.25, max_groups=1,
-      l2_normalize=True, lookup_dim=4))
+      l2_normalize=True, lookup_dim=4, usage_decay=0.8))
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=2, depth_self=1, window_size=8, attention="window", cross_attention="global",
       mlp_ratio=2.0))

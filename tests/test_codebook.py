@@ -22,7 +22,7 @@ def _scenes(first, num):
 
 
 def _train(remedy, train, steps, batch):
-  kw = dict(l2_normalize=True, lookup_dim=8) if remedy else {}
+  kw = dict(l2_normalize=True, lookup_dim=8, usage_decay=0.8) if remedy else {}  # paper cfg
   tok = LatentTokenizer(in_channels=3, latent_dim=64, num_codes=K, ch=16, num_res_blocks=1,
                         max_groups=16, **kw)
   params = tok.init(jax.random.PRNGKey(0), train[:1])["params"]
@@ -58,9 +58,9 @@ def _usage(tok, params, x):
 def test_codebook_stays_healthy_at_paper_size():
   train, held = _scenes(0, 96), _scenes(200, 64)   # held out: 64 x 8 x 12 = 6144 vectors
   with jax.default_matmul_precision("highest"):
-    tok, p = _train(True, train, steps=8, batch=32)
+    tok, p = _train(True, train, steps=12, batch=32)
     perp, dead = _usage(tok, p, held)
-    tok0, p0 = _train(False, train, steps=8, batch=32)
+    tok0, p0 = _train(False, train, steps=12, batch=32)
     perp0, dead0 = _usage(tok0, p0, held)
   print(f"remedy: perplexity {perp:.0f} / {K}, dead {dead:.0%}; "
         f"VQGAN codebook: perplexity {perp0:.0f}, dead {dead0:.0%}")

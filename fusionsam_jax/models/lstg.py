@@ -175,8 +175,12 @@ class VectorQuantizer(nn.Module):
                         ``encodings`` live in the lookup space; ``z_q`` is d_c-d.
       dead-code restart: ``restart_dead_codes`` below, applied by the trainer after updates
                         (Jukebox, Dhariwal et al. 2020, "random restarts"; SoundStream,
-                        Zeghidour et al. 2021, Sec. 3.3: unused codes get random vectors
-                        of the current batch). The first restart is a data-driven init.
+                        Zeghidour et al. 2021, Sec. 3.3: codes whose exponential moving
+                        average of use per batch falls below a threshold get random
+                        vectors of the current batch). ``usage_decay`` set: a (K,) leaf
+                        ``usage`` holds that average (a param with zero gradient, written
+                        only by the restart, so it is checkpointed with the codebook); it
+                        starts at 0, so the first restart is a data-driven init.
 
     Codebook ``C`` is a (K, d_c) parameter named ``codebook`` (init uniform(-1/K, 1/K) as in
     VQGAN). For each latent vector the nearest entry by squared Euclidean distance is chosen
@@ -199,11 +203,14 @@ class VectorQuantizer(nn.Module):
     beta: float = 0.25
     l2_normalize: bool = False
     lookup_dim: Optional[int] = None   # None: search in d_c (no projections)
+    usage_decay: Optional[float] = None  # EMA decay of code use (dead-code restart state)
 
     def setup(self):
         k = self.num_codes
         dim = self.lookup_dim or self.code_dim
         self.codebook = self.param("codebook", _uniform_init(1.0 / k), (self.num_codes, dim))
+        if self.usage_decay is not None:
+            self.usage = self.param("usage", nn.initializers.zeros, (self.num_codes,))
         if self.lookup_dim:
             self.proj_in = nn.Dense(self.lookup_dim, name="proj_in")
             self.proj_out = nn.Dense(self.code_dim, name="proj_out")
@@ -280,6 +287,7 @@ class LatentTokenizer(nn.Module):
     beta: float = 0.25
     l2_normalize: bool = False
     lookup_dim: Optional[int] = None
+    usage_decay: Optional[float] = None
     max_groups: int = 32
 
     def setup(self):
@@ -288,7 +296,8 @@ class LatentTokenizer(nn.Module):
                                max_groups=self.max_groups)
         self.quantizer = VectorQuantizer(num_codes=self.num_codes, code_dim=self.latent_dim,
                                          beta=self.beta, l2_normalize=self.l2_normalize,
-                                         lookup_dim=self.lookup_dim)
+                                         lookup_dim=self.lookup_dim,
+                                         usage_decay=self.usage_decay)
         self.decoder = Decoder(out_channels=self.in_channels, ch=self.ch, ch_mult=self.ch_mult,
                                num_res_blocks=self.num_res_blocks, scale=self.scale,
                                max_groups=self.max_groups)
@@ -319,13 +328,13 @@ class LatentTokenizer(nn.Module):
         return out
 
 
-def restart_codes(codebook: Array, encodings: Array, counts: Array, rng: Array, *,
+def restart_codes(codebook: Array, encodings: Array, usage: Array, rng: Array, *,
                   threshold: float = 1.0) -> tuple[Array, Array]:
     """Dead-code restart (Jukebox's random restarts, SoundStream's codebook replacement):
-    every code used fewer than ``threshold`` times in the batch (``counts`` (K,)) is replaced
-    by an encoding drawn at random from the batch (``encodings`` (..., D), the lookup-space
+    every code whose use per batch ``usage`` (K,) is below ``threshold`` is replaced by an
+    encoding drawn at random from the batch (``encodings`` (..., D), the lookup-space
     vectors the codebook is searched with; distinct draws while the batch has >= K vectors).
-    Returns (new codebook (K, D), number of restarted codes)."""
+    Returns (new codebook (K, D), bool (K,) restarted)."""
     k, d = codebook.shape
     flat = encodings.reshape(-1, d).astype(codebook.dtype)
     n = flat.shape[0]
@@ -333,26 +342,34 @@ def restart_codes(codebook: Array, encodings: Array, counts: Array, rng: Array, 
         pick = jax.random.permutation(rng, n)[:k]
     else:
         pick = jax.random.randint(rng, (k,), 0, n)
-    dead = counts < threshold
+    dead = usage < threshold
     new = jnp.where(dead[:, None], jax.lax.stop_gradient(flat[pick]), codebook)
-    return new, jnp.sum(dead)
+    return new, dead
 
 
 def restart_dead_codes(tokenizer: "LatentTokenizer", params, x: Array, rng: Array, *,
                        threshold: float = 1.0) -> tuple[Any, Array]:
     """One dead-code restart of a tokenizer's codebook on the batch ``x`` (B, H, W, C) in
-    [0, 1]: encodes the batch with ``params`` (the tokenizer's own subtree), counts each
-    code's use and restarts the dead ones (``restart_codes``). Returns (params with the new
-    ``quantizer/codebook``, number restarted). Apply after an optimizer update (the Adam
-    moments of a restarted code are kept; its next steps are small against the jump)."""
+    [0, 1]: encodes the batch with ``params`` (the tokenizer's own subtree) and counts each
+    code's use. With a ``usage`` leaf (``usage_decay`` set) the use is its moving average
+    ``usage <- decay * usage + (1 - decay) * counts`` (restarted codes start again at the
+    mean use N / K); without, this batch's counts (then a code that only images absent
+    from a small batch use is lost). Codes below ``threshold`` restart (``restart_codes``).
+    Returns (params with the new ``quantizer`` leaves, number restarted). Apply after an
+    optimizer update (the Adam moments of a restarted code are kept)."""
     out = tokenizer.apply({"params": params}, x, method=LatentTokenizer.encode)
     k = tokenizer.num_codes
-    counts = jax.ops.segment_sum(jnp.ones(out["indices"].size, jnp.int32),
-                                 out["indices"].reshape(-1), num_segments=k)
-    cb, n = restart_codes(params["quantizer"]["codebook"], out["z"], counts, rng,
-                          threshold=threshold)
-    q = dict(params["quantizer"], codebook=cb)
-    return dict(params, quantizer=q), n
+    idx = out["indices"].reshape(-1)
+    counts = jax.ops.segment_sum(jnp.ones(idx.shape, jnp.float32), idx, num_segments=k)
+    q = dict(params["quantizer"])
+    usage = counts
+    if "usage" in q:
+        d = float(tokenizer.usage_decay)
+        usage = d * jax.lax.stop_gradient(q["usage"]) + (1.0 - d) * counts
+    q["codebook"], dead = restart_codes(q["codebook"], out["z"], usage, rng, threshold=threshold)
+    if "usage" in q:
+        q["usage"] = jnp.where(dead, idx.size / k, usage).astype(q["usage"].dtype)
+    return dict(params, quantizer=q), jnp.sum(dead)
 
 
 # Small presets. ``TINY`` is for tests and the CPU demo; ``BASE`` is a VQGAN-like default.

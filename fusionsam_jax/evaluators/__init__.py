@@ -1,0 +1,1 @@
+"""Evaluators of baselines against FusionSAM (Fig. 7a: `sam_zero_shot`)."""
