@@ -211,7 +211,8 @@ def make_gan_train_step(g_loss_fn: Callable, d_loss_fn: Callable,
     if g_post_update is not None:
       params[g_key], post_aux = g_post_update(params[g_key], batch,
                                               jax.random.fold_in(rng, 1))
-    metrics = {**dict(g_aux), **dict(post_aux), "loss": g_loss, "grad_norm": optax.tree.norm(g_grads),
+    metrics = {**dict(g_aux), **dict(post_aux), "loss": g_loss,
+               "grad_norm": optax.tree.norm(g_grads),
                **{f"d/{k}": v for k, v in dict(d_aux).items()}, "d_loss": d_loss,
                "d_grad_norm": optax.tree.norm(d_grads)}
     new_state = state.replace(step=state.step + 1, params=type(state.params)(params),
