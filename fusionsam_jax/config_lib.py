@@ -147,7 +147,10 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
   e.val_split = "val"                # model selection (best-k); never the test split
   e.pad_multiple = 16
   e.after_training = True            # evaluate the best checkpoint on `split` at the end
-  c.perceptual_weights = config_dict.placeholder(str)   # converted VGG16 .npz, None = off
+  # Eq. 7's Phi: converted VGG16 .npz; None = the frozen SAM encoder's first
+  # `perceptual_sam_blocks` blocks when model.sam_checkpoint is set, else off.
+  c.perceptual_weights = config_dict.placeholder(str)
+  c.perceptual_sam_blocks = 2
   return c
 
 

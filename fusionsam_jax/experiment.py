@@ -274,8 +274,22 @@ def stage_optimizer(config, stage: str, params: PyTree):
 
 
 def perceptual_loss(config):
-  """`vgg.PerceptualLoss` from ``config.perceptual_weights``, or None (loss off, said once)."""
+  """`vgg.PerceptualLoss` from ``config.perceptual_weights``; without it the SAM encoder's
+  early blocks (`sam_perceptual.SamPerceptualLoss`) when the run has converted SAM weights;
+  else None (a random SAM: loss off, said once)."""
   path = config.get("perceptual_weights")
+  sam_ckpt = config.model.get("sam_checkpoint")
+  if not path and sam_ckpt:
+    # No VGG16: Phi = the frozen SAM encoder's early blocks (models/sam_perceptual.py).
+    from fusionsam_jax.models.sam_perceptual import SamPerceptualLoss
+    if not os.path.isdir(sam_ckpt):
+      raise SamWeightsMissingError(f"SAM checkpoint {sam_ckpt} does not exist")
+    blocks = int(config.get("perceptual_sam_blocks", 2) or 2)
+    say(f"Perceptual loss (Eq. 7): features of the frozen SAM encoder's first {blocks} "
+        f"blocks ({sam_ckpt}); no VGG16 weights given")
+    return SamPerceptualLoss.from_checkpoint(
+        sam_ckpt, num_blocks=blocks, dtype=jnp.dtype(config.model.encoder_dtype),
+        attn_impl=config.model.attn_impl)
   if not path:
     say("Perceptual loss (Eq. 7) is OFF: no VGG16 weights given. To enable it, convert "
         "torchvision's VGG16 once (python tools/convert_vgg16.py --weights vgg16.pth --output "

@@ -38,7 +38,10 @@ def test_discriminator_trains_after_disc_start_on_paper_config():
   tx = T.make_optimizer(float(sc.lr), float(sc.weight_decay), mask)
   d_tx = T.make_optimizer(losses.disc_lr_schedule(sc.lr, start), float(sc.weight_decay))
   state = T.init_gan_state({"generator": params, "discriminator": disc}, tx, d_tx, 0)
-  step = T.make_gan_train_step(g_loss, d_loss, tx, d_tx, T.make_mesh(), donate=False)
+  restart = stages.codebook_restart_fn(model, m, sc)   # on in the paper configs
+  assert restart is not None
+  step = T.make_gan_train_step(g_loss, d_loss, tx, d_tx, T.make_mesh(), donate=False,
+                               g_post_update=restart)
   rng = np.random.default_rng(0)
   batch = {k: rng.integers(0, 256, (2,) + hw + (CHANNELS[k],), dtype=np.uint8)
            for k in m.modalities}
@@ -50,6 +53,11 @@ def test_discriminator_trains_after_disc_start_on_paper_config():
       moved = _l2(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
                                jax.device_get(state.params["discriminator"]), before))
       hinge = sum(float(met[f"d/{k}/d_hinge"]) for k in m.modalities)
+      if i == 0:
+        # The codebooks' usage averages start at 0: the first step restarts every code at
+        # encodings of the batch (the data-driven init).
+        for k in m.modalities:
+          assert float(met[f"{k}/restarted_codes"]) == m.tokenizer.num_codes
       if i < start:
         # Before disc_start: no discriminator loss, gradient or update (not even weight
         # decay's: disc_lr_schedule).
