@@ -54,10 +54,12 @@ def test_discriminator_trains_after_disc_start_on_paper_config():
                                jax.device_get(state.params["discriminator"]), before))
       hinge = sum(float(met[f"d/{k}/d_hinge"]) for k in m.modalities)
       if i == 0:
-        # The codebooks' usage averages start at 0: the first step restarts every code at
-        # encodings of the batch (the data-driven init).
+        # The usage averages start at 0, so after the first step a code survives only if the
+        # batch used it >= threshold / (1 - decay) = 5 times: at most 2 x 4 x 6 / 5 of the
+        # 48 latent vectors' codes; every other code restarts at a batch encoding.
         for k in m.modalities:
-          assert float(met[f"{k}/restarted_codes"]) == m.tokenizer.num_codes
+          n = float(met[f"{k}/restarted_codes"])
+          assert m.tokenizer.num_codes - 48 / 5 <= n <= m.tokenizer.num_codes, n
       if i < start:
         # Before disc_start: no discriminator loss, gradient or update (not even weight
         # decay's: disc_lr_schedule).

@@ -180,7 +180,8 @@ class VectorQuantizer(nn.Module):
                         vectors of the current batch). ``usage_decay`` set: a (K,) leaf
                         ``usage`` holds that average (a param with zero gradient, written
                         only by the restart, so it is checkpointed with the codebook); it
-                        starts at 0, so the first restart is a data-driven init.
+                        starts at 0, so the first step restarts every code the batch used
+                        fewer than threshold / (1 - decay) times: a data-driven init.
 
     Codebook ``C`` is a (K, d_c) parameter named ``codebook`` (init uniform(-1/K, 1/K) as in
     VQGAN). For each latent vector the nearest entry by squared Euclidean distance is chosen
