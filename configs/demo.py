@@ -80,6 +80,8 @@ def get_config(arg=None):
                                                            gradient=10.0))
   t.stages.tokenizer.disc_start = 10 ** 9     # no adversarial term in the short demo
   t.stages.tokenizer.disc_weight = 0.0
+  t.stages.tokenizer.rec_loss = "l1"           # Eq. 5 as the demo was tuned with
+  t.stages.tokenizer.restart_dead_codes = False  # demo as tuned (cosine 16-d codebook)
   c.eval.batch_size = 8
   c.eval.pad_multiple = 16
   return config_lib.apply_variants(c, arg)

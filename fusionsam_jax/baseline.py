@@ -1,36 +1,127 @@
-"""The paper's Fig. 7a baseline: SAM zero-shot on the fused image with point / box prompts.
+r"""Fig. 7a baseline: SAM zero-shot on the fused image and on the RGB image, ORACLE prompts.
 
-  fused = fused_image_uint8(model, params, batch)[0]          # (H, W, 3) uint8
-  masks, scores, logits = zero_shot(predictor, fused, point_coords=[[x, y]], point_labels=[1])
+    python -m fusionsam_jax.baseline --workdir runs/mfnet [--split test]
 
-The prompts are the user's (clicks, boxes), as in SAM's interactive use; nothing here reads
-ground truth.
+Restores the run's segmentation checkpoint (``--checkpoint best``), computes the fused image
+of every image of the split with the trained (frozen) fusion path, prompts the run's SAM
+(``model.sam_checkpoint``, or ``--sam_checkpoint``) once per connected component of each
+ground-truth class with its box and centre point (ORACLE prompts: SAM is told where every
+object is, FusionSAM never is), paints the masks into a class map and scores it with the same
+mIoU code as ``fusionsam_jax.evaluate``. Protocol: `fusionsam_jax.evaluators.sam_zero_shot`.
+Prints the table beside FusionSAM's own row (from ``WORKDIR/eval_<split>_best.json`` when
+that exists) and writes ``WORKDIR/baseline_<split>.json`` (with an empty slot for SAM 2).
+
+Exit status: 0 done; 1 no checkpoint / missing data / no SAM weights / bad arguments.
 """
 
-from typing import Optional
+from __future__ import annotations
 
-import jax
-import numpy as np
+import json
+import os
+import sys
+import time
 
-from fusionsam_jax import stages
-from fusionsam_jax.models.fusionsam import FusionSAM
-from fusionsam_jax.models.sam.predictor import SamPredictor
-
-
-def fused_image_uint8(model: FusionSAM, params, batch) -> np.ndarray:
-  """The fusion stage's fused image (B, H, W, 3) as uint8, for SAM or for saving."""
-  images = stages.inputs_from_batch(batch, model.modalities)
-  latents = model.apply({"params": params}, images, method=FusionSAM.tokenize)
-  fused = model.apply({"params": params}, latents, images, method=FusionSAM.fuse)["fused"]
-  return np.asarray(jax.device_get(fused * 255.0 + 0.5)).clip(0, 255).astype(np.uint8)
+from absl import app, flags
 
 
-def zero_shot(predictor: SamPredictor, fused_image: np.ndarray, point_coords=None,
-              point_labels=None, box=None, multimask_output: bool = False):
-  """SAM on the fused image: (masks (C, H, W) bool, iou (C,), low-res logits)."""
-  predictor.set_image(np.asarray(fused_image, np.uint8))
-  return predictor.predict(
-      point_coords=None if point_coords is None else np.asarray(point_coords, np.float32),
-      point_labels=None if point_labels is None else np.asarray(point_labels),
-      box=None if box is None else np.asarray(box, np.float32),
-      multimask_output=multimask_output)
+def run(workdir: str, split: str | None = None, checkpoint: str = "best",
+        prompt: str = "box+point", min_area: int = 1, sam_checkpoint: str | None = None,
+        out: str | None = None) -> dict:
+  """Runs the baseline; returns the JSON record (also written to `out`). Raises on errors."""
+  from fusionsam_jax import experiment
+  from fusionsam_jax.data.info import get_info
+  from fusionsam_jax.errors import SamWeightsMissingError
+  from fusionsam_jax.evaluators import sam_zero_shot as Z
+  from fusionsam_jax.metrics.miou import format_iou_table, write_json_atomic
+  from fusionsam_jax.models.sam.predictor import SamPredictor
+
+  from fusionsam_jax import workdir as W
+  config = W.load_config(workdir)
+  split = split or config.eval.split
+  ckpt = sam_checkpoint or config.model.get("sam_checkpoint")
+  if not ckpt:
+    raise experiment.SetupError(
+        "the run has no SAM weights (model.sam_checkpoint unset: a random SAM); SAM "
+        "zero-shot needs the official weights: pass --sam_checkpoint DIR (converted with "
+        "tools/convert_sam_weights.py)")
+  if not os.path.isdir(ckpt):
+    raise SamWeightsMissingError(f"SAM checkpoint {ckpt} does not exist")
+  if config.model.task != "semantic":
+    raise ValueError(f"the baseline scores semantic segmentation; this run is "
+                     f"{config.model.task!r}")
+  names = list(get_info(config.dataset).class_names)
+  predictor = SamPredictor.from_checkpoint(ckpt)
+  keys = ("fused", "rgb") if "rgb" in config.model.modalities else ("fused",)
+  t0 = time.perf_counter()
+  from fusionsam_jax.data.spec import eval_iterable
+  ctx = experiment.context(config, workdir, progress=False)
+  params, _, _ = experiment.restore_params(config, workdir,
+                                           experiment.parse_checkpoint_arg(checkpoint), ctx=ctx)
+  examples = list(Z.fused_examples(config, ctx.model, params,
+                                   eval_iterable(config, ctx.spec.source(split))))
+  cms = Z.evaluate(predictor, examples, len(names), image_keys=keys, prompt=prompt,
+                   min_area=min_area)
+  own = os.path.join(workdir, f"eval_{split}_best.json")
+  fusionsam = None
+  if os.path.isfile(own):
+    with open(own) as f:
+      fusionsam = json.load(f)
+  record = Z.summary(cms, names, prompt=prompt, split=split, num_images=len(examples),
+                     fusionsam=None if fusionsam is None else
+                     {"iou": fusionsam.get("iou"), "miou": fusionsam.get("miou"),
+                      "source": own},
+                     extra={"sam_checkpoint": ckpt, "min_area": min_area,
+                            "seconds": time.perf_counter() - t0})
+  rows = {f"SAM zero-shot ({k}, oracle)": cm.iou() for k, cm in cms.items()}
+  if fusionsam is not None:
+    import numpy as np
+    rows["FusionSAM"] = np.asarray([np.nan if fusionsam["iou"].get(n) is None
+                                    else fusionsam["iou"][n] for n in names])
+  print(f"{Z.ORACLE_NOTE}; prompt {prompt}; {split}: {len(examples)} images")
+  print(format_iou_table(rows, names))
+  print("SAM 2: not run (separate issue)")
+  out = out or os.path.join(workdir, f"baseline_{split}.json")
+  write_json_atomic(record, out)
+  print(f"wrote {out}")
+  return record
+
+
+def define_flags() -> dict:
+  return {
+      "workdir": flags.DEFINE_string("workdir", None, "training run folder"),
+      "split": flags.DEFINE_string("split", None, "split (default config.eval.split)"),
+      "checkpoint": flags.DEFINE_string("checkpoint", "best", "best | latest | STEP"),
+      "prompt": flags.DEFINE_enum("prompt", "box+point", ["box+point", "box", "point"],
+                                  "ORACLE prompt per ground-truth component"),
+      "min_area": flags.DEFINE_integer("min_area", 1, "smallest component prompted (px)"),
+      "sam_checkpoint": flags.DEFINE_string("sam_checkpoint", None,
+                                            "converted SAM (default model.sam_checkpoint)"),
+      "out": flags.DEFINE_string("out", None, "JSON path (default WORKDIR/baseline_SPLIT.json)"),
+  }
+
+
+def main(argv, f) -> int:
+  from fusionsam_jax import experiment
+  from fusionsam_jax import training as T
+  from fusionsam_jax.cli_common import EXIT_ERROR, EXIT_USAGE, quiet_logs
+  from fusionsam_jax.data import DatasetError
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
+    return EXIT_USAGE
+  if not f["workdir"].value:
+    print("error: --workdir is required", file=sys.stderr)
+    return EXIT_USAGE
+  quiet_logs()
+  try:
+    run(f["workdir"].value, f["split"].value, f["checkpoint"].value, f["prompt"].value,
+        f["min_area"].value, f["sam_checkpoint"].value, f["out"].value)
+  except (experiment.SetupError, DatasetError, FileNotFoundError, ValueError,
+          T.CheckpointRestoreError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_ERROR
+  return 0
+
+
+if __name__ == "__main__":
+  _FLAGS = define_flags()
+  app.run(lambda argv: sys.exit(main(argv, _FLAGS)))

@@ -41,11 +41,19 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.task = task
   m.scale = 4
   m.tokenizer_kind = "lstg"          # "lstg" | "patch" (ablation A)
+  # Codebook health (docs/design.md): cosine codes searched in an 8-d factorized space
+  # (ViT-VQGAN) + dead-code restart from batch encodings (train.stages.tokenizer,
+  # Jukebox / SoundStream). VQGAN's plain 1024-code book collapsed to ~5 used codes.
   m.tokenizer = ml_collections.ConfigDict(dict(
-      latent_dim=64, num_codes=1024, ch=64, num_res_blocks=2, beta=0.25, max_groups=32))
+      latent_dim=64, num_codes=1024, ch=64, num_res_blocks=2, beta=0.25, max_groups=32,
+      l2_normalize=True, lookup_dim=8, usage_decay=0.8))
   m.fusion = "fmp"                   # "fmp" | "concat" (ablation B)
+  # Self-attention in shifted 8 x 8 windows (SwinFusion); the cross-domain (Eq. 9-10) and
+  # complementary (Eq. 11-12) units attend over the whole latent map (Sec. 3.2.3's long-range
+  # cross-modal dependencies), through cuDNN flash attention with attn_impl="cudnn".
   m.fmp = ml_collections.ConfigDict(dict(
-      num_heads=4, depth_self=2, window_size=8, attention="window", mlp_ratio=2.0))
+      num_heads=4, depth_self=2, window_size=8, attention="window", cross_attention="global",
+      mlp_ratio=2.0))
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=64, num_res_blocks=2, max_groups=32))
   # The fusion loss fixes only the fused image's luma; its colour comes from the RGB input, as
   # the official code combines its fused channel with the visible image's a/b ("decoder":
@@ -85,7 +93,11 @@ def stages_config(epochs: float, *, lr: float = 1e-4,
   s = ml_collections.ConfigDict()
   s.tokenizer = ml_collections.ConfigDict(dict(
       num_epochs=epochs, lr=lr, weight_decay=weight_decay, disc_start_fraction=0.5,
-      disc_weight=0.8, perceptual_weight=1.0, rec_weight=1.0))
+      disc_weight=0.8, perceptual_weight=1.0, rec_weight=1.0,
+      rec_loss="l2",  # Eq. 5 as the paper writes it
+      # After every update, codes whose moving-average use per batch (model.tokenizer.
+      # usage_decay) is below restart_threshold restart at random batch encodings.
+      restart_dead_codes=True, restart_threshold=1.0))
   s.tokenizer.disc_start = config_dict.placeholder(int)   # steps; None: the fraction
   s.fusion = ml_collections.ConfigDict(dict(
       num_epochs=epochs, lr=lr, weight_decay=weight_decay,
@@ -135,7 +147,10 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
   e.val_split = "val"                # model selection (best-k); never the test split
   e.pad_multiple = 16
   e.after_training = True            # evaluate the best checkpoint on `split` at the end
-  c.perceptual_weights = config_dict.placeholder(str)   # converted VGG16 .npz, None = off
+  # Eq. 7's Phi: converted VGG16 .npz; None = the frozen SAM encoder's first
+  # `perceptual_sam_blocks` blocks when model.sam_checkpoint is set, else off.
+  c.perceptual_weights = config_dict.placeholder(str)
+  c.perceptual_sam_blocks = 2
   return c
 
 
@@ -145,9 +160,11 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
 def _tiny(c: ml_collections.ConfigDict) -> None:
   m = c.model
   m.tokenizer = ml_collections.ConfigDict(dict(
-      latent_dim=8, num_codes=64, ch=16, num_res_blocks=1, beta=0.25, max_groups=1))
+      latent_dim=8, num_codes=64, ch=16, num_res_blocks=1, beta=0.25, max_groups=1,
+      l2_normalize=True, lookup_dim=4, usage_decay=0.8))
   m.fmp = ml_collections.ConfigDict(dict(
-      num_heads=2, depth_self=1, window_size=8, attention="window", mlp_ratio=2.0))
+      num_heads=2, depth_self=1, window_size=8, attention="window", cross_attention="global",
+      mlp_ratio=2.0))
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=16, num_res_blocks=1, max_groups=1))
   m.discriminator = ml_collections.ConfigDict(dict(base_ch=16, n_layers=2))
   m.sam_variant = "tiny"

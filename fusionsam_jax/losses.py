@@ -20,6 +20,10 @@ __all__ = [
     "sobel",
     "gradient_magnitude",
     "codebook_usage",
+    "reconstruction_loss",
+    "REC_LOSSES",
+    "disc_start_step",
+    "disc_lr_schedule",
     "hinge_d_loss",
     "generator_adv_loss",
     "adaptive_adv_weight",
@@ -252,6 +256,63 @@ def codebook_usage(indices, codebook_size: int):
     dead = jnp.sum(counts == 0).astype(jnp.int32)
     return {"perplexity": jnp.exp(entropy), "dead_codes": dead,
             "dead_fraction": dead.astype(jnp.float32) / k, "counts": counts}
+
+
+REC_LOSSES = ("l2", "l1")
+
+
+def reconstruction_loss(x, recon, kind: str = "l2"):
+    """Eq. 5, the tokenizer's reconstruction term, averaged over all elements.
+
+    ``"l2"``: ``mean (x - x̂)²``, the squared L2 norm the paper writes (‖I - Î‖²₂) divided
+    by the number of elements; ``"l1"``: ``mean |x - x̂|`` (taming-transformers' VQGAN
+    code). x, recon: ``(B, H, W, C)`` (any equal shapes).
+    """
+    if kind not in REC_LOSSES:
+        raise ValueError(f"rec_loss must be one of {REC_LOSSES}, got {kind!r}")
+    d = jnp.asarray(x, jnp.float32) - jnp.asarray(recon, jnp.float32)
+    return jnp.mean(jnp.square(d)) if kind == "l2" else jnp.mean(jnp.abs(d))
+
+
+def disc_start_step(disc_start, num_steps, disc_start_fraction: float = 0.5,
+                    disc_weight: float = 1.0) -> int:
+    """The step from which Eq. 8's discriminator trains (and the generator's adversarial term
+    is on): ``disc_start`` if given (absolute), else ``int(disc_start_fraction * num_steps)``
+    (0 if neither is known).
+
+    Raises ValueError when the adversarial term is on (``disc_weight > 0``) but the start is
+    at or past ``num_steps``: the discriminator would never train. (The paper configs used
+    to fix ``disc_start`` at half the 100-epoch schedule, 9 800 steps on MFNet, so a run with
+    ``num_steps`` shortened on the command line never reached it: d_loss and its gradient
+    were exactly 0 in every row.)
+    """
+    if disc_start is None:
+        start = 0 if num_steps is None else int(float(disc_start_fraction) * int(num_steps))
+    else:
+        start = int(disc_start)
+    if num_steps is not None and float(disc_weight) > 0 and start >= int(num_steps):
+        raise ValueError(
+            f"disc_start {start} >= num_steps {int(num_steps)}: the tokenizer's discriminator "
+            "(Eq. 8) would never train. Leave disc_start unset (it is then "
+            "disc_start_fraction x num_steps), set it below num_steps, or set disc_weight=0 "
+            "to run without the adversarial term.")
+    return start
+
+
+def disc_lr_schedule(learning_rate: float, disc_start: int):
+    """The discriminator optimizer's learning rate: 0 before ``disc_start``, then
+    ``learning_rate`` (an optax schedule of the optimizer's update count = the train step).
+
+    Before ``disc_start`` the discriminator's loss gradient is 0, but Adam with L2 weight
+    decay still sees ``wd * param`` and, normalising it, moves every parameter by about the
+    learning rate per step towards 0: over the paper schedule's 9 800 warm-up steps that
+    erases the N(0, 0.02) init. A zero learning rate keeps D at its init until it trains.
+    """
+    lr, start = float(learning_rate), int(disc_start)
+
+    def schedule(count):
+        return jnp.where(jnp.asarray(count) < start, 0.0, lr).astype(jnp.float32)
+    return schedule
 
 
 def hinge_d_loss(logits_real, logits_fake):

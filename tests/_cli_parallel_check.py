@@ -12,11 +12,16 @@ from _cli_helpers import tiny_config  # noqa: E402
 
 
 def main(out_path):
-  from fusionsam_jax import data, experiment, stages
+  from fusionsam_jax import data
+  from fusionsam_jax.models import factory
+  from fusionsam_jax.stages import common as C
+  from fusionsam_jax.stages import segmentation as S
   from fusionsam_jax import training as T
   cfg = tiny_config("/nonexistent")
-  model = experiment.build_model(cfg)
-  params = experiment.init_params(cfg, model)
+  model = factory.build_model(cfg)
+  params = factory.init_params(cfg, model)
+  names = S.trainable(cfg.model)
+  frozen = C.drop(params, names)
   els = data.generate_elements("mfnet", 16, seed=1, height=96, width=128)
   mods = tuple(cfg.model.modalities)
   batches = [{k: np.stack([np.asarray(e[k]) if k != "label" else np.asarray(e[k]).astype(np.int32)
@@ -26,14 +31,16 @@ def main(out_path):
   with jax.default_matmul_precision("highest"):
     for n in (1, jax.device_count()):
       mesh = T.make_mesh(jax.devices()[:n])
-      mask, tx = experiment.stage_optimizer(cfg, "segmentation", params)
-      loss_fn = stages.segmentation_loss_fn(model, cfg.model, cfg.train.stages.segmentation)
-      step = T.make_train_step(loss_fn, tx, mesh, trainable=mask, pass_step=True)
-      state = T.TrainState.create(jax.tree.map(lambda x: x.copy(), params), tx, 0)
+      tx = C.stage_optimizer(cfg, "segmentation")
+      loss_fn = S.loss_fn(model, cfg.model, cfg.train.stages.segmentation,
+                          cfg.train.stages.fusion)
+      step = C.make_train_step(loss_fn, tx, mesh)
+      state = T.TrainState.create(jax.tree.map(lambda x: x.copy(), C.select(params, names)),
+                                  tx, 0)
       for s, b in enumerate(batches):
-        state, m = step(state, T.shard_batch(b, mesh))
+        state, m = step(state, frozen, T.shard_batch(b, mesh))
         out[f"loss_{s}_{n}"] = np.asarray(m["loss"])
-      name = sorted(stages.trainable("segmentation", cfg.model))[-1]
+      name = sorted(names)[-1]
       sub = state.params
       for part in name.split("/"):  # trainable names may be sub-paths ("a/b")
         sub = sub[part]

@@ -247,3 +247,26 @@ def test_nonfinite_loss_stops_with_step_and_term(trained, tmp_path, capsys):
   fusion = work / "checkpoints" / "fusion"
   assert sorted(int(d) for d in os.listdir(fusion) if d.isdigit()) == [1]
   assert not (fusion / "STAGE_DONE.json").exists()
+
+
+def test_zero_shot_baseline_on_the_trained_run(trained, tmp_path, capsys):
+  """Fig. 7a: `python -m fusionsam_jax.baseline` on the run (a random tiny SAM checkpoint:
+  the demo has no official weights), table + JSON with the oracle note and a SAM 2 slot."""
+  import jax
+  from fusionsam_jax import baseline
+  from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
+  from fusionsam_jax.sam_checkpoint import save_sam_checkpoint
+  ckpt = tmp_path / "sam_tiny"
+  save_sam_checkpoint(str(ckpt), SAM_PRESETS["tiny"],
+                      Sam(SAM_PRESETS["tiny"]).init_params(jax.random.PRNGKey(0)))
+  rec = baseline.run(str(trained["work"]), "test", sam_checkpoint=str(ckpt),
+                     out=str(tmp_path / "b.json"))
+  out = capsys.readouterr().out
+  assert "ORACLE prompts" in out and "SAM zero-shot (fused, oracle)" in out
+  assert "FusionSAM" in out and "mIoU(%)" in out
+  saved = json.load(open(tmp_path / "b.json"))
+  assert saved["num_images"] == rec["num_images"] == 4 and saved["sam2"] is None
+  for k in ("SAM zero-shot (fused)", "SAM zero-shot (rgb)"):
+    m = saved["methods"][k]
+    assert 0 < m["num_pixels"] <= 4 * 96 * 128 and 0.0 <= m["miou"] <= 1.0
+  assert saved["fusionsam"]["miou"] is not None

@@ -325,25 +325,6 @@ def test_overfits_one_generated_batch():
   assert cm.miou() >= 0.9, cm.iou()
 
 
-def test_zero_shot_baseline_on_fused_image(built):
-  """Fig. 7a baseline: SAM on the fused image equals SAM run on that image directly."""
-  from fusionsam_jax.baseline import fused_image_uint8, zero_shot
-  from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
-  from fusionsam_jax.models.sam.predictor import SamPredictor
-  cfg, model, params = built
-  fused = fused_image_uint8(model, params, _batch(cfg))
-  assert fused.shape == (2, 32, 48, 3) and fused.dtype == np.uint8
-  sam_params = Sam(SAM_PRESETS["tiny"]).init_params(jax.random.PRNGKey(2))
-  pred = SamPredictor(SAM_PRESETS["tiny"], sam_params)
-  masks, iou, low = zero_shot(pred, fused[0], point_coords=[[10, 12]], point_labels=[1],
-                              box=[2, 3, 30, 25])
-  assert masks.shape == (1, 32, 48) and masks.dtype == np.bool_ and iou.shape == (1,)
-  pred.set_image(fused[0])
-  m2, _, _ = pred.predict(np.array([[10.0, 12.0]]), np.array([1]), np.array([2.0, 3, 30, 25]),
-                          multimask_output=False)
-  np.testing.assert_array_equal(masks, m2)
-
-
 def test_frozen_fusion_dtype(built):
   """`functional.frozen_fusion`: float32 is exactly tokenize -> fuse; bfloat16 (the GPU fast
   path) returns float32, picks the same codes for almost every token (the codebook search

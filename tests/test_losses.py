@@ -250,3 +250,33 @@ def test_gan_pieces():
     assert float(f(0.8, 99, 100)) == 0.0
     assert float(f(0.8, 100, 100)) == pytest.approx(0.8)
     assert float(f(0.8, jnp.int32(5000), 100)) == pytest.approx(0.8)
+
+
+def test_reconstruction_loss_is_eq5():
+    """Eq. 5: squared L2 per element ("l2", the paper) or mean absolute error ("l1")."""
+    rng = np.random.default_rng(0)
+    x, r = rng.random((2, 5, 6, 3)), rng.random((2, 5, 6, 3))
+    assert float(L.reconstruction_loss(x, r)) == pytest.approx(((x - r) ** 2).sum() / x.size,
+                                                               rel=1e-5)
+    assert float(L.reconstruction_loss(x, r, "l1")) == pytest.approx(
+        np.abs(x - r).sum() / x.size, rel=1e-5)
+    g = jax.grad(lambda a: L.reconstruction_loss(a, r))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(g, 2 * (x - r) / x.size, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="rec_loss"):
+        L.reconstruction_loss(x, r, "l3")
+
+
+def test_disc_start_step():
+    assert L.disc_start_step(None, 40) == 20              # follows num_steps
+    assert L.disc_start_step(None, 30, 0.25) == 7
+    assert L.disc_start_step(12, 40) == 12                # absolute when given
+    assert L.disc_start_step(None, None) == 0
+    assert L.disc_start_step(10 ** 9, 300, disc_weight=0.0) == 10 ** 9   # adversarial off
+    with pytest.raises(ValueError, match="never train"):
+        L.disc_start_step(9800, 30, disc_weight=0.8)
+
+
+def test_disc_lr_schedule():
+    f = L.disc_lr_schedule(1e-4, 5)
+    assert [float(f(i)) for i in (0, 4, 5, 100)] == [0.0, 0.0, pytest.approx(1e-4),
+                                                     pytest.approx(1e-4)]

@@ -1,2 +1,2 @@
 """Evaluators: full-resolution segmentation / saliency evaluation of a params tree
-(``segmentation``), the visual report (``report``), SAM zero-shot (``sam_zero_shot``)."""
+(``segmentation``), the visual report (``report``), SAM zero-shot, Fig. 7a (``sam_zero_shot``)."""

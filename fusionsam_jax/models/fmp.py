@@ -13,9 +13,16 @@ Input: the quantized latents of M >= 2 modalities, I_m^q (B, h, w, d_c) each.
                                                               ``ComplementaryUnit``
     Final conv      fusion = conv(I_f)  (B, h, w, d_c), the "fusion mask"   ``out_conv``
 
-Attention runs in (shifted) windows, as in SwinFusion on which the paper bases FMP
-(``attention="window"``, ``window_size`` 8); ``attention="global"`` attends over the whole
-map. Windows: the map is zero-padded up to a multiple of the window and cropped back;
+Self-attention runs in (shifted) windows, as in SwinFusion on which the paper bases FMP
+(``attention="window"``, ``window_size`` 8; ``"global"``: over the whole map). The
+cross-domain and complementary units follow ``cross_attention`` ("window" | "global"; None:
+as ``attention``): global, every RGB token sees every thermal token of the map, the
+"long-range dependencies between modalities" of Sec. 3.2.3. Global attention uses the
+``attn_impl`` kernel: "cudnn" = cuDNN flash attention on GPU (bf16 operands, float32
+inputs are cast), "xla" = XLA with ``query_chunk`` queries at a time under remat (never the
+whole score matrix). Measured (H100, batch 4, 120 x 160 latents, paper widths, fwd + bwd of
+the whole FMP): windowed 9.5 ms, global cuDNN 40.3 ms, global XLA 476 ms
+(``benchmarks/results/fmp_attention_h100.json``). Windows: the map is zero-padded up to a multiple of the window and cropped back;
 padded tokens are masked out as keys; consecutive self-attention blocks alternate a cyclic
 shift of window/2 with the Swin mask that stops tokens attending across the wrapped border.
 A dimension no larger than the window gets one window covering it and no shift.
@@ -58,38 +65,84 @@ def layer_norm(x: Array, scale: Optional[Array] = None, bias: Optional[Array] = 
     return y
 
 
+ATTN_IMPLS = ("xla", "cudnn")
+
+
+def _heads(x: Array, n: int, num_heads: int) -> Array:
+    return x.reshape(-1, n, num_heads, x.shape[-1] // num_heads)
+
+
+def _dpa(qh: Array, kh: Array, vh: Array, scale: float, implementation: str,
+         mask: Optional[Array] = None) -> Array:
+    """jax.nn.dot_product_attention on (B', N, heads, d) with the requested kernel.
+
+    ``"cudnn"``: the cuDNN fused (flash) kernel, on GPU only and with no mask; it takes
+    fp16 / bf16 operands only, so float32 q / k / v are cast to bf16 and the result back to
+    q's dtype (softmax statistics stay float32 inside the kernel). Anywhere else (CPU, a
+    mask) the XLA lowering, at the operands' dtype.
+    """
+    if implementation == "cudnn" and mask is None and jax.default_backend() == "gpu":
+        dt = qh.dtype if qh.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+        out = jax.nn.dot_product_attention(qh.astype(dt), kh.astype(dt), vh.astype(dt),
+                                           scale=scale, implementation="cudnn")
+        return out.astype(qh.dtype)
+    return jax.nn.dot_product_attention(qh, kh, vh, mask=mask, scale=scale)
+
+
 def multihead_attention(q: Array, k: Array, v: Array, *, num_heads: int = 1,
-                        mask: Optional[Array] = None) -> Array:
+                        mask: Optional[Array] = None, implementation: str = "xla",
+                        query_chunk: Optional[int] = None) -> Array:
     """softmax(Q K^T / sqrt(d_k)) V per head, heads concatenated (no output projection).
 
     q (..., Nq, C), k / v (..., Nk, C) with the same leading dims; d_k = C / num_heads;
     mask: bool, True = may attend, broadcastable to (..., Nq, Nk). Returns (..., Nq, C).
+
+    implementation: ``"xla"`` or ``"cudnn"`` (see ``_dpa``). query_chunk: with the XLA
+    kernel and no mask, queries are processed ``query_chunk`` at a time (``lax.map`` over
+    rematerialised chunks), so the (heads, Nq, Nk) score matrix is never held whole: at
+    MFNet's 120 x 160 latents (Nq = Nk = 19 200, 4 heads) it would be 5.9 GB per image in
+    float32, forward alone. Same values as the unchunked formula.
     """
+    if implementation not in ATTN_IMPLS:
+        raise ValueError(f"implementation must be one of {ATTN_IMPLS}, got {implementation!r}")
     lead, (nq, c), nk = q.shape[:-2], q.shape[-2:], k.shape[-2]
     if c % num_heads:
         raise ValueError(f"channels {c} not divisible by num_heads {num_heads}")
     dh = c // num_heads
-    qh = q.reshape(-1, nq, num_heads, dh)
-    kh = k.reshape(-1, nk, num_heads, dh)
-    vh = v.reshape(-1, nk, num_heads, v.shape[-1] // num_heads)
+    scale = 1.0 / math.sqrt(dh)
+    cv = v.shape[-1]
+    qh, kh, vh = _heads(q, nq, num_heads), _heads(k, nk, num_heads), _heads(v, nk, num_heads)
     m = None
     if mask is not None:
         m = jnp.broadcast_to(jnp.asarray(mask, bool), lead + (nq, nk)).reshape(-1, 1, nq, nk)
-    out = jax.nn.dot_product_attention(qh, kh, vh, mask=m, scale=1.0 / math.sqrt(dh))
-    return out.reshape(lead + (nq, v.shape[-1]))
+    cudnn = implementation == "cudnn" and m is None and jax.default_backend() == "gpu"
+    if m is None and not cudnn and query_chunk is not None and nq > query_chunk:
+        n_chunks = -(-nq // query_chunk)
+        pad = n_chunks * query_chunk - nq
+        qc = jnp.pad(qh, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        qc = jnp.moveaxis(qc.reshape(qh.shape[0], n_chunks, query_chunk, num_heads, dh), 1, 0)
+        one = jax.checkpoint(lambda qi: _dpa(qi, kh, vh, scale, "xla"))
+        out = jnp.moveaxis(jax.lax.map(one, qc), 0, 1)
+        out = out.reshape(qh.shape[0], n_chunks * query_chunk, num_heads, -1)[:, :nq]
+    else:
+        out = _dpa(qh, kh, vh, scale, implementation, m)
+    return out.reshape(lead + (nq, cv))
 
 
 def cross_domain_attention(q: Array, k: Array, v: Array, *, num_heads: int = 1,
                            mask: Optional[Array] = None, residual: Optional[Array] = None,
                            ln_scale: Optional[Array] = None, ln_bias: Optional[Array] = None,
-                           eps: float = 1e-5) -> Array:
+                           eps: float = 1e-5, implementation: str = "xla",
+                           query_chunk: Optional[int] = None) -> Array:
     """Eq. 10 (and Eq. 12) on tokens: ``LN(softmax(Q K^T / sqrt(d_k)) V) + R``.
 
     q (..., Nq, C) already projected (Q = X W_Q), k / v (..., Nk, C); R = ``residual`` if
     given (Eq. 12: z_c) else q (Eq. 10: Q_1). LN is over the C channels of the concatenated
-    heads, with optional affine ``ln_scale`` / ``ln_bias`` (C,).
+    heads, with optional affine ``ln_scale`` / ``ln_bias`` (C,). ``implementation`` /
+    ``query_chunk``: see ``multihead_attention``.
     """
-    a = multihead_attention(q, k, v, num_heads=num_heads, mask=mask)
+    a = multihead_attention(q, k, v, num_heads=num_heads, mask=mask,
+                            implementation=implementation, query_chunk=query_chunk)
     return layer_norm(a, ln_scale, ln_bias, eps) + (q if residual is None else residual)
 
 
@@ -190,11 +243,31 @@ def apply_windowed(core: Callable, q: Array, ks: Sequence[Array], vs: Sequence[A
     return from_windows(core(qw, kw, vw, mask, rw), p)
 
 
+def apply_global(core: Callable, q: Array, ks: Sequence[Array], vs: Sequence[Array], *,
+                 residual: Optional[Array] = None) -> Array:
+    """``core(qt, kt, vt, None, rt)`` over the whole map: q / residual (B, h, w, C) as
+    (B, h*w, C) tokens, the maps of ``ks`` / ``vs`` concatenated along the token axis."""
+    b, h, w, _ = q.shape
+
+    def flat(x):
+        return x.reshape(b, h * w, x.shape[-1])
+    kt = jnp.concatenate([flat(k) for k in ks], axis=-2)
+    vt = jnp.concatenate([flat(v) for v in vs], axis=-2)
+    out = core(flat(q), kt, vt, None, None if residual is None else flat(residual))
+    return out.reshape(b, h, w, out.shape[-1])
+
+
 def window_attention(q: Array, k: Array, v: Array, *, num_heads: int = 1,
-                     window_size: Optional[int] = 8, shift: bool = False) -> Array:
-    """Plain multi-head attention in (shifted) windows on maps (B, h, w, C)."""
+                     window_size: Optional[int] = 8, shift: bool = False,
+                     implementation: str = "xla", query_chunk: Optional[int] = None) -> Array:
+    """Plain multi-head attention in (shifted) windows on maps (B, h, w, C);
+    ``window_size=None``: over the whole map (``implementation`` / ``query_chunk`` as in
+    ``multihead_attention``)."""
     def core(qw, kw, vw, mask, _):
-        return multihead_attention(qw, kw, vw, num_heads=num_heads, mask=mask)
+        return multihead_attention(qw, kw, vw, num_heads=num_heads, mask=mask,
+                                   implementation=implementation, query_chunk=query_chunk)
+    if window_size is None:
+        return apply_global(core, q, [k], [v])
     return apply_windowed(core, q, [k], [v], window_size=window_size, shift=shift)
 
 
@@ -217,6 +290,8 @@ class SwinBlock(nn.Module):
     window_size: Optional[int]
     shift: bool = False
     mlp_ratio: float = 2.0
+    attn_impl: str = "xla"
+    query_chunk: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -224,7 +299,8 @@ class SwinBlock(nn.Module):
         h = nn.LayerNorm(name="norm1")(x)
         q, k, v = jnp.split(nn.Dense(3 * c, name="qkv")(h), 3, axis=-1)
         a = window_attention(q, k, v, num_heads=self.num_heads,
-                             window_size=self.window_size, shift=self.shift)
+                             window_size=self.window_size, shift=self.shift,
+                             implementation=self.attn_impl, query_chunk=self.query_chunk)
         x = x + nn.Dense(c, name="proj")(a)
         h = nn.LayerNorm(name="norm2")(x)
         return x + MLP(int(c * self.mlp_ratio), c, name="mlp")(h)
@@ -243,6 +319,8 @@ class ModalitySelfAttention(nn.Module):
     window_size: Optional[int] = 8
     mlp_ratio: float = 2.0
     pos_conv: bool = True
+    attn_impl: str = "xla"
+    query_chunk: Optional[int] = None
 
     @nn.compact
     def __call__(self, z: Array) -> Array:
@@ -252,7 +330,8 @@ class ModalitySelfAttention(nn.Module):
                             name="pos_conv")(x)
         for i in range(self.depth):
             x = SwinBlock(self.num_heads, self.window_size, shift=(i % 2 == 1),
-                          mlp_ratio=self.mlp_ratio, name=f"block_{i}")(x)
+                          mlp_ratio=self.mlp_ratio, attn_impl=self.attn_impl,
+                          query_chunk=self.query_chunk, name=f"block_{i}")(x)
         return x
 
 
@@ -273,12 +352,16 @@ class CrossDomainAttention(nn.Module):
 
     Holds only the LN affine params (``ln_scale``, ``ln_bias``); the projections are the
     modalities' ``QKVProjection``. ``residual`` replaces Q in the sum (Eq. 12 uses z_c).
+    ``window_size=None``: every query attends to every key of the map (global; the
+    ``attn_impl`` kernel, ``query_chunk`` queries at a time with XLA).
     """
 
     num_heads: int = 4
     window_size: Optional[int] = 8
     shift: bool = False
     eps: float = 1e-5
+    attn_impl: str = "xla"
+    query_chunk: Optional[int] = None
 
     @nn.compact
     def __call__(self, q: Array, ks: Sequence[Array], vs: Sequence[Array],
@@ -290,7 +373,10 @@ class CrossDomainAttention(nn.Module):
         def core(qw, kw, vw, mask, rw):
             return cross_domain_attention(qw, kw, vw, num_heads=self.num_heads, mask=mask,
                                           residual=rw, ln_scale=scale, ln_bias=bias,
-                                          eps=self.eps)
+                                          eps=self.eps, implementation=self.attn_impl,
+                                          query_chunk=self.query_chunk)
+        if self.window_size is None:
+            return apply_global(core, q, ks, vs, residual=residual)
         return apply_windowed(core, q, ks, vs, window_size=self.window_size,
                               shift=self.shift, residual=residual)
 
@@ -304,6 +390,8 @@ class ComplementaryUnit(nn.Module):
     num_heads: int = 4
     window_size: Optional[int] = 8
     eps: float = 1e-5
+    attn_impl: str = "xla"
+    query_chunk: Optional[int] = None
 
     @nn.compact
     def __call__(self, z_f_q: Array, z_0: Array, z_c: Array) -> Array:
@@ -312,6 +400,7 @@ class ComplementaryUnit(nn.Module):
         k_0 = nn.Dense(c, use_bias=False, name="W_K")(z_0)
         v_0 = nn.Dense(c, use_bias=False, name="W_V")(z_0)
         return CrossDomainAttention(self.num_heads, self.window_size, eps=self.eps,
+                                    attn_impl=self.attn_impl, query_chunk=self.query_chunk,
                                     name="attn")(q_f, [k_0], [v_0], residual=z_c)
 
 
@@ -345,7 +434,12 @@ class FusionMaskPrompting(nn.Module):
     num_heads: int = 4
     depth_self: int = 2              # Swin blocks per modality (alternating shift)
     window_size: int = 8
-    attention: str = "window"        # "window" | "global"
+    attention: str = "window"        # self-attention (Alg. 1 step 1): "window" | "global"
+    # Cross-domain (Eq. 9-10) and complementary (Eq. 11-12) units: "window" | "global";
+    # None: as `attention`.
+    cross_attention: Optional[str] = None
+    attn_impl: str = "xla"           # global attention kernel: "xla" | "cudnn" (GPU, bf16)
+    query_chunk: Optional[int] = 1024  # XLA global attention: queries per chunk (None: all)
     mlp_ratio: float = 2.0
     pos_conv: bool = True
     fusion_kernel: int = 3           # kernel of fusion_conv / latent_fusion_conv / out_conv
@@ -355,9 +449,15 @@ class FusionMaskPrompting(nn.Module):
     def __call__(self, latents: Sequence[Array]) -> dict:
         latents = list(latents)
         _check_latents(latents)
-        if self.attention not in ("window", "global"):
-            raise ValueError(f"attention must be 'window' or 'global', got {self.attention!r}")
+        cross = self.attention if self.cross_attention is None else self.cross_attention
+        for key, val in (("attention", self.attention), ("cross_attention", cross)):
+            if val not in ("window", "global"):
+                raise ValueError(f"{key} must be 'window' or 'global', got {val!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         ws = self.window_size if self.attention == "window" else None
+        wc = self.window_size if cross == "window" else None
+        kw = dict(attn_impl=self.attn_impl, query_chunk=self.query_chunk)
         d_c = latents[0].shape[-1]
         c = self.dim or d_c
         m_count = len(latents)
@@ -368,19 +468,19 @@ class FusionMaskPrompting(nn.Module):
             return nn.Conv(out, (k, k), padding=pad, name=name)
 
         feats = [ModalitySelfAttention(c, self.depth_self, self.num_heads, ws, self.mlp_ratio,
-                                       self.pos_conv, name=f"self_attn_{m + 1}")(z)
+                                       self.pos_conv, **kw, name=f"self_attn_{m + 1}")(z)
                  for m, z in enumerate(latents)]                          # (B,h,w,C) each
         qkv = [QKVProjection(c, name=f"qkv_{m + 1}")(f) for m, f in enumerate(feats)]  # Eq. 9
         z_prime = []
         for m in range(m_count):                                          # Eq. 10
             others = [n for n in range(m_count) if n != m]
-            z_prime.append(CrossDomainAttention(self.num_heads, ws, eps=self.eps,
+            z_prime.append(CrossDomainAttention(self.num_heads, wc, eps=self.eps, **kw,
                                                 name=f"cross_{m + 1}")(
                 qkv[m][0], [qkv[n][1] for n in others], [qkv[n][2] for n in others]))
         z_c = nn.leaky_relu(conv(c, "fusion_conv")(jnp.concatenate(z_prime, -1)), 0.2)
         z_f_q = nn.leaky_relu(conv(c, "latent_fusion_conv")(jnp.concatenate(latents, -1)), 0.2)
         z_0 = sum(z_prime) / m_count
-        i_f = ComplementaryUnit(self.num_heads, ws, self.eps, name="complementary")(
+        i_f = ComplementaryUnit(self.num_heads, wc, self.eps, **kw, name="complementary")(
             z_f_q, z_0, z_c)                                              # Eq. 11-12
         fusion = conv(self.out_dim or d_c, "out_conv")(i_f)               # (B,h,w,d_c)
         return dict(fusion=fusion, z_c=z_c, I_f=i_f, z_prime=tuple(z_prime), z_f_q=z_f_q,

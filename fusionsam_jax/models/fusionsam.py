@@ -78,7 +78,10 @@ class FusionSAM(nn.Module):
       else:
         raise ValueError(f"tokenizer_kind must be 'lstg' or 'patch', got {self.tokenizer_kind!r}")
     if self.fusion == "fmp" and len(self.modalities) >= 2:
-      self.fmp = FusionMaskPrompting(**dict(self.fmp_kwargs))
+      fk = dict(self.fmp_kwargs)
+      # FMP's global attention takes the model's kernel choice (cuDNN flash on GPU).
+      fk.setdefault("attn_impl", "cudnn" if self.attn_impl.startswith("cudnn") else "xla")
+      self.fmp = FusionMaskPrompting(**fk)
     elif self.fusion in ("fmp", "concat"):
       self.concat_fusion = ConcatFusion()
     else:

@@ -165,6 +165,24 @@ def _l2_normalize(x: Array, eps: float = 1e-6) -> Array:
 class VectorQuantizer(nn.Module):
     """Quant of Eq. 3 with the two terms of Eq. 6.
 
+    Codebook health (options named after their sources; all off = VQGAN):
+      ``l2_normalize``  cosine codes: latents and codes l2-normalised before the search
+                        (ViT-VQGAN, Yu et al. 2022, Sec. 3.2).
+      ``lookup_dim``    factorized codes: the search runs in a ``lookup_dim``-d space,
+                        ``proj_in`` (d_c -> lookup_dim) before it, ``proj_out`` (lookup_dim ->
+                        d_c) after it (ViT-VQGAN; they use 32-d / 8-d lookups). The codebook
+                        is then (K, lookup_dim) and ``z``, the Eq. 6 terms and
+                        ``encodings`` live in the lookup space; ``z_q`` is d_c-d.
+      dead-code restart: ``restart_dead_codes`` below, applied by the trainer after updates
+                        (Jukebox, Dhariwal et al. 2020, "random restarts"; SoundStream,
+                        Zeghidour et al. 2021, Sec. 3.3: codes whose exponential moving
+                        average of use per batch falls below a threshold get random
+                        vectors of the current batch). ``usage_decay`` set: a (K,) leaf
+                        ``usage`` holds that average (a param with zero gradient, written
+                        only by the restart, so it is checkpointed with the codebook); it
+                        starts at 0, so the first step restarts every code the batch used
+                        fewer than threshold / (1 - decay) times: a data-driven init.
+
     Codebook ``C`` is a (K, d_c) parameter named ``codebook`` (init uniform(-1/K, 1/K) as in
     VQGAN). For each latent vector the nearest entry by squared Euclidean distance is chosen
     (distances computed at HIGHEST matmul precision so the argmin does not depend on the
@@ -185,11 +203,24 @@ class VectorQuantizer(nn.Module):
     code_dim: int = 64        # d_c
     beta: float = 0.25
     l2_normalize: bool = False
+    lookup_dim: Optional[int] = None   # None: search in d_c (no projections)
+    usage_decay: Optional[float] = None  # EMA decay of code use (dead-code restart state)
 
     def setup(self):
         k = self.num_codes
-        self.codebook = self.param(
-            "codebook", _uniform_init(1.0 / k), (self.num_codes, self.code_dim))
+        dim = self.lookup_dim or self.code_dim
+        self.codebook = self.param("codebook", _uniform_init(1.0 / k), (self.num_codes, dim))
+        if self.usage_decay is not None:
+            self.usage = self.param("usage", nn.initializers.zeros, (self.num_codes,))
+        if self.lookup_dim:
+            self.proj_in = nn.Dense(self.lookup_dim, name="proj_in")
+            self.proj_out = nn.Dense(self.code_dim, name="proj_out")
+
+    def lookup_space(self, z: Array) -> Array:
+        """Encoder latents (..., d_c) -> the vectors the codebook search sees."""
+        if self.lookup_dim:
+            z = self.proj_in(z)
+        return _l2_normalize(z) if self.l2_normalize else z
 
     def _codes(self) -> Array:  # (K, d_c)
         cb = self.codebook
@@ -198,8 +229,7 @@ class VectorQuantizer(nn.Module):
     def __call__(self, z: Array) -> dict[str, Array]:
         if z.shape[-1] != self.code_dim:
             raise ValueError(f"latent channel dim {z.shape[-1]} != code_dim {self.code_dim}")
-        if self.l2_normalize:
-            z = _l2_normalize(z)
+        z = self.lookup_space(z)
         codes = self._codes()                                             # (K, d_c)
         hi = jax.lax.Precision.HIGHEST
         # The search runs in float32 whatever the compute dtype (a bf16 path picks the same
@@ -219,13 +249,16 @@ class VectorQuantizer(nn.Module):
         codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - c))
         commitment_loss = self.beta * jnp.mean(jnp.square(z - jax.lax.stop_gradient(c)))
         z_q = z + jax.lax.stop_gradient(c - z)                            # straight-through
+        if self.lookup_dim:
+            z_q = self.proj_out(z_q)
         return dict(z=z, z_q=z_q, indices=indices, codebook_loss=codebook_loss,
                     commitment_loss=commitment_loss,
                     vq_loss=codebook_loss + commitment_loss)
 
     def lookup(self, indices: Array) -> Array:
         """(B, h, w) int -> codes (B, h, w, d_c)."""
-        return jnp.take(self._codes(), indices, axis=0)
+        c = jnp.take(self._codes(), indices, axis=0)
+        return self.proj_out(c) if self.lookup_dim else c
 
 
 def _uniform_init(limit: float):
@@ -260,6 +293,8 @@ class LatentTokenizer(nn.Module):
     scale: int = 4                # s
     beta: float = 0.25
     l2_normalize: bool = False
+    lookup_dim: Optional[int] = None
+    usage_decay: Optional[float] = None
     max_groups: int = 32
 
     def setup(self):
@@ -267,7 +302,9 @@ class LatentTokenizer(nn.Module):
                                num_res_blocks=self.num_res_blocks, scale=self.scale,
                                max_groups=self.max_groups)
         self.quantizer = VectorQuantizer(num_codes=self.num_codes, code_dim=self.latent_dim,
-                                         beta=self.beta, l2_normalize=self.l2_normalize)
+                                         beta=self.beta, l2_normalize=self.l2_normalize,
+                                         lookup_dim=self.lookup_dim,
+                                         usage_decay=self.usage_decay)
         self.decoder = Decoder(out_channels=self.in_channels, ch=self.ch, ch_mult=self.ch_mult,
                                num_res_blocks=self.num_res_blocks, scale=self.scale,
                                max_groups=self.max_groups)
@@ -296,6 +333,50 @@ class LatentTokenizer(nn.Module):
         out = dict(self.encode(x))
         out["recon"] = self.decode(out["z_q"])
         return out
+
+
+def restart_codes(codebook: Array, encodings: Array, usage: Array, rng: Array, *,
+                  threshold: float = 1.0) -> tuple[Array, Array]:
+    """Dead-code restart (Jukebox's random restarts, SoundStream's codebook replacement):
+    every code whose use per batch ``usage`` (K,) is below ``threshold`` is replaced by an
+    encoding drawn at random from the batch (``encodings`` (..., D), the lookup-space
+    vectors the codebook is searched with; distinct draws while the batch has >= K vectors).
+    Returns (new codebook (K, D), bool (K,) restarted)."""
+    k, d = codebook.shape
+    flat = encodings.reshape(-1, d).astype(codebook.dtype)
+    n = flat.shape[0]
+    if n >= k:
+        pick = jax.random.permutation(rng, n)[:k]
+    else:
+        pick = jax.random.randint(rng, (k,), 0, n)
+    dead = usage < threshold
+    new = jnp.where(dead[:, None], jax.lax.stop_gradient(flat[pick]), codebook)
+    return new, dead
+
+
+def restart_dead_codes(tokenizer: "LatentTokenizer", params, x: Array, rng: Array, *,
+                       threshold: float = 1.0) -> tuple[Any, Array]:
+    """One dead-code restart of a tokenizer's codebook on the batch ``x`` (B, H, W, C) in
+    [0, 1]: encodes the batch with ``params`` (the tokenizer's own subtree) and counts each
+    code's use. With a ``usage`` leaf (``usage_decay`` set) the use is its moving average
+    ``usage <- decay * usage + (1 - decay) * counts`` (restarted codes start again at the
+    mean use N / K); without, this batch's counts (then a code that only images absent
+    from a small batch use is lost). Codes below ``threshold`` restart (``restart_codes``).
+    Returns (params with the new ``quantizer`` leaves, number restarted). Apply after an
+    optimizer update (the Adam moments of a restarted code are kept)."""
+    out = tokenizer.apply({"params": params}, x, method=LatentTokenizer.encode)
+    k = tokenizer.num_codes
+    idx = out["indices"].reshape(-1)
+    counts = jax.ops.segment_sum(jnp.ones(idx.shape, jnp.float32), idx, num_segments=k)
+    q = dict(params["quantizer"])
+    usage = counts
+    if "usage" in q:
+        d = float(tokenizer.usage_decay)
+        usage = d * jax.lax.stop_gradient(q["usage"]) + (1.0 - d) * counts
+    q["codebook"], dead = restart_codes(q["codebook"], out["z"], usage, rng, threshold=threshold)
+    if "usage" in q:
+        q["usage"] = jnp.where(dead, idx.size / k, usage).astype(q["usage"].dtype)
+    return dict(params, quantizer=q), jnp.sum(dead)
 
 
 # Small presets. ``TINY`` is for tests and the CPU demo; ``BASE`` is a VQGAN-like default.

@@ -141,8 +141,9 @@ def top_level(paths: Sequence[str]) -> tuple[str, ...]:
 # -- optimizer and steps -------------------------------------------------------------------------
 
 
-def make_optimizer(lr: float, weight_decay: float, *, clip: float | None = None,
-                   flatten: bool = True) -> optax.GradientTransformation:
+def make_optimizer(lr: float | optax.Schedule, weight_decay: float, *,
+                   clip: float | None = None, flatten: bool = True
+                   ) -> optax.GradientTransformation:
   """Adam with the L2 weight decay of ``torch.optim.Adam(weight_decay=...)`` (the paper's
   "Adam, lr 1e-4, weight decay 1e-3"), optionally after global-norm clipping. `flatten`:
   the state lives on one concatenated vector (`optax.flatten`; these transformations are
@@ -152,7 +153,8 @@ def make_optimizer(lr: float, weight_decay: float, *, clip: float | None = None,
     parts.append(optax.clip_by_global_norm(float(clip)))
   if weight_decay:
     parts.append(optax.add_decayed_weights(float(weight_decay)))
-  parts += [optax.scale_by_adam(), optax.scale_by_learning_rate(float(lr))]
+  parts += [optax.scale_by_adam(),
+            optax.scale_by_learning_rate(lr if callable(lr) else float(lr))]
   tx = optax.chain(*parts)
   return optax.flatten(tx) if flatten else tx
 
@@ -191,13 +193,15 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
 
 def make_gan_train_step(g_loss_fn: Callable, d_loss_fn: Callable,
                         g_tx: optax.GradientTransformation, d_tx: optax.GradientTransformation,
-                        mesh: jax.sharding.Mesh):
+                        mesh: jax.sharding.Mesh, *, post_update: Callable | None = None):
   """A VQGAN-style step over ``state.params = {"generator", "discriminator"}`` with
   ``state.opt_state = {"g", "d"}``: ``g_loss_fn(g_params, d_params, batch, rng, step) ->
   (loss, (aux, carry))`` with the discriminator held fixed, then ``d_loss_fn(d_params,
   carry, batch, rng, step) -> (loss, aux)`` on the stop-gradient `carry` (the
   reconstructions); both see the params from before the step. Same signature, shardings
   and donation as `make_train_step`; metrics add ``d_loss``, ``d/<aux>``, ``d_grad_norm``.
+  ``post_update(g_params, batch, rng) -> (g_params, aux)``, if given, runs on the updated
+  generator params inside the step (the tokenizers' dead-code restarts).
   """
   repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)
 
@@ -216,7 +220,11 @@ def make_gan_train_step(g_loss_fn: Callable, d_loss_fn: Callable,
     d_upd, d_os = d_tx.update(d_grads, state.opt_state["d"], dp)
     params = {"generator": optax.apply_updates(gp, g_upd),
               "discriminator": optax.apply_updates(dp, d_upd)}
-    metrics = {**dict(g_aux), "loss": g_loss, "grad_norm": optax.tree.norm(g_grads),
+    post_aux = {}
+    if post_update is not None:
+      params["generator"], post_aux = post_update(
+          params["generator"], batch, jax.random.fold_in(g_rng, 1))
+    metrics = {**dict(g_aux), **dict(post_aux), "loss": g_loss, "grad_norm": optax.tree.norm(g_grads),
                **{f"d/{k}": v for k, v in dict(d_aux).items()}, "d_loss": d_loss,
                "d_grad_norm": optax.tree.norm(d_grads)}
     return state.replace(step=state.step + 1, params=params,
@@ -232,9 +240,10 @@ def stage_key(config, stage: str) -> jax.Array:
   return jax.random.PRNGKey(int(config.seed) * 1000 + offsets[stage])
 
 
-def stage_optimizer(config, stage: str) -> optax.GradientTransformation:
+def stage_optimizer(config, stage: str, lr=None) -> optax.GradientTransformation:
+  """The stage's Adam (``lr``: the stage's, or a given float / schedule)."""
   sc = config.train.stages[stage]
-  return make_optimizer(float(sc.lr), float(sc.weight_decay),
+  return make_optimizer(float(sc.lr) if lr is None else lr, float(sc.weight_decay),
                         clip=float(config.train.get("grad_clip", 0.0) or 0.0) or None)
 
 

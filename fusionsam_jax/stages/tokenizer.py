@@ -31,16 +31,29 @@ def trainable(model_cfg) -> tuple[str, ...]:
 
 
 def disc_start(config, num_steps: int) -> int:
-  """``disc_start`` (steps) when set, else ``disc_start_fraction`` of the stage."""
+  """``disc_start`` (steps) when set, else ``disc_start_fraction`` of the stage's steps;
+  raises ValueError when the discriminator would never train (`losses.disc_start_step`)."""
   sc = config.train.stages[NAME]
-  if sc.get("disc_start") is not None:
-    return int(sc.disc_start)
-  return int(float(sc.get("disc_start_fraction", 0.5)) * num_steps)
+  return losses.disc_start_step(sc.get("disc_start"), num_steps,
+                                float(sc.get("disc_start_fraction", 0.5)),
+                                float(sc.get("disc_weight", 0.8)))
 
 
 def perceptual_loss(config, say):
-  """`vgg.PerceptualLoss` from ``config.perceptual_weights``, or None (loss off, said)."""
+  """Eq. 7's feature network: `vgg.PerceptualLoss` from ``config.perceptual_weights``;
+  without it the frozen SAM encoder's first ``perceptual_sam_blocks`` blocks
+  (`sam_perceptual.SamPerceptualLoss`) when the run has converted SAM weights; else None
+  (a random SAM gives random features: the loss is off, said once)."""
   path = config.get("perceptual_weights")
+  sam_ckpt = config.model.get("sam_checkpoint")
+  if not path and sam_ckpt:
+    from fusionsam_jax.models.sam_perceptual import SamPerceptualLoss
+    blocks = int(config.get("perceptual_sam_blocks", 2) or 2)
+    say(f"Perceptual loss (Eq. 7): features of the frozen SAM encoder's first {blocks} "
+        f"blocks ({sam_ckpt}); no VGG16 weights given")
+    return SamPerceptualLoss.from_checkpoint(
+        sam_ckpt, num_blocks=blocks, dtype=jnp.dtype(config.model.encoder_dtype),
+        attn_impl=config.model.attn_impl)
   if not path:
     say("Perceptual loss (Eq. 7) is OFF: no VGG16 weights given (convert torchvision's VGG16 "
         "once with tools/convert_vgg16.py and pass --config.perceptual_weights=FILE.npz)")
@@ -61,6 +74,7 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
   perc_w = float(stage_cfg.get("perceptual_weight", 1.0)) if perceptual is not None else 0.0
   disc_w = float(stage_cfg.get("disc_weight", 0.8))
   num_codes = int(dict(model_cfg.get("tokenizer", {})).get("num_codes", 1024))
+  rec_kind = stage_cfg.get("rec_loss", "l2")
 
   def g_loss_fn(g, d, batch, rng, step):
     images = inputs_from_batch(batch, mods)
@@ -70,7 +84,7 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
       out = model.apply({"params": g}, x, m, method=FusionSAM.tokenizer)
 
       def nll_of(r, x=x):
-        rec = jnp.mean(jnp.abs(x - r))  # Eq. 5
+        rec = losses.reconstruction_loss(x, r, rec_kind)  # Eq. 5
         if perceptual is not None:
           return rec_w * rec + perc_w * jnp.mean(perceptual(x, r)), rec
         return rec_w * rec, rec
@@ -123,6 +137,32 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
   return g_loss_fn, d_loss_fn
 
 
+def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
+  """``post_update(g, batch, rng) -> (g, aux)`` for `common.make_gan_train_step`: after
+  each update, the codes of each modality's codebook unused in recent batches restart at
+  random encodings of the batch (`lstg.restart_dead_codes`; Jukebox / SoundStream). None
+  unless ``stage_cfg.restart_dead_codes``. Aux: ``<m>/restarted_codes``."""
+  if not stage_cfg.get("restart_dead_codes", False):
+    return None
+  from fusionsam_jax.models.fusionsam import CHANNELS
+  from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes
+  mods = tuple(model_cfg.modalities)
+  thr = float(stage_cfg.get("restart_threshold", 1.0))
+  toks = {m: LatentTokenizer(in_channels=CHANNELS[m], scale=model.scale,
+                             **dict(model.tokenizer_kwargs)) for m in mods}
+
+  def fn(g, batch, rng):
+    images = inputs_from_batch(batch, mods)
+    g, aux = dict(g), {}
+    for i, m in enumerate(mods):
+      g[f"tokenizer_{m}"], n = restart_dead_codes(
+          toks[m], g[f"tokenizer_{m}"], images[m], jax.random.fold_in(rng, i), threshold=thr)
+      aux[f"{m}/restarted_codes"] = n.astype(jnp.float32)
+    return g, aux
+
+  return fn
+
+
 def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage | None:
   """The tokenizer stage, or None when there is nothing to train (ablation A)."""
   config, model = ctx.config, ctx.model
@@ -133,7 +173,9 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
   num_steps = stage_steps(config, NAME, ctx.train_size)
   start = disc_start(config, num_steps)
   g_tx = common.stage_optimizer(config, NAME)
-  d_tx = common.stage_optimizer(config, NAME)
+  # The discriminator's learning rate is 0 before it starts: Adam with L2 decay would
+  # otherwise shrink its untrained weights towards 0 for the whole warm-up.
+  d_tx = common.stage_optimizer(config, NAME, lr=losses.disc_lr_schedule(float(sc.lr), start))
   key = common.stage_key(config, NAME)
   hw = stage_crop_size(config, NAME)
 
@@ -150,7 +192,9 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
   return common.Stage(
       name=NAME, num_steps=num_steps, batch_size=stage_batch_size(config, NAME),
       lr=float(sc.lr), trainable=names, reads=names, init_state=init_state,
-      train_step=common.make_gan_train_step(g_loss, d_loss, g_tx, d_tx, ctx.mesh),
+      train_step=common.make_gan_train_step(
+          g_loss, d_loss, g_tx, d_tx, ctx.mesh,
+          post_update=codebook_restart_fn(model, config.model, sc)),
       iterator=lambda params: train_iterator(config, ctx.spec, NAME),
       model_params=lambda state: state.params["generator"],
       notes=(f"discriminator from step {start}",))

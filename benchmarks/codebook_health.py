@@ -1,0 +1,110 @@
+"""Codebook usage of the paper-size tokenizer (d_c 64, K 1024, ch 64, 2 res blocks) on
+generated MFNet-layout scenes at 480 x 640, batch 4, the paper's Adam (lr 1e-4, L2 decay
+1e-3), Eq. 5 (l2) + Eq. 6: VQGAN's codebook against the paper configs' remedies. Also
+checks FMP's global cuDNN attention against the XLA path on the same params.
+
+    python benchmarks/codebook_health.py --steps 30 --out results.json
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fusionsam_jax import losses
+from fusionsam_jax.data.generate import generate_scene
+from fusionsam_jax.models.fmp import FusionMaskPrompting
+from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes
+
+K = 1024
+
+
+def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, decay=None):
+  kw = dict(l2_normalize=True, lookup_dim=lookup_dim, usage_decay=decay) if remedy else {}
+  tok = LatentTokenizer(in_channels=3, latent_dim=64, num_codes=K, ch=64, num_res_blocks=2,
+                        max_groups=32, **kw)
+  params = tok.init(jax.random.PRNGKey(0), train[:1])["params"]
+  tx = optax.chain(optax.add_decayed_weights(1e-3), optax.adam(1e-4))
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, x, rng):
+    def loss(p):
+      out = tok.apply({"params": p}, x)
+      return losses.reconstruction_loss(x, out["recon"], "l2") + out["vq_loss"]
+    g = jax.grad(loss)(params)
+    upd, opt = tx.update(g, opt, params)
+    params = optax.apply_updates(params, upd)
+    if remedy:
+      params, _ = restart_dead_codes(tok, params, x, rng, threshold=threshold)
+    return params, opt
+
+  enc = jax.jit(lambda p, x: tok.apply({"params": p}, x, method=LatentTokenizer.encode)[
+      "indices"])
+  rows, rng, t0 = [], np.random.default_rng(0), time.perf_counter()
+  for i in range(1, steps + 1):
+    x = train[rng.choice(len(train), batch, replace=False)]
+    params, opt = step(params, opt, x, jax.random.PRNGKey(i))
+    if i % every == 0 or i == 1:
+      idx = np.concatenate([np.asarray(enc(params, held[j:j + 4])) for j in
+                            range(0, len(held), 4)])
+      u = losses.codebook_usage(idx, K)
+      rows.append({"step": i, "perplexity": float(u["perplexity"]),
+                   "dead_fraction": float(u["dead_fraction"])})
+      print(json.dumps({"remedy": remedy, "lookup_dim": lookup_dim, "threshold": threshold,
+                        "decay": decay,
+                        **rows[-1]}), flush=True)
+  name = (f"cosine+lookup{lookup_dim}+restart<{threshold:g},ema{decay}" if remedy
+          else "vqgan")
+  return {"remedy": name, "rows": rows,
+          "seconds": time.perf_counter() - t0}
+
+
+def cudnn_check():
+  fmp = FusionMaskPrompting(num_heads=4, depth_self=2, window_size=8, cross_attention="global")
+  zs = [jax.random.normal(jax.random.PRNGKey(i), (2, 120, 160, 64)) for i in range(2)]
+  p = jax.jit(fmp.init)(jax.random.PRNGKey(0), zs)
+  with jax.default_matmul_precision("highest"):
+    a = jax.jit(lambda p: fmp.apply(p, zs)["I_f"])(p)
+    b = jax.jit(lambda p: fmp.clone(attn_impl="cudnn").apply(p, zs)["I_f"])(p)
+  d = np.abs(np.asarray(a) - np.asarray(b))
+  return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
+          "ref_mean_abs": float(np.abs(np.asarray(a)).mean())}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--steps", type=int, default=30)
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--every", type=int, default=10)
+  ap.add_argument("--out", default="")
+  ap.add_argument("--variants", default="vqgan,8:1",
+                  help="comma-separated: vqgan or LOOKUP_DIM:RESTART_THRESHOLD[:EMA_DECAY]")
+  ap.add_argument("--no-cudnn-check", action="store_true")
+  a = ap.parse_args()
+  res = {"device": jax.devices()[0].device_kind}
+  if not a.no_cudnn_check:
+    res["fmp_global_cudnn_vs_xla"] = cudnn_check()
+  print(json.dumps(res), flush=True)
+  load = lambda lo, n: np.stack([generate_scene("mfnet", i, 0, 480, 640)["rgb"] for i in
+                                 range(lo, lo + n)]).astype(np.float32) / 255.0
+  train, held = load(0, 32), load(100, 8)   # held out: 8 x 120 x 160 = 153 600 vectors
+  res["runs"] = []
+  for v in a.variants.split(","):
+    if v == "vqgan":
+      res["runs"].append(run(False, train, held, a.steps, a.batch, a.every))
+    else:
+      ld, thr, *dec = v.split(":")
+      res["runs"].append(run(True, train, held, a.steps, a.batch, a.every, int(ld), float(thr),
+                             float(dec[0]) if dec else None))
+  if a.out:
+    with open(a.out, "w") as f:
+      json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

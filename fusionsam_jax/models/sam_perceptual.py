@@ -1,0 +1,135 @@
+"""Eq. 7 without user files: the frozen SAM image encoder's early blocks as Phi.
+
+When no VGG16 weights are given (``config.perceptual_weights``), the perceptual loss uses the
+first ``num_blocks`` ViT blocks of the run's converted SAM encoder (DESIGN.md §2.1), never
+random features: `SamPerceptualLoss` exists only with converted SAM weights.
+
+Phi on an image batch (B, H, W, C) in [0, 1]: 1-channel images repeated to RGB, x 255,
+SAM's pixel mean / std normalisation, zero padding (after normalisation, as SAM pads) to a
+multiple of the patch size, SAM's patch embedding plus the top-left (H/p, W/p) part of its
+absolute position embedding (SAM's frame places the image in its top-left corner; the image
+is NOT resized to SAM's 1024 frame, so a 480 x 640 crop gives 30 x 40 tokens), then blocks
+0 .. num_blocks - 1 (windowed blocks only: those before SAM's first global-attention block).
+Distance (per image), LPIPS-style without learned weights, as `vgg.perceptual_distance`:
+
+    d(x, y) = sum_{l < num_blocks} mean_tokens sum_c (f_l(x)/||f_l(x)|| - f_l(y)/||f_l(y)||)^2
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fusionsam_jax.models.sam.image_encoder import Block, PatchEmbed
+from fusionsam_jax.models.sam.sam import PIXEL_MEAN, PIXEL_STD, SamConfig
+
+Array = jax.Array
+
+
+class SamEarlyBlocks(nn.Module):
+  """Patch embedding + position embedding + the first `num_blocks` blocks of SAM's encoder.
+  Param names are the encoder's (``patch_embed``, ``pos_embed``, ``blocks_i``), so the
+  ``image_encoder`` subtree of a converted checkpoint applies as is. Returns the list of
+  block outputs (B, h, w, embed_dim)."""
+
+  config: SamConfig
+  num_blocks: int = 2
+  dtype: Any = jnp.float32
+  attn_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: Array) -> list:
+    cfg = self.config
+    first_global = min(cfg.encoder_global_attn_indexes)
+    if not 1 <= self.num_blocks <= first_global:
+      raise ValueError(f"num_blocks must be in [1, {first_global}] (windowed blocks before "
+                       f"SAM's first global block), got {self.num_blocks}")
+    grid = cfg.img_size // cfg.patch_size
+    x = PatchEmbed(cfg.patch_size, cfg.encoder_embed_dim, dtype=self.dtype,
+                   name="patch_embed")(x)
+    h, w = x.shape[1:3]
+    if h > grid or w > grid:
+      raise ValueError(f"image gives {h} x {w} tokens; SAM's frame holds {grid} x {grid}")
+    pos = self.param("pos_embed", nn.initializers.zeros, (1, grid, grid, cfg.encoder_embed_dim))
+    x = x + pos[:, :h, :w].astype(x.dtype)
+    feats = []
+    for i in range(self.num_blocks):
+      x = Block(dim=cfg.encoder_embed_dim, num_heads=cfg.encoder_num_heads, mlp_ratio=4.0,
+                qkv_bias=True, use_rel_pos=True, window_size=cfg.window_size,
+                input_size=(grid, grid), dtype=self.dtype, attn_impl=self.attn_impl,
+                name=f"blocks_{i}")(x)
+      feats.append(x)
+    return feats
+
+
+def sam_input(x: Array, patch_size: int) -> Array:
+  """[0, 1] images (B, H, W, 1 or 3) -> SAM-normalised (B, H', W', 3), H', W' padded up to
+  multiples of the patch size with zeros."""
+  if x.shape[-1] == 1:
+    x = jnp.repeat(x, 3, axis=-1)
+  x = (x * 255.0 - jnp.asarray(PIXEL_MEAN, x.dtype)) / jnp.asarray(PIXEL_STD, x.dtype)
+  ph, pw = (-x.shape[1]) % patch_size, (-x.shape[2]) % patch_size
+  return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+
+
+def _unit(f: Array, eps: float = 1e-10) -> Array:
+  return f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + eps)
+
+
+@jax.tree_util.register_pytree_node_class
+class SamPerceptualLoss:
+  """Eq. 7's distance with Phi = SAM's early blocks; a pytree (pass it into ``jit``).
+
+      loss_fn = SamPerceptualLoss.from_checkpoint("ckpt/sam_vit_h")    # (B,) per call
+      loss_fn = SamPerceptualLoss(sam_config, params["image_encoder"])
+
+  The encoder's weights are frozen (stop_gradient); gradients flow to both images.
+  """
+
+  def __init__(self, config: SamConfig, encoder_params: Mapping, num_blocks: int = 2,
+               dtype: Any = jnp.float32, attn_impl: str = "xla"):
+    if encoder_params is None:
+      raise ValueError("SamPerceptualLoss needs converted SAM weights; it never runs on "
+                       "random features")
+    self.config, self.num_blocks, self.dtype, self.attn_impl = (config, int(num_blocks),
+                                                                 dtype, attn_impl)
+    keep = ["patch_embed", "pos_embed"] + [f"blocks_{i}" for i in range(self.num_blocks)]
+    missing = [k for k in keep if k not in encoder_params]
+    if missing:
+      raise ValueError(f"SAM encoder params lack {missing}")
+    self.params = {k: encoder_params[k] for k in keep}
+
+  @classmethod
+  def from_checkpoint(cls, ckpt_dir: str, **kwargs) -> "SamPerceptualLoss":
+    from fusionsam_jax.sam_checkpoint import load_sam_checkpoint
+    cfg, params = load_sam_checkpoint(ckpt_dir)
+    return cls(cfg, params["image_encoder"], **kwargs)
+
+  def features(self, x: Array) -> list:
+    net = SamEarlyBlocks(self.config, self.num_blocks, self.dtype, self.attn_impl)
+    p = jax.lax.stop_gradient(self.params)
+    return net.apply({"params": p}, sam_input(x, self.config.patch_size).astype(self.dtype))
+
+  def __call__(self, x: Array, y: Array) -> Array:
+    if x.shape != y.shape:
+      raise ValueError(f"SamPerceptualLoss: shapes differ {x.shape} vs {y.shape}")
+    b = x.shape[0]
+    feats = self.features(jnp.concatenate([x, y], axis=0))
+    total = jnp.zeros((b,), jnp.float32)
+    for f in feats:
+      f = _unit(f.astype(jnp.float32))
+      total = total + jnp.mean(jnp.sum(jnp.square(f[:b] - f[b:]), axis=-1), axis=(1, 2))
+    return total
+
+  def tree_flatten(self):
+    return (self.params,), (self.config, self.num_blocks, self.dtype, self.attn_impl)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)
+    obj.params = children[0]
+    obj.config, obj.num_blocks, obj.dtype, obj.attn_impl = aux
+    return obj

@@ -1,0 +1,68 @@
+"""Codebook health at the paper's codebook size (K = 1024): after N tokenizer steps on
+generated MFNet-layout scenes, perplexity >= 25 % of K and <= 25 % dead codes with the
+paper configs' remedies (cosine + factorized 8-d codes, ViT-VQGAN; dead-code restart,
+Jukebox / SoundStream), against VQGAN's plain codebook."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fusionsam_jax import losses
+from fusionsam_jax.data.generate import generate_scene
+from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes
+
+K = 1024
+HW = (32, 48)
+
+
+def _scenes(first, num):
+  return np.stack([generate_scene("mfnet", i, 0, *HW)["rgb"]
+                   for i in range(first, first + num)]).astype(np.float32) / 255.0
+
+
+def _train(remedy, train, steps, batch):
+  kw = dict(l2_normalize=True, lookup_dim=8, usage_decay=0.8) if remedy else {}  # paper cfg
+  tok = LatentTokenizer(in_channels=3, latent_dim=64, num_codes=K, ch=16, num_res_blocks=1,
+                        max_groups=16, **kw)
+  params = tok.init(jax.random.PRNGKey(0), train[:1])["params"]
+  tx = optax.chain(optax.add_decayed_weights(1e-3), optax.adam(1e-4))  # the paper's Adam
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, x, rng):
+    def loss(p):
+      out = tok.apply({"params": p}, x)
+      return losses.reconstruction_loss(x, out["recon"], "l2") + out["vq_loss"]
+    g = jax.grad(loss)(params)
+    upd, opt = tx.update(g, opt, params)
+    params = optax.apply_updates(params, upd)
+    if remedy:
+      params, _ = restart_dead_codes(tok, params, x, rng)
+    return params, opt
+
+  rng = np.random.default_rng(0)
+  for i in range(steps):
+    x = train[rng.choice(len(train), batch, replace=False)]
+    params, opt = step(params, opt, x, jax.random.PRNGKey(i))
+  return tok, params
+
+
+def _usage(tok, params, x):
+  idx = jax.jit(lambda p, x: tok.apply({"params": p}, x, method=LatentTokenizer.encode)[
+      "indices"])(params, x)
+  u = losses.codebook_usage(idx, K)
+  return float(u["perplexity"]), float(u["dead_fraction"])
+
+
+def test_codebook_stays_healthy_at_paper_size():
+  train, held = _scenes(0, 96), _scenes(200, 64)   # held out: 64 x 8 x 12 = 6144 vectors
+  with jax.default_matmul_precision("highest"):
+    tok, p = _train(True, train, steps=12, batch=32)
+    perp, dead = _usage(tok, p, held)
+    tok0, p0 = _train(False, train, steps=12, batch=32)
+    perp0, dead0 = _usage(tok0, p0, held)
+  print(f"remedy: perplexity {perp:.0f} / {K}, dead {dead:.0%}; "
+        f"VQGAN codebook: perplexity {perp0:.0f}, dead {dead0:.0%}")
+  assert perp >= 0.25 * K and dead <= 0.25, (perp, dead)
+  assert perp > 4 * perp0 and dead < dead0
