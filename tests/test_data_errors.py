@@ -15,93 +15,93 @@ H, W = 32, 48
 
 
 def _make(tmp_path, layout, num=8):
-    src = tmp_path / "src"
-    generate.generate_dataset(layout, src, num, seed=2, height=H, width=W)
-    return src
+  src = tmp_path / "src"
+  generate.generate_dataset(layout, src, num, seed=2, height=H, width=W)
+  return src
 
 
 def _expect(tmp_path, layout, src, exc, needle, **kw):
-    dst = tmp_path / "dst"
-    with pytest.raises(exc) as info:
-        prepare.prepare_dataset(layout, src, dst, progress=False, **kw)
-    assert isinstance(info.value, DatasetError)
-    assert needle in str(info.value), str(info.value)
-    # nothing that looks like a dataset (or a temp folder) is left behind
-    assert not os.path.exists(dst) or os.listdir(dst) == []
-    return info.value
+  dst = tmp_path / "dst"
+  with pytest.raises(exc) as info:
+    prepare.prepare_dataset(layout, src, dst, progress=False, **kw)
+  assert isinstance(info.value, DatasetError)
+  assert needle in str(info.value), str(info.value)
+  # nothing that looks like a dataset (or a temp folder) is left behind
+  assert not os.path.exists(dst) or os.listdir(dst) == []
+  return info.value
 
 
 def test_missing_modality_file(tmp_path):
-    src = _make(tmp_path, "fmb")
-    os.remove(src / "train" / "Infrared" / "00002.png")
-    err = _expect(tmp_path, "fmb", src, MissingFileError, "Infrared/00002.png")
-    assert "missing thermal file" in str(err)
-    assert isinstance(err, FileNotFoundError)
+  src = _make(tmp_path, "fmb")
+  os.remove(src / "train" / "Infrared" / "00002.png")
+  err = _expect(tmp_path, "fmb", src, MissingFileError, "Infrared/00002.png")
+  assert "missing thermal file" in str(err)
+  assert isinstance(err, FileNotFoundError)
 
 
 def test_missing_mfnet_label(tmp_path):
-    src = _make(tmp_path, "mfnet")
-    os.remove(src / "labels" / "00003D.png")
-    _expect(tmp_path, "mfnet", src, MissingFileError, "labels/00003D.png")
+  src = _make(tmp_path, "mfnet")
+  os.remove(src / "labels" / "00003D.png")
+  _expect(tmp_path, "mfnet", src, MissingFileError, "labels/00003D.png")
 
 
 def test_size_mismatch(tmp_path):
-    src = _make(tmp_path, "vdt")
-    path = src / "Test" / "T" / "00003.png"
-    Image.open(path).resize((W + 2, H)).save(path)
-    err = _expect(tmp_path, "vdt", src, SizeMismatchError, "T/00003.png")
-    assert "differs" in str(err)
+  src = _make(tmp_path, "vdt")
+  path = src / "Test" / "T" / "00003.png"
+  Image.open(path).resize((W + 2, H)).save(path)
+  err = _expect(tmp_path, "vdt", src, SizeMismatchError, "T/00003.png")
+  assert "differs" in str(err)
 
 
 def test_wrong_channel_count_mfnet(tmp_path):
-    src = _make(tmp_path, "mfnet")
-    path = src / "images" / "00002N.png"
-    Image.open(path).convert("RGB").save(path)
-    err = _expect(tmp_path, "mfnet", src, ChannelError, "images/00002N.png")
-    assert "expected 4 channels" in str(err)
+  src = _make(tmp_path, "mfnet")
+  path = src / "images" / "00002N.png"
+  Image.open(path).convert("RGB").save(path)
+  err = _expect(tmp_path, "mfnet", src, ChannelError, "images/00002N.png")
+  assert "expected 4 channels" in str(err)
 
 
 def test_colour_thermal_strict_and_luma(tmp_path):
-    src = _make(tmp_path, "fmb")
-    path = src / "train" / "Infrared" / "00001.png"
-    g = np.asarray(Image.open(path))
-    Image.fromarray(np.stack([g, g // 2, 255 - g], -1)).save(path)
-    _expect(tmp_path, "fmb", src, ChannelError, "Infrared/00001.png")
-    prepare.prepare_dataset("fmb", src, tmp_path / "dst", grey_policy="luma", progress=False)
-    assert prepare.is_prepared("fmb", tmp_path / "dst")
+  src = _make(tmp_path, "fmb")
+  path = src / "train" / "Infrared" / "00001.png"
+  g = np.asarray(Image.open(path))
+  Image.fromarray(np.stack([g, g // 2, 255 - g], -1)).save(path)
+  _expect(tmp_path, "fmb", src, ChannelError, "Infrared/00001.png")
+  prepare.prepare_dataset("fmb", src, tmp_path / "dst", grey_policy="luma", progress=False)
+  assert prepare.is_prepared("fmb", tmp_path / "dst")
 
 
 def test_label_out_of_range(tmp_path):
-    src = _make(tmp_path, "mfnet")
-    path = src / "labels" / "00005D.png"
-    lab = np.asarray(Image.open(path)).copy()
-    lab[0, 0], lab[0, 1], lab[1, 0] = 9, 200, 255  # 255 is fine, 9 and 200 are not
-    Image.fromarray(lab).save(path)
-    err = _expect(tmp_path, "mfnet", src, LabelRangeError, "labels/00005D.png")
-    assert "9, 200" in str(err) and "0-8" in str(err)
+  src = _make(tmp_path, "mfnet")
+  path = src / "labels" / "00005D.png"
+  lab = np.asarray(Image.open(path)).copy()
+  lab[0, 0], lab[0, 1], lab[1, 0] = 9, 200, 255  # 255 is fine, 9 and 200 are not
+  Image.fromarray(lab).save(path)
+  err = _expect(tmp_path, "mfnet", src, LabelRangeError, "labels/00005D.png")
+  assert "9, 200" in str(err) and "0-8" in str(err)
 
 
 def test_ignore_index_is_accepted(tmp_path):
-    src = _make(tmp_path, "fmb")
-    path = src / "test" / "Label" / "00005.png"
-    lab = np.asarray(Image.open(path)).copy()
-    lab[:4] = 255
-    Image.fromarray(lab).save(path)
-    prepare.prepare_dataset("fmb", src, tmp_path / "dst", progress=False)
+  src = _make(tmp_path, "fmb")
+  path = src / "test" / "Label" / "00005.png"
+  lab = np.asarray(Image.open(path)).copy()
+  lab[:4] = 255
+  Image.fromarray(lab).save(path)
+  prepare.prepare_dataset("fmb", src, tmp_path / "dst", progress=False)
 
 
 def test_corrupt_png(tmp_path):
-    src = _make(tmp_path, "vdt")
-    path = src / "Train" / "V" / "00002.png"
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    _expect(tmp_path, "vdt", src, CorruptImageError, "V/00002.png")
+  src = _make(tmp_path, "vdt")
+  path = src / "Train" / "V" / "00002.png"
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  _expect(tmp_path, "vdt", src, CorruptImageError, "V/00002.png")
 
 
 def test_not_an_image(tmp_path):
-    src = _make(tmp_path, "mfnet")
-    (src / "labels" / "00001D.png").write_bytes(b"not a png")
-    _expect(tmp_path, "mfnet", src, CorruptImageError, "labels/00001D.png")
+  src = _make(tmp_path, "mfnet")
+  (src / "labels" / "00001D.png").write_bytes(b"not a png")
+  _expect(tmp_path, "mfnet", src, CorruptImageError, "labels/00001D.png")
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -110,70 +110,70 @@ def test_not_an_image(tmp_path):
     ("00001D\n00005D\n", "also in"),  # 00005D is in val
 ])
 def test_bad_split_list(tmp_path, content, needle):
-    src = _make(tmp_path, "mfnet")
-    (src / "train.txt").write_text(content)
-    err = _expect(tmp_path, "mfnet", src, SplitListError, needle)
-    assert "train.txt" in str(err) or "val.txt" in str(err)
+  src = _make(tmp_path, "mfnet")
+  (src / "train.txt").write_text(content)
+  err = _expect(tmp_path, "mfnet", src, SplitListError, needle)
+  assert "train.txt" in str(err) or "val.txt" in str(err)
 
 
 def test_trailing_blank_lines_are_fine(tmp_path):
-    src = _make(tmp_path, "mfnet")
-    with open(src / "train.txt", "a") as f:
-        f.write("\n\n")
-    prepare.prepare_dataset("mfnet", src, tmp_path / "dst", progress=False)
+  src = _make(tmp_path, "mfnet")
+  with open(src / "train.txt", "a") as f:
+    f.write("\n\n")
+  prepare.prepare_dataset("mfnet", src, tmp_path / "dst", progress=False)
 
 
 def test_duplicated_folder_entry(tmp_path):
-    src = _make(tmp_path, "fmb")
-    d = src / "train" / "Visible"
-    Image.open(d / "00001.png").save(d / "00001.jpg")
-    _expect(tmp_path, "fmb", src, SplitListError, "duplicated entry")
+  src = _make(tmp_path, "fmb")
+  d = src / "train" / "Visible"
+  Image.open(d / "00001.png").save(d / "00001.jpg")
+  _expect(tmp_path, "fmb", src, SplitListError, "duplicated entry")
 
 
 @pytest.mark.parametrize("layout,remove,where", [
     ("mfnet", "labels", "RTFNet"), ("fmb", "test", "SegMiF"), ("vdt", "Train/GT", "VDT-2048")])
 def test_layout_error_explains_layout_and_source(tmp_path, layout, remove, where):
-    src = _make(tmp_path, layout)
-    import shutil
-    shutil.rmtree(src / remove)
-    err = _expect(tmp_path, layout, src, LayoutError, remove)
-    assert "Expected layout" in str(err) and where in str(err)
+  src = _make(tmp_path, layout)
+  import shutil
+  shutil.rmtree(src / remove)
+  err = _expect(tmp_path, layout, src, LayoutError, remove)
+  assert "Expected layout" in str(err) and where in str(err)
 
 
 def test_cli_bad_input_exits_non_zero(tmp_path, capsys):
-    rc = prepare.main(["--dataset", "fmb", "--manual-dir", str(tmp_path / "nowhere"),
-                       "--data-dir", str(tmp_path / "dst"), "--no-progress"])
-    assert rc != 0
-    err = capsys.readouterr().err
-    assert "nowhere" in err and "Visible" in err and "SegMiF" in err
-    src = _make(tmp_path, "mfnet")
-    (src / "labels" / "00001D.png").write_bytes(b"junk")
-    rc = prepare.main(["--dataset", "mfnet", "--manual-dir", str(src),
-                       "--data-dir", str(tmp_path / "dst"), "--no-progress"])
-    assert rc == 1 and "00001D.png" in capsys.readouterr().err
+  rc = prepare.main(["--dataset", "fmb", "--manual-dir", str(tmp_path / "nowhere"),
+                     "--data-dir", str(tmp_path / "dst"), "--no-progress"])
+  assert rc != 0
+  err = capsys.readouterr().err
+  assert "nowhere" in err and "Visible" in err and "SegMiF" in err
+  src = _make(tmp_path, "mfnet")
+  (src / "labels" / "00001D.png").write_bytes(b"junk")
+  rc = prepare.main(["--dataset", "mfnet", "--manual-dir", str(src),
+                     "--data-dir", str(tmp_path / "dst"), "--no-progress"])
+  assert rc == 1 and "00001D.png" in capsys.readouterr().err
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
-    """A failure after validation (here: injected in the writer) leaves no dataset behind."""
-    src = _make(tmp_path, "mfnet")
-    orig = builders._Builder._generate_examples
-    def flaky(self, samples):
-        for i, kv in enumerate(orig(self, samples)):
-            if i == 2:
-                raise OSError("disk full")
-            yield kv
-    monkeypatch.setattr(builders._Builder, "_generate_examples", flaky)
-    dst = tmp_path / "dst"
-    with pytest.raises(Exception, match="disk full"):
-        prepare.prepare_dataset("mfnet", src, dst, progress=False)
-    assert os.listdir(dst) == []
-    assert not prepare.is_prepared("mfnet", dst)
+  """A failure after validation (here: injected in the writer) leaves no dataset behind."""
+  src = _make(tmp_path, "mfnet")
+  orig = builders._Builder._generate_examples
+  def flaky(self, samples):
+    for i, kv in enumerate(orig(self, samples)):
+      if i == 2:
+        raise OSError("disk full")
+      yield kv
+  monkeypatch.setattr(builders._Builder, "_generate_examples", flaky)
+  dst = tmp_path / "dst"
+  with pytest.raises(Exception, match="disk full"):
+    prepare.prepare_dataset("mfnet", src, dst, progress=False)
+  assert os.listdir(dst) == []
+  assert not prepare.is_prepared("mfnet", dst)
 
 
 def test_16_bit_image(tmp_path):
-    src = _make(tmp_path, "vdt")
-    path = src / "Test" / "D" / "00004.png"
-    depth = np.asarray(Image.open(path)).astype(np.uint16) * 257
-    Image.fromarray(depth).save(path)
-    err = _expect(tmp_path, "vdt", src, ChannelError, "D/00004.png")
-    assert "8-bit" in str(err)
+  src = _make(tmp_path, "vdt")
+  path = src / "Test" / "D" / "00004.png"
+  depth = np.asarray(Image.open(path)).astype(np.uint16) * 257
+  Image.fromarray(depth).save(path)
+  err = _expect(tmp_path, "vdt", src, ChannelError, "D/00004.png")
+  assert "8-bit" in str(err)

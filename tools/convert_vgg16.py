@@ -23,52 +23,52 @@ from fusionsam_jax.models.vgg import (  # noqa: E402
 
 
 def read_state_dict(path: str) -> dict:
-    """Load ``path`` with torch (weights only) -> {key: float32 numpy array}. Raises."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        import torch
-    except ImportError:
-        raise RuntimeError("PyTorch is needed to read .pth files: pip install torch "
-                           "(the 'convert' extra)") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for bad / truncated files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "Weights only load failed" in msg:
-            msg = "not a plain tensor checkpoint; refusing to unpickle arbitrary objects"
-        elif len(msg) > 160:
-            msg = msg[:157] + "..."
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors "
-                         f"(found {type(obj).__name__})")
-    sd = {k: v.detach().to(torch.float32).cpu().numpy()
-          for k, v in obj.items() if torch.is_tensor(v) and k.startswith("features.")}
-    if not sd:
-        raise ValueError(f"{path} has no 'features.*' tensors: not a torchvision VGG16 "
-                         f"state dict (first keys: {', '.join(list(obj)[:3])})")
-    return sd
+  """Load ``path`` with torch (weights only) -> {key: float32 numpy array}. Raises."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  try:
+    import torch
+  except ImportError:
+    raise RuntimeError("PyTorch is needed to read .pth files: pip install torch "
+                       "(the 'convert' extra)") from None
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for bad / truncated files
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "Weights only load failed" in msg:
+      msg = "not a plain tensor checkpoint; refusing to unpickle arbitrary objects"
+    elif len(msg) > 160:
+      msg = msg[:157] + "..."
+    raise ValueError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
+  if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    obj = obj["state_dict"]
+  if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
+    raise ValueError(f"{path} does not hold a state dict of tensors "
+                     f"(found {type(obj).__name__})")
+  sd = {k: v.detach().to(torch.float32).cpu().numpy()
+        for k, v in obj.items() if torch.is_tensor(v) and k.startswith("features.")}
+  if not sd:
+    raise ValueError(f"{path} has no 'features.*' tensors: not a torchvision VGG16 "
+                     f"state dict (first keys: {', '.join(list(obj)[:3])})")
+  return sd
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--weights", required=True, help="torchvision VGG16 state dict (.pth)")
-    ap.add_argument("--output", required=True, help="output .npz for load_vgg16_params")
-    args = ap.parse_args(argv)
-    try:
-        sd = read_state_dict(args.weights)
-        params = params_from_torch_state_dict(sd)
-        save_vgg16_params(params, args.output)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.output} (13 VGG16 conv layers)")
-    return 0
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[1],
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  ap.add_argument("--weights", required=True, help="torchvision VGG16 state dict (.pth)")
+  ap.add_argument("--output", required=True, help="output .npz for load_vgg16_params")
+  args = ap.parse_args(argv)
+  try:
+    sd = read_state_dict(args.weights)
+    params = params_from_torch_state_dict(sd)
+    save_vgg16_params(params, args.output)
+  except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {args.output} (13 VGG16 conv layers)")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -26,11 +26,11 @@ _LAZY = {
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        module = importlib.import_module(f"fusionsam_jax.data.{_LAZY[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module 'fusionsam_jax.data' has no attribute {name!r}")
+  if name in _LAZY:
+    import importlib
+    module = importlib.import_module(f"fusionsam_jax.data.{_LAZY[name]}")
+    return getattr(module, name)
+  raise AttributeError(f"module 'fusionsam_jax.data' has no attribute {name!r}")
 
 
 __all__ = ["DATASETS", "IGNORE_INDEX", "DatasetInfo", "get_info", "DatasetError", "LayoutError",

@@ -18,53 +18,53 @@ MODALITY_CHANNELS = {"rgb": 3, "thermal": 1, "depth": 1}
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """Facts about one dataset.
+  """Facts about one dataset.
 
-    Attributes:
-        name: registry name ("mfnet", "fmb", "vdt").
-        task: "semantic" (per-pixel class ids) or "saliency" (binary {0, 1} masks).
-        class_names: one name per class id (id = position).
-        palette: one RGB colour per class id, for colour-coded masks.
-        modalities: image keys of an element, RGB first.
-        native_size: (height, width) of the official images.
-        splits: split names a prepared dataset has.
-        ignore_index: label value that carries no supervision (never a class id).
-        source: where to get the official data (for error messages and docs).
-    """
+  Attributes:
+      name: registry name ("mfnet", "fmb", "vdt").
+      task: "semantic" (per-pixel class ids) or "saliency" (binary {0, 1} masks).
+      class_names: one name per class id (id = position).
+      palette: one RGB colour per class id, for colour-coded masks.
+      modalities: image keys of an element, RGB first.
+      native_size: (height, width) of the official images.
+      splits: split names a prepared dataset has.
+      ignore_index: label value that carries no supervision (never a class id).
+      source: where to get the official data (for error messages and docs).
+  """
 
-    name: str
-    task: str
-    class_names: tuple[str, ...]
-    palette: tuple[tuple[int, int, int], ...]
-    modalities: tuple[str, ...]
-    native_size: tuple[int, int]
-    splits: tuple[str, ...]
-    source: str
-    ignore_index: int = IGNORE_INDEX
+  name: str
+  task: str
+  class_names: tuple[str, ...]
+  palette: tuple[tuple[int, int, int], ...]
+  modalities: tuple[str, ...]
+  native_size: tuple[int, int]
+  splits: tuple[str, ...]
+  source: str
+  ignore_index: int = IGNORE_INDEX
 
-    def __post_init__(self):
-        if len(self.palette) != len(self.class_names):
-            raise ValueError(f"{self.name}: {len(self.palette)} palette colours for "
-                             f"{len(self.class_names)} classes")
+  def __post_init__(self):
+    if len(self.palette) != len(self.class_names):
+      raise ValueError(f"{self.name}: {len(self.palette)} palette colours for "
+                       f"{len(self.class_names)} classes")
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
 
-    @property
-    def aux_modalities(self) -> tuple[str, ...]:
-        """The modalities other than RGB (thermal and/or depth)."""
-        return tuple(m for m in self.modalities if m != "rgb")
+  @property
+  def aux_modalities(self) -> tuple[str, ...]:
+    """The modalities other than RGB (thermal and/or depth)."""
+    return tuple(m for m in self.modalities if m != "rgb")
 
-    def palette_array(self) -> np.ndarray:
-        """uint8 (256, 3) lookup table: class id -> colour; every other value (255 too) is black."""
-        lut = np.zeros((256, 3), np.uint8)
-        lut[: self.num_classes] = np.asarray(self.palette, np.uint8)
-        return lut
+  def palette_array(self) -> np.ndarray:
+    """uint8 (256, 3) lookup table: class id -> colour; every other value (255 too) is black."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: self.num_classes] = np.asarray(self.palette, np.uint8)
+    return lut
 
-    def colorize(self, label: np.ndarray) -> np.ndarray:
-        """Maps a label map (..., H, W) of class ids to RGB (..., H, W, 3) uint8."""
-        return self.palette_array()[np.asarray(label).astype(np.uint8)]
+  def colorize(self, label: np.ndarray) -> np.ndarray:
+    """Maps a label map (..., H, W) of class ids to RGB (..., H, W, 3) uint8."""
+    return self.palette_array()[np.asarray(label).astype(np.uint8)]
 
 
 MFNET = DatasetInfo(
@@ -115,29 +115,29 @@ _INFOS = {i.name: i for i in (MFNET, FMB, VDT)}
 
 @dataclasses.dataclass(frozen=True)
 class PaperTable:
-    """The FusionSAM row of one of the paper's result tables (KDD '25, Sec. 4.3).
+  """The FusionSAM row of one of the paper's result tables (KDD '25, Sec. 4.3).
 
-    Attributes:
-        dataset: registry name.
-        table: "Table 1" / "Table 2".
-        split: the split the paper reports ("test").
-        columns: ``(class_name, header)`` pairs in the paper's column order (the class names
-            are this package's; the headers are the paper's).
-        iou: FusionSAM's per-column IoU in percent, as printed in the paper.
-        miou: FusionSAM's mIoU in percent, as printed (over all classes, also where the table
-            shows only some of them, as Table 2 does).
-    """
+  Attributes:
+      dataset: registry name.
+      table: "Table 1" / "Table 2".
+      split: the split the paper reports ("test").
+      columns: ``(class_name, header)`` pairs in the paper's column order (the class names
+          are this package's; the headers are the paper's).
+      iou: FusionSAM's per-column IoU in percent, as printed in the paper.
+      miou: FusionSAM's mIoU in percent, as printed (over all classes, also where the table
+          shows only some of them, as Table 2 does).
+  """
 
-    dataset: str
-    table: str
-    split: str
-    columns: tuple[tuple[str, str], ...]
-    iou: tuple[float, ...]
-    miou: float
+  dataset: str
+  table: str
+  split: str
+  columns: tuple[tuple[str, str], ...]
+  iou: tuple[float, ...]
+  miou: float
 
-    def iou_by_class(self) -> dict[str, float]:
-        """class name -> IoU in percent."""
-        return {c: v for (c, _), v in zip(self.columns, self.iou)}
+  def iou_by_class(self) -> dict[str, float]:
+    """class name -> IoU in percent."""
+    return {c: v for (c, _), v in zip(self.columns, self.iou)}
 
 
 #: The paper's FusionSAM rows ("Ours" in Tables 1 and 2), per dataset. VDT-2048 (saliency)
@@ -159,18 +159,18 @@ PAPER_TABLES = {
 
 
 def paper_table(name: str) -> PaperTable | None:
-    """The paper's table for dataset ``name``, or None (VDT-2048, unknown names)."""
-    try:
-        return PAPER_TABLES.get(get_info(name).name)
-    except ValueError:
-        return None
+  """The paper's table for dataset ``name``, or None (VDT-2048, unknown names)."""
+  try:
+    return PAPER_TABLES.get(get_info(name).name)
+  except ValueError:
+    return None
 DATASETS = tuple(_INFOS)
 
 
 def get_info(name: str) -> DatasetInfo:
-    """Returns the :class:`DatasetInfo` of ``name`` ("mfnet", "fmb" or "vdt"; "vdt2048" too)."""
-    key = name.lower().replace("-", "").replace("_", "")
-    key = {"vdt2048": "vdt"}.get(key, key)
-    if key not in _INFOS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
-    return _INFOS[key]
+  """Returns the :class:`DatasetInfo` of ``name`` ("mfnet", "fmb" or "vdt"; "vdt2048" too)."""
+  key = name.lower().replace("-", "").replace("_", "")
+  key = {"vdt2048": "vdt"}.get(key, key)
+  if key not in _INFOS:
+    raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+  return _INFOS[key]

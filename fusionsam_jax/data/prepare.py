@@ -26,107 +26,107 @@ IF_EXISTS = ("error", "skip", "overwrite")
 def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "strict",
                     if_exists: str = "error", progress: bool = True,
                     num_threads: int | None = None) -> str:
-    """Validates ``manual_dir`` and writes the dataset; returns the dataset folder.
+  """Validates ``manual_dir`` and writes the dataset; returns the dataset folder.
 
-    Args:
-      name: "mfnet", "fmb" or "vdt" (generated sets use the layout they imitate).
-      manual_dir: folder in the official layout (see ``layouts``).
-      data_dir: output root; the dataset goes to ``data_dir/<name>/<version>``.
-      grey_policy: "strict" (grey stored as 3 equal channels is reduced, colour is an error)
-        or "luma" (colour converted to luma) for thermal / depth images.
-      if_exists: what to do when the dataset is already prepared: "error" (FileExistsError),
-        "skip" (return it unchanged) or "overwrite".
-      progress: show tqdm bars.
+  Args:
+    name: "mfnet", "fmb" or "vdt" (generated sets use the layout they imitate).
+    manual_dir: folder in the official layout (see ``layouts``).
+    data_dir: output root; the dataset goes to ``data_dir/<name>/<version>``.
+    grey_policy: "strict" (grey stored as 3 equal channels is reduced, colour is an error)
+      or "luma" (colour converted to luma) for thermal / depth images.
+    if_exists: what to do when the dataset is already prepared: "error" (FileExistsError),
+      "skip" (return it unchanged) or "overwrite".
+    progress: show tqdm bars.
 
-    Raises:
-      DatasetError (LayoutError, MissingFileError, CorruptImageError, ChannelError,
-      SizeMismatchError, LabelRangeError, SplitListError) before anything is written.
-    """
-    import tensorflow_datasets as tfds
+  Raises:
+    DatasetError (LayoutError, MissingFileError, CorruptImageError, ChannelError,
+    SizeMismatchError, LabelRangeError, SplitListError) before anything is written.
+  """
+  import tensorflow_datasets as tfds
 
-    from fusionsam_jax.data import builders
+  from fusionsam_jax.data import builders
 
-    if if_exists not in IF_EXISTS:
-        raise ValueError(f"if_exists={if_exists!r}: expected one of {IF_EXISTS}")
-    layout = layouts.get_layout(name)
-    name = layout.info.name
-    final = dataset_dir(name, data_dir)
-    if os.path.exists(final):
-        if if_exists == "skip" and is_prepared(name, data_dir):
-            return final
-        if if_exists == "error":
-            raise FileExistsError(f"{final}: dataset already prepared (use if_exists='skip' "
-                                  "or 'overwrite', CLI --if-exists)")
-    # TFDS's bars have no total (no rate / ETA that means anything): the builder shows its own.
-    tfds.disable_progress_bar()
-    plan = layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
-                           num_threads=num_threads)
-    os.makedirs(data_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-building-", dir=data_dir)
-    saved_tempdir = tempfile.tempdir
+  if if_exists not in IF_EXISTS:
+    raise ValueError(f"if_exists={if_exists!r}: expected one of {IF_EXISTS}")
+  layout = layouts.get_layout(name)
+  name = layout.info.name
+  final = dataset_dir(name, data_dir)
+  if os.path.exists(final):
+    if if_exists == "skip" and is_prepared(name, data_dir):
+      return final
+    if if_exists == "error":
+      raise FileExistsError(f"{final}: dataset already prepared (use if_exists='skip' "
+                            "or 'overwrite', CLI --if-exists)")
+# TFDS's bars have no total (no rate / ETA that means anything): the builder shows its own.
+  tfds.disable_progress_bar()
+  plan = layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
+                         num_threads=num_threads)
+  os.makedirs(data_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}-building-", dir=data_dir)
+  saved_tempdir = tempfile.tempdir
+  try:
+      # A new TFDS builder makes an empty mkdtemp() folder (for GCS metadata, off here) and
+      # never removes it; keep it inside our temporary folder.
+    tempfile.tempdir = tmp
     try:
-        # A new TFDS builder makes an empty mkdtemp() folder (for GCS metadata, off here) and
-        # never removes it; keep it inside our temporary folder.
-        tempfile.tempdir = tmp
-        try:
-            builder = builders.get_builder_cls(name)(
-                data_dir=os.path.join(tmp, "data"), file_format="array_record",
-                grey_policy=grey_policy, plan=plan, progress=progress)
-        finally:
-            tempfile.tempdir = saved_tempdir
-        builder.download_and_prepare(
-            download_dir=os.path.join(tmp, "downloads"),
-            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir),
-                                                         try_download_gcs=False))
-        built = os.path.join(tmp, "data", name, builders.VERSION)
-        if not os.path.isfile(os.path.join(built, "dataset_info.json")):
-            raise RuntimeError(f"{built}: TFDS finished without writing dataset_info.json")
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        if os.path.exists(final):  # overwrite: move the old one aside, then drop it
-            old = os.path.join(tmp, "old")
-            os.replace(final, old)
-        os.replace(built, final)
+      builder = builders.get_builder_cls(name)(
+          data_dir=os.path.join(tmp, "data"), file_format="array_record",
+          grey_policy=grey_policy, plan=plan, progress=progress)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+      tempfile.tempdir = saved_tempdir
+    builder.download_and_prepare(
+        download_dir=os.path.join(tmp, "downloads"),
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir),
+                                                     try_download_gcs=False))
+    built = os.path.join(tmp, "data", name, builders.VERSION)
+    if not os.path.isfile(os.path.join(built, "dataset_info.json")):
+      raise RuntimeError(f"{built}: TFDS finished without writing dataset_info.json")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    if os.path.exists(final):  # overwrite: move the old one aside, then drop it
+      old = os.path.join(tmp, "old")
+      os.replace(final, old)
+    os.replace(built, final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m fusionsam_jax.data.prepare",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Validate a manually downloaded (or generated) dataset and write it as "
-                    "TFDS ArrayRecord files.")
-    p.add_argument("--dataset", required=True, choices=info_lib.DATASETS, help="which layout")
-    p.add_argument("--manual-dir", required=True, help="folder in the official layout")
-    p.add_argument("--data-dir", required=True, help="output root (DST/<dataset>/<version>)")
-    p.add_argument("--grey-policy", default="strict", choices=GREY_POLICIES,
-                   help="thermal/depth stored in colour: 'strict' accepts only equal channels, "
-                        "'luma' converts colour to luma")
-    p.add_argument("--if-exists", default="error", choices=IF_EXISTS,
-                   help="when DST/<dataset>/<version> exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    try:
-        out = prepare_dataset(args.dataset, args.manual_dir, args.data_dir,
-                              grey_policy=args.grey_policy, if_exists=args.if_exists,
-                              progress=not args.no_progress)
-    except LayoutError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DatasetError, FileExistsError) as e:
-        print(f"error: {e}\nNothing was written.", file=sys.stderr)
-        return 1
-    counts = ", ".join(f"{s}={n}" for s, n in split_sizes(args.dataset, args.data_dir).items())
-    print(f"prepared {args.dataset} at {out} ({counts})")
-    return 0
+  p = argparse.ArgumentParser(
+      prog="python -m fusionsam_jax.data.prepare",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      description="Validate a manually downloaded (or generated) dataset and write it as "
+                  "TFDS ArrayRecord files.")
+  p.add_argument("--dataset", required=True, choices=info_lib.DATASETS, help="which layout")
+  p.add_argument("--manual-dir", required=True, help="folder in the official layout")
+  p.add_argument("--data-dir", required=True, help="output root (DST/<dataset>/<version>)")
+  p.add_argument("--grey-policy", default="strict", choices=GREY_POLICIES,
+                 help="thermal/depth stored in colour: 'strict' accepts only equal channels, "
+                      "'luma' converts colour to luma")
+  p.add_argument("--if-exists", default="error", choices=IF_EXISTS,
+                 help="when DST/<dataset>/<version> exists")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  args = p.parse_args(argv)
+  try:
+    out = prepare_dataset(args.dataset, args.manual_dir, args.data_dir,
+                          grey_policy=args.grey_policy, if_exists=args.if_exists,
+                          progress=not args.no_progress)
+  except LayoutError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except (DatasetError, FileExistsError) as e:
+    print(f"error: {e}\nNothing was written.", file=sys.stderr)
+    return 1
+  counts = ", ".join(f"{s}={n}" for s, n in split_sizes(args.dataset, args.data_dir).items())
+  print(f"prepared {args.dataset} at {out} ({counts})")
+  return 0
 
 
 def split_sizes(name: str, data_dir) -> dict[str, int]:
-    from fusionsam_jax.data.sources import load_source
-    info = info_lib.get_info(name)
-    return {s: len(load_source(name, s, data_dir)) for s in info.splits}
+  from fusionsam_jax.data.sources import load_source
+  info = info_lib.get_info(name)
+  return {s: len(load_source(name, s, data_dir)) for s in info.splits}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

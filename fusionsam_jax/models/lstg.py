@@ -29,354 +29,354 @@ Array = jax.Array
 
 
 def num_groups_for(channels: int, max_groups: int = 32) -> int:
-    """Largest group count <= ``max_groups`` that divides ``channels`` (GroupNorm)."""
-    g = math.gcd(channels, max_groups)
-    return max(g, 1)
+  """Largest group count <= ``max_groups`` that divides ``channels`` (GroupNorm)."""
+  g = math.gcd(channels, max_groups)
+  return max(g, 1)
 
 
 def resolve_ch_mult(scale: int, ch_mult: Optional[Sequence[int]]) -> tuple[int, ...]:
-    """Channel multipliers per resolution level; ``len == log2(scale) + 1``.
+  """Channel multipliers per resolution level; ``len == log2(scale) + 1``.
 
-    ``None`` gives ``(1, 2, 2, ..., 2)``. Raises ValueError if ``scale`` is not a power of two
-    or if ``ch_mult`` has the wrong length.
-    """
-    if scale < 1 or (scale & (scale - 1)) != 0:
-        raise ValueError(f"scale must be a power of two >= 1, got {scale}")
-    num_down = int(round(math.log2(scale)))
-    if ch_mult is None:
-        return (1,) + (2,) * num_down
-    ch_mult = tuple(int(m) for m in ch_mult)
-    if len(ch_mult) != num_down + 1:
-        raise ValueError(
-            f"ch_mult must have log2(scale) + 1 = {num_down + 1} entries for scale={scale}, "
-            f"got {ch_mult}")
-    return ch_mult
+  ``None`` gives ``(1, 2, 2, ..., 2)``. Raises ValueError if ``scale`` is not a power of two
+  or if ``ch_mult`` has the wrong length.
+  """
+  if scale < 1 or (scale & (scale - 1)) != 0:
+    raise ValueError(f"scale must be a power of two >= 1, got {scale}")
+  num_down = int(round(math.log2(scale)))
+  if ch_mult is None:
+    return (1,) + (2,) * num_down
+  ch_mult = tuple(int(m) for m in ch_mult)
+  if len(ch_mult) != num_down + 1:
+    raise ValueError(
+        f"ch_mult must have log2(scale) + 1 = {num_down + 1} entries for scale={scale}, "
+        f"got {ch_mult}")
+  return ch_mult
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3 -> GroupNorm -> SiLU -> conv3x3, plus (1x1) skip."""
+  """GroupNorm -> SiLU -> conv3x3 -> GroupNorm -> SiLU -> conv3x3, plus (1x1) skip."""
 
-    out_ch: int
-    max_groups: int = 32
+  out_ch: int
+  max_groups: int = 32
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:  # (B, H, W, C_in) -> (B, H, W, out_ch)
-        in_ch = x.shape[-1]
-        h = nn.GroupNorm(num_groups=num_groups_for(in_ch, self.max_groups), name="norm1")(x)
-        h = nn.silu(h)
-        h = nn.Conv(self.out_ch, (3, 3), padding=1, name="conv1")(h)
-        h = nn.GroupNorm(num_groups=num_groups_for(self.out_ch, self.max_groups), name="norm2")(h)
-        h = nn.silu(h)
-        h = nn.Conv(self.out_ch, (3, 3), padding=1, name="conv2")(h)
-        if in_ch != self.out_ch:
-            x = nn.Conv(self.out_ch, (1, 1), name="skip")(x)
-        return x + h
+  @nn.compact
+  def __call__(self, x: Array) -> Array:  # (B, H, W, C_in) -> (B, H, W, out_ch)
+    in_ch = x.shape[-1]
+    h = nn.GroupNorm(num_groups=num_groups_for(in_ch, self.max_groups), name="norm1")(x)
+    h = nn.silu(h)
+    h = nn.Conv(self.out_ch, (3, 3), padding=1, name="conv1")(h)
+    h = nn.GroupNorm(num_groups=num_groups_for(self.out_ch, self.max_groups), name="norm2")(h)
+    h = nn.silu(h)
+    h = nn.Conv(self.out_ch, (3, 3), padding=1, name="conv2")(h)
+    if in_ch != self.out_ch:
+      x = nn.Conv(self.out_ch, (1, 1), name="skip")(x)
+    return x + h
 
 
 class Downsample(nn.Module):
-    """Stride-2 conv 3x3 with VQGAN's asymmetric (0, 1) padding: (B,H,W,C) -> (B,H/2,W/2,C)."""
+  """Stride-2 conv 3x3 with VQGAN's asymmetric (0, 1) padding: (B,H,W,C) -> (B,H/2,W/2,C)."""
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)),
-                       name="conv")(x)
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)),
+                   name="conv")(x)
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then conv 3x3: (B,H,W,C) -> (B,2H,2W,C)."""
+  """Nearest-neighbour x2 then conv 3x3: (B,H,W,C) -> (B,2H,2W,C)."""
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return nn.Conv(x.shape[-1], (3, 3), padding=1, name="conv")(x)
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nn.Conv(x.shape[-1], (3, 3), padding=1, name="conv")(x)
 
 
 class Encoder(nn.Module):
-    """E of Eq. 2: (B, H, W, C) -> z (B, H/s, W/s, d_c).
+  """E of Eq. 2: (B, H, W, C) -> z (B, H/s, W/s, d_c).
 
-    conv_in 3x3 -> per level ``num_res_blocks`` ResBlocks at ``ch * ch_mult[level]``
-    (+ stride-2 Downsample between levels, ``log2(scale)`` of them) -> 2 mid ResBlocks ->
-    GroupNorm -> SiLU -> conv_out 3x3 to ``latent_dim``.
-    """
+  conv_in 3x3 -> per level ``num_res_blocks`` ResBlocks at ``ch * ch_mult[level]``
+  (+ stride-2 Downsample between levels, ``log2(scale)`` of them) -> 2 mid ResBlocks ->
+  GroupNorm -> SiLU -> conv_out 3x3 to ``latent_dim``.
+  """
 
-    latent_dim: int = 64          # d_c
-    ch: int = 64
-    ch_mult: Optional[Sequence[int]] = None   # None -> (1, 2, ..., 2), len = log2(scale) + 1
-    num_res_blocks: int = 2
-    scale: int = 4                # s
-    max_groups: int = 32
+  latent_dim: int = 64          # d_c
+  ch: int = 64
+  ch_mult: Optional[Sequence[int]] = None   # None -> (1, 2, ..., 2), len = log2(scale) + 1
+  num_res_blocks: int = 2
+  scale: int = 4                # s
+  max_groups: int = 32
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        mult = resolve_ch_mult(self.scale, self.ch_mult)
-        h = nn.Conv(self.ch * mult[0], (3, 3), padding=1, name="conv_in")(x)
-        for level, m in enumerate(mult):
-            for i in range(self.num_res_blocks):
-                h = ResBlock(self.ch * m, self.max_groups, name=f"down_{level}_block_{i}")(h)
-            if level != len(mult) - 1:
-                h = Downsample(name=f"down_{level}_downsample")(h)
-        c = self.ch * mult[-1]
-        h = ResBlock(c, self.max_groups, name="mid_block_1")(h)
-        h = ResBlock(c, self.max_groups, name="mid_block_2")(h)
-        h = nn.GroupNorm(num_groups=num_groups_for(c, self.max_groups), name="norm_out")(h)
-        h = nn.silu(h)
-        return nn.Conv(self.latent_dim, (3, 3), padding=1, name="conv_out")(h)  # (B,h,w,d_c)
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    mult = resolve_ch_mult(self.scale, self.ch_mult)
+    h = nn.Conv(self.ch * mult[0], (3, 3), padding=1, name="conv_in")(x)
+    for level, m in enumerate(mult):
+      for i in range(self.num_res_blocks):
+        h = ResBlock(self.ch * m, self.max_groups, name=f"down_{level}_block_{i}")(h)
+      if level != len(mult) - 1:
+        h = Downsample(name=f"down_{level}_downsample")(h)
+    c = self.ch * mult[-1]
+    h = ResBlock(c, self.max_groups, name="mid_block_1")(h)
+    h = ResBlock(c, self.max_groups, name="mid_block_2")(h)
+    h = nn.GroupNorm(num_groups=num_groups_for(c, self.max_groups), name="norm_out")(h)
+    h = nn.silu(h)
+    return nn.Conv(self.latent_dim, (3, 3), padding=1, name="conv_out")(h)  # (B,h,w,d_c)
 
 
 class Decoder(nn.Module):
-    """G of Eq. 4 (mirror of ``Encoder``): (B, h, w, d_c) -> (B, h*s, w*s, out_channels).
+  """G of Eq. 4 (mirror of ``Encoder``): (B, h, w, d_c) -> (B, h*s, w*s, out_channels).
 
-    conv_in 3x3 -> 2 mid ResBlocks -> per level (coarse to fine) ``num_res_blocks + 1``
-    ResBlocks (+ nearest Upsample x2 between levels) -> GroupNorm -> SiLU -> conv_out 3x3.
-    The output is linear (no activation). ``conv_out`` is the "last layer" whose kernel the
-    VQGAN adaptive weight uses: ``params["decoder"]["conv_out"]["kernel"]`` in a tokenizer.
-    """
+  conv_in 3x3 -> 2 mid ResBlocks -> per level (coarse to fine) ``num_res_blocks + 1``
+  ResBlocks (+ nearest Upsample x2 between levels) -> GroupNorm -> SiLU -> conv_out 3x3.
+  The output is linear (no activation). ``conv_out`` is the "last layer" whose kernel the
+  VQGAN adaptive weight uses: ``params["decoder"]["conv_out"]["kernel"]`` in a tokenizer.
+  """
 
-    out_channels: int = 3
-    ch: int = 64
-    ch_mult: Optional[Sequence[int]] = None
-    num_res_blocks: int = 2
-    scale: int = 4
-    max_groups: int = 32
+  out_channels: int = 3
+  ch: int = 64
+  ch_mult: Optional[Sequence[int]] = None
+  num_res_blocks: int = 2
+  scale: int = 4
+  max_groups: int = 32
 
-    @nn.compact
-    def __call__(self, z: Array) -> Array:
-        mult = resolve_ch_mult(self.scale, self.ch_mult)
-        c = self.ch * mult[-1]
-        h = nn.Conv(c, (3, 3), padding=1, name="conv_in")(z)
-        h = ResBlock(c, self.max_groups, name="mid_block_1")(h)
-        h = ResBlock(c, self.max_groups, name="mid_block_2")(h)
-        for level in reversed(range(len(mult))):
-            for i in range(self.num_res_blocks + 1):
-                h = ResBlock(self.ch * mult[level], self.max_groups,
-                             name=f"up_{level}_block_{i}")(h)
-            if level != 0:
-                h = Upsample(name=f"up_{level}_upsample")(h)
-        h = nn.GroupNorm(num_groups=num_groups_for(h.shape[-1], self.max_groups),
-                         name="norm_out")(h)
-        h = nn.silu(h)
-        return nn.Conv(self.out_channels, (3, 3), padding=1, name="conv_out")(h)
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    mult = resolve_ch_mult(self.scale, self.ch_mult)
+    c = self.ch * mult[-1]
+    h = nn.Conv(c, (3, 3), padding=1, name="conv_in")(z)
+    h = ResBlock(c, self.max_groups, name="mid_block_1")(h)
+    h = ResBlock(c, self.max_groups, name="mid_block_2")(h)
+    for level in reversed(range(len(mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = ResBlock(self.ch * mult[level], self.max_groups,
+                     name=f"up_{level}_block_{i}")(h)
+      if level != 0:
+        h = Upsample(name=f"up_{level}_upsample")(h)
+    h = nn.GroupNorm(num_groups=num_groups_for(h.shape[-1], self.max_groups),
+                     name="norm_out")(h)
+    h = nn.silu(h)
+    return nn.Conv(self.out_channels, (3, 3), padding=1, name="conv_out")(h)
 
 
 def _l2_normalize(x: Array, eps: float = 1e-6) -> Array:
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class VectorQuantizer(nn.Module):
-    """Quant of Eq. 3 with the two terms of Eq. 6.
+  """Quant of Eq. 3 with the two terms of Eq. 6.
 
-    Codebook health (options named after their sources; all off = VQGAN):
-      ``l2_normalize``  cosine codes: latents and codes l2-normalised before the search
-                        (ViT-VQGAN, Yu et al. 2022, Sec. 3.2).
-      ``lookup_dim``    factorized codes: the search runs in a ``lookup_dim``-d space,
-                        ``proj_in`` (d_c -> lookup_dim) before it, ``proj_out`` (lookup_dim ->
-                        d_c) after it (ViT-VQGAN; they use 32-d / 8-d lookups). The codebook
-                        is then (K, lookup_dim) and ``z``, the Eq. 6 terms and
-                        ``encodings`` live in the lookup space; ``z_q`` is d_c-d.
-      dead-code restart: ``restart_dead_codes`` below, applied by the trainer after updates
-                        (Jukebox, Dhariwal et al. 2020, "random restarts"; SoundStream,
-                        Zeghidour et al. 2021, Sec. 3.3: codes whose exponential moving
-                        average of use per batch falls below a threshold get random
-                        vectors of the current batch). ``usage_decay`` set: a (K,) leaf
-                        ``usage`` holds that average (a param with zero gradient, written
-                        only by the restart, so it is checkpointed with the codebook); it
-                        starts at 0, so the first step restarts every code the batch used
-                        fewer than threshold / (1 - decay) times: a data-driven init.
+  Codebook health (options named after their sources; all off = VQGAN):
+    ``l2_normalize``  cosine codes: latents and codes l2-normalised before the search
+                      (ViT-VQGAN, Yu et al. 2022, Sec. 3.2).
+    ``lookup_dim``    factorized codes: the search runs in a ``lookup_dim``-d space,
+                      ``proj_in`` (d_c -> lookup_dim) before it, ``proj_out`` (lookup_dim ->
+                      d_c) after it (ViT-VQGAN; they use 32-d / 8-d lookups). The codebook
+                      is then (K, lookup_dim) and ``z``, the Eq. 6 terms and
+                      ``encodings`` live in the lookup space; ``z_q`` is d_c-d.
+    dead-code restart: ``restart_dead_codes`` below, applied by the trainer after updates
+                      (Jukebox, Dhariwal et al. 2020, "random restarts"; SoundStream,
+                      Zeghidour et al. 2021, Sec. 3.3: codes whose exponential moving
+                      average of use per batch falls below a threshold get random
+                      vectors of the current batch). ``usage_decay`` set: a (K,) leaf
+                      ``usage`` holds that average (a param with zero gradient, written
+                      only by the restart, so it is checkpointed with the codebook); it
+                      starts at 0, so the first step restarts every code the batch used
+                      fewer than threshold / (1 - decay) times: a data-driven init.
 
-    Codebook ``C`` is a (K, d_c) parameter named ``codebook`` (init uniform(-1/K, 1/K) as in
-    VQGAN). For each latent vector the nearest entry by squared Euclidean distance is chosen
-    (distances computed at HIGHEST matmul precision so the argmin does not depend on the
-    ambient precision setting).
+  Codebook ``C`` is a (K, d_c) parameter named ``codebook`` (init uniform(-1/K, 1/K) as in
+  VQGAN). For each latent vector the nearest entry by squared Euclidean distance is chosen
+  (distances computed at HIGHEST matmul precision so the argmin does not depend on the
+  ambient precision setting).
 
-    Returns a dict:
-        z                 (B, h, w, d_c)  encoder output (l2-normalised if ``l2_normalize``)
-        z_q               (B, h, w, d_c)  straight-through codes ``z + sg[c - z]``: value of
-                                          the code, gradient of ``z``
-        indices           (B, h, w) int32
-        codebook_loss     ()  mean ||sg[z] - c||^2   (gradient to the codebook only)
-        commitment_loss   ()  beta * mean ||z - sg[c]||^2   (gradient to the encoder only)
-        vq_loss           ()  codebook_loss + commitment_loss (Eq. 6 for one modality)
-    Means are over all elements (B * h * w * d_c), as VQGAN does.
-    """
+  Returns a dict:
+      z                 (B, h, w, d_c)  encoder output (l2-normalised if ``l2_normalize``)
+      z_q               (B, h, w, d_c)  straight-through codes ``z + sg[c - z]``: value of
+                                        the code, gradient of ``z``
+      indices           (B, h, w) int32
+      codebook_loss     ()  mean ||sg[z] - c||^2   (gradient to the codebook only)
+      commitment_loss   ()  beta * mean ||z - sg[c]||^2   (gradient to the encoder only)
+      vq_loss           ()  codebook_loss + commitment_loss (Eq. 6 for one modality)
+  Means are over all elements (B * h * w * d_c), as VQGAN does.
+  """
 
-    num_codes: int = 1024     # K
-    code_dim: int = 64        # d_c
-    beta: float = 0.25
-    l2_normalize: bool = False
-    lookup_dim: Optional[int] = None   # None: search in d_c (no projections)
-    usage_decay: Optional[float] = None  # EMA decay of code use (dead-code restart state)
+  num_codes: int = 1024     # K
+  code_dim: int = 64        # d_c
+  beta: float = 0.25
+  l2_normalize: bool = False
+  lookup_dim: Optional[int] = None   # None: search in d_c (no projections)
+  usage_decay: Optional[float] = None  # EMA decay of code use (dead-code restart state)
 
-    def setup(self):
-        k = self.num_codes
-        dim = self.lookup_dim or self.code_dim
-        self.codebook = self.param("codebook", _uniform_init(1.0 / k), (self.num_codes, dim))
-        if self.usage_decay is not None:
-            self.usage = self.param("usage", nn.initializers.zeros, (self.num_codes,))
-        if self.lookup_dim:
-            self.proj_in = nn.Dense(self.lookup_dim, name="proj_in")
-            self.proj_out = nn.Dense(self.code_dim, name="proj_out")
+  def setup(self):
+    k = self.num_codes
+    dim = self.lookup_dim or self.code_dim
+    self.codebook = self.param("codebook", _uniform_init(1.0 / k), (self.num_codes, dim))
+    if self.usage_decay is not None:
+      self.usage = self.param("usage", nn.initializers.zeros, (self.num_codes,))
+    if self.lookup_dim:
+      self.proj_in = nn.Dense(self.lookup_dim, name="proj_in")
+      self.proj_out = nn.Dense(self.code_dim, name="proj_out")
 
-    def lookup_space(self, z: Array) -> Array:
-        """Encoder latents (..., d_c) -> the vectors the codebook search sees."""
-        if self.lookup_dim:
-            z = self.proj_in(z)
-        return _l2_normalize(z) if self.l2_normalize else z
+  def lookup_space(self, z: Array) -> Array:
+    """Encoder latents (..., d_c) -> the vectors the codebook search sees."""
+    if self.lookup_dim:
+      z = self.proj_in(z)
+    return _l2_normalize(z) if self.l2_normalize else z
 
-    def _codes(self) -> Array:  # (K, d_c)
-        cb = self.codebook
-        return _l2_normalize(cb) if self.l2_normalize else cb
+  def _codes(self) -> Array:  # (K, d_c)
+    cb = self.codebook
+    return _l2_normalize(cb) if self.l2_normalize else cb
 
-    def __call__(self, z: Array) -> dict[str, Array]:
-        if z.shape[-1] != self.code_dim:
-            raise ValueError(f"latent channel dim {z.shape[-1]} != code_dim {self.code_dim}")
-        z = self.lookup_space(z)
-        codes = self._codes()                                             # (K, d_c)
-        hi = jax.lax.Precision.HIGHEST
-        # The search runs in float32 whatever the compute dtype (a bf16 path picks the same
-        # codes as the float32 one, up to its own rounding of z).
-        zf, cf = z.astype(jnp.float32), codes.astype(jnp.float32)
-        d = (jnp.sum(zf * zf, axis=-1, keepdims=True)
-             - 2.0 * jnp.einsum("...c,kc->...k", zf, cf, precision=hi)
-             + jnp.sum(cf * cf, axis=-1))                                 # (B, h, w, K)
-        indices = jnp.argmin(d, axis=-1).astype(jnp.int32)                # (B, h, w)
-        # The code lookup as a one-hot matmul, not a gather: the gather's gradient is a
-        # scatter-add into the codebook whose atomics serialise as the codes collapse onto a
-        # few entries (on an H100 the tokenizer step slowed from 1.0 to 4.3 s within 20
-        # steps); the matmul costs the same whatever the indices. Exact at HIGHEST precision.
-        onehot = jax.nn.one_hot(indices, codes.shape[0], dtype=cf.dtype)  # (B, h, w, K)
-        c = jnp.einsum("...k,kc->...c", onehot, codes.astype(jnp.float32),
-                       precision=hi).astype(z.dtype)                      # (B, h, w, d_c)
-        codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - c))
-        commitment_loss = self.beta * jnp.mean(jnp.square(z - jax.lax.stop_gradient(c)))
-        z_q = z + jax.lax.stop_gradient(c - z)                            # straight-through
-        if self.lookup_dim:
-            z_q = self.proj_out(z_q)
-        return dict(z=z, z_q=z_q, indices=indices, codebook_loss=codebook_loss,
-                    commitment_loss=commitment_loss,
-                    vq_loss=codebook_loss + commitment_loss)
+  def __call__(self, z: Array) -> dict[str, Array]:
+    if z.shape[-1] != self.code_dim:
+      raise ValueError(f"latent channel dim {z.shape[-1]} != code_dim {self.code_dim}")
+    z = self.lookup_space(z)
+    codes = self._codes()                                             # (K, d_c)
+    hi = jax.lax.Precision.HIGHEST
+    # The search runs in float32 whatever the compute dtype (a bf16 path picks the same
+    # codes as the float32 one, up to its own rounding of z).
+    zf, cf = z.astype(jnp.float32), codes.astype(jnp.float32)
+    d = (jnp.sum(zf * zf, axis=-1, keepdims=True)
+         - 2.0 * jnp.einsum("...c,kc->...k", zf, cf, precision=hi)
+         + jnp.sum(cf * cf, axis=-1))                                 # (B, h, w, K)
+    indices = jnp.argmin(d, axis=-1).astype(jnp.int32)                # (B, h, w)
+    # The code lookup as a one-hot matmul, not a gather: the gather's gradient is a
+    # scatter-add into the codebook whose atomics serialise as the codes collapse onto a
+    # few entries (on an H100 the tokenizer step slowed from 1.0 to 4.3 s within 20
+    # steps); the matmul costs the same whatever the indices. Exact at HIGHEST precision.
+    onehot = jax.nn.one_hot(indices, codes.shape[0], dtype=cf.dtype)  # (B, h, w, K)
+    c = jnp.einsum("...k,kc->...c", onehot, codes.astype(jnp.float32),
+                   precision=hi).astype(z.dtype)                      # (B, h, w, d_c)
+    codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - c))
+    commitment_loss = self.beta * jnp.mean(jnp.square(z - jax.lax.stop_gradient(c)))
+    z_q = z + jax.lax.stop_gradient(c - z)                            # straight-through
+    if self.lookup_dim:
+      z_q = self.proj_out(z_q)
+    return dict(z=z, z_q=z_q, indices=indices, codebook_loss=codebook_loss,
+                commitment_loss=commitment_loss,
+                vq_loss=codebook_loss + commitment_loss)
 
-    def lookup(self, indices: Array) -> Array:
-        """(B, h, w) int -> codes (B, h, w, d_c)."""
-        c = jnp.take(self._codes(), indices, axis=0)
-        return self.proj_out(c) if self.lookup_dim else c
+  def lookup(self, indices: Array) -> Array:
+    """(B, h, w) int -> codes (B, h, w, d_c)."""
+    c = jnp.take(self._codes(), indices, axis=0)
+    return self.proj_out(c) if self.lookup_dim else c
 
 
 def _uniform_init(limit: float):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -limit, limit)
-    return init
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+  return init
 
 
 class LatentTokenizer(nn.Module):
-    """LSTG for one modality (separate instance and params per modality).
+  """LSTG for one modality (separate instance and params per modality).
 
-    ``__call__(x)`` with x (B, H, W, in_channels) in [0, 1] returns
-        z, z_q (B, H/s, W/s, latent_dim), indices (B, H/s, W/s),
-        recon (B, H, W, in_channels) in [0, 1] scale (linear output, NOT clipped: clip only
-        for display), codebook_loss, commitment_loss, vq_loss (scalars).
-    Images are mapped to [-1, 1] before the encoder and the decoder output is mapped back
-    with ``(y + 1) / 2`` (VQGAN convention).
+  ``__call__(x)`` with x (B, H, W, in_channels) in [0, 1] returns
+      z, z_q (B, H/s, W/s, latent_dim), indices (B, H/s, W/s),
+      recon (B, H, W, in_channels) in [0, 1] scale (linear output, NOT clipped: clip only
+      for display), codebook_loss, commitment_loss, vq_loss (scalars).
+  Images are mapped to [-1, 1] before the encoder and the decoder output is mapped back
+  with ``(y + 1) / 2`` (VQGAN convention).
 
-    Methods for ``apply(..., method=...)``: ``encode`` (x -> quantizer dict), ``decode``
-    (z_q -> recon), ``decode_indices`` (indices -> recon).
+  Methods for ``apply(..., method=...)``: ``encode`` (x -> quantizer dict), ``decode``
+  (z_q -> recon), ``decode_indices`` (indices -> recon).
 
-    Param tree: ``encoder``, ``quantizer`` (``codebook``), ``decoder`` (last layer
-    ``decoder/conv_out/kernel``).
-    """
+  Param tree: ``encoder``, ``quantizer`` (``codebook``), ``decoder`` (last layer
+  ``decoder/conv_out/kernel``).
+  """
 
-    in_channels: int = 3
-    latent_dim: int = 64          # d_c
-    num_codes: int = 1024         # K
-    ch: int = 64
-    ch_mult: Optional[Sequence[int]] = None
-    num_res_blocks: int = 2
-    scale: int = 4                # s
-    beta: float = 0.25
-    l2_normalize: bool = False
-    lookup_dim: Optional[int] = None
-    usage_decay: Optional[float] = None
-    max_groups: int = 32
+  in_channels: int = 3
+  latent_dim: int = 64          # d_c
+  num_codes: int = 1024         # K
+  ch: int = 64
+  ch_mult: Optional[Sequence[int]] = None
+  num_res_blocks: int = 2
+  scale: int = 4                # s
+  beta: float = 0.25
+  l2_normalize: bool = False
+  lookup_dim: Optional[int] = None
+  usage_decay: Optional[float] = None
+  max_groups: int = 32
 
-    def setup(self):
-        self.encoder = Encoder(latent_dim=self.latent_dim, ch=self.ch, ch_mult=self.ch_mult,
-                               num_res_blocks=self.num_res_blocks, scale=self.scale,
-                               max_groups=self.max_groups)
-        self.quantizer = VectorQuantizer(num_codes=self.num_codes, code_dim=self.latent_dim,
-                                         beta=self.beta, l2_normalize=self.l2_normalize,
-                                         lookup_dim=self.lookup_dim,
-                                         usage_decay=self.usage_decay)
-        self.decoder = Decoder(out_channels=self.in_channels, ch=self.ch, ch_mult=self.ch_mult,
-                               num_res_blocks=self.num_res_blocks, scale=self.scale,
-                               max_groups=self.max_groups)
+  def setup(self):
+    self.encoder = Encoder(latent_dim=self.latent_dim, ch=self.ch, ch_mult=self.ch_mult,
+                           num_res_blocks=self.num_res_blocks, scale=self.scale,
+                           max_groups=self.max_groups)
+    self.quantizer = VectorQuantizer(num_codes=self.num_codes, code_dim=self.latent_dim,
+                                     beta=self.beta, l2_normalize=self.l2_normalize,
+                                     lookup_dim=self.lookup_dim,
+                                     usage_decay=self.usage_decay)
+    self.decoder = Decoder(out_channels=self.in_channels, ch=self.ch, ch_mult=self.ch_mult,
+                           num_res_blocks=self.num_res_blocks, scale=self.scale,
+                           max_groups=self.max_groups)
 
-    def _check_input(self, x: Array) -> None:
-        if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(f"expected images (B, H, W, {self.in_channels}), got {x.shape}")
-        if x.shape[1] % self.scale or x.shape[2] % self.scale:
-            raise ValueError(f"image size {x.shape[1:3]} is not divisible by scale {self.scale}")
+  def _check_input(self, x: Array) -> None:
+    if x.ndim != 4 or x.shape[-1] != self.in_channels:
+      raise ValueError(f"expected images (B, H, W, {self.in_channels}), got {x.shape}")
+    if x.shape[1] % self.scale or x.shape[2] % self.scale:
+      raise ValueError(f"image size {x.shape[1:3]} is not divisible by scale {self.scale}")
 
-    def encode(self, x: Array) -> dict[str, Array]:
-        """x (B, H, W, C) in [0, 1] -> quantizer dict (z, z_q, indices, loss terms)."""
-        self._check_input(x)
-        z = self.encoder(x * 2.0 - 1.0)                                   # (B, h, w, d_c)
-        return self.quantizer(z)
+  def encode(self, x: Array) -> dict[str, Array]:
+    """x (B, H, W, C) in [0, 1] -> quantizer dict (z, z_q, indices, loss terms)."""
+    self._check_input(x)
+    z = self.encoder(x * 2.0 - 1.0)                                   # (B, h, w, d_c)
+    return self.quantizer(z)
 
-    def decode(self, z_q: Array) -> Array:
-        """z_q (B, h, w, d_c) -> recon (B, H, W, C), [0, 1] scale, unclipped."""
-        return self.decoder(z_q) * 0.5 + 0.5
+  def decode(self, z_q: Array) -> Array:
+    """z_q (B, h, w, d_c) -> recon (B, H, W, C), [0, 1] scale, unclipped."""
+    return self.decoder(z_q) * 0.5 + 0.5
 
-    def decode_indices(self, indices: Array) -> Array:
-        """indices (B, h, w) -> recon (B, H, W, C)."""
-        return self.decode(self.quantizer.lookup(indices))
+  def decode_indices(self, indices: Array) -> Array:
+    """indices (B, h, w) -> recon (B, H, W, C)."""
+    return self.decode(self.quantizer.lookup(indices))
 
-    def __call__(self, x: Array) -> dict[str, Array]:
-        out = dict(self.encode(x))
-        out["recon"] = self.decode(out["z_q"])
-        return out
+  def __call__(self, x: Array) -> dict[str, Array]:
+    out = dict(self.encode(x))
+    out["recon"] = self.decode(out["z_q"])
+    return out
 
 
 def restart_codes(codebook: Array, encodings: Array, usage: Array, rng: Array, *,
                   threshold: float = 1.0) -> tuple[Array, Array]:
-    """Dead-code restart (Jukebox's random restarts, SoundStream's codebook replacement):
-    every code whose use per batch ``usage`` (K,) is below ``threshold`` is replaced by an
-    encoding drawn at random from the batch (``encodings`` (..., D), the lookup-space
-    vectors the codebook is searched with; distinct draws while the batch has >= K vectors).
-    Returns (new codebook (K, D), bool (K,) restarted)."""
-    k, d = codebook.shape
-    flat = encodings.reshape(-1, d).astype(codebook.dtype)
-    n = flat.shape[0]
-    if n >= k:
-        pick = jax.random.permutation(rng, n)[:k]
-    else:
-        pick = jax.random.randint(rng, (k,), 0, n)
-    dead = usage < threshold
-    new = jnp.where(dead[:, None], jax.lax.stop_gradient(flat[pick]), codebook)
-    return new, dead
+  """Dead-code restart (Jukebox's random restarts, SoundStream's codebook replacement):
+  every code whose use per batch ``usage`` (K,) is below ``threshold`` is replaced by an
+  encoding drawn at random from the batch (``encodings`` (..., D), the lookup-space
+  vectors the codebook is searched with; distinct draws while the batch has >= K vectors).
+  Returns (new codebook (K, D), bool (K,) restarted)."""
+  k, d = codebook.shape
+  flat = encodings.reshape(-1, d).astype(codebook.dtype)
+  n = flat.shape[0]
+  if n >= k:
+    pick = jax.random.permutation(rng, n)[:k]
+  else:
+    pick = jax.random.randint(rng, (k,), 0, n)
+  dead = usage < threshold
+  new = jnp.where(dead[:, None], jax.lax.stop_gradient(flat[pick]), codebook)
+  return new, dead
 
 
 def restart_dead_codes(tokenizer: "LatentTokenizer", params, x: Array, rng: Array, *,
                        threshold: float = 1.0) -> tuple[Any, Array]:
-    """One dead-code restart of a tokenizer's codebook on the batch ``x`` (B, H, W, C) in
-    [0, 1]: encodes the batch with ``params`` (the tokenizer's own subtree) and counts each
-    code's use. With a ``usage`` leaf (``usage_decay`` set) the use is its moving average
-    ``usage <- decay * usage + (1 - decay) * counts`` (restarted codes start again at the
-    mean use N / K); without, this batch's counts (then a code that only images absent
-    from a small batch use is lost). Codes below ``threshold`` restart (``restart_codes``).
-    Returns (params with the new ``quantizer`` leaves, number restarted). Apply after an
-    optimizer update (the Adam moments of a restarted code are kept)."""
-    out = tokenizer.apply({"params": params}, x, method=LatentTokenizer.encode)
-    k = tokenizer.num_codes
-    idx = out["indices"].reshape(-1)
-    counts = jax.ops.segment_sum(jnp.ones(idx.shape, jnp.float32), idx, num_segments=k)
-    q = dict(params["quantizer"])
-    usage = counts
-    if "usage" in q:
-        d = float(tokenizer.usage_decay)
-        usage = d * jax.lax.stop_gradient(q["usage"]) + (1.0 - d) * counts
-    q["codebook"], dead = restart_codes(q["codebook"], out["z"], usage, rng, threshold=threshold)
-    if "usage" in q:
-        q["usage"] = jnp.where(dead, idx.size / k, usage).astype(q["usage"].dtype)
-    return dict(params, quantizer=q), jnp.sum(dead)
+  """One dead-code restart of a tokenizer's codebook on the batch ``x`` (B, H, W, C) in
+  [0, 1]: encodes the batch with ``params`` (the tokenizer's own subtree) and counts each
+  code's use. With a ``usage`` leaf (``usage_decay`` set) the use is its moving average
+  ``usage <- decay * usage + (1 - decay) * counts`` (restarted codes start again at the
+  mean use N / K); without, this batch's counts (then a code that only images absent
+  from a small batch use is lost). Codes below ``threshold`` restart (``restart_codes``).
+  Returns (params with the new ``quantizer`` leaves, number restarted). Apply after an
+  optimizer update (the Adam moments of a restarted code are kept)."""
+  out = tokenizer.apply({"params": params}, x, method=LatentTokenizer.encode)
+  k = tokenizer.num_codes
+  idx = out["indices"].reshape(-1)
+  counts = jax.ops.segment_sum(jnp.ones(idx.shape, jnp.float32), idx, num_segments=k)
+  q = dict(params["quantizer"])
+  usage = counts
+  if "usage" in q:
+    d = float(tokenizer.usage_decay)
+    usage = d * jax.lax.stop_gradient(q["usage"]) + (1.0 - d) * counts
+  q["codebook"], dead = restart_codes(q["codebook"], out["z"], usage, rng, threshold=threshold)
+  if "usage" in q:
+    q["usage"] = jnp.where(dead, idx.size / k, usage).astype(q["usage"].dtype)
+  return dict(params, quantizer=q), jnp.sum(dead)
 
 
 # Small presets. ``TINY`` is for tests and the CPU demo; ``BASE`` is a VQGAN-like default.
