@@ -57,7 +57,7 @@ def get_config(arg=None):
   t.log_every = 25
   t.eval_every = 100
   t.checkpoint_every = 100
-  t.image_every = 0
+  t.image_every = 250                 # TensorBoard: reconstructions, fused image, prediction
   t.embedding_cache.num_views = 3
   t.embedding_cache.dtype = "float32"
   # 300 scenes (152 train / 74 val / 74 test), 3 cached views per

@@ -106,10 +106,11 @@ def train(config, workdir: str, *, allow_config_change: bool = False, progress: 
       f"device(s): {jax.devices()[0].device_kind}; {ctx.train_size} training pairs")
   evaluator = E.Evaluator(ctx.model, config, mesh)
   image_every = int(config.train.image_every)
-  tiles = None
+  tiles = recon = None
   if image_every > 0:
     first_val = next(iter(D.eval_iterable(config, ctx.spec.source(config.eval.val_split))))
     tiles = E.image_tiles(config, ctx.model, first_val)
+    recon = tokenizer.reconstruction_images(ctx.model, m.modalities, first_val)
   results: dict[str, dict] = {}
   for name in S.STAGES:
     t0 = time.perf_counter()
@@ -144,8 +145,9 @@ def train(config, workdir: str, *, allow_config_change: bool = False, progress: 
           num_steps=stage.num_steps, mesh=mesh, checkpointer=ckpt, workdir=workdir,
           eval_fn=(lambda st, stage=stage: stage.eval_fn(full(st))) if stage.eval_fn else None,
           eval_every=stage.eval_every, log_every=int(config.train.log_every),
-          image_fn=(lambda st, step: tiles(full(st))) if tiles is not None and name != "tokenizer"
-          else None,
+          image_fn=None if tiles is None else (
+              (lambda st, step: recon(full(st))) if name == "tokenizer"
+              else (lambda st, step: tiles(full(st)))),
           image_every=image_every, learning_rate=stage.lr, progress=progress,
           shard_fn=lambda b: mesh_lib.shard_batch(D.strip_batch(b), mesh))
       params = full(res.state)

@@ -12,6 +12,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fusionsam_jax import losses
 from fusionsam_jax.data.spec import stage_batch_size, stage_crop_size, stage_steps, train_iterator
@@ -198,3 +199,26 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
       iterator=lambda params: train_iterator(config, ctx.spec, NAME),
       model_params=lambda state: state.params["generator"],
       notes=(f"discriminator from step {start}",))
+
+
+def reconstruction_images(model: FusionSAM, modalities, batch):
+  """TensorBoard images ``fn(model_params) -> {"<m>/input|reconstruction": (N, H, 2W, 3)}``
+  for the first two examples of an eval `batch` (uint8 modalities)."""
+  mods = tuple(modalities)
+  local = {m: np.asarray(batch[m])[:2] for m in mods}
+  recon = jax.jit(lambda p, x: {m: model.apply({"params": p}, x[m], m,
+                                               method=FusionSAM.tokenizer)["recon"]
+                                for m in mods})
+
+  def fn(params):
+    images = inputs_from_batch(local, mods)
+    out = jax.device_get(recon(params, images))
+    tiles = {}
+    for m in mods:
+      r = np.round(np.clip(np.asarray(out[m]), 0, 1) * 255).astype(np.uint8)
+      pair = np.concatenate([local[m], r], axis=2)
+      tiles[f"{m}/input|reconstruction"] = np.repeat(pair, 3, -1) if pair.shape[-1] == 1 \
+          else pair
+    return tiles
+
+  return fn

@@ -98,6 +98,23 @@ class DevicePrefetch:
     self._thread.join(timeout=5)
 
 
+def _ready(metrics) -> bool:
+  x = metrics.get("loss") if isinstance(metrics, Mapping) else None
+  leaves = [x] if x is not None else jax.tree.leaves(metrics)
+  return all(y.is_ready() for y in leaves if hasattr(y, "is_ready"))
+
+
+def _completed_prefix(pending, step: int, since: int = 0) -> int:
+  """The last step whose metrics (so every earlier step's too) are computed; `since`:
+  an index into `pending` known to be complete before it (checked without blocking)."""
+  last = step - len(pending) + since
+  for s, m in pending[since:]:
+    if not _ready(m):
+      break
+    last = s
+  return last
+
+
 @jax.jit
 def _tree_all_finite(tree: PyTree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
@@ -241,7 +258,10 @@ def run_stage(
         wait_mark = batches.wait_s
       pending.append((step, metrics))
       if pbar is not None:
-        pbar.update(1)
+        # The bar counts completed steps, not dispatched ones (dispatch runs ahead of the
+        # device): steps whose metrics are ready, checked without blocking.
+        done = _completed_prefix(pending, step, max(0, pbar.n - (step - len(pending))))
+        pbar.update(max(0, done - pbar.n))
 
       final = step == num_steps
       do_log = final or (log_every > 0 and step % log_every == 0)
@@ -261,6 +281,8 @@ def run_stage(
             interval_sums[k] = interval_sums.get(k, 0.0) + float(a.reshape(()))
         interval_n += 1
       pending.clear()
+      if pbar is not None:
+        pbar.update(step - pbar.n)
 
       if do_log:
         dt = time.perf_counter() - t_mark
@@ -280,7 +302,14 @@ def run_stage(
       if do_eval:
         last_eval = {k: float(v) for k, v in dict(eval_fn(state)).items()}
         writer.write_scalars(step, last_eval, split=f"{name}/val")
-        log.info("stage '%s' step %d eval: %s", name, step, last_eval)
+        if primary:
+          shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+          msg = f"stage '{name}' step {step}: {shown}"
+          if pbar is not None:
+            pbar.set_postfix(**{k: f"{v:.4f}" for k, v in last_eval.items()}, refresh=False)
+            pbar.write(msg)
+          else:
+            print(msg, flush=True)
 
       if do_save:
         if not bool(_tree_all_finite(state.params)):
