@@ -170,6 +170,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   m.sam_variant = "tiny"
   m.sam_checkpoint = None
   m.allow_random_sam = True
+  c.perceptual_sam_blocks = 1        # the tiny SAM has one windowed block before a global one
   m.encoder_dtype = "float32"
   m.fusion_dtype = "float32"
   m.attn_impl = "xla"
