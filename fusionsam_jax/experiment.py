@@ -202,7 +202,13 @@ def restore_params(config, workdir: str, which: str | int = "best", *,
     last = name == "segmentation"
     with W.stage_checkpointer(config, workdir, name, best_k=stage.best_k) as ckpt:
       if not last and not ckpt.all_steps():
-        continue  # a stage configured with 0 steps: its params are the initial ones
+        sc = config.train.stages[name]
+        if sc.get("num_steps") == 0 or (sc.get("num_steps") is None
+                                        and float(sc.get("num_epochs", 0) or 0) == 0):
+          continue  # configured with 0 steps: its params are the initial ones
+        raise NoCheckpointError(
+            f"stage '{name}' has no checkpoint in {ckpt.directory}: a run's params are "
+            "composed from every stage's checkpoint; re-run train")
       if not last and not ckpt.is_stage_done():
         raise NoCheckpointError(f"stage '{name}' of {workdir} is not complete; re-run train")
       what = which if last else "latest"

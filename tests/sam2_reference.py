@@ -83,7 +83,8 @@ def _install_stub_torchvision():
   tv, tr = mods["torchvision"], mods["torchvision.transforms"]
   ops, boxes = mods["torchvision.ops"], mods["torchvision.ops.boxes"]
   tr.ToTensor, tr.Resize, tr.Normalize = ToTensor, Resize, Normalize
-  boxes.batched_nms = boxes.box_area = _unused
+  if not hasattr(boxes, "batched_nms"):  # keep sam_reference's NMS stand-in when present
+    boxes.batched_nms = boxes.box_area = _unused
   tv.transforms, tv.ops, ops.boxes = tr, ops, boxes
   sys.modules.update(mods)
 

@@ -124,7 +124,8 @@ def _install_stub_torchvision_ops():
   NMS as torchvision defines it: by decreasing score (stable for ties), dropping boxes whose
   IoU with a kept box is > iou_threshold; categories never suppress each other.
   """
-  if "torchvision.ops.boxes" in sys.modules:
+  existing = sys.modules.get("torchvision.ops.boxes")
+  if existing is not None and getattr(existing.batched_nms, "is_nms_stand_in", False):
     return
   import torch
 
@@ -149,9 +150,12 @@ def _install_stub_torchvision_ops():
       suppressed |= (iou > iou_threshold) & (idxs == idxs[i])
     return torch.as_tensor(keep, dtype=torch.int64)
 
+  batched_nms.is_nms_stand_in = True
+  # Added to the stand-in modules already registered (tests/sam2_reference.py registers
+  # placeholders for these ops), or new ones.
   tv = sys.modules["torchvision"]
-  ops = types.ModuleType("torchvision.ops")
-  boxes_mod = types.ModuleType("torchvision.ops.boxes")
+  ops = sys.modules.get("torchvision.ops") or types.ModuleType("torchvision.ops")
+  boxes_mod = existing or types.ModuleType("torchvision.ops.boxes")
   boxes_mod.batched_nms, boxes_mod.box_area = batched_nms, box_area
   ops.boxes = boxes_mod
   tv.ops = ops

@@ -116,7 +116,7 @@ def test_cudnn_bf16_workdir_runs_on_cpu(trained, tmp_path):
   work = trained["work"]
   ref = _eval_latest(work)
   gpu = tmp_path / "gpu_run"
-  shutil.copytree(work / "checkpoints" / "segmentation", gpu / "checkpoints" / "segmentation")
+  shutil.copytree(work / "checkpoints", gpu / "checkpoints")
   record = json.load(open(work / "config.json"))
   record["config"]["model"].update(attn_impl="cudnn", encoder_dtype="bfloat16")
   json.dump(record, open(gpu / "config.json", "w"))

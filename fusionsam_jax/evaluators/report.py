@@ -500,7 +500,8 @@ def write_evaluation_report(config, workdir: str, result: Mapping, *,
   info = get_info(config.dataset)
   samples = []
   if num_samples > 0:
-    spec = experiment.ensure_data(config, progress=False)
+    from fusionsam_jax.data.spec import ensure_data
+    spec = ensure_data(config, say=lambda m: None)
     source = spec.source(result.get("split", config.eval.split))
     idx = select_samples(len(source), num_samples, seed)
     if idx:
