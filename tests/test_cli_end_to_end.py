@@ -249,6 +249,7 @@ def test_nonfinite_loss_stops_with_step_and_term(trained, tmp_path, capsys):
   assert not (fusion / "STAGE_DONE.json").exists()
 
 
+@pytest.mark.extended  # the protocol vs official SAM: tests/test_baseline.py
 def test_zero_shot_baseline_on_the_trained_run(trained, tmp_path, capsys):
   """Fig. 7a: `python -m fusionsam_jax.baseline` on the run (a random tiny SAM checkpoint:
   the demo has no official weights), table + JSON with the oracle note and a SAM 2 slot."""

@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import numpy as np
 
 from _cli_helpers import ROOT, env
 
 
+@pytest.mark.extended  # the mechanism: tests/test_training_parallel.py (8 devices, toy)
 def test_segmentation_step_8_devices_matches_1(tmp_path):
   out = tmp_path / "par.npz"
   script = os.path.join(ROOT, "tests", "_cli_parallel_check.py")

@@ -108,14 +108,18 @@ def test_evaluate_and_predict_clis(run, tmp_path):
                  "--split", "test", "--out", str(out))
   assert r.returncode == 0, r.stderr[-3000:]
   names = [n.strip() for n in open(raw / "test.txt") if n.strip()]
-  assert names and all((out / f"{n}_label.png").exists() for n in names)
-  with Image.open(out / f"{names[0]}_label.png") as im:
+  assert names and all((out / "labels" / f"{n}.png").exists() for n in names)
+  with Image.open(out / "labels" / f"{names[0]}.png") as im:
     assert im.size == (128, 96)
 
 
 def test_other_sam_weights_are_refused(run):
   """`--config.model.sam_checkpoint` may re-point the weights, not change them."""
-  other = _convert(run["root"], seed=1)
+  import shutil
+  other = run["root"] / "ckpt_other"       # the same files, one byte of one file changed
+  shutil.copytree(run["ckpt"], other)
+  meta = other / "sam_meta.json"
+  meta.write_text(meta.read_text().replace("{", "{ ", 1))
   args = [a for a in _train_args(run["work"], run["data"], other) if "num_steps" not in a]
   r = run_module("fusionsam_jax.evaluate", *args[:-1], timeout=300)
   assert r.returncode == 1 and "not the ones" in r.stderr, r.stderr[-2000:]

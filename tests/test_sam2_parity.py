@@ -247,7 +247,7 @@ def test_new_point_counts_do_not_recompile(tiny_predictors):
   assert pred._decode._cache_size() == before
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_hiera_t_predictor_matches_official(tmp_path_factory):
   """hiera_t at 1024 x 1024 from a 480 x 640 image: the three feature levels the predictor
   keeps, then points + box through the full-size decoder."""

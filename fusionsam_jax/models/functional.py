@@ -57,10 +57,10 @@ def frozen_fusion(model: FusionSAM, params, images):
 
 
 def image_embeddings(model: FusionSAM, params, fused):
-  """SAM image embeddings (B, e, e, C) of the fused image; the encoder input is under
-  stop-gradient (the encoder is frozen and nothing trains through it)."""
-  return model.apply({"params": params}, jax.lax.stop_gradient(fused),
-                     method=FusionSAM.image_embeddings)
+  """SAM image embeddings (B, e, e, C) of the fused image. The encoder is frozen (its params
+  are never trained); its input is under stop-gradient unless ``model.train_sam_encoder``,
+  which lets f_s backpropagate through it into the fusion path."""
+  return model.apply({"params": params}, fused, method=FusionSAM.image_embeddings)
 
 
 def cache_fn(model: FusionSAM):

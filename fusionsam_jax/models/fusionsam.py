@@ -268,7 +268,8 @@ def build_model(model_cfg, sam_config: Optional[SamConfig] = None) -> FusionSAM:
       fused_decoder_kwargs=_frozen(g("fused_decoder", {}) or {}),
       encoder_dtype=g("encoder_dtype", "float32"), fusion_dtype=g("fusion_dtype", "float32"),
       attn_impl=g("attn_impl", "xla"),
-      num_points=int(g("num_points", 8)), fused_color=g("fused_color", "decoder"))
+      num_points=int(g("num_points", 8)), fused_color=g("fused_color", "decoder"),
+      train_sam_encoder=bool(g("train_sam_encoder", False)))
 
 
 def dummy_images(model: FusionSAM, image_hw: Tuple[int, int], batch: int = 1):
