@@ -237,7 +237,8 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
   info = get_info(ctx.spec.name)
   evaluator = evaluator or E.Evaluator(ctx.model, config, ctx.mesh)
   t0 = time.perf_counter()
-  r = evaluator.run(params, D.eval_iterable(config, ctx.spec.source(split)))
+  r = evaluator.run(params, D.eval_iterable(config, ctx.spec.source(split)),
+                    progress=f"evaluate {split}" if print_table else None)
   summary = E.summary(r, info.class_names, split=split, checkpoint=what, step=int(step),
                       dataset=ctx.spec.name, generated=ctx.spec.generated,
                       modalities=list(config.model.modalities),

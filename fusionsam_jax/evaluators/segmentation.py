@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Callable, Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fusionsam_jax.data.spec import strip_batch
@@ -44,8 +43,9 @@ class Evaluator:
                         out_shardings=repl)
 
   def run(self, params, batches: Iterable[Mapping], *, max_batches: int | None = None,
-          on_batch: Callable | None = None) -> dict:
-    """Accumulates over `batches` (eval-loader batches with ``valid`` masks)."""
+          on_batch: Callable | None = None, progress: str | None = None) -> dict:
+    """Accumulates over `batches` (eval-loader batches with ``valid`` masks). `progress`: a
+    tqdm bar with that description (rate and ETA when `batches` has a length)."""
     cm = ConfusionMatrix(self.num_classes, ignore_index=255)
     sod = None
     if self.saliency:
@@ -53,6 +53,9 @@ class Evaluator:
       sod = SODMetrics()
     n_images = 0
     params = jax.device_put(params, mesh_lib.replicated(self.mesh))
+    if progress and jax.process_index() == 0:
+      from tqdm.auto import tqdm
+      batches = tqdm(batches, desc=progress, unit="batch", dynamic_ncols=True, leave=False)
     for i, batch in enumerate(batches):
       if max_batches is not None and i >= max_batches:
         break
