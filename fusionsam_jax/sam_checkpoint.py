@@ -208,9 +208,10 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
   return cfg, params
 
 
-def save_sam_checkpoint(output_dir: str, cfg: SamConfig, params, meta: Optional[dict] = None,
-                        overwrite: bool = False) -> str:
-  """Writes params + metadata atomically (temp dir, then rename)."""
+def write_params_dir(output_dir: str, params, meta: dict, overwrite: bool = False,
+                     meta_file: str = META_FILE) -> str:
+  """Writes ``DIR/params`` (Orbax) + ``DIR/<meta_file>`` atomically: a temporary sibling
+  directory renamed into place (an existing one is replaced only with `overwrite`)."""
   import orbax.checkpoint as ocp
 
   output_dir = os.path.abspath(output_dir)
@@ -223,10 +224,8 @@ def save_sam_checkpoint(output_dir: str, cfg: SamConfig, params, meta: Optional[
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
       ckptr.wait_until_finished()
-    full_meta = {"format": FORMAT, "variant": preset_name(cfg) or "custom",
-                 "config": cfg.to_dict(), **(meta or {})}
-    with open(os.path.join(tmp, META_FILE), "w") as f:
-      json.dump(full_meta, f, indent=2)
+    with open(os.path.join(tmp, meta_file), "w") as f:
+      json.dump(meta, f, indent=2)
     if os.path.exists(output_dir):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
       os.rename(output_dir, os.path.join(old, "x"))
@@ -238,6 +237,25 @@ def save_sam_checkpoint(output_dir: str, cfg: SamConfig, params, meta: Optional[
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return output_dir
+
+
+def restore_params_dir(ckpt_dir: str, abstract):
+  """The Orbax params of a directory written by `write_params_dir`, into `abstract`'s
+  structure. Raises CheckpointError."""
+  import orbax.checkpoint as ocp
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR)), abstract)
+  except Exception as e:
+    raise CheckpointError(f"{ckpt_dir}: could not restore params: {e}") from None
+
+
+def save_sam_checkpoint(output_dir: str, cfg: SamConfig, params, meta: Optional[dict] = None,
+                        overwrite: bool = False) -> str:
+  """Writes params + metadata atomically (temp dir, then rename)."""
+  full_meta = {"format": FORMAT, "variant": preset_name(cfg) or "custom",
+               "config": cfg.to_dict(), **(meta or {})}
+  return write_params_dir(output_dir, params, full_meta, overwrite)
 
 
 def read_sam_meta(ckpt_dir: str) -> dict:
@@ -259,12 +277,7 @@ def load_sam_checkpoint(ckpt_dir: str):
   meta = read_sam_meta(ckpt_dir)
   cfg = SamConfig.from_dict(meta["config"])
   abstract = jax.eval_shape(lambda: Sam(cfg).init_params(jax.random.PRNGKey(0)))
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR)), abstract)
-  except Exception as e:
-    raise CheckpointError(f"{ckpt_dir}: could not restore params: {e}") from None
-  return cfg, params
+  return cfg, restore_params_dir(ckpt_dir, abstract)
 
 
 def convert_file(checkpoint: str, output: str, model_type: str = "auto",

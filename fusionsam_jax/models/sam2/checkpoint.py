@@ -19,8 +19,6 @@ window sizes).
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -28,6 +26,7 @@ import numpy as np
 
 from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2, Sam2Config, preset_name
 from fusionsam_jax.sam_checkpoint import (CheckpointError, _flax_path, load_torch_state_dict,
+                                          restore_params_dir, write_params_dir,
                                           sha256sum)
 
 FORMAT = "fusionsam_jax.sam2/1"
@@ -137,34 +136,10 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[Sam2Config] =
 
 def save_sam2_checkpoint(output_dir: str, cfg: Sam2Config, params, meta: Optional[dict] = None,
                          overwrite: bool = False) -> str:
-  """Writes params + metadata atomically (temp dir, then rename)."""
-  import orbax.checkpoint as ocp
-
-  output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir) and not overwrite:
-    raise CheckpointError(f"{output_dir}: already exists (pass --overwrite to replace it)")
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-      ckptr.wait_until_finished()
-    full_meta = {"format": FORMAT, "variant": preset_name(cfg) or "custom",
-                 "config": cfg.to_dict(), **(meta or {})}
-    with open(os.path.join(tmp, META_FILE), "w") as f:
-      json.dump(full_meta, f, indent=2)
-    if os.path.exists(output_dir):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
-      os.rename(output_dir, os.path.join(old, "x"))
-      os.rename(tmp, output_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, output_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return output_dir
+  """Writes params + metadata atomically (temp dir, then rename; `write_params_dir`)."""
+  full_meta = {"format": FORMAT, "variant": preset_name(cfg) or "custom",
+               "config": cfg.to_dict(), **(meta or {})}
+  return write_params_dir(output_dir, params, full_meta, overwrite, meta_file=META_FILE)
 
 
 def read_sam2_meta(ckpt_dir: str) -> dict:
@@ -181,17 +156,10 @@ def read_sam2_meta(ckpt_dir: str) -> dict:
 
 def load_sam2_checkpoint(ckpt_dir: str):
   """-> (Sam2Config, params) from a directory written by `save_sam2_checkpoint`."""
-  import orbax.checkpoint as ocp
-
   meta = read_sam2_meta(ckpt_dir)
   cfg = Sam2Config.from_dict(meta["config"])
   abstract = jax.eval_shape(lambda: Sam2(cfg).init_params(jax.random.PRNGKey(0)))
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR)), abstract)
-  except Exception as e:
-    raise CheckpointError(f"{ckpt_dir}: could not restore params: {e}") from None
-  return cfg, params
+  return cfg, restore_params_dir(ckpt_dir, abstract)
 
 
 def convert_file(checkpoint: str, output: str, model_type: str = "auto",
