@@ -289,11 +289,11 @@ def convert_file(checkpoint: str, output: str, model_type: str = "auto",
   cfg = infer_config(sd, checkpoint)
   if model_type != "auto":
     if model_type not in SAM_PRESETS:
-      raise CheckpointError(f"--model-type {model_type!r}: expected auto, "
+      raise CheckpointError(f"--model_type {model_type!r}: expected auto, "
                             + ", ".join(SAM_PRESETS))
     if SAM_PRESETS[model_type] != cfg:
       found = preset_name(cfg) or "a custom size"
-      raise CheckpointError(f"{checkpoint}: --model-type {model_type} given, but the tensor "
+      raise CheckpointError(f"{checkpoint}: --model_type {model_type} given, but the tensor "
                             f"shapes are those of {found}")
   cfg, params = convert_state_dict(sd, cfg, checkpoint)
   meta = {"source": os.path.basename(checkpoint), "sha256": sha256sum(checkpoint)}

@@ -78,7 +78,7 @@ def test_predict_outputs_chain_into_metric_cli(trained, capsys):
 
   raw = _raw_dir(trained["data"])
   out = trained["root"] / "pred"
-  assert predict.main(["--workdir", str(work), "--checkpoint", "latest", "--input-dir",
+  assert predict.main(["--workdir", str(work), "--checkpoint", "latest", "--input_dir",
                        str(raw), "--split", "test", "--out", str(out)]) == 0
   names = [n.strip() for n in open(raw / "test.txt") if n.strip()]
   assert sorted(os.listdir(out)) == ["color", "fused", "labels", "overlay"]
@@ -96,9 +96,9 @@ def test_predict_outputs_chain_into_metric_cli(trained, capsys):
 
   # The metric CLI takes predict's folder as it is (file names are the ground truth's) and
   # gives evaluate's numbers.
-  r = run_module("fusionsam_jax.metrics.miou", "--pred-dir", str(out), "--gt-dir",
-                 str(raw / "labels"), "--split-list", str(raw / "test.txt"),
-                 "--num-classes", "9", "--json", str(trained["root"] / "chain.json"))
+  r = run_module("fusionsam_jax.metrics.miou", "--pred_dir", str(out), "--gt_dir",
+                 str(raw / "labels"), "--split_list", str(raw / "test.txt"),
+                 "--num_classes", "9", "--json", str(trained["root"] / "chain.json"))
   assert r.returncode == 0, r.stderr
   assert "RuntimeWarning" not in r.stderr and "images: 4" in r.stdout
   chain = json.load(open(trained["root"] / "chain.json"))

@@ -72,7 +72,7 @@ def _abstract_torch_shapes(cfg):
 
 def test_model_type_mismatch(tiny_pth, tmp_path):
   pth, _ = tiny_pth
-  _fails(ref.run_converter(pth, tmp_path / "out", "--model-type", "vit_h"), "vit_h", "tiny")
+  _fails(ref.run_converter(pth, tmp_path / "out", "--model_type", "vit_h"), "vit_h", "tiny")
   _only(tmp_path)
 
 

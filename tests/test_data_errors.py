@@ -141,15 +141,15 @@ def test_layout_error_explains_layout_and_source(tmp_path, layout, remove, where
 
 
 def test_cli_bad_input_exits_non_zero(tmp_path, capsys):
-  rc = prepare.main(["--dataset", "fmb", "--manual-dir", str(tmp_path / "nowhere"),
-                     "--data-dir", str(tmp_path / "dst"), "--no-progress"])
+  rc = prepare.main(["--dataset", "fmb", "--manual_dir", str(tmp_path / "nowhere"),
+                     "--data_dir", str(tmp_path / "dst"), "--noprogress"])
   assert rc != 0
   err = capsys.readouterr().err
   assert "nowhere" in err and "Visible" in err and "SegMiF" in err
   src = _make(tmp_path, "mfnet")
   (src / "labels" / "00001D.png").write_bytes(b"junk")
-  rc = prepare.main(["--dataset", "mfnet", "--manual-dir", str(src),
-                     "--data-dir", str(tmp_path / "dst"), "--no-progress"])
+  rc = prepare.main(["--dataset", "mfnet", "--manual_dir", str(src),
+                     "--data_dir", str(tmp_path / "dst"), "--noprogress"])
   assert rc == 1 and "00001D.png" in capsys.readouterr().err
 
 

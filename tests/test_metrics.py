@@ -174,9 +174,9 @@ def label_dirs(tmp_path):
 def test_miou_cli(label_dirs, capsys):
   root, preds, labels = label_dirs
   out = root / "res" / "miou.json"
-  rc = miou_mod.main(["--pred-dir", str(root / "pred"), "--gt-dir", str(root / "gt"),
-                      "--num-classes", "4", "--json", str(out),
-                      "--class-names", "bg,car,person,bike"])
+  rc = miou_mod.main(["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"),
+                      "--num_classes", "4", "--json", str(out),
+                      "--class_names", "bg,car,person,bike"])
   assert rc == 0
   ref = _sk_cm(preds, labels, [np.ones_like(p, bool) for p in preds], 4)
   res = json.loads(out.read_text())
@@ -194,7 +194,7 @@ def test_miou_cli(label_dirs, capsys):
 
 def test_miou_cli_errors(label_dirs, capsys):
   root, _, _ = label_dirs
-  args = ["--pred-dir", str(root / "pred"), "--gt-dir", str(root / "gt"), "--num-classes", "4"]
+  args = ["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"), "--num_classes", "4"]
   # size mismatch: a prediction is not resized, the file is named
   _save(root / "pred" / "00001.png", np.zeros((26, 35)))
   assert miou_mod.main(args) != 0
@@ -220,12 +220,12 @@ def test_miou_cli_errors(label_dirs, capsys):
 
 def test_miou_cli_subprocess(label_dirs):
   root, _, _ = label_dirs
-  base = [sys.executable, "-m", "fusionsam_jax.metrics.miou", "--pred-dir", str(root / "pred"),
-          "--gt-dir", str(root / "gt")]
-  ok = subprocess.run(base + ["--num-classes", "4"], cwd=REPO, capture_output=True, text=True)
+  base = [sys.executable, "-m", "fusionsam_jax.metrics.miou", "--pred_dir", str(root / "pred"),
+          "--gt_dir", str(root / "gt")]
+  ok = subprocess.run(base + ["--num_classes", "4"], cwd=REPO, capture_output=True, text=True)
   assert ok.returncode == 0, ok.stderr
   os.remove(root / "pred" / "00002.png")
-  bad = subprocess.run(base + ["--num-classes", "4"], cwd=REPO, capture_output=True, text=True)
+  bad = subprocess.run(base + ["--num_classes", "4"], cwd=REPO, capture_output=True, text=True)
   assert bad.returncode != 0 and "00002.png" in bad.stderr
 
 
@@ -337,7 +337,7 @@ def test_sod_normalized_input_and_corner_case():
 
 def test_sod_cli(tmp_path, capsys):
   out = tmp_path / "sod.json"
-  args = ["--pred-dir", str(GOLDEN / "preds"), "--gt-dir", str(GOLDEN / "masks")]
+  args = ["--pred_dir", str(GOLDEN / "preds"), "--gt_dir", str(GOLDEN / "masks")]
   assert sod_mod.main(args + ["--json", str(out)]) == 0
   res = json.loads(out.read_text())
   ref, _ = _pysod_results(_golden_pairs()[1])
@@ -350,13 +350,13 @@ def test_sod_cli(tmp_path, capsys):
   (tmp_path / "g").mkdir()
   _save(tmp_path / "p" / "a.png", np.zeros((10, 12)))
   _save(tmp_path / "g" / "a.png", np.zeros((12, 10)))
-  assert sod_mod.main(["--pred-dir", str(tmp_path / "p"), "--gt-dir", str(tmp_path / "g")]) != 0
+  assert sod_mod.main(["--pred_dir", str(tmp_path / "p"), "--gt_dir", str(tmp_path / "g")]) != 0
   assert "a.png" in capsys.readouterr().err
 
 
 def test_sod_cli_subprocess(tmp_path):
   r = subprocess.run([sys.executable, "-m", "fusionsam_jax.metrics.sod",
-                      "--pred-dir", str(GOLDEN / "preds"), "--gt-dir", str(GOLDEN / "masks"),
+                      "--pred_dir", str(GOLDEN / "preds"), "--gt_dir", str(GOLDEN / "masks"),
                       "--json", str(tmp_path / "x.json"), "--curves"],
                      cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr

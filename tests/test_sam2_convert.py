@@ -124,8 +124,8 @@ def test_variant_detection_from_shapes(monkeypatch):
 
 def test_model_type_mismatch(tiny_pt, tmp_path, capsys):
   pt, _ = tiny_pt
-  _fails(capsys, _args(pt, tmp_path / "out", "--model-type", "hiera_l"), "hiera_l", "tiny")
-  _fails(capsys, _args(pt, tmp_path / "out", "--model-type", "vit_h"), "vit_h", "expected")
+  _fails(capsys, _args(pt, tmp_path / "out", "--model_type", "hiera_l"), "hiera_l", "tiny")
+  _fails(capsys, _args(pt, tmp_path / "out", "--model_type", "vit_h"), "vit_h", "expected")
   _only(tmp_path)
 
 

@@ -12,7 +12,6 @@ written atomically (temp file + rename) and read by
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -53,21 +52,32 @@ def read_state_dict(path: str) -> dict:
   return sd
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[1],
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  ap.add_argument("--weights", required=True, help="torchvision VGG16 state dict (.pth)")
-  ap.add_argument("--output", required=True, help="output .npz for load_vgg16_params")
-  args = ap.parse_args(argv)
+def define_flags(fv) -> dict:
+  from absl import flags
+  return {
+      "weights": flags.DEFINE_string("weights", None, "torchvision VGG16 state dict (.pth)",
+                                     flag_values=fv),
+      "output": flags.DEFINE_string("output", None, "output .npz for load_vgg16_params",
+                                    flag_values=fv),
+  }
+
+
+def _main(f, _) -> int:
   try:
-    sd = read_state_dict(args.weights)
+    sd = read_state_dict(f["weights"].value)
     params = params_from_torch_state_dict(sd)
-    save_vgg16_params(params, args.output)
+    save_vgg16_params(params, f["output"].value)
   except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"wrote {args.output} (13 VGG16 conv layers)")
+  print(f"wrote {f['output'].value} (13 VGG16 conv layers)")
   return 0
+
+
+def main(argv=None) -> int:
+  from fusionsam_jax.cli_common import run_cli
+  return run_cli(define_flags, _main, argv, prog="python tools/convert_vgg16.py",
+                 doc=__doc__, required=("weights", "output"))
 
 
 if __name__ == "__main__":

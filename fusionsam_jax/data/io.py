@@ -124,7 +124,7 @@ def to_grey(arr: np.ndarray, path, policy: str = "strict") -> np.ndarray:
     return np.ascontiguousarray(arr[..., :1])
   if policy == "strict":
     raise ChannelError(path, "expected a grey image: it has 3 channels that differ (a colour "
-                             "image); pass grey_policy='luma' (--grey-policy luma) to convert "
+                             "image); pass grey_policy='luma' (--grey_policy luma) to convert "
                              "colour to luma")
   luma = (r.astype(np.uint32) * 19595 + g.astype(np.uint32) * 38470
           + b.astype(np.uint32) * 7471 + 0x8000) >> 16

@@ -17,16 +17,15 @@ Two ways of filling it:
 
 CLI::
 
-    python -m fusionsam_jax.metrics.miou --pred-dir P --gt-dir G --num-classes N \
-        [--ignore-index 255] [--class-names a,b,c] [--json out.json] \
-        [--split-list test.txt] [--dataset mfnet|fmb] [--markdown]
+    python -m fusionsam_jax.metrics.miou --pred_dir P --gt_dir G --num_classes N \
+        [--ignore_index 255] [--class_names a,b,c] [--json out.json] \
+        [--split_list test.txt] [--dataset mfnet|fmb] [--markdown]
 
-``--pred-dir`` may be a ``predict`` output folder (its ``labels/`` is read).
+``--pred_dir`` may be a ``predict`` output folder (its ``labels/`` is read).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -476,8 +475,8 @@ def matched_png_names(pred_dir, gt_dir, names: Sequence[str] | None = None) -> l
 
 def prediction_dir(pred_dir, subfolder: str = "labels") -> str:
   """`pred_dir`, or its ``subfolder`` when `pred_dir` is a ``predict`` output folder (it has
-  ``subfolder/`` and no PNGs of its own), so that ``--pred-dir OUT`` and
-  ``--pred-dir OUT/labels`` both work."""
+  ``subfolder/`` and no PNGs of its own), so that ``--pred_dir OUT`` and
+  ``--pred_dir OUT/labels`` both work."""
   d = os.fspath(pred_dir)
   sub = os.path.join(d, subfolder)
   if os.path.isdir(sub) and os.path.isdir(d) and not _png_names(d):
@@ -525,50 +524,65 @@ def write_json_atomic(obj, path) -> None:
     raise
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m fusionsam_jax.metrics.miou",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-      description="mIoU of predicted label PNGs against ground-truth label PNGs "
-                  "(files matched by name; one confusion matrix over all images).")
-  p.add_argument("--pred-dir", required=True,
-                 help="predicted class-id PNGs (or a predict output folder: its labels/)")
-  p.add_argument("--gt-dir", required=True, help="ground-truth class-id PNGs, same names")
-  p.add_argument("--num-classes", type=int, required=True, help="number of classes C")
-  p.add_argument("--ignore-index", type=int, default=255, help="label value not counted")
-  p.add_argument("--class-names", default=None, help="comma-separated, one per class")
-  p.add_argument("--json", default=None, help="write the results here (atomically)")
-  p.add_argument("--split-list", default=None,
-                 help="only the ground truth named in this file (one name a line, e.g. "
-                      "MFNet/test.txt)")
-  p.add_argument("--dataset", default=None,
-                 help="mfnet | fmb: print the paper's Table 1 / 2 columns and its row")
-  p.add_argument("--markdown", action="store_true", help="print a Markdown table")
-  args = p.parse_args(argv)
+def define_flags(fv) -> dict:
+  from absl import flags
+  d = dict(flag_values=fv)
+  return {
+      "pred_dir": flags.DEFINE_string(
+          "pred_dir", None, "predicted class-id PNGs (or a predict output folder: its labels/)",
+          **d),
+      "gt_dir": flags.DEFINE_string("gt_dir", None, "ground-truth class-id PNGs, same names",
+                                    **d),
+      "num_classes": flags.DEFINE_integer("num_classes", None, "number of classes C",
+                                          lower_bound=1, **d),
+      "ignore_index": flags.DEFINE_integer("ignore_index", 255, "label value not counted", **d),
+      "class_names": flags.DEFINE_string("class_names", None, "comma-separated, one per class",
+                                         **d),
+      "json": flags.DEFINE_string("json", None, "write the results here (atomically)", **d),
+      "split_list": flags.DEFINE_string(
+          "split_list", None, "only the ground truth named in this file (one name a line, e.g. "
+          "MFNet/test.txt)", **d),
+      "dataset": flags.DEFINE_string(
+          "dataset", None, "mfnet | fmb: print the paper's Table 1 / 2 columns and its row", **d),
+      "markdown": flags.DEFINE_bool("markdown", False, "print a Markdown table", **d),
+  }
+
+
+def _main(f, _) -> int:
+  num_classes, dataset = f["num_classes"].value, f["dataset"].value
   try:
-    names = None if args.class_names is None else [
-        s.strip() for s in args.class_names.split(",")]
+    names = None if f["class_names"].value is None else [
+        s.strip() for s in f["class_names"].value.split(",")]
     if names is not None:
-      _class_names(names, args.num_classes)
-    if names is None and args.dataset:
+      _class_names(names, num_classes)
+    if names is None and dataset:
       from fusionsam_jax.data.info import get_info
-      info = get_info(args.dataset)
-      if info.num_classes == args.num_classes:
+      info = get_info(dataset)
+      if info.num_classes == num_classes:
         names = list(info.class_names)
-    listed = None if args.split_list is None else read_name_list(args.split_list)
-    cm = evaluate_label_dirs(prediction_dir(args.pred_dir), args.gt_dir, args.num_classes,
-                             args.ignore_index, listed)
+    listed = None if f["split_list"].value is None else read_name_list(f["split_list"].value)
+    cm = evaluate_label_dirs(prediction_dir(f["pred_dir"].value), f["gt_dir"].value,
+                             num_classes, f["ignore_index"].value, listed)
     summary = cm.summary(names)
     summary["num_images"] = cm.num_updates
-    print(format_paper_table(summary, dataset=args.dataset, method="predictions",
-                             paper_row=args.dataset is not None, markdown=args.markdown))
+    print(format_paper_table(summary, dataset=dataset, method="predictions",
+                             paper_row=dataset is not None, markdown=f["markdown"].value))
     print(f"images: {cm.num_updates}")
-    if args.json:
-      write_json_atomic(summary, args.json)
+    if f["json"].value:
+      write_json_atomic(summary, f["json"].value)
   except (ValueError, FileNotFoundError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def main(argv=None) -> int:
+  """``python -m fusionsam_jax.metrics.miou``; `argv` without the program name."""
+  from fusionsam_jax.cli_common import run_cli
+  return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.metrics.miou",
+                 doc="mIoU of predicted label PNGs against ground-truth label PNGs (files "
+                     "matched by name; one confusion matrix over all images).",
+                 required=("pred_dir", "gt_dir", "num_classes"))
 
 
 if __name__ == "__main__":

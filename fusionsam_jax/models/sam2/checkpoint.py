@@ -168,12 +168,12 @@ def convert_file(checkpoint: str, output: str, model_type: str = "auto",
   if os.path.exists(output) and not overwrite:
     raise CheckpointError(f"{output}: already exists (pass --overwrite to replace it)")
   if model_type != "auto" and model_type not in SAM2_PRESETS:
-    raise CheckpointError(f"--model-type {model_type!r}: expected auto, "
+    raise CheckpointError(f"--model_type {model_type!r}: expected auto, "
                           + ", ".join(SAM2_PRESETS))
   sd = load_torch_state_dict(checkpoint)
   cfg = infer_config(sd, checkpoint)
   if model_type != "auto" and SAM2_PRESETS[model_type] != cfg:
-    raise CheckpointError(f"{checkpoint}: --model-type {model_type} given, but the tensor "
+    raise CheckpointError(f"{checkpoint}: --model_type {model_type} given, but the tensor "
                           f"shapes are those of {preset_name(cfg)}")
   cfg, params, skipped = convert_state_dict(sd, cfg, checkpoint)
   meta = {"source": os.path.basename(checkpoint), "sha256": sha256sum(checkpoint),
