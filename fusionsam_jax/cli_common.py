@@ -90,6 +90,9 @@ def run_cli(define, body, argv=None, *, prog: str, doc: str | None = None,
       rest = fv([prog] + _underscored(argv, fv))[1:]
     except flags.Error as e:
       raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except Exception as e:  # noqa: BLE001 -- a config flag's loader / overrides raise anything
+      msg = str(e).splitlines()[0] if str(e) else ""
+      raise UsageError(f"bad command line ({type(e).__name__}: {msg})") from None
     if rest and not positional:
       raise UsageError(f"unexpected arguments: {' '.join(rest)}")
     missing = [n for n in required if holders[n].value in (None, "", [])]

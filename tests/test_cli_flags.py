@@ -19,6 +19,9 @@ CLIS = {
                     "--checkpoint"),
     "convert_sam2": ([sys.executable, os.path.join(ROOT, "tools", "convert_sam2_weights.py")],
                      "--checkpoint"),
+    "evaluate": ([sys.executable, "-m", "fusionsam_jax.evaluate"], "--workdir"),
+    "baseline": ([sys.executable, "-m", "fusionsam_jax.baseline"], "--workdir"),
+    "report": ([sys.executable, "-m", "fusionsam_jax.evaluators.report"], "--workdir"),
     "convert_vgg16": ([sys.executable, os.path.join(ROOT, "tools", "convert_vgg16.py")],
                       "--weights"),
 }
@@ -99,3 +102,11 @@ def test_no_argparse_left():
             if "import argparse" in fh.read():
               users.append(os.path.join(d, fn))
   assert not users
+
+
+def test_config_override_error_is_one_line(tmp_path):
+  """A --config.x override that names no field: a usage error, not ml_collections' traceback."""
+  r = _run([sys.executable, "-m", "fusionsam_jax.evaluate", f"--workdir={tmp_path}",
+            "--config=configs/demo.py:tiny", "--config.eval.no_such_key=2"])
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert "no_such_key" in r.stderr
