@@ -208,34 +208,148 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
   return cfg, params
 
 
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def clean_orphans(parent: str, base: str) -> list:
+  """Removes ``.<base>.tmp-<pid>-*`` / ``.<base>.old-<pid>-*`` folders in `parent` left by a
+  killed writer (one whose pid is gone; names without a pid, from older versions, too).
+  Returns the removed paths."""
+  removed = []
+  try:
+    names = os.listdir(parent)
+  except OSError:
+    return removed
+  for name in names:
+    for tag in (".tmp-", ".old-"):
+      head = f".{base}{tag}"
+      if not name.startswith(head):
+        continue
+      pid = name[len(head):].split("-", 1)[0]
+      if pid.isdigit() and "-" in name[len(head):] and _pid_alive(int(pid)):
+        continue
+      path = os.path.join(parent, name)
+      _rmtree(path)
+      if not os.path.lexists(path):
+        removed.append(path)
+  return removed
+
+
+def _rmtree(path: str) -> None:
+  """shutil.rmtree that also removes read-only folders (made writable first); never raises."""
+  def retry(func, p, _):
+    try:
+      os.chmod(os.path.dirname(p), 0o700)
+      func(p)
+    except OSError:
+      pass
+  if os.path.islink(path) or os.path.isfile(path):
+    try:
+      os.unlink(path)
+    except OSError:
+      pass
+    return
+  shutil.rmtree(path, onerror=retry)
+
+
+def _umask() -> int:
+  m = os.umask(0o022)
+  os.umask(m)
+  return m
+
+
+def check_output_dir(output_dir: str, overwrite: bool, meta_file: str = META_FILE,
+                     fmt: Optional[str] = None, inputs: Tuple[str, ...] = ()) -> None:
+  """Raises CheckpointError unless `output_dir` may be (re)written by a converter: it does
+  not exist, or, with `overwrite`, it is a directory this project wrote -- nothing in it but
+  ``params/`` and `meta_file`, whose ``format`` is `fmt` -- (or an empty one); and it is not,
+  and does not hold, one of `inputs`."""
+  out = os.path.realpath(output_dir)
+  for p in inputs:
+    rp = os.path.realpath(p)
+    if rp == out or rp.startswith(out.rstrip(os.sep) + os.sep):
+      raise CheckpointError(f"{output_dir}: holds the input {p}; choose another --output")
+  if not os.path.lexists(output_dir):
+    return
+  if not overwrite:
+    raise CheckpointError(f"{output_dir}: already exists (pass --overwrite to replace it)")
+  refuse = (f"; --overwrite replaces only a checkpoint directory written by this converter "
+            f"(params/ and {meta_file}): remove it yourself or choose another --output")
+  if os.path.islink(output_dir) or not os.path.isdir(output_dir):
+    raise CheckpointError(f"{output_dir}: not a directory" + refuse)
+  try:
+    entries = set(os.listdir(output_dir))
+  except OSError as e:
+    raise CheckpointError(f"{output_dir}: cannot be read ({e.strerror})") from None
+  if not entries:
+    return
+  foreign = sorted(entries - {PARAMS_DIR, meta_file})
+  if foreign:
+    raise CheckpointError(f"{output_dir}: holds {', '.join(foreign[:5])}"
+                          + (" ..." if len(foreign) > 5 else "") + refuse)
+  if meta_file not in entries:
+    raise CheckpointError(f"{output_dir}: no {meta_file}" + refuse)
+  try:
+    with open(os.path.join(output_dir, meta_file)) as f:
+      found = json.load(f).get("format")
+  except (OSError, ValueError, AttributeError):
+    found = None
+  if fmt is not None and found != fmt:
+    raise CheckpointError(f"{os.path.join(output_dir, meta_file)}: format {found!r}, "
+                          f"expected {fmt!r}" + refuse)
+
+
 def write_params_dir(output_dir: str, params, meta: dict, overwrite: bool = False,
-                     meta_file: str = META_FILE) -> str:
+                     meta_file: str = META_FILE, inputs: Tuple[str, ...] = ()) -> str:
   """Writes ``DIR/params`` (Orbax) + ``DIR/<meta_file>`` atomically: a temporary sibling
-  directory renamed into place (an existing one is replaced only with `overwrite`)."""
+  directory renamed into place. An existing `output_dir` is replaced only with `overwrite`
+  and only if this project wrote it (`check_output_dir`); never one holding `inputs`. The
+  result has the modes of the umask (folders 0755, files 0644 under umask 022). Orphaned
+  temporary siblings of killed runs are removed first. Any write failure (read-only or full
+  disk, ...) raises CheckpointError and leaves nothing behind."""
   import orbax.checkpoint as ocp
 
+  check_output_dir(output_dir, overwrite, meta_file, meta.get("format"), inputs)
   output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir) and not overwrite:
-    raise CheckpointError(f"{output_dir}: already exists (pass --overwrite to replace it)")
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+  parent, base = os.path.dirname(output_dir), os.path.basename(output_dir)
+  tmp = None
   try:
+    os.makedirs(parent, exist_ok=True)
+    clean_orphans(parent, base)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{os.getpid()}-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
       ckptr.wait_until_finished()
     with open(os.path.join(tmp, meta_file), "w") as f:
       json.dump(meta, f, indent=2)
-    if os.path.exists(output_dir):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
+      f.flush()
+      os.fsync(f.fileno())
+    if os.path.lexists(output_dir):
+      old = tempfile.mkdtemp(prefix=f".{base}.old-{os.getpid()}-", dir=parent)
       os.rename(output_dir, os.path.join(old, "x"))
       os.rename(tmp, output_dir)
-      shutil.rmtree(old, ignore_errors=True)
+      _rmtree(old)
     else:
       os.rename(tmp, output_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = None
+  except CheckpointError:
     raise
+  except Exception as e:  # OSError (read-only, full disk), Orbax / tensorstore errors
+    msg = e.strerror if isinstance(e, OSError) and e.strerror else (
+        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    raise CheckpointError(f"{output_dir}: cannot write the converted checkpoint ({msg}); "
+                          "nothing was written") from None
+  finally:
+    if tmp is not None:
+      _rmtree(tmp)
   return output_dir
 
 
@@ -251,11 +365,11 @@ def restore_params_dir(ckpt_dir: str, abstract):
 
 
 def save_sam_checkpoint(output_dir: str, cfg: SamConfig, params, meta: Optional[dict] = None,
-                        overwrite: bool = False) -> str:
-  """Writes params + metadata atomically (temp dir, then rename)."""
+                        overwrite: bool = False, inputs: Tuple[str, ...] = ()) -> str:
+  """Writes params + metadata atomically (temp dir, then rename; `write_params_dir`)."""
   full_meta = {"format": FORMAT, "variant": preset_name(cfg) or "custom",
                "config": cfg.to_dict(), **(meta or {})}
-  return write_params_dir(output_dir, params, full_meta, overwrite)
+  return write_params_dir(output_dir, params, full_meta, overwrite, inputs=inputs)
 
 
 def read_sam_meta(ckpt_dir: str) -> dict:
@@ -283,8 +397,7 @@ def load_sam_checkpoint(ckpt_dir: str):
 def convert_file(checkpoint: str, output: str, model_type: str = "auto",
                  overwrite: bool = False) -> Tuple[SamConfig, str]:
   """The converter CLI's work: .pth -> checkpoint directory. Raises CheckpointError."""
-  if os.path.exists(output) and not overwrite:
-    raise CheckpointError(f"{output}: already exists (pass --overwrite to replace it)")
+  check_output_dir(output, overwrite, META_FILE, FORMAT, (checkpoint,))
   sd = load_torch_state_dict(checkpoint)
   cfg = infer_config(sd, checkpoint)
   if model_type != "auto":
@@ -297,7 +410,7 @@ def convert_file(checkpoint: str, output: str, model_type: str = "auto",
                             f"shapes are those of {found}")
   cfg, params = convert_state_dict(sd, cfg, checkpoint)
   meta = {"source": os.path.basename(checkpoint), "sha256": sha256sum(checkpoint)}
-  save_sam_checkpoint(output, cfg, params, meta, overwrite=overwrite)
+  save_sam_checkpoint(output, cfg, params, meta, overwrite=overwrite, inputs=(checkpoint,))
   return cfg, output
 
 

@@ -2,6 +2,8 @@
 
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fusionsam_jax.models.sam.sam import SAM_PRESETS
-from fusionsam_jax.sam_checkpoint import infer_config, load_sam_checkpoint, read_sam_meta
+from fusionsam_jax.sam_checkpoint import (FORMAT, infer_config, load_sam_checkpoint,
+                                          read_sam_meta, write_params_dir)
 import sam_reference as ref
 
 
@@ -140,7 +143,80 @@ def test_existing_output_needs_overwrite(tiny_pth, tmp_path):
   (out / "keep.txt").write_text("user data")
   _fails(ref.run_converter(pth, out), "already exists", "--overwrite")
   assert (out / "keep.txt").read_text() == "user data"
+  # --overwrite never replaces a folder this converter did not write (issue 17, defect 2)
+  _fails(ref.run_converter(pth, out, "--overwrite"), "keep.txt", "only a checkpoint directory")
+  assert sorted(os.listdir(out)) == ["keep.txt"]
+  # ... a folder it wrote is replaced (written here with tiny params in that layout)
+  os.remove(out / "keep.txt")   # an empty folder may be replaced too
+  write_params_dir(str(out), {"w": np.zeros(2, np.float32)}, {"format": FORMAT}, overwrite=True)
   res = ref.run_converter(pth, out, "--overwrite")
   assert res.returncode == 0, res.stderr
   assert read_sam_meta(str(out))["variant"] == "tiny"
   _only(tmp_path, "out")
+
+
+def _refused(pth, out, *needles):
+  from fusionsam_jax.sam_checkpoint import CheckpointError, convert_file
+  with pytest.raises(CheckpointError) as e:
+    convert_file(str(pth), str(out), overwrite=True)
+  for n in needles:
+    assert n in str(e.value), str(e.value)
+
+
+def test_overwrite_never_deletes_the_input_or_a_foreign_folder(tiny_pth, tmp_path):
+  """Issue 17, defect 2: `--output DIR --overwrite` deleted whatever DIR held, the input
+  .pth included, and exited 0."""
+  pth, _ = tiny_pth
+  box = tmp_path / "box"
+  box.mkdir()
+  (box / "notes.txt").write_text("mine")
+  inp = box / "model.pth"
+  inp.write_bytes(pth.read_bytes())
+  _fails(ref.run_converter(inp, box, "--overwrite"), "holds the input", "model.pth")
+  _refused(inp, tmp_path, "holds the input")
+  _refused(inp, inp, "holds the input")
+  assert sorted(os.listdir(box)) == ["model.pth", "notes.txt"]
+  assert inp.read_bytes() == pth.read_bytes()
+  # a plain file, a SAM 2 checkpoint folder, a folder with our meta file plus other files
+  (tmp_path / "file").write_text("x")
+  _refused(pth, tmp_path / "file", "not a directory")
+  sam2 = tmp_path / "sam2"
+  write_params_dir(str(sam2), {"w": np.zeros(2, np.float32)}, {"format": "fusionsam_jax.sam2/1"},
+                   meta_file="sam2_meta.json")
+  _refused(pth, sam2, "sam2_meta.json")
+  mixed = tmp_path / "mixed"
+  write_params_dir(str(mixed), {"w": np.zeros(2, np.float32)}, {"format": FORMAT})
+  (mixed / "extra.bin").write_bytes(b"1")
+  _refused(pth, mixed, "extra.bin")
+  forged = tmp_path / "forged"
+  forged.mkdir()
+  (forged / "sam_meta.json").write_text('{"format": "other"}')
+  _refused(pth, forged, "format 'other'")
+  assert (forged / "sam_meta.json").exists() and (mixed / "extra.bin").exists()
+
+
+def test_converted_modes_follow_umask_and_orphans_are_cleaned(tmp_path):
+  """Issue 17, defect 12: converted checkpoints were mode 0700 (mkdtemp); temp folders of a
+  killed conversion were never removed."""
+  import stat
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  orphan = tmp_path / f".out.tmp-{dead}-abcd"
+  (orphan / "params").mkdir(parents=True)
+  legacy = tmp_path / ".out.tmp-k2j4h5g6"   # the old naming, without a pid
+  legacy.mkdir()
+  live = tmp_path / f".out.tmp-{os.getpid()}-live"   # a running writer's: kept
+  live.mkdir()
+  other = tmp_path / f".other.tmp-{dead}-abcd"        # another output's: kept
+  other.mkdir()
+  old = os.umask(0o022)
+  try:
+    write_params_dir(str(tmp_path / "out"), {"w": np.zeros(2, np.float32)}, {"format": FORMAT})
+  finally:
+    os.umask(old)
+  assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name, other.name])
+  for d, dirs, files in os.walk(tmp_path / "out"):
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o755, d
+    for f in files:
+      assert stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode) == 0o644, f
+  assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
