@@ -103,3 +103,46 @@ def run_cli(define, body, argv=None, *, prog: str, doc: str | None = None,
   except UsageError as e:
     print(f"error: {e} (see --help)", file=sys.stderr)
     return EXIT_USAGE
+
+
+class captured_stderr:
+  """Context manager: Python-level stderr of the body -- the tracebacks and log lines that
+  Orbax / tensorstore writer threads print when a write fails -- goes to a buffer (`.text`),
+  so that a CLI prints its one-line error alone (and the buffer only with ``--verbose``)."""
+
+  def __enter__(self):
+    import io
+    import logging
+    import sys
+    self._saved = sys.stderr
+    self._buf = io.StringIO()
+    sys.stderr = self._buf
+    self._handlers = []
+    for h in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+      stream = getattr(h, "stream", None)
+      if stream is self._saved or stream is getattr(sys, "__stderr__", None):
+        self._handlers.append((h, stream))
+        h.stream = self._buf
+    return self
+
+  def __exit__(self, *exc):
+    import sys
+    sys.stderr = self._saved
+    for h, stream in self._handlers:
+      h.stream = stream
+    return False
+
+  @property
+  def text(self) -> str:
+    return self._buf.getvalue()
+
+
+def exit_now(rc: int) -> None:
+  """Ends a CLI process with `rc`; after a failure without running interpreter shutdown, where
+  library writer threads (Orbax, tensorstore) would still print tracebacks."""
+  import sys
+  if rc == 0:
+    sys.exit(0)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(rc)

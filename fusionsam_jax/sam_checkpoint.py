@@ -52,6 +52,12 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   except ImportError as e:  # pragma: no cover - depends on the install
     raise CheckpointError("reading .pth files needs PyTorch: pip install 'fusionsam-jax[convert]'"
                           " (CPU build: pip install torch==2.13.0)") from e
+  if os.path.islink(path) and not os.path.exists(path):
+    try:
+      os.stat(path)
+    except OSError as e:
+      raise CheckpointError(f"{path}: a symbolic link that cannot be followed "
+                            f"({e.strerror})") from None
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file")
   if not os.path.isfile(path):
@@ -60,11 +66,17 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for bad files
     msg = str(e)
-    if "Weights only load failed" in msg or "weights_only" in msg:
+    if "Weights only load failed" in msg and ("GLOBAL" in msg or "global" in msg):
       raise CheckpointError(
           f"{path}: refused: the pickle would need code execution to load (only plain tensor "
           "state dicts are accepted)") from None
     first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    if "Weights only load failed" in msg:   # not a pickle torch can read at all
+      detail = msg.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+      first = f"unpickling failed: {detail[0].strip()}" if detail and "WeightsUnpickler" in msg \
+          else "unpickling failed"
+    if len(first) > 160:
+      first = first[:157] + "..."
     raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
                           f"(truncated or not a .pth file?): {first}") from None
   if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
@@ -74,42 +86,66 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
                           f"found {type(obj).__name__}")
   out = {}
   for k, v in obj.items():
-    if not isinstance(v, torch.Tensor):
-      raise CheckpointError(f"{path}: key {k!r} is a {type(v).__name__}, expected a tensor")
-    out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
+    out[k] = _tensor_to_numpy(torch, path, k, v)
   return out
 
 
-def _shape(sd, key, path):
+def _tensor_to_numpy(torch, path: str, k, v) -> np.ndarray:
+  """One state-dict entry as a float32 array; refuses (CheckpointError, naming the key) what
+  a SAM checkpoint never holds: a non-string key, a non-tensor, a sparse / quantized /
+  empty tensor, a non-floating dtype (int, bool, complex), NaN or Inf."""
+  if not isinstance(k, str):
+    raise CheckpointError(f"{path}: key {k!r} is a {type(k).__name__}, expected a string")
+  if not isinstance(v, torch.Tensor):
+    raise CheckpointError(f"{path}: key {k!r} is a {type(v).__name__}, expected a tensor")
+  if v.layout != torch.strided:
+    raise CheckpointError(f"{path}: key {k!r} is a {v.layout} tensor, expected a dense one")
+  if v.is_quantized or v.is_complex() or not v.is_floating_point():
+    raise CheckpointError(f"{path}: key {k!r} has dtype {v.dtype}, expected a floating-point "
+                          "tensor (float32 / float16 / bfloat16 / float64)")
+  if v.numel() == 0:
+    raise CheckpointError(f"{path}: key {k!r} is empty (shape {tuple(v.shape)})")
+  arr = v.detach().to(torch.float32).cpu().numpy()
+  if not np.isfinite(arr).all():
+    bad = int(np.size(arr) - np.isfinite(arr).sum())
+    raise CheckpointError(f"{path}: key {k!r} has {bad} non-finite value(s) (NaN / Inf) of "
+                          f"{arr.size}: a corrupt or diverged checkpoint")
+  return arr
+
+
+def _shape(sd, key, path, ndim: int):
   if key not in sd:
     raise CheckpointError(f"{path}: missing key {key!r}: not a SAM checkpoint?")
-  return sd[key].shape
+  shape = tuple(np.shape(sd[key]))
+  if len(shape) != ndim:
+    raise CheckpointError(f"{path}: key {key!r} has shape {shape}, expected a {ndim}-D tensor")
+  return shape
 
 
 def infer_config(sd: Mapping[str, np.ndarray], path: str = "checkpoint") -> SamConfig:
   """Reads every SAM size off the tensor shapes (so vit_b/l/h and custom sizes all work)."""
-  embed_dim = _shape(sd, "image_encoder.patch_embed.proj.weight", path)[0]
-  patch = _shape(sd, "image_encoder.patch_embed.proj.weight", path)[2]
-  grid = _shape(sd, "image_encoder.pos_embed", path)[1]
+  embed_dim = _shape(sd, "image_encoder.patch_embed.proj.weight", path, 4)[0]
+  patch = _shape(sd, "image_encoder.patch_embed.proj.weight", path, 4)[2]
+  grid = _shape(sd, "image_encoder.pos_embed", path, 4)[1]
   depth = 0
   while f"image_encoder.blocks.{depth}.norm1.weight" in sd:
     depth += 1
   if depth == 0:
     raise CheckpointError(f"{path}: missing key 'image_encoder.blocks.0.norm1.weight'")
-  rel_lens = [_shape(sd, f"image_encoder.blocks.{i}.attn.rel_pos_h", path)[0]
+  rel_lens = [_shape(sd, f"image_encoder.blocks.{i}.attn.rel_pos_h", path, 2)[0]
               for i in range(depth)]
-  head_dim = _shape(sd, "image_encoder.blocks.0.attn.rel_pos_h", path)[1]
+  head_dim = _shape(sd, "image_encoder.blocks.0.attn.rel_pos_h", path, 2)[1]
   global_idx = tuple(i for i, n in enumerate(rel_lens) if n == 2 * grid - 1)
   windowed = [n for n in rel_lens if n != 2 * grid - 1]
   window = (windowed[0] + 1) // 2 if windowed else 14
-  prompt_dim = _shape(sd, "prompt_encoder.no_mask_embed.weight", path)[1]
-  mask_in = _shape(sd, "prompt_encoder.mask_downscaling.3.weight", path)[0]
+  prompt_dim = _shape(sd, "prompt_encoder.no_mask_embed.weight", path, 2)[1]
+  mask_in = _shape(sd, "prompt_encoder.mask_downscaling.3.weight", path, 4)[0]
   dec_depth = 0
   while f"mask_decoder.transformer.layers.{dec_depth}.norm1.weight" in sd:
     dec_depth += 1
-  mlp_dim = _shape(sd, "mask_decoder.transformer.layers.0.mlp.lin1.weight", path)[0]
-  iou_hidden = _shape(sd, "mask_decoder.iou_prediction_head.layers.0.weight", path)[0]
-  num_mask_tokens = _shape(sd, "mask_decoder.mask_tokens.weight", path)[0]
+  mlp_dim = _shape(sd, "mask_decoder.transformer.layers.0.mlp.lin1.weight", path, 2)[0]
+  iou_hidden = _shape(sd, "mask_decoder.iou_prediction_head.layers.0.weight", path, 2)[0]
+  num_mask_tokens = _shape(sd, "mask_decoder.mask_tokens.weight", path, 2)[0]
   # The decoder's head count is not visible in shapes; SAM always uses 8 at width 256.
   dec_heads = 8 if prompt_dim == 256 else SAM_PRESETS["tiny"].decoder_num_heads
   cfg = SamConfig(
@@ -169,7 +205,11 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
                        path: str = "checkpoint"):
   """PyTorch SAM state dict -> (SamConfig, Flax params). Raises CheckpointError on mismatch."""
   cfg = cfg or infer_config(sd, path)
-  abstract = jax.eval_shape(lambda: Sam(cfg).init_params(jax.random.PRNGKey(0)))
+  try:
+    abstract = jax.eval_shape(lambda: Sam(cfg).init_params(jax.random.PRNGKey(0)))
+  except Exception as e:  # sizes read off the shapes that make no model
+    raise CheckpointError(f"{path}: its tensor shapes make no SAM model ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
   expected = {tuple(str(k.key) for k in kp): v for kp, v in
               jax.tree_util.tree_flatten_with_path(abstract)[0]}
   unexpected, filled = [], {}
@@ -325,9 +365,15 @@ def write_params_dir(output_dir: str, params, meta: dict, overwrite: bool = Fals
     clean_orphans(parent, base)
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{os.getpid()}-", dir=parent)
     os.chmod(tmp, 0o777 & ~_umask())
-    with ocp.StandardCheckpointer() as ckptr:
+    ckptr = ocp.StandardCheckpointer()
+    try:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
       ckptr.wait_until_finished()
+    finally:
+      try:   # waits for Orbax's writer threads, also after a failed write
+        ckptr.close()
+      except Exception:  # noqa: BLE001 -- the save's own error is the one reported
+        pass
     with open(os.path.join(tmp, meta_file), "w") as f:
       json.dump(meta, f, indent=2)
       f.flush()

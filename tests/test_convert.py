@@ -220,3 +220,71 @@ def test_converted_modes_follow_umask_and_orphans_are_cleaned(tmp_path):
     for f in files:
       assert stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode) == 0o644, f
   assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
+
+
+@pytest.mark.parametrize("value,needles", [
+    (lambda: {"a": torch.zeros(0, 3)}, ["'a'", "empty"]),
+    (lambda: {"a": torch.zeros(3, 3).to_sparse()}, ["'a'", "sparse", "dense"]),
+    (lambda: {3: torch.zeros(2)}, ["key 3", "expected a string"]),
+    (lambda: {"a": torch.arange(3)}, ["'a'", "torch.int64", "floating-point"]),
+    (lambda: {"a": torch.ones(3, dtype=torch.bool)}, ["'a'", "torch.bool"]),
+    (lambda: {"a": torch.ones(3, dtype=torch.complex64)}, ["'a'", "torch.complex64"]),
+    (lambda: {"ok": torch.ones(2), "a": torch.tensor([1.0, float("nan")])},
+     ["'a'", "1 non-finite", "NaN"]),
+    (lambda: {"a": torch.tensor([float("inf"), -float("inf"), 0.0])}, ["'a'", "2 non-finite"]),
+    (lambda: {"a": [1, 2]}, ["'a'", "list", "expected a tensor"]),
+])
+def test_bad_tensors_are_refused_by_name(value, needles, tmp_path):
+  """Issue 17, defects 9/10: these were cast to float32 silently, or crashed with a traceback."""
+  from fusionsam_jax.sam_checkpoint import CheckpointError, load_torch_state_dict
+  path = tmp_path / "bad.pth"
+  torch.save(value(), path)
+  with pytest.raises(CheckpointError) as e:
+    load_torch_state_dict(str(path))
+  assert str(e.value).startswith(f"{path}:") and "\n" not in str(e.value)
+  for n in needles:
+    assert n in str(e.value), str(e.value)
+
+
+def test_wrong_rank_tensor_is_refused(tiny_pth, tmp_path):
+  """A 1-D patch embedding: an IndexError traceback before."""
+  pth, sam = tiny_pth
+  sd = {k: v.numpy() for k, v in sam.state_dict().items()}
+  sd["image_encoder.patch_embed.proj.weight"] = np.ones(8, np.float32)
+  from fusionsam_jax.sam_checkpoint import CheckpointError
+  with pytest.raises(CheckpointError, match="patch_embed.proj.weight.*expected a 4-D"):
+    infer_config(sd, "x.pth")
+
+
+def test_unreadable_files_get_the_right_reason(tmp_path):
+  """Random bytes are not 'a pickle needing code execution'; a symlink loop is not 'no such
+  file' (issue 17, defect 11)."""
+  from fusionsam_jax.sam_checkpoint import CheckpointError, load_torch_state_dict
+  rand = tmp_path / "rand.pth"
+  rand.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  with pytest.raises(CheckpointError) as e:
+    load_torch_state_dict(str(rand))
+  assert "not a readable PyTorch checkpoint" in str(e.value)
+  assert "code execution" not in str(e.value)
+  loop = tmp_path / "loop.pth"
+  os.symlink(loop, loop)
+  with pytest.raises(CheckpointError, match="symbolic link.*levels of symbolic links"):
+    load_torch_state_dict(str(loop))
+
+
+def test_full_or_read_only_disk_gives_one_line_and_nothing_partial(tiny_pth, tmp_path):
+  """Issue 17, defect 9: a 708-line traceback on a full disk."""
+  from _faults import on_tmpfs
+  pth, _ = tiny_pth
+  mnt = tmp_path / "mnt"
+  cmd = [sys.executable, os.path.join(ref.REPO, "tools", "convert_sam_weights.py"),
+         "--checkpoint", str(pth), "--output", str(mnt / "out")]
+  env = dict(os.environ, PYTHONPATH=ref.REPO, JAX_PLATFORMS="cpu")
+  # tmpfs writes vanish with the namespace: list the folder from inside it
+  for ro, needle in ((False, "No space left"), (True, "Read-only")):
+    res = on_tmpfs(["sh", "-c", '"$@"; rc=$?; ls -A "$0" >&2; exit $rc', str(mnt), *cmd],
+                   mnt, size="512k", read_only=ro, env=env, cwd=ref.REPO)
+    lines = [l for l in res.stderr.strip().splitlines() if l]
+    assert res.returncode == 1, res.stderr
+    assert len(lines) == 1, res.stderr   # the error; `ls` printed nothing: no partial output
+    assert "cannot write" in lines[0] and needle in lines[0], lines[0]

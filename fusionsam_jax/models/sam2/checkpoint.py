@@ -44,18 +44,21 @@ __all__ = ["CheckpointError", "infer_config", "convert_state_dict", "convert_fil
            "save_sam2_checkpoint", "load_sam2_checkpoint", "read_sam2_meta"]
 
 
-def _shape(sd, key, path):
+def _shape(sd, key, path, ndim: int):
   if key not in sd:
     raise CheckpointError(f"{path}: missing key {key!r}: not a SAM 2 checkpoint?")
-  return tuple(sd[key].shape)
+  shape = tuple(np.shape(sd[key]))
+  if len(shape) != ndim:
+    raise CheckpointError(f"{path}: key {key!r} has shape {shape}, expected a {ndim}-D tensor")
+  return shape
 
 
 def infer_config(sd: Mapping[str, Any], path: str = "checkpoint") -> Sam2Config:
   """The preset whose shapes the state dict has. Raises CheckpointError if none fits."""
-  embed_dim = _shape(sd, "image_encoder.trunk.patch_embed.proj.weight", path)[0]
-  bkg = _shape(sd, "image_encoder.trunk.pos_embed", path)[2:]
-  win = _shape(sd, "image_encoder.trunk.pos_embed_window", path)[2]
-  d_model = _shape(sd, "sam_prompt_encoder.no_mask_embed.weight", path)[1]
+  embed_dim = _shape(sd, "image_encoder.trunk.patch_embed.proj.weight", path, 4)[0]
+  bkg = _shape(sd, "image_encoder.trunk.pos_embed", path, 4)[2:]
+  win = _shape(sd, "image_encoder.trunk.pos_embed_window", path, 4)[2]
+  d_model = _shape(sd, "sam_prompt_encoder.no_mask_embed.weight", path, 2)[1]
   depth = 0
   while f"image_encoder.trunk.blocks.{depth}.norm1.weight" in sd:
     depth += 1
