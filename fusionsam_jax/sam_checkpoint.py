@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
+from fusionsam_jax import fsutil
 from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam, SamConfig, preset_name
 
 FORMAT = "fusionsam_jax.sam/1"
@@ -248,63 +249,6 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
   return cfg, params
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def clean_orphans(parent: str, base: str) -> list:
-  """Removes ``.<base>.tmp-<pid>-*`` / ``.<base>.old-<pid>-*`` folders in `parent` left by a
-  killed writer (one whose pid is gone; names without a pid, from older versions, too).
-  Returns the removed paths."""
-  removed = []
-  try:
-    names = os.listdir(parent)
-  except OSError:
-    return removed
-  for name in names:
-    for tag in (".tmp-", ".old-"):
-      head = f".{base}{tag}"
-      if not name.startswith(head):
-        continue
-      pid = name[len(head):].split("-", 1)[0]
-      if pid.isdigit() and "-" in name[len(head):] and _pid_alive(int(pid)):
-        continue
-      path = os.path.join(parent, name)
-      _rmtree(path)
-      if not os.path.lexists(path):
-        removed.append(path)
-  return removed
-
-
-def _rmtree(path: str) -> None:
-  """shutil.rmtree that also removes read-only folders (made writable first); never raises."""
-  def retry(func, p, _):
-    try:
-      os.chmod(os.path.dirname(p), 0o700)
-      func(p)
-    except OSError:
-      pass
-  if os.path.islink(path) or os.path.isfile(path):
-    try:
-      os.unlink(path)
-    except OSError:
-      pass
-    return
-  shutil.rmtree(path, onerror=retry)
-
-
-def _umask() -> int:
-  m = os.umask(0o022)
-  os.umask(m)
-  return m
-
-
 def check_output_dir(output_dir: str, overwrite: bool, meta_file: str = META_FILE,
                      fmt: Optional[str] = None, inputs: Tuple[str, ...] = ()) -> None:
   """Raises CheckpointError unless `output_dir` may be (re)written by a converter: it does
@@ -362,9 +306,9 @@ def write_params_dir(output_dir: str, params, meta: dict, overwrite: bool = Fals
   tmp = None
   try:
     os.makedirs(parent, exist_ok=True)
-    clean_orphans(parent, base)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{os.getpid()}-", dir=parent)
-    os.chmod(tmp, 0o777 & ~_umask())
+    fsutil.clean_orphans(parent, (f".{base}.tmp-", f".{base}.old-"))
+    tmp = tempfile.mkdtemp(prefix=fsutil.temp_prefix(f".{base}.tmp-"), dir=parent)
+    fsutil.chmod_like_new_dir(tmp)
     ckptr = ocp.StandardCheckpointer()
     try:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
@@ -379,10 +323,10 @@ def write_params_dir(output_dir: str, params, meta: dict, overwrite: bool = Fals
       f.flush()
       os.fsync(f.fileno())
     if os.path.lexists(output_dir):
-      old = tempfile.mkdtemp(prefix=f".{base}.old-{os.getpid()}-", dir=parent)
+      old = tempfile.mkdtemp(prefix=fsutil.temp_prefix(f".{base}.old-"), dir=parent)
       os.rename(output_dir, os.path.join(old, "x"))
       os.rename(tmp, output_dir)
-      _rmtree(old)
+      fsutil.rmtree(old)
     else:
       os.rename(tmp, output_dir)
     tmp = None
@@ -395,7 +339,7 @@ def write_params_dir(output_dir: str, params, meta: dict, overwrite: bool = Fals
                           "nothing was written") from None
   finally:
     if tmp is not None:
-      _rmtree(tmp)
+      fsutil.rmtree(tmp)
   return output_dir
 
 

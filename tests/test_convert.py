@@ -201,20 +201,22 @@ def test_converted_modes_follow_umask_and_orphans_are_cleaned(tmp_path):
   import stat
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True).stdout.strip()
-  orphan = tmp_path / f".out.tmp-{dead}-abcd"
+  orphan = tmp_path / f".out.tmp-{dead}-abcd1234"
   (orphan / "params").mkdir(parents=True)
-  legacy = tmp_path / ".out.tmp-k2j4h5g6"   # the old naming, without a pid
-  legacy.mkdir()
-  live = tmp_path / f".out.tmp-{os.getpid()}-live"   # a running writer's: kept
+  (tmp_path / f".out.old-{dead}-abcd1234").mkdir()
+  (tmp_path / ".out.tmp-k2j4h5g6").mkdir()   # the old naming, without a pid
+  lookalike = tmp_path / ".out.tmp-5.tmp-k2j4h5g6"   # output "out.tmp-5"'s: kept
+  lookalike.mkdir()
+  live = tmp_path / f".out.tmp-{os.getpid()}-live1234"   # a running writer's: kept
   live.mkdir()
-  other = tmp_path / f".other.tmp-{dead}-abcd"        # another output's: kept
+  other = tmp_path / f".other.tmp-{dead}-abcd1234"        # another output's: kept
   other.mkdir()
   old = os.umask(0o022)
   try:
     write_params_dir(str(tmp_path / "out"), {"w": np.zeros(2, np.float32)}, {"format": FORMAT})
   finally:
     os.umask(old)
-  assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name, other.name])
+  assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name, other.name, lookalike.name])
   for d, dirs, files in os.walk(tmp_path / "out"):
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o755, d
     for f in files:
