@@ -10,16 +10,20 @@ to ``DST/<dataset>/<version>``. A failure at any step leaves nothing under that 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 
+from fusionsam_jax import fsutil
 from fusionsam_jax.data import info as info_lib
 from fusionsam_jax.data import layouts
 from fusionsam_jax.data.io import GREY_POLICIES, DatasetError, LayoutError
 from fusionsam_jax.data.paths import dataset_dir, is_prepared  # noqa: F401 (re-exported)
 
 IF_EXISTS = ("error", "skip", "overwrite")
+
+
+class PrepareWriteError(OSError):
+  """The dataset could not be written (read-only or full disk, ...); nothing was left."""
 
 
 def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "strict",
@@ -60,8 +64,13 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
   tfds.disable_progress_bar()
   plan = layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
                          num_threads=num_threads)
-  os.makedirs(data_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}-building-", dir=data_dir)
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+    fsutil.clean_orphans(data_dir, (f".{name}-building-",))
+    tmp = tempfile.mkdtemp(prefix=fsutil.temp_prefix(f".{name}-building-"), dir=data_dir)
+  except OSError as e:
+    raise PrepareWriteError(f"{data_dir}: cannot write the {name} dataset there "
+                            f"({e.strerror or e}); nothing was written") from None
   saved_tempdir = tempfile.tempdir
   try:
       # A new TFDS builder makes an empty mkdtemp() folder (for GCS metadata, off here) and
@@ -85,8 +94,18 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
       old = os.path.join(tmp, "old")
       os.replace(final, old)
     os.replace(built, final)
+  except DatasetError:
+    raise
+  except Exception as e:  # a full or read-only disk, TFDS / array_record write errors
+    msg = e.strerror if isinstance(e, OSError) and e.strerror else (
+        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    if len(msg) > 300:
+      msg = msg[:297] + "..."
+    raise PrepareWriteError(f"{data_dir}: writing the {name} dataset failed ({msg}); "
+                            "nothing was written") from e
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    fsutil.rmtree(tmp)
+  return final
   return final
 
 
@@ -120,6 +139,9 @@ def _main(f, _) -> int:
     return 2
   except (DatasetError, FileExistsError) as e:
     print(f"error: {e}\nNothing was written.", file=sys.stderr)
+    return 1
+  except PrepareWriteError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 1
   counts = ", ".join(f"{s}={n}" for s, n in split_sizes(dataset, data_dir).items())
   print(f"prepared {dataset} at {out} ({counts})")
