@@ -62,16 +62,26 @@ def _is_mfnet_combined(arr: np.ndarray) -> bool:
 
 
 def samples_from_files(files: list[str], modalities: tuple[str, ...],
-                       grey_policy: str = "strict") -> list[tuple[str, dict]]:
+                       grey_policy: str = "strict", source: str = "--inputs"
+                       ) -> list[tuple[str, dict]]:
   """Groups `files` into samples: an MFNet 4-channel PNG (RGB + thermal) is one sample when
   the run's modalities are within (rgb, thermal); otherwise each sample takes one file per
-  modality, in the config's modality order."""
+  modality, in the config's modality order. A sample is named after its first file; two
+  samples of one name (``a/x.png``, ``b/x.png``) would write the same outputs and raise
+  InputError. `source` names the flag in messages."""
   out = []
   i = 0
   mods = tuple(modalities)
+  first_file: dict[str, str] = {}
   while i < len(files):
-    first = _read(files[i])
     name = os.path.splitext(os.path.basename(files[i]))[0]
+    if name in first_file:
+      raise InputError(
+          f"{source}: {first_file[name]} and {files[i]} are both named {name!r}: their "
+          f"outputs (OUT/labels/{name}.png, ...) would overwrite each other; give inputs "
+          "distinct file names")
+    first_file[name] = files[i]
+    first = _read(files[i])
     if _is_mfnet_combined(first) and set(mods) <= {"rgb", "thermal"}:
       parts = {"rgb": np.ascontiguousarray(first[..., :3]),
                "thermal": np.ascontiguousarray(first[..., 3:])}
@@ -81,14 +91,14 @@ def samples_from_files(files: list[str], modalities: tuple[str, ...],
     group = files[i:i + len(mods)]
     if len(group) < len(mods):
       raise InputError(
-          f"--inputs: {len(files)} files do not group into samples of {len(mods)} "
+          f"{source}: {len(files)} files do not group into samples of {len(mods)} "
           f"({', '.join(mods)}); the last sample starting at {files[i]} is incomplete")
     el = {}
     for j, (m, p) in enumerate(zip(mods, group)):
       el[m] = _as_modality(first if j == 0 else _read(p), m, p, grey_policy)
     shapes = {m: a.shape[:2] for m, a in el.items()}
     if len(set(shapes.values())) != 1:
-      raise InputError(f"--inputs {group}: images of one sample differ in size: {shapes}")
+      raise InputError(f"{source} {group}: images of one sample differ in size: {shapes}")
     out.append((name, el))
     i += len(mods)
   return out
@@ -118,7 +128,7 @@ def samples_from_dir(root: str, dataset: str, modalities: tuple[str, ...],
     if not names:
       raise InputError(f"{img_dir}: no .png images")
     return samples_from_files([os.path.join(img_dir, f"{n}.png") for n in names], modalities,
-                              grey_policy)
+                              grey_policy, source=f"--input_dir {root}")
   # Folder-per-modality layouts (FMB, VDT-2048).
   base = root
   if split:
@@ -143,7 +153,7 @@ def samples_from_dir(root: str, dataset: str, modalities: tuple[str, ...],
       if not cands:
         raise InputError(f"{os.path.join(dirs[m], s)}.*: missing {m} image of sample {s}")
       files.append(os.path.join(dirs[m], cands[0]))
-  return samples_from_files(files, modalities, grey_policy)
+  return samples_from_files(files, modalities, grey_policy, source=f"--input_dir {root}")
 
 
 def _write_png_atomic(path: str, arr: np.ndarray) -> None:
@@ -257,6 +267,21 @@ def write_outputs(out_dir: str, name: str, res: dict, element: dict, palette) ->
   return paths
 
 
+def check_out_dir(out_dir: str) -> None:
+  """Raises InputError unless `out_dir` is a folder or can be made one: not an existing file
+  (nor under one), and its nearest existing ancestor is writable."""
+  p = os.path.abspath(out_dir)
+  if os.path.lexists(p) and not os.path.isdir(p):
+    raise InputError(f"--out {out_dir}: is an existing file, expected a folder (predictions "
+                     "go to OUT/labels/, OUT/color/, ...)")
+  while not os.path.lexists(p):
+    p = os.path.dirname(p)
+  if not os.path.isdir(p):
+    raise InputError(f"--out {out_dir}: {p} is a file, so no folder can be made there")
+  if not os.access(p, os.W_OK | os.X_OK):
+    raise InputError(f"--out {out_dir}: {p} is not writable")
+
+
 def define_model_override_flags(fv) -> dict:
   """--attn_impl / --encoder_dtype: run a workdir on another machine (e.g. a cuDNN + bf16 GPU
   run on a CPU). cuDNN attention falls back to XLA by itself where cuDNN is absent."""
@@ -312,6 +337,7 @@ def _main(f, rest) -> int:
   quiet_logs()
   workdir, out_dir, progress = f["workdir"].value, f["out"].value, f["progress"].value
   try:
+    check_out_dir(out_dir)
     which = experiment.parse_checkpoint_arg(f["checkpoint"].value)
     config = W.load_config(workdir)
     from fusionsam_jax.config_lib import override_model
@@ -324,13 +350,17 @@ def _main(f, rest) -> int:
       samples = samples_from_dir(f["input_dir"].value, config.dataset, mods, f["split"].value,
                                  f["grey_policy"].value)
     predictor = Predictor(workdir, which, config=config)
+    os.makedirs(out_dir, exist_ok=True)
     from tqdm import tqdm
     for name, el in tqdm(samples, desc="predict", unit="image", disable=(
         not sys.stderr.isatty() if progress is None else not progress)):
       predictor.write(name, el, out_dir)
-  except (experiment.SetupError, CheckpointError, DatasetError, InputError, FileNotFoundError,
-          ValueError) as e:
+  except (experiment.SetupError, CheckpointError, DatasetError, InputError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:   # --out unwritable, full disk (each PNG is written atomically)
+    where = e.filename or out_dir
+    print(f"error: {where}: cannot write the predictions ({e.strerror or e})", file=sys.stderr)
     return 1
   print(f"wrote {len(samples)} prediction(s) to {out_dir} (checkpoint {predictor.which}, "
         f"step {predictor.step})")
