@@ -362,3 +362,68 @@ def test_sod_cli_subprocess(tmp_path):
   assert r.returncode == 0, r.stderr
   res = json.loads((tmp_path / "x.json").read_text())
   assert len(res["curves"]["fm"]) == 256
+
+
+def _palette_png(path, idx, colours):
+  """A palette PNG: indices `idx`, palette entry i = colours[i]."""
+  im = Image.fromarray(np.asarray(idx, np.uint8), "P")
+  im.putpalette([v for c in colours for v in c])
+  im.save(path)
+
+
+def test_palette_pngs_are_read_as_class_ids_or_refused(tmp_path, capsys):
+  """Issue 17, defect 10: palette PNGs whose indices are not class ids (a colour mask saved
+  by `quantize`, indices by frequency) were counted as ids: 5.7 % for 65.7 %."""
+  from fusionsam_jax.data.info import MFNET
+  pal = [tuple(c) for c in MFNET.palette]
+  rng = np.random.default_rng(0)
+  gt = rng.integers(0, 9, (12, 16))
+  pred = np.where(rng.random((12, 16)) < 0.7, gt, rng.integers(0, 9, (12, 16)))
+  ref = ConfusionMatrix(9)
+  ref.update(pred, gt)
+  (tmp_path / "gt").mkdir()
+  (tmp_path / "p").mkdir()
+  _save(tmp_path / "gt" / "a.png", gt)
+  # the prediction as a colour mask saved as a palette PNG with its own index order
+  perm = rng.permutation(9)                   # class k is stored as index perm[k]
+  colours = [None] * 9
+  for k in range(9):
+    colours[perm[k]] = pal[k]
+  _palette_png(tmp_path / "p" / "a.png", perm[pred], colours)
+  args = ["--pred_dir", str(tmp_path / "p"), "--gt_dir", str(tmp_path / "gt"),
+          "--num_classes", "9", "--json", str(tmp_path / "r.json")]
+  # without the dataset palette: refused, the file named
+  assert miou_mod.main(args) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "p/a.png" in err[0] and "palette" in err[0], err
+  # with it, the colours are mapped to their class ids: the true confusion matrix
+  assert miou_mod.main(args + ["--dataset", "mfnet"]) == 0
+  assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == ref.matrix.tolist()
+  # a palette that is the dataset's own (index i = class i) or a grey ramp: indices are ids
+  _palette_png(tmp_path / "p" / "a.png", pred, pal)
+  assert miou_mod.main(args + ["--dataset", "mfnet"]) == 0
+  assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == ref.matrix.tolist()
+  _palette_png(tmp_path / "p" / "a.png", pred, [(i, i, i) for i in range(9)])
+  assert miou_mod.main(args) == 0
+  assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == ref.matrix.tolist()
+  # --palette_indices: counted as they are
+  _palette_png(tmp_path / "p" / "a.png", perm[pred], colours)
+  assert miou_mod.main(args + ["--palette_indices"]) == 0
+  capsys.readouterr()
+  bad = ConfusionMatrix(9)
+  bad.update(perm[pred], gt)
+  assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == bad.matrix.tolist()
+
+
+def test_bad_ground_truth_value_names_the_ground_truth(label_dirs, capsys):
+  """Issue 17, defect 11: a bad ground-truth value was blamed on the prediction file."""
+  root, _, labels = label_dirs
+  gt = labels[0].copy()
+  gt[0, 0] = 7
+  name = sorted(os.listdir(root / "gt"))[0]
+  _save(root / "gt" / name, gt)
+  assert miou_mod.main(["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"),
+                        "--num_classes", "4"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and str(root / "gt" / name) in err[0], err
+  assert "ground truth holds values [7]" in err[0] and str(root / "pred") not in err[0]

@@ -399,11 +399,17 @@ def format_paper_table(
 # ----------------------------------------------------------------------------- files
 
 
-def load_label_png(path) -> np.ndarray:
+def load_label_png(path, palette: Sequence[Sequence[int]] | None = None,
+                   palette_indices: bool = False) -> np.ndarray:
   """Reads a single-channel label PNG (modes L, P, I;16, I, 1) as an int64 ``(H, W)`` array.
 
-  Palette ("P") images give their palette indices, i.e. the class ids. Colour images
-  (RGB/RGBA/LA) are refused: colour-coded masks must be mapped to ids first.
+  Palette ("P") images: their indices are class ids when the palette says so -- it is a grey
+  ramp (index i shows as (i, i, i)), it is `palette` (the dataset's: index i shows class i's
+  colour), it does not cover the indices used, or `palette_indices` is set. Otherwise, when
+  every colour used is one of `palette`'s, the colours are mapped to their class ids (a
+  colour-coded mask saved as a palette PNG, indices in any order); else ValueError (its
+  indices need not be class ids: counted as they are they gave 5.7% for 65.7%). Colour
+  images (RGB/RGBA/LA) are refused: colour-coded masks must be mapped to ids first.
   """
   from PIL import Image
 
@@ -416,11 +422,43 @@ def load_label_png(path) -> np.ndarray:
             f"{path}: label image has mode {mode!r}; expected a single-channel "
             "class-id PNG (L, P or 16-bit)")
       arr = np.asarray(im)
+      pal = im.getpalette() if mode == "P" else None
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: no such label file") from None
   except OSError as e:  # unreadable / not an image
     raise ValueError(f"{path}: cannot read as an image ({e})") from None
-  return arr.astype(np.int64)
+  arr = arr.astype(np.int64)
+  if mode == "P" and pal and not palette_indices:
+    arr = _palette_ids(arr, np.asarray(pal, np.int64).reshape(-1, 3), palette, path)
+  return arr
+
+
+def _palette_ids(idx: np.ndarray, pal: np.ndarray, palette, path) -> np.ndarray:
+  """Class ids of a palette image (`load_label_png`'s rule)."""
+  used = np.unique(idx)
+  if used.max(initial=0) >= len(pal):
+    return idx                                # the palette does not describe these indices
+  colours = pal[used]
+  if np.array_equal(colours, np.repeat(used[:, None], 3, 1)):
+    return idx                                # grey ramp
+  ref = None if palette is None else np.asarray(palette, np.int64).reshape(-1, 3)
+  if ref is not None:
+    inside = used < len(ref)                  # beyond: e.g. the ignore index, kept as it is
+    if inside.any() and np.array_equal(colours[inside], ref[used[inside]]):
+      return idx                              # the dataset's own palette
+    lut = {tuple(c): k for k, c in enumerate(ref.tolist())}
+    ids = [lut.get(tuple(c)) for c in colours.tolist()]
+    if all(i is not None for i in ids):
+      table = np.zeros(len(pal), np.int64)
+      table[used] = ids
+      return table[idx]                       # colours mapped to class ids
+  shown = ", ".join(f"{int(u)}->{tuple(int(v) for v in c)}" for u, c in zip(used[:4],
+                                                                             colours[:4]))
+  raise ValueError(
+      f"{path}: palette PNG whose palette ({shown}{', ...' if len(used) > 4 else ''}) is "
+      "neither a grey ramp nor the dataset's palette, so its indices need not be class ids; "
+      "save class ids as a single-channel PNG, pass --dataset to map the dataset's colours, "
+      "or --palette_indices to count the indices as class ids")
 
 
 def _png_names(d) -> list[str]:
@@ -485,25 +523,35 @@ def prediction_dir(pred_dir, subfolder: str = "labels") -> str:
 
 
 def evaluate_label_dirs(pred_dir, gt_dir, num_classes: int, ignore_index: int | None = 255,
-                        names: Sequence[str] | None = None) -> ConfusionMatrix:
+                        names: Sequence[str] | None = None, *,
+                        palette: Sequence[Sequence[int]] | None = None,
+                        palette_indices: bool = False) -> ConfusionMatrix:
   """Accumulates a :class:`ConfusionMatrix` over PNG label folders matched by filename
-  (only `names` of the ground truth when given, see :func:`matched_png_names`).
+  (only `names` of the ground truth when given, see :func:`matched_png_names`). Palette
+  PNGs: see :func:`load_label_png` (`palette`: the dataset's, or None).
 
-  Labels are never resized: a size mismatch raises ``ValueError`` naming the file.
+  Labels are never resized: a size mismatch raises ``ValueError`` naming the file; a value
+  outside the class range raises naming the file that holds it (ground truth or prediction).
   """
   cm = ConfusionMatrix(num_classes, ignore_index)
+  c = cm.num_classes
   for name in matched_png_names(pred_dir, gt_dir, names):
     pp = os.path.join(os.fspath(pred_dir), name)
     gp = os.path.join(os.fspath(gt_dir), name)
-    pred, gt = load_label_png(pp), load_label_png(gp)
+    pred = load_label_png(pp, palette, palette_indices)
+    gt = load_label_png(gp, palette, palette_indices)
     if pred.shape != gt.shape:
       raise ValueError(f"{pp}: prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) "
                        f"!= ground truth {gp} size {gt.shape[1]}x{gt.shape[0]}; "
                        "labels are not resized")
-    try:
-      cm.update(pred, gt)
-    except ValueError as e:
-      raise ValueError(f"{pp}: {e}") from None
+    counted = gt != ignore_index if ignore_index is not None else np.ones(gt.shape, bool)
+    for what, path, a in (("ground truth", gp, gt), ("prediction", pp, pred)):
+      bad = counted & ((a < 0) | (a >= c))
+      if bad.any():
+        vals = np.unique(a[bad])[:8].tolist()
+        raise ValueError(f"{path}: {what} holds values {vals} outside [0, {c}) at counted "
+                         f"pixels (ignore_index={ignore_index}); wrong num_classes?")
+    cm.update(pred, gt)
   return cm
 
 
@@ -545,6 +593,10 @@ def define_flags(fv) -> dict:
       "dataset": flags.DEFINE_string(
           "dataset", None, "mfnet | fmb: print the paper's Table 1 / 2 columns and its row", **d),
       "markdown": flags.DEFINE_bool("markdown", False, "print a Markdown table", **d),
+      "palette_indices": flags.DEFINE_bool(
+          "palette_indices", False, "count the indices of palette PNGs as class ids whatever "
+          "their palette (default: only a grey-ramp or the dataset's palette says so; colours "
+          "of the --dataset palette are mapped to their ids; others are refused)", **d),
   }
 
 
@@ -561,8 +613,13 @@ def _main(f, _) -> int:
       if info.num_classes == num_classes:
         names = list(info.class_names)
     listed = None if f["split_list"].value is None else read_name_list(f["split_list"].value)
+    palette = None
+    if dataset:
+      from fusionsam_jax.data.info import get_info
+      palette = get_info(dataset).palette
     cm = evaluate_label_dirs(prediction_dir(f["pred_dir"].value), f["gt_dir"].value,
-                             num_classes, f["ignore_index"].value, listed)
+                             num_classes, f["ignore_index"].value, listed, palette=palette,
+                             palette_indices=f["palette_indices"].value)
     summary = cm.summary(names)
     summary["num_images"] = cm.num_updates
     print(format_paper_table(summary, dataset=dataset, method="predictions",
