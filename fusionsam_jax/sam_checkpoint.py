@@ -87,11 +87,11 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
                           f"found {type(obj).__name__}")
   out = {}
   for k, v in obj.items():
-    out[k] = _tensor_to_numpy(torch, path, k, v)
+    out[k] = tensor_to_numpy(torch, path, k, v)
   return out
 
 
-def _tensor_to_numpy(torch, path: str, k, v) -> np.ndarray:
+def tensor_to_numpy(torch, path: str, k, v) -> np.ndarray:
   """One state-dict entry as a float32 array; refuses (CheckpointError, naming the key) what
   a SAM checkpoint never holds: a non-string key, a non-tensor, a sparse / quantized /
   empty tensor, a non-floating dtype (int, bool, complex), NaN or Inf."""

@@ -33,9 +33,12 @@ def read_state_dict(path: str) -> dict:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for bad / truncated files
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if "Weights only load failed" in msg:
+    full = str(e)
+    msg = full.splitlines()[0] if full else type(e).__name__
+    if "Weights only load failed" in msg and "GLOBAL" in full:
       msg = "not a plain tensor checkpoint; refusing to unpickle arbitrary objects"
+    elif "Weights only load failed" in msg:
+      msg = "unpickling failed: not a PyTorch file"
     elif len(msg) > 160:
       msg = msg[:157] + "..."
     raise ValueError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
@@ -44,8 +47,14 @@ def read_state_dict(path: str) -> dict:
   if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
     raise ValueError(f"{path} does not hold a state dict of tensors "
                      f"(found {type(obj).__name__})")
-  sd = {k: v.detach().to(torch.float32).cpu().numpy()
-        for k, v in obj.items() if torch.is_tensor(v) and k.startswith("features.")}
+  from fusionsam_jax.sam_checkpoint import CheckpointError, tensor_to_numpy
+  sd = {}
+  for k, v in obj.items():
+    if isinstance(k, str) and k.startswith("features."):
+      try:   # NaN / Inf, int / bool / complex, sparse, empty: refused naming the key
+        sd[k] = tensor_to_numpy(torch, path, k, v)
+      except CheckpointError as e:
+        raise ValueError(str(e)) from None
   if not sd:
     raise ValueError(f"{path} has no 'features.*' tensors: not a torchvision VGG16 "
                      f"state dict (first keys: {', '.join(list(obj)[:3])})")
