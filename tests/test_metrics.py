@@ -427,3 +427,15 @@ def test_bad_ground_truth_value_names_the_ground_truth(label_dirs, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and str(root / "gt" / name) in err[0], err
   assert "ground truth holds values [7]" in err[0] and str(root / "pred") not in err[0]
+
+
+def test_bad_split_list_is_one_line_naming_it(label_dirs, capsys):
+  """A non-UTF-8 --split_list was a bare codec error; a '../' entry read outside --gt_dir."""
+  root, _, _ = label_dirs
+  args = ["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"), "--num_classes", "4"]
+  lst = root / "list.txt"
+  for content, needle in ((b"00000\n\xff\n", "not UTF-8"), (b"../pred/00000\n", "out of")):
+    lst.write_bytes(content)
+    assert miou_mod.main(args + ["--split_list", str(lst)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(lst) in err[0] and needle in err[0], err

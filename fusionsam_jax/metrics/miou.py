@@ -470,15 +470,14 @@ def _png_names(d) -> list[str]:
 
 
 def read_name_list(path) -> list[str]:
-  """Names of a split list (one per line, e.g. MFNet's ``test.txt``) as ``<name>.png``."""
+  """Names of a split list (one per line, e.g. MFNet's ``test.txt``) as ``<name>.png``;
+  read as ``prepare`` reads it (`data.layouts.read_split_list`: UTF-8, no empty or repeated
+  entry, no entry reaching out of the folder with ``..`` or an absolute path)."""
+  from fusionsam_jax.data.layouts import read_split_list
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such split list")
-  with open(path) as f:
-    names = [line.strip() for line in f if line.strip()]
-  if not names:
-    raise ValueError(f"{path}: empty split list")
-  return sorted(n if n.lower().endswith(".png") else f"{n}.png" for n in names)
+  return sorted(f"{n}.png" for n in read_split_list(path))
 
 
 def matched_png_names(pred_dir, gt_dir, names: Sequence[str] | None = None) -> list[str]:
