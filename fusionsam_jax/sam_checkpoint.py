@@ -325,7 +325,11 @@ def write_params_dir(output_dir: str, params, meta: dict, overwrite: bool = Fals
     if os.path.lexists(output_dir):
       old = tempfile.mkdtemp(prefix=fsutil.temp_prefix(f".{base}.old-"), dir=parent)
       os.rename(output_dir, os.path.join(old, "x"))
-      os.rename(tmp, output_dir)
+      try:
+        os.rename(tmp, output_dir)
+      except OSError:
+        os.rename(os.path.join(old, "x"), output_dir)   # the previous checkpoint stays
+        raise
       fsutil.rmtree(old)
     else:
       os.rename(tmp, output_dir)
