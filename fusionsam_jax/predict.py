@@ -26,7 +26,10 @@ The metric CLIs read these folders directly:
 ``python -m fusionsam_jax.metrics.sod --pred_dir OUT/saliency --gt_dir VDT-2048/Test/GT``.
 
 Images are processed at their own resolution (padded at the bottom/right to a multiple of
-``config.eval.pad_multiple``, outputs cropped back). Exit status 0, or 1 with a message.
+``config.eval.pad_multiple``, outputs cropped back). Two inputs of one name (``a/x.png``,
+``b/x.png``) would write the same outputs and are refused, as is an ``--out`` that is a file,
+before the model is loaded. Exit status 0; 1 a bad input, missing checkpoint or write error
+(one line); 2 a usage error.
 """
 
 from __future__ import annotations
