@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 
 def run(workdir: str, split: str | None = None, checkpoint: str = "best",
@@ -86,17 +86,20 @@ def run(workdir: str, split: str | None = None, checkpoint: str = "best",
   return record
 
 
-def define_flags() -> dict:
+def define_flags(fv=None) -> dict:
+  """The flags, on `fv` (absl FlagValues; None: the global ones)."""
+  d = {} if fv is None else dict(flag_values=fv)
   return {
-      "workdir": flags.DEFINE_string("workdir", None, "training run folder"),
-      "split": flags.DEFINE_string("split", None, "split (default config.eval.split)"),
-      "checkpoint": flags.DEFINE_string("checkpoint", "best", "best | latest | STEP"),
+      "workdir": flags.DEFINE_string("workdir", None, "training run folder", **d),
+      "split": flags.DEFINE_string("split", None, "split (default config.eval.split)", **d),
+      "checkpoint": flags.DEFINE_string("checkpoint", "best", "best | latest | STEP", **d),
       "prompt": flags.DEFINE_enum("prompt", "box+point", ["box+point", "box", "point"],
-                                  "ORACLE prompt per ground-truth component"),
-      "min_area": flags.DEFINE_integer("min_area", 1, "smallest component prompted (px)"),
+                                  "ORACLE prompt per ground-truth component", **d),
+      "min_area": flags.DEFINE_integer("min_area", 1, "smallest component prompted (px)", **d),
       "sam_checkpoint": flags.DEFINE_string("sam_checkpoint", None,
-                                            "converted SAM (default model.sam_checkpoint)"),
-      "out": flags.DEFINE_string("out", None, "JSON path (default WORKDIR/baseline_SPLIT.json)"),
+                                            "converted SAM (default model.sam_checkpoint)", **d),
+      "out": flags.DEFINE_string("out", None, "JSON path (default WORKDIR/baseline_SPLIT.json)",
+                                 **d),
   }
 
 
@@ -123,5 +126,6 @@ def main(argv, f) -> int:
 
 
 if __name__ == "__main__":
-  _FLAGS = define_flags()
-  app.run(lambda argv: sys.exit(main(argv, _FLAGS)))
+  from fusionsam_jax.cli_common import run_cli
+  sys.exit(run_cli(define_flags, lambda f, rest: main(["baseline"] + rest, f),
+                   prog="python -m fusionsam_jax.baseline", doc=__doc__, positional=True))

@@ -31,3 +31,118 @@ def enable_compilation_cache(path: str | None) -> None:
     return
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+class UsageError(Exception):
+  """A bad command line: printed as one line, exit status `EXIT_USAGE`."""
+
+
+_HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
+
+
+def _underscored(argv: list[str], fv) -> list[str]:
+  """The old argparse spellings, ``--manual-dir X`` / ``--no-progress``, as the absl ones,
+  ``--manual_dir X`` / ``--noprogress``: a hyphenated name is rewritten only where the
+  underscored one is a defined flag (so nothing else changes meaning)."""
+  from absl import flags
+  out = []
+  for i, a in enumerate(argv):
+    if a == "--":
+      return out + argv[i:]
+    if a.startswith("--") and "-" in a[2:].split("=", 1)[0]:
+      name, eq, val = a[2:].partition("=")
+      under = name.replace("-", "_")
+      if under in fv:
+        a = f"--{under}{eq}{val}"
+      elif (under.startswith("no_") and under[3:] in fv
+            and isinstance(fv[under[3:]], flags.BooleanFlag)):
+        a = f"--no{under[3:]}{eq}{val}"
+    out.append(a)
+  return out
+
+
+def run_cli(define, body, argv=None, *, prog: str, doc: str | None = None,
+            required: tuple[str, ...] = (), positional: bool = False) -> int:
+  """Runs a command-line tool on absl flags: the one flags library of every CLI here.
+
+  `define(fv)` defines the tool's flags on `fv` (a private ``absl.flags.FlagValues``, so the
+  tools never clash with each other or with a caller's flags, and tests may call a tool's
+  ``main([...])`` in-process any number of times) and returns {name: FlagHolder};
+  `body(f, args)` runs the tool with those holders and the positional arguments (``[]`` unless
+  `positional`) and returns the exit status. `argv`: the arguments without the program name
+  (None: ``sys.argv[1:]``). A usage error (unknown flag, bad value, missing `required` flag,
+  unexpected positional argument, or `UsageError` raised by `body`) prints one line,
+  ``error: ...``, and returns `EXIT_USAGE` (2); ``--help`` prints `doc` and the flags, returns
+  0. absl accepts ``--flag=value`` and ``--flag value``, and booleans as ``--flag`` /
+  ``--noflag``; the old hyphenated spellings (``--manual-dir``, ``--no-progress``) are
+  rewritten to these."""
+  import sys
+  from absl import flags
+  argv = list(sys.argv[1:] if argv is None else argv)
+  fv = flags.FlagValues()
+  holders = define(fv)
+  if any(a in _HELP_ARGS for a in argv[:argv.index("--") if "--" in argv else len(argv)]):
+    print((doc or "").strip() + f"\n\nusage: {prog} [flags]\n", file=sys.stdout)
+    print(fv.get_help(include_special_flags=False))
+    return EXIT_OK
+  try:
+    try:
+      rest = fv([prog] + _underscored(argv, fv))[1:]
+    except flags.Error as e:
+      raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except Exception as e:  # noqa: BLE001 -- a config flag's loader / overrides raise anything
+      msg = str(e).splitlines()[0] if str(e) else ""
+      raise UsageError(f"bad command line ({type(e).__name__}: {msg})") from None
+    if rest and not positional:
+      raise UsageError(f"unexpected arguments: {' '.join(rest)}")
+    missing = [n for n in required if holders[n].value in (None, "", [])]
+    if missing:
+      raise UsageError(", ".join(f"--{n}" for n in missing) +
+                       (" is" if len(missing) == 1 else " are") + " required")
+    return body(holders, rest)
+  except UsageError as e:
+    print(f"error: {e} (see --help)", file=sys.stderr)
+    return EXIT_USAGE
+
+
+class captured_stderr:
+  """Context manager: Python-level stderr of the body -- the tracebacks and log lines that
+  Orbax / tensorstore writer threads print when a write fails -- goes to a buffer (`.text`),
+  so that a CLI prints its one-line error alone (and the buffer only with ``--verbose``)."""
+
+  def __enter__(self):
+    import io
+    import logging
+    import sys
+    self._saved = sys.stderr
+    self._buf = io.StringIO()
+    sys.stderr = self._buf
+    self._handlers = []
+    for h in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+      stream = getattr(h, "stream", None)
+      if stream is self._saved or stream is getattr(sys, "__stderr__", None):
+        self._handlers.append((h, stream))
+        h.stream = self._buf
+    return self
+
+  def __exit__(self, *exc):
+    import sys
+    sys.stderr = self._saved
+    for h, stream in self._handlers:
+      h.stream = stream
+    return False
+
+  @property
+  def text(self) -> str:
+    return self._buf.getvalue()
+
+
+def exit_now(rc: int) -> None:
+  """Ends a CLI process with `rc`; after a failure without running interpreter shutdown, where
+  library writer threads (Orbax, tensorstore) would still print tracebacks."""
+  import sys
+  if rc == 0:
+    sys.exit(0)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(rc)

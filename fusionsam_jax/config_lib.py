@@ -118,7 +118,7 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
   """Paper defaults for a real dataset (prepared with ``python -m fusionsam_jax.data.prepare``)."""
   c = ml_collections.ConfigDict()
   c.dataset = dataset
-  c.data_dir = "data_cache"          # --data-dir of the prepare command
+  c.data_dir = "data_cache"          # --data_dir of the prepare command
   c.seed = 0
   c.model = model_config(modalities=modalities, num_classes=num_classes, task=task)
   t = c.train = ml_collections.ConfigDict()

@@ -38,8 +38,11 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
     result = experiment.train(config, workdir, allow_config_change=allow_config_change,
                               progress=progress, step_hook=step_hook)
   except T.NonFiniteLossError as e:
-    print(f"error: training stopped: {e}. Lower the learning rate or check the data, then "
-          "re-run the same command to resume from that checkpoint.", file=sys.stderr)
+    from fusionsam_jax.config_lib import STAGE_NAMES
+    print(f"error: training stopped: {e}. Check the data, or lower the stage's learning rate "
+          f"(--config.train.stages.<{'|'.join(STAGE_NAMES)}>.lr=...) and re-run the same "
+          "command with it and --allow_config_change to resume from that checkpoint (a changed "
+          "config without --allow_config_change is refused, exit 4).", file=sys.stderr)
     return EXIT_NONFINITE
   except T.ConfigMismatchError as e:
     print(f"error: {e}", file=sys.stderr)

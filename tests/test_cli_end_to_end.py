@@ -78,7 +78,7 @@ def test_predict_outputs_chain_into_metric_cli(trained, capsys):
 
   raw = _raw_dir(trained["data"])
   out = trained["root"] / "pred"
-  assert predict.main(["--workdir", str(work), "--checkpoint", "latest", "--input-dir",
+  assert predict.main(["--workdir", str(work), "--checkpoint", "latest", "--input_dir",
                        str(raw), "--split", "test", "--out", str(out)]) == 0
   names = [n.strip() for n in open(raw / "test.txt") if n.strip()]
   assert sorted(os.listdir(out)) == ["color", "fused", "labels", "overlay"]
@@ -96,9 +96,9 @@ def test_predict_outputs_chain_into_metric_cli(trained, capsys):
 
   # The metric CLI takes predict's folder as it is (file names are the ground truth's) and
   # gives evaluate's numbers.
-  r = run_module("fusionsam_jax.metrics.miou", "--pred-dir", str(out), "--gt-dir",
-                 str(raw / "labels"), "--split-list", str(raw / "test.txt"),
-                 "--num-classes", "9", "--json", str(trained["root"] / "chain.json"))
+  r = run_module("fusionsam_jax.metrics.miou", "--pred_dir", str(out), "--gt_dir",
+                 str(raw / "labels"), "--split_list", str(raw / "test.txt"),
+                 "--num_classes", "9", "--json", str(trained["root"] / "chain.json"))
   assert r.returncode == 0, r.stderr
   assert "RuntimeWarning" not in r.stderr and "images: 4" in r.stdout
   chain = json.load(open(trained["root"] / "chain.json"))
@@ -147,11 +147,15 @@ def test_predict_input_grouping(trained, tmp_path):
   assert s[0] == name[:-4] and s[1]["rgb"].shape == (96, 128, 3)
   np.testing.assert_array_equal(s[1]["thermal"][..., 0], combined[..., 3])
   # ... separate files group by modality, in the config's order.
-  write_png(tmp_path / "a_rgb.png", combined[..., :3])
-  write_png(tmp_path / "a_t.png", combined[..., 3])
-  files = [str(tmp_path / "a_rgb.png"), str(tmp_path / "a_t.png")] * 2
+  for s in ("a", "b"):
+    write_png(tmp_path / f"{s}_rgb.png", combined[..., :3])
+    write_png(tmp_path / f"{s}_t.png", combined[..., 3])
+  files = [str(tmp_path / f"{s}_{m}.png") for s in ("a", "b") for m in ("rgb", "t")]
   out = predict.samples_from_files(files, ("rgb", "thermal"))
   assert len(out) == 2 and out[0][1]["thermal"].shape == (96, 128, 1)
+  assert [n for n, _ in out] == ["a_rgb", "b_rgb"]
+  with pytest.raises(predict.InputError, match="both named 'a_rgb'"):   # one name twice
+    predict.samples_from_files(files[:2] * 2, ("rgb", "thermal"))
   with pytest.raises(predict.InputError, match="incomplete"):
     predict.samples_from_files(files[:3], ("rgb", "thermal"))
   assert predict.main(["--workdir", str(trained["work"]), "--inputs", files[0],

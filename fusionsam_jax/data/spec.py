@@ -79,8 +79,8 @@ def ensure_data(config, *, say: Callable[[str], None] = print) -> DataSpec:
     raise DataMissingError(
         f"dataset '{spec.name}' is not prepared under data_dir={spec.data_dir!r} "
         f"(expected {spec.dataset_dir}/dataset_info.json). Get {src}, then run "
-        f"`python -m fusionsam_jax.data.prepare --dataset {spec.name} --manual-dir "
-        f"PATH/TO/{spec.name.upper()} --data-dir {spec.data_dir}`, or point "
+        f"`python -m fusionsam_jax.data.prepare --dataset {spec.name} --manual_dir "
+        f"PATH/TO/{spec.name.upper()} --data_dir {spec.data_dir}`, or point "
         "--config.data_dir at the folder you prepared it in.")
   _, (h, w) = _generate_sig(config)
   raw = os.path.join(spec.data_dir, "raw")
