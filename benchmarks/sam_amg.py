@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     kw = dict(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
               output_mode="binary_mask", **scenarios[name])
     entry = {"generator_kwargs": kw}
+    print(f"{name}: timing ours ...", flush=True)
     with jax.default_matmul_precision("highest"):
       gen = SamAutomaticMaskGenerator(sam, **kw)
       ours, entry["ours"] = _timed(lambda: gen.generate(image), args.repeats)
@@ -213,11 +214,13 @@ def main(argv=None) -> int:
           torch.cuda.synchronize()
         return out
 
+      print(f"{name}: timing official ...", flush=True)
       theirs, entry["official"] = _timed(run_official, args.repeats)
       entry["official"]["n_masks"] = len(theirs)
       entry["speedup"] = entry["official"]["median_s"] / entry["ours"]["median_s"]
       entry["agreement"] = _agreement(ours, theirs)
     result["results"][name] = entry
+    write_json(args.out, result)  # after each scenario: a run cut short keeps what it measured
     print(f"{name}: ours {entry['ours']['median_s']:.3f} s"
           + (f", official {entry['official']['median_s']:.3f} s, "
              f"{entry['ours']['n_masks']} / {entry['official']['n_masks']} masks"

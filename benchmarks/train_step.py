@@ -38,6 +38,9 @@ _STAGES = flags.DEFINE_list("stages", ["tokenizer", "fusion", "segmentation"], "
 _STEPS = flags.DEFINE_integer("steps", 20, "steps per timed run")
 _OUT = flags.DEFINE_string("out", None, "JSON output")
 _ONE = flags.DEFINE_string("one", None, "internal: time this stage, print JSON")
+_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX persistent compilation cache "
+                             "(as the train CLI's flag; the CLI's default location: "
+                             "--compilation_cache=default); unset: off")
 
 
 def time_stage(config, workdir: str, name: str, steps: int) -> dict:
@@ -93,6 +96,9 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if _ONE.value:
+    from fusionsam_jax.cli_common import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
+    enable_compilation_cache(DEFAULT_COMPILATION_CACHE if _CACHE.value == "default"
+                             else _CACHE.value)
     print("RESULT " + json.dumps(time_stage(config, _WORKDIR.value, _ONE.value, _STEPS.value)),
           flush=True)
     return 0
