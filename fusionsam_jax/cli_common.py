@@ -22,6 +22,10 @@ DEFAULT_COMPILATION_CACHE = os.path.join(
     "fusionsam_jax", "jax_compilation_cache")
 
 
+#: Size limit of that cache (least recently used entries go first).
+COMPILATION_CACHE_MAX_BYTES = 16 << 30
+
+
 def enable_compilation_cache(path: str | None) -> None:
   """JAX's persistent compilation cache at `path` (None / "": off), so that a second run of
   a config loads its compiled steps instead of compiling them again. ``JAX_COMPILATION_CACHE_DIR``
@@ -31,6 +35,10 @@ def enable_compilation_cache(path: str | None) -> None:
     return
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  # A size limit turns on least-recently-used eviction and, with it, the cache's file lock:
+  # concurrent runs sharing the default location would otherwise race on an entry's write.
+  if jax.config.jax_compilation_cache_max_size in (None, -1):
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
 
 
 class UsageError(Exception):
