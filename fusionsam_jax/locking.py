@@ -37,15 +37,16 @@ class DirLockedError(SetupError):
 
 
 class DirLock:
-  """Exclusive lock on `directory` (created if missing); `what` names it in messages
+  """Exclusive lock on `directory` (which must exist); `what` names it in messages
   ("workdir", "data folder"); `say` gets the one-line note when a dead holder's lock is
-  taken over."""
+  taken over. `wait`: block until a live holder releases it (saying so) instead of raising
+  `DirLockedError`."""
 
   def __init__(self, directory: str | os.PathLike, *, what: str = "workdir",
-               say: Callable[[str], None] | None = None):
+               say: Callable[[str], None] | None = None, wait: bool = False):
     self.directory = os.path.abspath(os.fspath(directory))
     self.path = os.path.join(self.directory, LOCK_FILE)
-    self.what, self.say = what, say
+    self.what, self.say, self.wait = what, say, wait
     self._fd: int | None = None
     self.previous: dict | None = None   # the record of a dead holder, if one was taken over
 
@@ -55,6 +56,12 @@ class DirLock:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       holder = _read_record(fd)
+      if self.wait and e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        if self.say:
+          self.say(f"waiting for {_describe(holder) if holder else 'another process'}, "
+                   f"which holds {self.what} {self.directory}")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return self._took(fd)
       os.close(fd)
       if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
         raise
@@ -62,6 +69,9 @@ class DirLock:
       raise DirLockedError(
           f"{self.what} {self.directory} is in use by {who} ({self.path}); wait for that "
           "run to end or stop it, or use another " + self.what) from None
+    return self._took(fd)
+
+  def _took(self, fd: int) -> "DirLock":
     self.previous = _read_record(fd)
     if self.previous and self.say:
       self.say(f"note: took over the lock of {self.what} {self.directory} from "

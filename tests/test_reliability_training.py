@@ -267,3 +267,31 @@ def test_cache_build_on_a_full_tmpfs_is_an_error_not_sigbus(tmp_path):
                      text=True, timeout=300)
   assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
   assert r.stdout.strip() == "ENOSPC []", r.stdout + r.stderr[-3000:]
+
+
+def test_generated_data_orphans_removed_and_concurrent_makers_wait(tmp_path):
+  """The generated data folder of a config: temporaries of a killed maker (generate's
+  `.raw-generating-*`, prepare's `.mfnet-building-*`) are removed by the next one (said);
+  a maker waits for a live one instead of writing the same folder."""
+  import threading
+  from fusionsam_jax.data import spec as D
+  from fusionsam_jax.locking import DirLock
+  cfg = tiny_config(tmp_path / "data")
+  cfg.generate.num = 8
+  d = D.data_spec(cfg).data_dir
+  os.makedirs(os.path.join(d, ".mfnet-building-abc12", "data"))
+  os.makedirs(os.path.join(d, ".raw-generating-xyz"))
+  said = []
+  holder = DirLock(d).acquire()
+  t = threading.Thread(target=lambda: D.ensure_data(cfg, say=said.append))
+  t.start()
+  deadline = time.time() + 30
+  while not said and time.time() < deadline:
+    time.sleep(0.05)
+  assert said and said[0].startswith("waiting for pid") and t.is_alive()
+  holder.release()
+  t.join(120)
+  assert not t.is_alive()
+  assert sorted(n for n in os.listdir(d) if n.startswith(".")) == [".lock"]
+  assert any("removed 2 temporary file(s)" in m for m in said), said
+  assert D.ensure_data(cfg, say=said.append).data_dir == d
