@@ -421,6 +421,9 @@ def _kill_and_resume(trained, work, stages, seed):
     b = json.load(open(work / "checkpoints" / s / "STAGE_DONE.json"))
     assert a["last_eval"] == b["last_eval"] and a["step"] == b["step"], (s, said)
   assert not [d for d in os.listdir(work / "embedding_cache") if d.startswith(".")]
+  rows = [json.loads(x) for x in open(work / "metrics.jsonl")]
+  logged = [(x["split"], x["step"]) for x in rows if x["split"].endswith(("/train", "/val"))]
+  assert len(logged) == len(set(logged)), said   # nothing logged twice across the kills
   return r, said
 
 

@@ -108,6 +108,10 @@ def test_orphans_of_killed_runs_are_removed_and_said(tmp_path):
     ([f"--config={DEMO_TINY}", "--config.train.bogus=1"], "--config.train.bogus: unknown "
      "config key 'bogus'"),
     ([f"--config={DEMO_TINY}", "WORKDIR_IS_A_FILE"], "is a file, not a folder"),
+    ([f"--config={DEMO_TINY}", "--config.train.batch_size=abc"],
+     "--config.train.batch_size=abc: invalid literal for int()"),
+    ([f"--config={DEMO_TINY}", "--bogus"], "Unknown command line flag 'bogus'"),
+    ([f"--config={DEMO_TINY}", "stray"], "unexpected arguments: ['stray']"),
 ])
 def test_train_usage_errors_are_one_line_exit_2(tmp_path, args, expect):
   f = tmp_path / "afile"

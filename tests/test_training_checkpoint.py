@@ -188,3 +188,21 @@ def test_only_checkpoint_corrupt_is_quarantined_and_training_starts_afresh(tmp_p
     assert moved.startswith("3-")
     assert len(said) == 2 and "checkpoint 3 of stage 'fusion' is unusable" in said[0]
     assert "starts from the beginning" in said[1]
+
+
+def test_resumed_stage_drops_the_rows_logged_after_its_checkpoint(tmp_path):
+  """metrics.jsonl: rows a killed run wrote after checkpoint 4 of stage 'b' (and a torn
+  last line) go when the stage resumes from 4; other stages' rows stay."""
+  from fusionsam_jax.training.logging import MetricWriter, read_metrics_jsonl
+  w = MetricWriter(tmp_path, tensorboard=False)
+  for s in (2, 4):
+    w.write_scalars(s, {"loss": s}, split="a/train")
+  for s in (2, 4, 6):
+    w.write_scalars(s, {"loss": s}, split="b/train")
+  w.write_scalars(5, {"first_step_s": 1.0}, split="b/event")
+  with open(w.jsonl_path, "a") as fh:
+    fh.write('{"step": 7, "spl')
+  assert w.drop_rows_after(4, "b/") == 3
+  rows = [(r["split"], r["step"]) for r in read_metrics_jsonl(w.jsonl_path)]
+  assert rows == [("a/train", 2), ("a/train", 4), ("b/train", 2), ("b/train", 4)]
+  assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]

@@ -223,6 +223,8 @@ def run_stage(
   writer = MetricWriter(workdir, tensorboard=tensorboard,
                         purge_step=(start + 1) if start else None,
                         tb_subdir=os.path.join("tensorboard", name))
+  # What a killed run logged after its last checkpoint is logged again: no duplicate rows.
+  writer.drop_rows_after(start, f"{name}/")
   if start:
     writer.write_scalars(start, {"resumed_from_step": start}, split=f"{name}/event")
   pbar = None
