@@ -278,11 +278,10 @@ def restore_params(config, workdir: str, which: str | int = "best", *,
         what = "latest"
       try:
         trained, step = _restore_trained(ckpt, stage, params, what, ctx.mesh)
-      except checkpointing.CheckpointMismatchError:
-        raise
       except checkpointing.CheckpointRestoreError as e:
-        hint = "" if last else ("; re-run train: it moves the unusable checkpoint aside and "
-                                "trains that stage again")
+        hint = "" if last or isinstance(e, checkpointing.CheckpointMismatchError) else (
+            "; re-run train: it moves the unusable checkpoint aside and trains that stage "
+            "again")
         raise NoCheckpointError(f"{e}{hint}") from None
     params = common.merge(params, trained)
   label = what if isinstance(what, str) else f"step {what}"

@@ -42,8 +42,11 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
     result = experiment.train(config, workdir, allow_config_change=allow_config_change,
                               progress=progress, step_hook=step_hook)
   except T.NonFiniteLossError as e:
-    print(f"error: training stopped: {e}. Lower the learning rate or check the data, then "
-          "re-run the same command to resume from that checkpoint.", file=sys.stderr)
+    # The learning rate is part of the workdir's config: changing it needs the flag.
+    lr = f"--config.train.stages.{getattr(e, 'stage', None) or '<stage>'}.lr"
+    print(f"error: training stopped: {e}. Check the data, or resume from that checkpoint with "
+          f"a lower learning rate: the same command with {lr}=<lower> "
+          "--allow_config_change.", file=sys.stderr)
     return EXIT_NONFINITE
   except (T.ConfigMismatchError, CheckpointMismatchError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -243,10 +243,28 @@ def test_nonfinite_loss_stops_with_step_and_term(trained, tmp_path, capsys):
   assert "non-finite loss term" in err and "at step 2" in err
   assert "last good checkpoint is step 1" in err
   assert "'loss'" not in err.split("(also")[0]   # the component term is named, not the total
+  # the advice is one the workdir's config guard accepts (a changed lr needs the flag)
+  assert "--config.train.stages.fusion.lr=<lower> --allow_config_change" in err
+  assert err.count("\n") == 1
   assert "stage 'tokenizer' already complete" in captured.out
   fusion = work / "checkpoints" / "fusion"
   assert sorted(int(d) for d in os.listdir(fusion) if d.isdigit()) == [1]
   assert not (fusion / "STAGE_DONE.json").exists()
+
+  # Following the advice: the lower lr is accepted with the flag (the checkpoints fit the
+  # changed config), the stage resumes from step 1 and completes; the old config is kept.
+  before = (work / "config.json").read_text()
+  cfg.train.stages.fusion.lr = 1e-4
+  cfg.train.stages.segmentation.num_steps = 0   # (a mutable key: keeps the test short)
+  cfg.eval.after_training = False
+  assert train.run(cfg, str(work), progress=False, allow_config_change=True) == 0
+  out = capsys.readouterr().out
+  assert "config of" in out and "train.stages.fusion.lr" in out
+  assert (fusion / "STAGE_DONE.json").exists()
+  (old,) = [f for f in os.listdir(work) if f.startswith("config.") and f != "config.json"]
+  assert (work / old).read_text() == before
+  assert json.load(open(work / "config.json"))["config"]["train"]["stages"]["fusion"]["lr"] \
+      == 1e-4
 
 
 @pytest.mark.extended  # the protocol vs official SAM: tests/test_baseline.py

@@ -206,3 +206,4 @@ def test_resumed_stage_drops_the_rows_logged_after_its_checkpoint(tmp_path):
   rows = [(r["split"], r["step"]) for r in read_metrics_jsonl(w.jsonl_path)]
   assert rows == [("a/train", 2), ("a/train", 4), ("b/train", 2), ("b/train", 4)]
   assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+

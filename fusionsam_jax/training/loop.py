@@ -334,6 +334,9 @@ def run_stage(
                            split=f"{name}/event")
     checkpointer.mark_stage_done({"step": step, "num_steps": num_steps,
                                   "last_eval": last_eval, "time": time.time()})
+  except guards.NonFiniteLossError as e:
+    e.stage = name
+    raise
   finally:
     if batches is not None:
       batches.close()
