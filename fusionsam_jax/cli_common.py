@@ -154,3 +154,33 @@ def exit_now(rc: int) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(rc)
+
+
+def one_line(e: BaseException) -> str:
+  """An exception as one line: its innermost non-empty message line (library messages are one
+  line already; ml_collections / absl wrap theirs in several)."""
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  if not lines:
+    return type(e).__name__
+  return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """absl's flag parsing (``app.run(..., flags_parser=parse_flags_or_exit)``) with every
+  failure as one line on stderr and exit status 2 (usage): a bad value, an unknown flag, a
+  config file that does not load, an unknown config variant or ``--config.KEY``."""
+  import sys
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 -- anything raised while parsing is a usage error
+    msg = one_line(e)
+    if isinstance(e, (AttributeError, KeyError)):
+      key = str(e).strip("'\" ")
+      given = [a.split("=")[0] for a in argv[1:]
+               if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+      if given:
+        msg = (f"{', '.join(given)}: unknown config key {key!r} (see the config file for "
+               "the keys it has)")
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)

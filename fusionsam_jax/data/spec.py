@@ -87,11 +87,20 @@ def ensure_data(config, *, say: Callable[[str], None] = print) -> DataSpec:
   g = config.generate
   t0 = time.perf_counter()
   if jax.process_index() == 0:
-    say(f"Generating {g.num} {spec.name}-layout scenes ({h}x{w}, seed {g.seed}) in {raw}")
-    generate.generate_dataset(spec.name, raw, int(g.num), int(g.seed), h, w, overwrite=True,
-                              progress=False)
-    prepare.prepare_dataset(spec.name, raw, spec.data_dir, if_exists="overwrite",
-                            progress=False)
+    from fusionsam_jax import locking
+    os.makedirs(spec.data_dir, exist_ok=True)
+    # One maker at a time (runs in other workdirs may want the same set); under the lock,
+    # the temporary folders of a killed maker are orphans.
+    with locking.DirLock(spec.data_dir, what="generated data folder", say=say, wait=True):
+      if not paths.is_prepared(spec.name, spec.data_dir):  # (made while we waited)
+        locking.remove_orphans(spec.data_dir, (
+            lambda n: n.startswith((".raw-generating-", f".{spec.name}-building-")),),
+            say=say)
+        say(f"Generating {g.num} {spec.name}-layout scenes ({h}x{w}, seed {g.seed}) in {raw}")
+        generate.generate_dataset(spec.name, raw, int(g.num), int(g.seed), h, w,
+                                  overwrite=True, progress=False)
+        prepare.prepare_dataset(spec.name, raw, spec.data_dir, if_exists="overwrite",
+                                progress=False)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("fusionsam_generate")

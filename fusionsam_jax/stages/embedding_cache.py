@@ -35,10 +35,12 @@ the caches of other keys for that split are then deleted.
 ``<modality>.npy`` (uint8, N x H x W x C), ``label.npy`` (uint8), ``embeddings.npy``
 (N x e x e x C, ``dtype``) and ``fusion.npy`` (the fusion latents, N x H/4 x W/4 x d_c,
 ``dtype``: with both cached, a training step runs only the prompts and the mask decoder),
-read through memory maps; for ``val``: one ``batch_XXXXX.npz`` per eval batch (embeddings).
+read through memory maps (written with plain file writes, so that a full disk is an error,
+not a crash); for ``val``: one ``batch_XXXXX.npz`` per eval batch (embeddings).
 A cache is written into a temporary folder that is renamed into place when
-complete, so an interrupted build leaves nothing that looks valid (temporary folders are
-removed on the next build).
+complete, so an interrupted build leaves nothing that looks valid; a failed build removes it,
+the temporary folders of killed runs are removed when the next run takes the workdir's lock
+(`workdir.remove_orphans`).
 """
 
 from __future__ import annotations
@@ -259,6 +261,49 @@ def with_embeddings(loss_fn: Callable) -> Callable:
   return wrapped
 
 
+class NpyWriter:
+  """Writes an ``.npy`` file of a known shape block by block with ordinary file writes (a
+  full disk raises ``OSError(ENOSPC)`` at the write; stores through a memory map would
+  crash the process with SIGBUS instead)."""
+
+  def __init__(self, path: str, dtype, shape: tuple):
+    self.path, self.dtype, self.shape = path, np.dtype(dtype), tuple(int(d) for d in shape)
+    self.rows = 0
+    self._f = open(path, "wb")
+    np.lib.format.write_array_header_2_0(self._f, {
+        "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+        "shape": self.shape})
+
+  def append(self, block: np.ndarray) -> None:
+    block = np.ascontiguousarray(np.asarray(block).astype(self.dtype, copy=False))
+    if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
+      raise ValueError(f"{self.path}: block {block.shape} does not fit {self.shape} at row "
+                       f"{self.rows}")
+    self._f.write(block.tobytes())
+    self.rows += len(block)
+
+  def close(self) -> None:
+    if self._f.closed:
+      return
+    try:
+      if self.rows != self.shape[0]:
+        raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+      self._f.flush()
+      os.fsync(self._f.fileno())
+    finally:
+      self._f.close()
+
+
+def check_free_space(directory: str, needed: int, what: str) -> None:
+  """Raises ``OSError(ENOSPC)`` (the sizes in its message) when `directory`'s file system has
+  less than `needed` bytes free."""
+  import errno
+  free = shutil.disk_usage(directory).free
+  if needed > free:
+    raise OSError(errno.ENOSPC, f"No space left on device: the {what} embedding cache needs "
+                  f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free", directory)
+
+
 def _finish_dir(tmp: str, final: str, root: str, split: str) -> None:
   if jax.process_index() == 0:
     if os.path.exists(final):
@@ -272,9 +317,6 @@ def _finish_dir(tmp: str, final: str, root: str, split: str) -> None:
 
 def _tmp_dir(root: str, split: str) -> str:
   os.makedirs(root, exist_ok=True)
-  for d in os.listdir(root):  # leftovers of interrupted builds
-    if d.startswith(f".{split}-"):
-      shutil.rmtree(os.path.join(root, d), ignore_errors=True)
   return tempfile.mkdtemp(prefix=f".{split}-", dir=root)
 
 
@@ -314,24 +356,23 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
     emb = np.asarray(out["image_embeddings"])[:len(chunk)]
     fusion = np.asarray(out["fusion"])[:len(chunk)]
     if arrays is None:
-      arrays = {}
-      for k in mods + ("label",):
-        arrays[k] = np.lib.format.open_memmap(os.path.join(directory, f"{k}.npy"), "w+",
-                                              np.uint8, (n,) + batch[k].shape[1:])
-      for k, v in (("embeddings", emb), ("fusion", fusion)):
-        arrays[k] = np.lib.format.open_memmap(os.path.join(directory, f"{k}.npy"), "w+",
-                                              np.dtype(str(c.dtype)), (n,) + v.shape[1:])
-    sl = slice(start, start + len(chunk))
+      shapes = {k: (np.uint8, batch[k].shape[1:]) for k in mods + ("label",)}
+      shapes.update({k: (np.dtype(str(c.dtype)), v.shape[1:])
+                     for k, v in (("embeddings", emb), ("fusion", fusion))})
+      check_free_space(directory, n * sum(np.dtype(dt).itemsize * int(np.prod(sh))
+                                           for dt, sh in shapes.values()), "train")
+      arrays = {k: NpyWriter(os.path.join(directory, f"{k}.npy"), dt, (n,) + sh)
+                for k, (dt, sh) in shapes.items()}
     for k in mods + ("label",):
-      arrays[k][sl] = batch[k][:len(chunk)]
-    arrays["embeddings"][sl] = emb.astype(arrays["embeddings"].dtype)
-    arrays["fusion"][sl] = fusion.astype(arrays["fusion"].dtype)
+      arrays[k].append(batch[k][:len(chunk)])
+    arrays["embeddings"].append(emb)
+    arrays["fusion"].append(fusion)
     if pbar is not None:
       pbar.update(len(chunk))
   if pbar is not None:
     pbar.close()
   for a in (arrays or {}).values():
-    a.flush()
+    a.close()
   del arrays
   meta = dict(desc, num_examples=n, num_source=n_src, num_views=n_views, time=time.time())
   with open(os.path.join(directory, "meta.json"), "w") as f:

@@ -223,6 +223,8 @@ def run_stage(
   writer = MetricWriter(workdir, tensorboard=tensorboard,
                         purge_step=(start + 1) if start else None,
                         tb_subdir=os.path.join("tensorboard", name))
+  # What a killed run logged after its last checkpoint is logged again: no duplicate rows.
+  writer.drop_rows_after(start, f"{name}/")
   if start:
     writer.write_scalars(start, {"resumed_from_step": start}, split=f"{name}/event")
   pbar = None
@@ -332,6 +334,9 @@ def run_stage(
                            split=f"{name}/event")
     checkpointer.mark_stage_done({"step": step, "num_steps": num_steps,
                                   "last_eval": last_eval, "time": time.time()})
+  except guards.NonFiniteLossError as e:
+    e.stage = name
+    raise
   finally:
     if batches is not None:
       batches.close()
