@@ -184,3 +184,39 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
                "the keys it has)")
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+def converter_flags(fv, what: str, variants: str) -> dict:
+  """The flags of a weight converter CLI (tools/convert_*_weights.py)."""
+  from absl import flags
+  return {
+      "checkpoint": flags.DEFINE_string("checkpoint", None, f"official {what} file",
+                                        flag_values=fv),
+      "output": flags.DEFINE_string("output", None, "output directory", flag_values=fv),
+      "model_type": flags.DEFINE_string("model_type", "auto", variants, flag_values=fv),
+      "overwrite": flags.DEFINE_bool("overwrite", False, "replace an existing output (only a "
+                                     "checkpoint folder this converter wrote)", flag_values=fv),
+      "verbose": flags.DEFINE_bool("verbose", False, "on an error, also print what the "
+                                   "libraries logged (tracebacks)", flag_values=fv),
+  }
+
+
+def run_converter(f, convert_file, error_type, preset_name) -> int:
+  """A converter CLI's body: `convert_file(checkpoint, output, model_type, overwrite) ->
+  (cfg, out)`; an `error_type` is one line (libraries' tracebacks only with --verbose)."""
+  import sys
+  ckpt = f["checkpoint"].value
+  error = None
+  with captured_stderr() as log:
+    try:
+      cfg, out = convert_file(ckpt, f["output"].value, f["model_type"].value,
+                              f["overwrite"].value)
+    except error_type as e:
+      error = e
+  if error is None or f["verbose"].value:
+    sys.stderr.write(log.text)   # warnings of a good run; tracebacks only with --verbose
+  if error is not None:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  print(f"converted {ckpt} ({preset_name(cfg) or 'custom'}) -> {out}")
+  return 0
