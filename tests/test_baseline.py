@@ -1,7 +1,8 @@
 """Fig. 7a baseline (SAM / SAM 2 zero-shot, ORACLE prompts): prompts from ground-truth
 components, masks against the official segment_anything SamPredictor and sam2's
 SAM2ImagePredictor on the same weights, scoring against IoU computed directly, and the CLI's
-error path. (The CLI on a trained run: tests/test_cli_end_to_end.py.)"""
+error path. (The CLI on a trained run: tests/test_cli_end_to_end.py for SAM,
+tests/test_cli_sam2_backbone.py with the SAM 2 column.)"""
 
 import types
 

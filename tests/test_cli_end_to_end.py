@@ -272,39 +272,3 @@ def test_zero_shot_baseline_on_the_trained_run(trained, tmp_path, capsys):
     assert 0 < m["num_pixels"] <= 4 * 96 * 128 and 0.0 <= m["miou"] <= 1.0
   assert saved["fusionsam"]["miou"] is not None
 
-
-def test_baseline_cli_prints_the_sam2_column(trained, tmp_path):
-  """Fig. 7a with SAM 2: `python -m fusionsam_jax.baseline --sam2_checkpoint DIR` on the run,
-  DIR a random official tiny sam2 model saved as .pt and converted by the converter CLI. SAM
-  2's rows print beside SAM's and FusionSAM's and fill the JSON's ``sam2`` slot. (Its masks
-  against Meta's SAM2ImagePredictor: tests/test_baseline.py.)"""
-  pytest.importorskip("sam2")
-  pytest.importorskip("hydra")
-  import jax
-  import sam2_reference as ref2
-  from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
-  from fusionsam_jax.sam_checkpoint import save_sam_checkpoint
-  sam = tmp_path / "sam_tiny"
-  save_sam_checkpoint(str(sam), SAM_PRESETS["tiny"],
-                      Sam(SAM_PRESETS["tiny"]).init_params(jax.random.PRNGKey(0)))
-  ref2.save_checkpoint(ref2.build_torch_sam2("tiny", seed=2), tmp_path / "sam2.pt")
-  res = ref2.run_converter(tmp_path / "sam2.pt", tmp_path / "sam2")
-  assert res.returncode == 0, res.stderr
-  out = tmp_path / "b.json"
-  r = run_module("fusionsam_jax.baseline", f"--workdir={trained['work']}", "--split=test",
-                 f"--sam_checkpoint={sam}", f"--sam2_checkpoint={tmp_path / 'sam2'}",
-                 f"--out={out}")
-  assert r.returncode == 0, r.stderr[-3000:]
-  for name in ("SAM zero-shot (fused, oracle)", "SAM 2 zero-shot (fused, oracle)",
-               "SAM 2 zero-shot (rgb, oracle)", "FusionSAM"):
-    assert name in r.stdout, r.stdout
-  assert "not run" not in r.stdout
-  saved = json.load(open(out))
-  assert saved["sam2_checkpoint"] == str(tmp_path / "sam2")
-  for k in ("SAM 2 zero-shot (fused)", "SAM 2 zero-shot (rgb)"):
-    m = saved["sam2"]["methods"][k]
-    assert 0 < m["num_pixels"] <= 4 * 96 * 128 and 0.0 <= m["miou"] <= 1.0
-  assert set(saved["methods"]) == {"SAM zero-shot (fused)", "SAM zero-shot (rgb)"}
-  # The printed SAM 2 mIoU is the JSON's.
-  line = next(l for l in r.stdout.splitlines() if l.startswith("SAM 2 zero-shot (fused"))
-  assert f"{100 * saved['sam2']['methods']['SAM 2 zero-shot (fused)']['miou']:.1f}" in line
