@@ -101,6 +101,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: d}
 
 
+def with_added(flat: dict[str, Any], added: Mapping[str, Any] | None) -> dict[str, Any]:
+  """A flattened stored config with the keys of `added` it lacks set to their values."""
+  return {**dict(added or {}), **flat}
+
+
 def _drop(flat: dict[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
   ignore = tuple(ignore)
   return {k: v for k, v in flat.items()
@@ -115,13 +120,16 @@ def config_fingerprint(config: Any, ignore: Iterable[str] = ()) -> str:
 
 
 def check_workdir_config(workdir: str | os.PathLike, config: Any, *,
-                         ignore: Iterable[str] = (), allow_change: bool = False) -> str:
+                         ignore: Iterable[str] = (), allow_change: bool = False,
+                         added: Mapping[str, Any] | None = None) -> str:
   """Stores the config in ``workdir/config.json`` on first use; checks it afterwards.
 
   A later run whose config differs (outside the dotted keys in `ignore`, e.g.
   ``("train.num_steps",)``) raises `ConfigMismatchError` listing the differing keys, unless
   `allow_change` is set: then the change is logged, the old file is kept as
-  ``config.<unix time>.json`` and the new config is stored. Returns the fingerprint.
+  ``config.<unix time>.json`` and the new config is stored. `added`: dotted keys introduced
+  after a workdir may have been made, with the value that reproduces the old behaviour; a
+  stored config without such a key reads as having that value. Returns the fingerprint.
 
   Only process 0 writes.
   """
@@ -143,17 +151,19 @@ def check_workdir_config(workdir: str | os.PathLike, config: Any, *,
     old_cfg = old.get("config", {})
     if config_fingerprint(old_cfg, ignore) == fp:
       return fp
-    a, b = _drop(_flatten(old_cfg), ignore), _drop(_flatten(new), ignore)
+    a, b = _drop(with_added(_flatten(old_cfg), added), ignore), _drop(_flatten(new), ignore)
     diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
     shown = "; ".join(diff[:20]) + (f"; ... ({len(diff)} in all)" if len(diff) > 20 else "")
-    if not allow_change:
+    if diff and not allow_change:
       raise ConfigMismatchError(
           f"workdir {workdir} was created with a different config ({path}): {shown}. "
           "Use a new workdir, or allow the change explicitly (allow_config_change).")
-    log.warning("config of workdir %s changed (allowed): %s", workdir, shown)
-    if jax.process_index() == 0:
-      os.replace(path, os.path.join(os.fspath(workdir), f"config.{int(time.time())}.json"))
+    if diff:
+      log.warning("config of workdir %s changed (allowed): %s", workdir, shown)
+      if jax.process_index() == 0:
+        os.replace(path, os.path.join(os.fspath(workdir), f"config.{int(time.time())}.json"))
+    # No diff: only keys of `added` at their old-behaviour values; the record gains them.
   if jax.process_index() == 0:
     atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
   return fp
