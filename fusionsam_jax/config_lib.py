@@ -14,6 +14,8 @@ applied in order, e.g. ``configs/mfnet.py:tiny,rgb_only``. The variants every co
 * ``staged``: the official code's segmentation stage (fusion path frozen, f_s only, over
   cached SAM embeddings) instead of Eq. 1 jointly.
 * ``no_cache``: (staged) segmentation stage on augmented inputs without the embedding cache.
+* ``sam2``: FusionSAM on a SAM 2 backbone (``model.backbone="sam2_hiera_l"``, weights
+  ``model.sam2_checkpoint``); after ``tiny`` (``tiny,sam2``) the tiny random SAM 2.
 
 Paper settings (KDD '25, Sec. 4.1): Adam, lr 1e-4, weight decay 1e-3, batch 4, 100 epochs,
 SAM ViT-H. Each stage runs ``num_epochs`` passes over the prepared train split, turned into
@@ -64,6 +66,12 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.sam_checkpoint = config_dict.placeholder(str)
   m.sam_checkpoint = "ckpt/sam_vit_h"
   m.allow_random_sam = False
+  # "sam": SAM's ViT (sam_variant, sam_checkpoint). "sam2_hiera_l" (or sam2_hiera_t / _s /
+  # _b+, sam2_tiny): the fused image through SAM 2's Hiera trunk + FPN neck (frozen), the
+  # semantic decoder on SAM 2's mask decoder with its high-res skips; weights from
+  # sam2_checkpoint (tools/convert_sam2_weights.py). docs/design.md.
+  m.backbone = "sam"
+  m.sam2_checkpoint = config_dict.placeholder(str)
   m.encoder_dtype = "bfloat16"
   # The frozen fusion path (tokenizers, FMP, fused decoder) in the segmentation stage, the
   # embedding cache and evaluation: bf16 like the encoder it feeds (the fusion stage itself
@@ -237,6 +245,15 @@ def _staged(c):
   c.model.freeze_fmp_in_segmentation = True
 
 
+def _sam2(c):
+  """FusionSAM on SAM 2 Hiera-L; after ``tiny`` the tiny random SAM 2 (same code paths)."""
+  m = c.model
+  if m.sam_variant == "tiny":
+    m.backbone, m.sam2_checkpoint = "sam2_tiny", None
+  else:
+    m.backbone, m.sam2_checkpoint = "sam2_hiera_l", "ckpt/sam2.1_hiera_l"
+
+
 VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "tiny": _tiny,
     "generated": _generated,
@@ -247,6 +264,7 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "depth_only": _modality_only("depth"),
     "no_cache": _no_cache,
     "staged": _staged,
+    "sam2": _sam2,
 }
 
 

@@ -149,13 +149,15 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
   W.record_sam_weights(workdir, sam_path)
   ctx = context(config, workdir, mesh=mesh, progress=progress)
   m = config.model
+  backbone = (f"SAM {m.sam_variant}" if factory.backbone(config) == "sam"
+              else f"SAM 2 {factory.backbone(config)}")
   if sam_path is None:
-    say(f"NOTE: SAM is a randomly initialised '{m.sam_variant}' model (model.allow_random_sam):"
+    say(f"NOTE: {backbone} is a randomly initialised model (model.allow_random_sam):"
         " the frozen image encoder gives random features; results say nothing about "
         "FusionSAM with real SAM weights.")
   params = factory.init_params(config, ctx.model)
   say(f"Model: {count_params(params) / 1e6:.2f} M parameters; modalities {tuple(m.modalities)};"
-      f" SAM {m.sam_variant} ({m.encoder_dtype}, {m.attn_impl}); {jax.device_count()} "
+      f" {backbone} ({m.encoder_dtype}, {m.attn_impl}); {jax.device_count()} "
       f"device(s): {jax.devices()[0].device_kind}; {ctx.train_size} training pairs")
   evaluator = E.Evaluator(ctx.model, config, mesh)
   if config_diff:

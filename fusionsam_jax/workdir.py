@@ -32,8 +32,10 @@ MUTABLE_CONFIG_KEYS = (
     *(f"train.stages.{s}.num_epochs" for s in config_lib.STAGE_NAMES),
     "train.log_every", "train.image_every", "train.worker_count", "train.checkpoint_every",
     "train.eval_every", "train.eval_every_epochs", "train.keep_latest", "train.best_k", "eval",
-    "data_dir", "model.sam_checkpoint",
+    "data_dir", "model.sam_checkpoint", "model.sam2_checkpoint",
 )
+#: Config keys added after workdirs were made, with the value a workdir without them ran with.
+ADDED_CONFIG_KEYS = {"model.backbone": "sam", "model.sam2_checkpoint": None}
 SAM_RECORD = "sam_weights.json"
 CONFIG_FILE = guards.CONFIG_FILE
 
@@ -102,12 +104,13 @@ def check_config(workdir: str, config, *, allow_change: bool = False
   (fingerprint, differences: None for a new workdir, [] for the same config); `store_config`
   writes it once everything else the run needs has been checked."""
   return guards.compare_workdir_config(workdir, config, ignore=MUTABLE_CONFIG_KEYS,
-                                       allow_change=allow_change)
+                                       allow_change=allow_change, added=ADDED_CONFIG_KEYS)
 
 
 def store_config(workdir: str, config) -> None:
   """Writes ``config.json`` (the old one, if any, is kept as ``config.<time>.json``)."""
-  guards.store_workdir_config(workdir, config, ignore=MUTABLE_CONFIG_KEYS)
+  guards.store_workdir_config(workdir, config, ignore=MUTABLE_CONFIG_KEYS,
+                              added=ADDED_CONFIG_KEYS)
 
 
 def load_config(workdir: str):
@@ -127,7 +130,8 @@ def check_config_matches(config, workdir: str) -> None:
     return
   with open(path) as f:
     stored = json.load(f)["config"]
-  a = guards._drop(guards._flatten(stored), MUTABLE_CONFIG_KEYS)
+  a = guards._drop(guards.with_added(guards._flatten(stored), ADDED_CONFIG_KEYS),
+                  MUTABLE_CONFIG_KEYS)
   b = guards._drop(guards._flatten(guards.config_to_dict(config)), MUTABLE_CONFIG_KEYS)
   diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
           for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]

@@ -142,6 +142,26 @@ def test_config_guard(tmp_path):
   assert T.check_workdir_config(tmp_path, bad, ignore=("train.num_steps",)) == fp2
 
 
+def test_config_guard_reads_added_keys_at_their_old_value(tmp_path):
+  """A workdir made before a config key existed (model.backbone) resumes with the key at the
+  value that reproduces the old behaviour, and only then."""
+  old = {"model": {"d_c": 256}}
+  T.check_workdir_config(tmp_path, old)
+  added = {"model.backbone": "sam"}
+  new = {"model": {"d_c": 256, "backbone": "sam"}}
+  fp = T.check_workdir_config(tmp_path, new, added=added)
+  assert json.loads((tmp_path / "config.json").read_text())["config"] == new
+  assert not glob.glob(str(tmp_path / "config.*.json"))
+  assert T.check_workdir_config(tmp_path, new, added=added) == fp
+  (tmp_path / "config.json").unlink()
+  T.check_workdir_config(tmp_path, old)
+  with pytest.raises(T.ConfigMismatchError, match=r"model\.backbone: 'sam' -> 'sam2_tiny'"):
+    T.check_workdir_config(tmp_path, {"model": {"d_c": 256, "backbone": "sam2_tiny"}},
+                           added=added)
+  with pytest.raises(T.ConfigMismatchError, match="model.backbone"):
+    T.check_workdir_config(tmp_path, new)   # without `added`: a difference
+
+
 def test_config_guard_accepts_configdict(tmp_path):
   import ml_collections
   cfg = ml_collections.ConfigDict({"a": 1, "b": {"c": (1, 2)}})

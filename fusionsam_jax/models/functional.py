@@ -57,7 +57,8 @@ def frozen_fusion(model: FusionSAM, params, images):
 
 
 def image_embeddings(model: FusionSAM, params, fused):
-  """SAM image embeddings (B, e, e, C) of the fused image. The encoder is frozen (its params
+  """SAM image embeddings (B, e, e, C) of the fused image (a SAM 2 backbone: the tuple of
+  its three levels, `FusionSAM.image_embeddings`). The encoder is frozen (its params
   are never trained); its input is under stop-gradient unless ``model.train_sam_encoder``,
   which lets f_s backpropagate through it into the fusion path."""
   return model.apply({"params": params}, fused, method=FusionSAM.image_embeddings)
@@ -88,7 +89,8 @@ def predict_fn(model: FusionSAM):
     if emb is None:
       emb = image_embeddings(model, params, fz["fused"])
     hw = images[mods[0]].shape[1:3]
-    logits = model.apply({"params": params}, fz["fusion"], emb.astype(jnp.float32), hw,
+    emb = jax.tree.map(lambda x: x.astype(jnp.float32), emb)
+    logits = model.apply({"params": params}, fz["fusion"], emb, hw,
                          method=FusionSAM.segment)["logits"]
     return dict(logits=logits, pred=jnp.argmax(logits, -1).astype(jnp.int32),
                 probs=jax.nn.softmax(logits, -1), fused=fz["fused"])

@@ -67,7 +67,7 @@ FORMAT = "fusionsam_jax.embedding_cache/2"  # 2: the train cache also stores fus
 CACHE_DIR = "embedding_cache"
 MODEL_KEYS = ("modalities", "scale", "tokenizer_kind", "tokenizer", "fusion", "fmp",
               "fused_decoder", "fused_color", "sam_variant", "sam_overrides", "encoder_dtype",
-              "fusion_dtype", "attn_impl")
+              "fusion_dtype", "attn_impl", "backbone")
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +132,9 @@ def cache_key(config, params: Mapping, data_fingerprint: str, split: str) -> tup
       "split": split,
       "params": hash_params(params, embed_param_names(params)),
       "data": data_fingerprint,
-      "model": {k: config_to_dict(config.model[k]) for k in MODEL_KEYS if k in config.model},
+      # (backbone "sam", the default, is left out: keys of runs made before it existed hold)
+      "model": {k: config_to_dict(config.model[k]) for k in MODEL_KEYS if k in config.model
+                and not (k == "backbone" and config.model[k] == "sam")},
       "dtype": str(c.dtype),
   }
   if split == "train":
@@ -185,7 +187,8 @@ class TrainCacheSource:
 
   def _open(self):
     if self._arrays is None:
-      keys = list(self.modalities) + ["label", "embeddings", "fusion"]
+      keys = list(self.modalities) + ["label", "fusion"] + embedding_names(
+          int(self.meta.get("embedding_levels", 1)), "embeddings")
       self._arrays = {k: np.load(os.path.join(self.directory, f"{k}.npy"), mmap_mode="r")
                       for k in keys}
     return self._arrays
@@ -197,7 +200,9 @@ class TrainCacheSource:
     a = self._open()
     out = {k: np.array(a[k][i]) for k in self.modalities}
     out["label"] = np.array(a["label"][i]).astype(np.int32)
-    out["image_embeddings"] = np.array(a["embeddings"][i])
+    out["image_embeddings"] = join_levels(
+        [np.array(a[k][i]) for k in embedding_names(int(self.meta.get("embedding_levels", 1)),
+                                                    "embeddings")])
     out["fusion"] = np.array(a["fusion"][i])
     return out
 
@@ -246,15 +251,29 @@ class Cache:
     files = sorted(f for f in os.listdir(self.val_dir) if f.startswith("batch_"))
     for f in files:
       with np.load(os.path.join(self.val_dir, f)) as z:
-        yield {k: z[k] for k in z.files}
+        b = {k: z[k] for k in z.files}
+      names = [k for k in embedding_names(len(b), "image_embeddings") if k in b]
+      b["image_embeddings"] = join_levels([b.pop(k) for k in names])
+      yield b
+
+
+def embedding_names(levels: int, base: str) -> list[str]:
+  """Stored names of the embedding levels: `base`, `base`_1, ... (SAM: one level; a SAM 2
+  backbone: image_embed, high_res_0, high_res_1)."""
+  return [base] + [f"{base}_{i}" for i in range(1, levels)]
+
+
+def join_levels(levels: list):
+  """One level -> the array (SAM); several -> the tuple the model takes (SAM 2)."""
+  return levels[0] if len(levels) == 1 else tuple(levels)
 
 
 def with_embeddings(loss_fn: Callable) -> Callable:
   """Wraps a segmentation loss so that cached (possibly float16) embeddings and fusion
   latents enter as float32."""
   def wrapped(params, batch, rng, step):
-    cached = {k: batch[k].astype(jnp.float32) for k in ("image_embeddings", "fusion")
-              if k in batch}
+    cached = {k: jax.tree.map(lambda x: x.astype(jnp.float32), batch[k])
+              for k in ("image_embeddings", "fusion") if k in batch}
     if cached:
       batch = dict(batch, **cached)
     return loss_fn(params, batch, rng, step)
@@ -353,20 +372,20 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
     if pad:
       batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
     out = jax.device_get(embed(params, T.shard_batch({k: batch[k] for k in mods}, mesh)))
-    emb = np.asarray(out["image_embeddings"])[:len(chunk)]
-    fusion = np.asarray(out["fusion"])[:len(chunk)]
+    levels = [np.asarray(x)[:len(chunk)] for x in jax.tree.leaves(out["image_embeddings"])]
+    emb = dict(zip(embedding_names(len(levels), "embeddings"), levels))
+    emb["fusion"] = np.asarray(out["fusion"])[:len(chunk)]
     if arrays is None:
       shapes = {k: (np.uint8, batch[k].shape[1:]) for k in mods + ("label",)}
-      shapes.update({k: (np.dtype(str(c.dtype)), v.shape[1:])
-                     for k, v in (("embeddings", emb), ("fusion", fusion))})
+      shapes.update({k: (np.dtype(str(c.dtype)), v.shape[1:]) for k, v in emb.items()})
       check_free_space(directory, n * sum(np.dtype(dt).itemsize * int(np.prod(sh))
                                            for dt, sh in shapes.values()), "train")
       arrays = {k: NpyWriter(os.path.join(directory, f"{k}.npy"), dt, (n,) + sh)
                 for k, (dt, sh) in shapes.items()}
     for k in mods + ("label",):
       arrays[k].append(batch[k][:len(chunk)])
-    arrays["embeddings"].append(emb)
-    arrays["fusion"].append(fusion)
+    for k, v in emb.items():
+      arrays[k].append(v)
     if pbar is not None:
       pbar.update(len(chunk))
   if pbar is not None:
@@ -374,7 +393,8 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
   for a in (arrays or {}).values():
     a.close()
   del arrays
-  meta = dict(desc, num_examples=n, num_source=n_src, num_views=n_views, time=time.time())
+  meta = dict(desc, num_examples=n, num_source=n_src, num_views=n_views, time=time.time(),
+              embedding_levels=len(levels) if n else 1)
   with open(os.path.join(directory, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)
 
@@ -385,9 +405,11 @@ def build_val_cache(directory: str, config, params, val_source, embed, mesh, des
   for batch in eval_iterable(config, val_source):
     b = strip_batch(batch)
     mods = tuple(config.model.modalities)
-    emb = np.asarray(jax.device_get(embed(params, T.shard_batch({k: b[k] for k in mods},
-                                                                  mesh))["image_embeddings"]))
-    b["image_embeddings"] = emb.astype(np.dtype(str(config.train.embedding_cache.dtype)))
+    emb = jax.device_get(embed(params, T.shard_batch({k: b[k] for k in mods},
+                                                     mesh))["image_embeddings"])
+    levels = jax.tree.leaves(emb)
+    for k, v in zip(embedding_names(len(levels), "image_embeddings"), levels):
+      b[k] = np.asarray(v).astype(np.dtype(str(config.train.embedding_cache.dtype)))
     np.savez(os.path.join(directory, f"batch_{i:05d}.npz"), **b)
     i += 1
   with open(os.path.join(directory, "meta.json"), "w") as f:
