@@ -66,9 +66,14 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.allow_random_sam = False
   m.encoder_dtype = "bfloat16"
   # The frozen fusion path (tokenizers, FMP, fused decoder) in the segmentation stage, the
-  # embedding cache and evaluation: bf16 like the encoder it feeds (the fusion stage itself
-  # trains in float32). "float32" for the exact path.
+  # embedding cache and evaluation: bf16 like the encoder it feeds (training computes in
+  # model.train_dtype). "float32" for the exact path.
   m.fusion_dtype = "bfloat16"
+  # Training compute of the tokenizers, discriminators, FMP and fused decoder (all stages):
+  # bf16 over float32 params and Adam state; codebook search, norm statistics, softmax and
+  # losses stay float32 (models/precision.py; the bf16-vs-float32 bounds per stage:
+  # tests/test_mixed_precision.py). "float32" for the exact path.
+  m.train_dtype = "bfloat16"
   m.attn_impl = "cudnn"
   m.num_points = 8
   # False: the segmentation stage optimises Eq. 1 (f_s + f_f) over everything but the SAM
@@ -173,6 +178,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.perceptual_sam_blocks = 1        # the tiny SAM has one windowed block before a global one
   m.encoder_dtype = "float32"
   m.fusion_dtype = "float32"
+  m.train_dtype = "float32"
   m.attn_impl = "xla"
   m.num_points = 4
   t = c.train
