@@ -131,7 +131,11 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
   t.crop_size = tuple(crop_size)
   t.scale_range = (0.5, 2.0)
   t.flip_prob = 0.5
-  t.worker_count = 2
+  # Input pipeline, sized to the host when None (data.spec.worker_count / device_prefetch):
+  # grain worker processes (0 on <= 2 cores, else half the cores up to 8) and batches kept
+  # on the devices ahead of the step.
+  t.worker_count = config_dict.placeholder(int)
+  t.device_prefetch = config_dict.placeholder(int)
   t.log_every = 50
   t.eval_every = config_dict.placeholder(int)   # steps; None: eval_every_epochs
   t.eval_every_epochs = 5.0
