@@ -64,6 +64,7 @@ def stage_stats(workdir: str) -> dict:
         "data_wait_ms": 1e3 * statistics.median(r.get("data_wait", 0.0) for r in steady)
         if steady else None,
         "first_step_s": events.get("first_step_s"), "peak_bytes": events.get("peak_bytes"),
+        "first_data_wait_s": events.get("first_data_wait_s"),
         "eval_s": [r["eval_s"] for r in rows
                    if r.get("split") == f"{stage}/event" and "eval_s" in r],
         "steps": train[-1]["step"] if train else 0,

@@ -253,7 +253,9 @@ def run_stage(
       if step == start + 1:
         # The first step of a run compiles: its time is an event, not throughput.
         jax.block_until_ready(metrics)
-        writer.write_scalars(step, {"first_step_s": time.perf_counter() - t_mark},
+        # first_data_wait_s: of that, waiting for the first batch (loader start-up).
+        writer.write_scalars(step, {"first_step_s": time.perf_counter() - t_mark,
+                                    "first_data_wait_s": batches.wait_s},
                              split=f"{name}/event")
         t_mark, pairs, steps_t = time.perf_counter(), 0, 0
         wait_mark = batches.wait_s
