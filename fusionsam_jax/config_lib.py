@@ -74,9 +74,16 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.sam2_checkpoint = config_dict.placeholder(str)
   m.encoder_dtype = "bfloat16"
   # The frozen fusion path (tokenizers, FMP, fused decoder) in the segmentation stage, the
-  # embedding cache and evaluation: bf16 like the encoder it feeds (the fusion stage itself
-  # trains in float32). "float32" for the exact path.
+  # embedding cache and evaluation: bf16 like the encoder it feeds (training computes in
+  # model.train_dtype). "float32" for the exact path.
   m.fusion_dtype = "bfloat16"
+  # Training compute of the tokenizers, discriminators, FMP and fused decoder (all stages):
+  # bf16 over float32 params and Adam state; codebook search, norm statistics, softmax and
+  # losses stay float32 (models/precision.py; the bf16-vs-float32 bounds per stage:
+  # tests/test_mixed_precision.py). Default float32 until an H100 run shows that bf16 pays
+  # (step time) and trains the same (loss curves): neither is measured yet
+  # (benchmarks/schedule_time.py, benchmarks/train_step.py --config.model.train_dtype=...).
+  m.train_dtype = "float32"
   m.attn_impl = "cudnn"
   m.num_points = 8
   # False: the segmentation stage optimises Eq. 1 (f_s + f_f) over everything but the SAM
@@ -134,7 +141,11 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
   t.crop_size = tuple(crop_size)
   t.scale_range = (0.5, 2.0)
   t.flip_prob = 0.5
-  t.worker_count = 2
+  # Input pipeline, sized to the host when None (data.spec.worker_count / device_prefetch):
+  # grain worker processes (0 on <= 2 cores, else half the cores up to 8) and batches kept
+  # on the devices ahead of the step.
+  t.worker_count = config_dict.placeholder(int)
+  t.device_prefetch = config_dict.placeholder(int)
   t.log_every = 50
   t.eval_every = config_dict.placeholder(int)   # steps; None: eval_every_epochs
   t.eval_every_epochs = 5.0
@@ -181,6 +192,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.perceptual_sam_blocks = 1        # the tiny SAM has one windowed block before a global one
   m.encoder_dtype = "float32"
   m.fusion_dtype = "float32"
+  m.train_dtype = "float32"
   m.attn_impl = "xla"
   m.num_points = 4
   t = c.train

@@ -158,7 +158,9 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
   params = factory.init_params(config, ctx.model)
   say(f"Model: {count_params(params) / 1e6:.2f} M parameters; modalities {tuple(m.modalities)};"
       f" {backbone} ({m.encoder_dtype}, {m.attn_impl}); {jax.device_count()} "
-      f"device(s): {jax.devices()[0].device_kind}; {ctx.train_size} training pairs")
+      f"device(s): {jax.devices()[0].device_kind}; {ctx.train_size} training pairs; input "
+      f"pipeline: {D.worker_count(config)} grain worker(s) on {D.host_cpus()} core(s), "
+      f"{D.device_prefetch(config)} batches prefetched to the devices")
   evaluator = E.Evaluator(ctx.model, config, mesh)
   if config_diff:
     _check_checkpoints_fit(ctx, workdir, params, evaluator)
@@ -211,7 +213,8 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
               (lambda st, step: recon(full(st))) if name == "tokenizer"
               else (lambda st, step: tiles(full(st)))),
           image_every=image_every, learning_rate=stage.lr, progress=progress,
-          shard_fn=lambda b: mesh_lib.shard_batch(D.strip_batch(b), mesh))
+          shard_fn=lambda b: mesh_lib.shard_batch(D.strip_batch(b), mesh),
+          prefetch=D.device_prefetch(config))
       params = full(res.state)
     dt = time.perf_counter() - t0
     results[name] = {"skipped": res.skipped, "steps": stage.num_steps, "seconds": dt,

@@ -36,6 +36,7 @@ from fusionsam_jax.models.discriminator import PatchGANDiscriminator
 from fusionsam_jax.models.fmp import ConcatFusion, FusionMaskPrompting
 from fusionsam_jax.models.fused_decoder import FusedImageDecoder, PatchEmbedTokenizer
 from fusionsam_jax.models.lstg import LatentTokenizer
+from fusionsam_jax.models.precision import check_train_dtype
 from fusionsam_jax.models.prompts import FusionPointPromptEncoder, dense_prompt_input
 from fusionsam_jax.models.sam.sam import (PIXEL_MEAN, PIXEL_STD, SAM_PRESETS, SamConfig,
                                           make_image_encoder, make_prompt_encoder)
@@ -67,6 +68,9 @@ class FusionSAM(nn.Module):
   # Compute dtype of the frozen fusion path (tokenizers, fusion, fused decoder) in the
   # segmentation stage, the embedding cache and evaluation: `stages.frozen_fusion`.
   fusion_dtype: str = "float32"
+  # Compute dtype of the trained tokenizers, discriminators, fusion module and fused decoder
+  # in the training stages (params and optimizer state stay float32): `models.precision`.
+  train_dtype: str = "float32"
   attn_impl: str = "xla"
   num_points: int = 8
   fused_color: str = "decoder"  # "decoder" | "visible_chroma" (see `fuse`)
@@ -156,7 +160,9 @@ class FusionSAM(nn.Module):
     if self.fused_color == "visible_chroma" and "rgb" in self.modalities:
       if images is None:
         raise ValueError("fused_color='visible_chroma' needs the input images in fuse()")
-      rgb = images["rgb"].astype(fused.dtype)
+      rgb = images["rgb"]
+      fused = fused.astype(jnp.promote_types(fused.dtype, rgb.dtype))  # bf16 decoder: f32
+      rgb = rgb.astype(fused.dtype)
       fused = rgb + (rgb_to_y(fused) - rgb_to_y(rgb))
     return dict(fusion=fusion, fused=fused)
 
@@ -312,6 +318,7 @@ def build_model(model_cfg, sam_config: Optional[SamConfig] = None) -> FusionSAM:
       fmp_kwargs=_frozen(g("fmp", {}) or {}),
       fused_decoder_kwargs=_frozen(g("fused_decoder", {}) or {}),
       encoder_dtype=g("encoder_dtype", "float32"), fusion_dtype=g("fusion_dtype", "float32"),
+      train_dtype=str(check_train_dtype(g("train_dtype", "float32") or "float32")),
       attn_impl=g("attn_impl", "xla"),
       num_points=int(g("num_points", 8)), fused_color=g("fused_color", "decoder"),
       train_sam_encoder=bool(g("train_sam_encoder", False)))

@@ -362,6 +362,7 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
     from tqdm.auto import tqdm
     pbar = tqdm(total=n, desc="embedding cache (train)", unit="view", dynamic_ncols=True)
   order = [(i, v) for i in range(n_src) for v in range(n_views)]
+  t0, first_s = time.perf_counter(), None
   for start in range(0, n, bs):
     chunk = order[start:start + bs]
     views = [make_view(source[i], v, index=i, crop_size=config.train.crop_size,
@@ -386,6 +387,8 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
       arrays[k].append(batch[k][:len(chunk)])
     for k, v in emb.items():
       arrays[k].append(v)
+    if first_s is None:
+      first_s = time.perf_counter() - t0     # the first batch compiles
     if pbar is not None:
       pbar.update(len(chunk))
   if pbar is not None:
@@ -394,14 +397,15 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
     a.close()
   del arrays
   meta = dict(desc, num_examples=n, num_source=n_src, num_views=n_views, time=time.time(),
-              embedding_levels=len(levels) if n else 1)
+              embedding_levels=len(levels) if n else 1,
+              build_s=time.perf_counter() - t0, first_batch_s=first_s, batch_size=bs)
   with open(os.path.join(directory, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)
 
 
 def build_val_cache(directory: str, config, params, val_source, embed, mesh, desc: dict) -> None:
   from fusionsam_jax.data.spec import eval_iterable, strip_batch
-  i = 0
+  i, t0, first_s = 0, time.perf_counter(), None
   for batch in eval_iterable(config, val_source):
     b = strip_batch(batch)
     mods = tuple(config.model.modalities)
@@ -412,8 +416,11 @@ def build_val_cache(directory: str, config, params, val_source, embed, mesh, des
       b[k] = np.asarray(v).astype(np.dtype(str(config.train.embedding_cache.dtype)))
     np.savez(os.path.join(directory, f"batch_{i:05d}.npz"), **b)
     i += 1
+    if first_s is None:
+      first_s = time.perf_counter() - t0     # the first batch compiles
   with open(os.path.join(directory, "meta.json"), "w") as f:
-    json.dump(dict(desc, num_batches=i, time=time.time()), f, indent=1)
+    json.dump(dict(desc, num_batches=i, num_examples=len(val_source), time=time.time(),
+                   build_s=time.perf_counter() - t0, first_batch_s=first_s), f, indent=1)
 
 
 def cache_enabled(config) -> tuple[bool, str]:
