@@ -38,7 +38,28 @@ def enable_compilation_cache(path: str | None) -> None:
   # A size limit turns on least-recently-used eviction and, with it, the cache's file lock:
   # concurrent runs sharing the default location would otherwise race on an entry's write.
   if jax.config.jax_compilation_cache_max_size in (None, -1):
+    backfill_cache_atimes(path)
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+
+
+def backfill_cache_atimes(path: str) -> None:
+  """Gives every entry of the compilation cache at `path` the access-time file that JAX's
+  eviction reads for all entries on every write: entries written without a size limit (by
+  an earlier version, or another tool) have none, and every later write would then fail."""
+  import time
+  d = os.path.abspath(os.path.expanduser(path))
+  try:
+    names = set(os.listdir(d))
+  except OSError:
+    return
+  stamp = time.time_ns().to_bytes(8, "little")
+  for n in names:
+    if n.endswith("-cache") and n[:-len("-cache")] + "-atime" not in names:
+      try:
+        with open(os.path.join(d, n[:-len("-cache")] + "-atime"), "wb") as f:
+          f.write(stamp)
+      except OSError:
+        pass
 
 
 class UsageError(Exception):
