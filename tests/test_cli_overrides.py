@@ -54,10 +54,10 @@ def test_model_overrides_validate(monkeypatch):
 
 
 @pytest.mark.parametrize("module,expect", [
-    ("fusionsam_jax.predict", ["(default: best)", "(default: strict)"]),
-    ("fusionsam_jax.data.prepare", ["(default: strict)", "(default: error)"]),
-    ("fusionsam_jax.metrics.miou", ["(default: 255)"]),
-    ("fusionsam_jax.metrics.sod", ["(default: False)"]),
+    ("fusionsam_jax.predict", ["(default: 'best')", "(default: 'strict')"]),
+    ("fusionsam_jax.data.prepare", ["(default: 'strict')", "(default: 'error')"]),
+    ("fusionsam_jax.metrics.miou", ["(default: '255')"]),
+    ("fusionsam_jax.metrics.sod", ["(default: 'false')"]),
 ])
 def test_help_shows_defaults_and_no_runpy_warning(module, expect):
   r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"],
