@@ -4,6 +4,11 @@ generated MFNet-layout scenes at 480 x 640, batch 4, the paper's Adam (lr 1e-4, 
 checks FMP's global cuDNN attention against the XLA path on the same params.
 
     python benchmarks/codebook_health.py --steps 30 --out results.json
+    # restart threshold relative to the mean use per code (the paper configs' default):
+    python benchmarks/codebook_health.py --steps 60 --every 10 --no-cudnn-check \
+        --variants 8:1:0.8,8:r0.25:0.8 --out codebook_relative_h100.json
+    # CPU, small: 32 x 48 scenes, batch 32
+    python benchmarks/codebook_health.py --size 32,48 --batch 32 --num_train 96 ...
 """
 
 import argparse
@@ -23,7 +28,8 @@ from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes
 K = 1024
 
 
-def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, decay=None):
+def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, decay=None,
+        relative=False):
   kw = dict(l2_normalize=True, lookup_dim=lookup_dim, usage_decay=decay) if remedy else {}
   tok = LatentTokenizer(in_channels=3, latent_dim=64, num_codes=K, ch=64, num_res_blocks=2,
                         max_groups=32, **kw)
@@ -40,7 +46,8 @@ def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, d
     upd, opt = tx.update(g, opt, params)
     params = optax.apply_updates(params, upd)
     if remedy:
-      params, _ = restart_dead_codes(tok, params, x, rng, threshold=threshold)
+      params, _ = restart_dead_codes(tok, params, x, rng, threshold=threshold,
+                                     relative=relative)
     return params, opt
 
   enc = jax.jit(lambda p, x: tok.apply({"params": p}, x, method=LatentTokenizer.encode)[
@@ -56,10 +63,10 @@ def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, d
       rows.append({"step": i, "perplexity": float(u["perplexity"]),
                    "dead_fraction": float(u["dead_fraction"])})
       print(json.dumps({"remedy": remedy, "lookup_dim": lookup_dim, "threshold": threshold,
-                        "decay": decay,
+                        "relative": relative, "decay": decay,
                         **rows[-1]}), flush=True)
-  name = (f"cosine+lookup{lookup_dim}+restart<{threshold:g},ema{decay}" if remedy
-          else "vqgan")
+  thr = f"{threshold:g}x mean use" if relative else f"{threshold:g}"
+  name = (f"cosine+lookup{lookup_dim}+restart<{thr},ema{decay}" if remedy else "vqgan")
   return {"remedy": name, "rows": rows,
           "seconds": time.perf_counter() - t0}
 
@@ -83,24 +90,33 @@ def main():
   ap.add_argument("--every", type=int, default=10)
   ap.add_argument("--out", default="")
   ap.add_argument("--variants", default="vqgan,8:1",
-                  help="comma-separated: vqgan or LOOKUP_DIM:RESTART_THRESHOLD[:EMA_DECAY]")
+                  help="comma-separated: vqgan or LOOKUP_DIM:RESTART_THRESHOLD[:EMA_DECAY]; "
+                  "THRESHOLD rX: X times the mean use per code (relative)")
   ap.add_argument("--no-cudnn-check", action="store_true")
+  ap.add_argument("--size", default="480,640", help="H,W of the generated scenes (latents "
+                  "H/4 x W/4)")
+  ap.add_argument("--num_train", type=int, default=32)
+  ap.add_argument("--num_held", type=int, default=8)
   a = ap.parse_args()
   res = {"device": jax.devices()[0].device_kind}
   if not a.no_cudnn_check:
     res["fmp_global_cudnn_vs_xla"] = cudnn_check()
   print(json.dumps(res), flush=True)
-  load = lambda lo, n: np.stack([generate_scene("mfnet", i, 0, 480, 640)["rgb"] for i in
+  hh, ww = (int(v) for v in a.size.split(","))
+  res["size"] = [hh, ww]
+  load = lambda lo, n: np.stack([generate_scene("mfnet", i, 0, hh, ww)["rgb"] for i in
                                  range(lo, lo + n)]).astype(np.float32) / 255.0
-  train, held = load(0, 32), load(100, 8)   # held out: 8 x 120 x 160 = 153 600 vectors
+  # held out: 8 images (at 480 x 640: 8 x 120 x 160 = 153 600 vectors)
+  train, held = load(0, a.num_train), load(100, a.num_held)
   res["runs"] = []
   for v in a.variants.split(","):
     if v == "vqgan":
       res["runs"].append(run(False, train, held, a.steps, a.batch, a.every))
     else:
       ld, thr, *dec = v.split(":")
-      res["runs"].append(run(True, train, held, a.steps, a.batch, a.every, int(ld), float(thr),
-                             float(dec[0]) if dec else None))
+      rel = thr.startswith("r")   # r0.25: a fraction of the mean use per code (N / K)
+      res["runs"].append(run(True, train, held, a.steps, a.batch, a.every, int(ld),
+                             float(thr.lstrip("r")), float(dec[0]) if dec else None, rel))
   if a.out:
     with open(a.out, "w") as f:
       json.dump(res, f, indent=1)

@@ -355,13 +355,18 @@ def restart_codes(codebook: Array, encodings: Array, usage: Array, rng: Array, *
 
 
 def restart_dead_codes(tokenizer: "LatentTokenizer", params, x: Array, rng: Array, *,
-                       threshold: float = 1.0) -> tuple[Any, Array]:
+                       threshold: float = 1.0, relative: bool = False) -> tuple[Any, Array]:
   """One dead-code restart of a tokenizer's codebook on the batch ``x`` (B, H, W, C) in
   [0, 1]: encodes the batch with ``params`` (the tokenizer's own subtree) and counts each
   code's use. With a ``usage`` leaf (``usage_decay`` set) the use is its moving average
   ``usage <- decay * usage + (1 - decay) * counts`` (restarted codes start again at the
   mean use N / K); without, this batch's counts (then a code that only images absent
   from a small batch use is lost). Codes below ``threshold`` restart (``restart_codes``).
+  ``relative``: `threshold` is a fraction of the mean use per code, N / K (N = the batch's
+  latent vectors), so that the restart means the same at any image size and batch: an
+  absolute threshold of 1 is 1/3 of the mean at 32 x 48 images x 32 (3072 vectors for 1024
+  codes) but 1/75 of it at 480 x 640 x 4 (76 800 vectors), where rarely used codes then
+  stay and usage stays skewed (perplexity 17-22 % of K on the H100).
   Returns (params with the new ``quantizer`` leaves, number restarted). Apply after an
   optimizer update (the Adam moments of a restarted code are kept)."""
   out = tokenizer.apply({"params": params}, x, method=LatentTokenizer.encode)
@@ -373,7 +378,8 @@ def restart_dead_codes(tokenizer: "LatentTokenizer", params, x: Array, rng: Arra
   if "usage" in q:
     d = float(tokenizer.usage_decay)
     usage = d * jax.lax.stop_gradient(q["usage"]) + (1.0 - d) * counts
-  q["codebook"], dead = restart_codes(q["codebook"], out["z"], usage, rng, threshold=threshold)
+  thr = float(threshold) * (idx.size / k if relative else 1.0)
+  q["codebook"], dead = restart_codes(q["codebook"], out["z"], usage, rng, threshold=thr)
   if "usage" in q:
     q["usage"] = jnp.where(dead, idx.size / k, usage).astype(q["usage"].dtype)
   return dict(params, quantizer=q), jnp.sum(dead)
