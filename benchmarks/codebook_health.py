@@ -29,7 +29,7 @@ K = 1024
 
 
 def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, decay=None,
-        relative=False):
+        relative=False, code_ema=None):
   kw = dict(l2_normalize=True, lookup_dim=lookup_dim, usage_decay=decay) if remedy else {}
   tok = LatentTokenizer(in_channels=3, latent_dim=64, num_codes=K, ch=64, num_res_blocks=2,
                         max_groups=32, **kw)
@@ -47,7 +47,7 @@ def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, d
     params = optax.apply_updates(params, upd)
     if remedy:
       params, _ = restart_dead_codes(tok, params, x, rng, threshold=threshold,
-                                     relative=relative)
+                                     relative=relative, code_ema=code_ema)
     return params, opt
 
   enc = jax.jit(lambda p, x: tok.apply({"params": p}, x, method=LatentTokenizer.encode)[
@@ -63,10 +63,11 @@ def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, d
       rows.append({"step": i, "perplexity": float(u["perplexity"]),
                    "dead_fraction": float(u["dead_fraction"])})
       print(json.dumps({"remedy": remedy, "lookup_dim": lookup_dim, "threshold": threshold,
-                        "relative": relative, "decay": decay,
+                        "relative": relative, "decay": decay, "code_ema": code_ema,
                         **rows[-1]}), flush=True)
   thr = f"{threshold:g}x mean use" if relative else f"{threshold:g}"
-  name = (f"cosine+lookup{lookup_dim}+restart<{thr},ema{decay}" if remedy else "vqgan")
+  name = (f"cosine+lookup{lookup_dim}+restart<{thr},ema{decay}"
+          + (f"+code_ema{code_ema:g}" if code_ema is not None else "") if remedy else "vqgan")
   return {"remedy": name, "rows": rows,
           "seconds": time.perf_counter() - t0}
 
@@ -90,7 +91,8 @@ def main():
   ap.add_argument("--every", type=int, default=10)
   ap.add_argument("--out", default="")
   ap.add_argument("--variants", default="vqgan,8:1",
-                  help="comma-separated: vqgan or LOOKUP_DIM:RESTART_THRESHOLD[:EMA_DECAY]; "
+                  help="comma-separated: vqgan or LOOKUP_DIM:RESTART_THRESHOLD[:USAGE_DECAY"
+                  "[:CODE_EMA]]; "
                   "THRESHOLD rX: X times the mean use per code (relative)")
   ap.add_argument("--no-cudnn-check", action="store_true")
   ap.add_argument("--size", default="480,640", help="H,W of the generated scenes (latents "
@@ -113,10 +115,12 @@ def main():
     if v == "vqgan":
       res["runs"].append(run(False, train, held, a.steps, a.batch, a.every))
     else:
-      ld, thr, *dec = v.split(":")
+      ld, thr, *rest = v.split(":")
       rel = thr.startswith("r")   # r0.25: a fraction of the mean use per code (N / K)
+      dec = float(rest[0]) if rest else None
+      ema = float(rest[1]) if len(rest) > 1 else None   # EMA codebook update decay
       res["runs"].append(run(True, train, held, a.steps, a.batch, a.every, int(ld),
-                             float(thr.lstrip("r")), float(dec[0]) if dec else None, rel))
+                             float(thr.lstrip("r")), dec, rel, ema))
   if a.out:
     with open(a.out, "w") as f:
       json.dump(res, f, indent=1)
