@@ -154,6 +154,7 @@ def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
   mods = tuple(model_cfg.modalities)
   thr = float(stage_cfg.get("restart_threshold", 1.0))
   relative = bool(stage_cfg.get("restart_threshold_relative", False))
+  code_ema = stage_cfg.get("code_ema", None)
   toks = {m: LatentTokenizer(in_channels=CHANNELS[m], scale=model.scale,
                              **dict(model.tokenizer_kwargs)) for m in mods}
 
@@ -163,7 +164,7 @@ def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
     for i, m in enumerate(mods):
       g[f"tokenizer_{m}"], n = restart_dead_codes(
           toks[m], g[f"tokenizer_{m}"], images[m], jax.random.fold_in(rng, i), threshold=thr,
-          relative=relative)
+          relative=relative, code_ema=None if code_ema is None else float(code_ema))
       aux[f"{m}/restarted_codes"] = n.astype(jnp.float32)
     return g, aux
 
