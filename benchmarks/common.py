@@ -38,3 +38,44 @@ def write_json(path, obj):
   with os.fdopen(fd, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
+
+
+def define_number_list(fv, name, default, help, kind=int, length=None, min_length=0):
+  """An absl flag on `fv` holding a comma-separated list of `kind` (``--batches=1,4,8``):
+  a value that is not a `kind`, or a list of the wrong length (`length` exact, else at least
+  `min_length`), is a usage error naming the flag."""
+  from absl import flags
+
+  class NumberListParser(flags.ListParser):
+
+    def __init__(self):
+      super().__init__()
+      self.syntactic_help = f"a comma separated list of {kind.__name__} values"
+
+    def parse(self, argument):
+      items = super().parse(argument)
+      try:
+        values = [kind(x) for x in items]
+      except (TypeError, ValueError):
+        raise ValueError(f"expected comma-separated {kind.__name__} values, "
+                         f"got {argument!r}") from None
+      if length is not None and len(values) != length:
+        raise ValueError(f"expected {length} comma-separated values, got {argument!r}")
+      if len(values) < min_length:
+        raise ValueError(f"expected at least {min_length} value(s), got {argument!r}")
+      return values
+
+    def flag_type(self):
+      return f"comma-separated list of {kind.__name__}"
+
+  module = sys._getframe(1).f_globals.get("__name__")  # --help lists it with the caller's flags
+  return flags.DEFINE(NumberListParser(), name, default, help, flag_values=fv,
+                      serializer=flags.CsvListSerializer(","),
+                      module_name=sys.argv[0] if module == "__main__" else module)
+
+
+def flag_namespace(holders):
+  """{name: FlagHolder} (what a `define` of `fusionsam_jax.cli_common.run_cli` returns) as an
+  object with one attribute per flag value (``args.batches``)."""
+  import types
+  return types.SimpleNamespace(**{name: h.value for name, h in holders.items()})

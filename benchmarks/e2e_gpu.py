@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 
@@ -28,6 +26,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.train_runs import make_pth, run, stage_stats, tiny_pth  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "JSON output")
 _SCRATCH = flags.DEFINE_string("scratch", "runs/e2e", "scratch folder (deleted first)")
@@ -45,63 +44,6 @@ _DEADLINE = flags.DEFINE_float("deadline_s", 0.0, "stop commands this many secon
                                 "the start (0: none), so the JSON is still written")
 _TEST_EVAL = flags.DEFINE_bool("test_eval", True, "evaluate on test at the end of train")
 _RESUME = flags.DEFINE_bool("resume", False, "keep the scratch folder and earlier results")
-
-
-def make_pth(variant: str, path: str) -> float:
-  """A randomly initialised official SAM (segment_anything's own builder), saved as .pth."""
-  import torch
-  t0 = time.perf_counter()
-  from segment_anything import sam_model_registry
-  torch.manual_seed(0)
-  sam = sam_model_registry[variant](checkpoint=None)
-  torch.save(sam.state_dict(), path)
-  return time.perf_counter() - t0
-
-
-def tiny_pth(path: str) -> float:
-  t0 = time.perf_counter()
-  sys.path.insert(0, os.path.join(ROOT, "tests"))
-  import torch
-  from sam_reference import build_torch_sam
-  from fusionsam_jax.models.sam.sam import SAM_PRESETS
-  torch.save(build_torch_sam(SAM_PRESETS["tiny"]).state_dict(), path)
-  return time.perf_counter() - t0
-
-
-def run(cmd, log, env=None, timeout=None):
-  t0 = time.perf_counter()
-  with open(log, "w") as f:
-    try:
-      rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
-                          timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
-      rc = "timeout"
-  wall = time.perf_counter() - t0
-  print(f"[{rc}] {wall:7.1f} s  {' '.join(cmd)[:160]}", flush=True)
-  return {"cmd": " ".join(cmd), "returncode": rc, "wall_s": wall,
-          "log_tail": open(log).read()[-1500:]}
-
-
-def stage_stats(workdir: str) -> dict:
-  from fusionsam_jax.workdir import dir_bytes
-  rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
-  out = {}
-  for stage in ("tokenizer", "fusion", "segmentation"):
-    train = [r for r in rows if r.get("split") == f"{stage}/train"]
-    events = {k: v for r in rows if r.get("split") == f"{stage}/event" for k, v in r.items()}
-    steady = train[1:-1] or train[1:] or train
-    out[stage] = {
-        "loop_step_ms": 1e3 * statistics.median(r["step_time"] for r in steady) if steady
-        else None,
-        "loop_step_ms_rows": [1e3 * r["step_time"] for r in train],
-        "data_wait_ms": 1e3 * statistics.median(r.get("data_wait", 0.0) for r in steady)
-        if steady else None,
-        "first_step_s": events.get("first_step_s"), "peak_bytes": events.get("peak_bytes"),
-        "checkpoint_bytes": dir_bytes(os.path.join(workdir, "checkpoints", stage)),
-        "last": {k: v for k, v in (train[-1] if train else {}).items()
-                 if isinstance(v, (int, float))},
-    }
-  return out
 
 
 def main(argv):
@@ -146,11 +88,11 @@ def main(argv):
       "generate": [py, "-m", "fusionsam_jax.data.generate", "--layout", "mfnet", "--out", raw,
                    "--num", str(_SCENES.value), "--height", str(_H.value), "--width",
                    str(_W.value)],
-      "prepare": [py, "-m", "fusionsam_jax.data.prepare", "--dataset", "mfnet", "--manual-dir",
-                  raw, "--data-dir", data, "--no-progress"],
+      "prepare": [py, "-m", "fusionsam_jax.data.prepare", "--dataset", "mfnet", "--manual_dir",
+                  raw, "--data_dir", data, "--noprogress"],
       "train": [py, "-m", "fusionsam_jax.train", *train_args],
       "evaluate": [py, "-m", "fusionsam_jax.evaluate", f"--workdir={work}"],
-      "predict": [py, "-m", "fusionsam_jax.predict", "--workdir", work, "--input-dir", raw,
+      "predict": [py, "-m", "fusionsam_jax.predict", "--workdir", work, "--input_dir", raw,
                   "--split", "test", "--out", os.path.join(scratch, "pred")],
       "benchmark": [py, "benchmarks/train_step.py", *common,
                     f"--workdir={os.path.join(scratch, 'bench')}",

@@ -1,9 +1,15 @@
 """Where does the vit_h encoder's time go? Times its parts at batch 8, bf16.
 
   python benchmarks/encoder_profile.py --out benchmarks/results/encoder_profile.json
+  python benchmarks/encoder_profile.py --what=blocks,encoder --impls=cudnn --out PATH.json
+  # CPU smoke run (the matmul part only, batch 1):
+  python benchmarks/encoder_profile.py --what=matmul --batch 1 --out /tmp/encoder_profile.json
+
+``--what``: any of matmul (one MLP-sized bf16 matmul), blocks (a windowed and a global block
+per attention implementation, the MLP and a LayerNorm), encoder (the whole vit_h encoder per
+implementation). absl flags (``--help``); lists are comma-separated.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -11,7 +17,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import environment, flag_namespace, write_json  # noqa: E402
+from fusionsam_jax.cli_common import run_cli  # noqa: E402
 
 
 def timeit(fn, *args, iters=10):
@@ -26,13 +33,22 @@ def timeit(fn, *args, iters=10):
   return float(np.median(ts) * 1e3)
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default="benchmarks/results/encoder_profile.json")
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--what", nargs="*", default=["matmul", "blocks", "encoder"])
-  ap.add_argument("--impls", nargs="*", default=["cudnn", "cudnn_bias", "xla"])
-  args = ap.parse_args()
+def _define(fv):
+  from absl import flags
+  return {
+      "out": flags.DEFINE_string("out", "benchmarks/results/encoder_profile.json", "JSON path",
+                                 flag_values=fv),
+      "batch": flags.DEFINE_integer("batch", 8, "batch size", flag_values=fv),
+      "what": flags.DEFINE_list("what", ["matmul", "blocks", "encoder"],
+                                "parts to time: matmul, blocks, encoder", flag_values=fv),
+      "impls": flags.DEFINE_list("impls", ["cudnn", "cudnn_bias", "xla"],
+                                 "attention implementations (blocks, encoder)",
+                                 flag_values=fv),
+  }
+
+
+def _run(f, _):
+  args = flag_namespace(f)
   import jax
   import jax.numpy as jnp
   from fusionsam_jax.models.sam.image_encoder import Block
@@ -80,7 +96,12 @@ def main():
       res[f"encoder_{impl}_ms_per_image"] = ms / b
       print("encoder", impl, ms / b, flush=True)
   write_json(args.out, res)
+  return 0
+
+
+def main(argv=None) -> int:
+  return run_cli(_define, _run, argv, prog="benchmarks/encoder_profile.py", doc=__doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -2,17 +2,28 @@
 time and peak memory with windowed vs global cross-domain / complementary attention.
 
     python benchmarks/fmp_attention.py [--batch 4] [--out results.json]
+    python benchmarks/fmp_attention.py --cases=window:xla,global:cudnn --steps 20
+    # CPU smoke run:
+    python benchmarks/fmp_attention.py --cases=window:xla --batch 1 --steps 1
+
+``--cases``: comma-separated ``<cross_attention>:<attn_impl>`` (cross_attention window or
+global, attn_impl xla or cudnn). Prints one JSON line per case; ``--out`` also writes them
+as a JSON list. absl flags (``--help``).
 """
 
-import argparse
 import json
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionsam_jax.models.fmp import FusionMaskPrompting
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import flag_namespace  # noqa: E402
+from fusionsam_jax.cli_common import run_cli  # noqa: E402
+from fusionsam_jax.models.fmp import FusionMaskPrompting  # noqa: E402
 
 
 def run(cross, impl, batch, steps, dtype):
@@ -43,15 +54,21 @@ def run(cross, impl, batch, steps, dtype):
           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30}
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--steps", type=int, default=10)
-  ap.add_argument("--cases", default="window:xla,global:cudnn,global:xla")
-  ap.add_argument("--out", default="")
-  a = ap.parse_args()
+def _define(fv):
+  from absl import flags
+  return {
+      "batch": flags.DEFINE_integer("batch", 4, "batch size", flag_values=fv),
+      "steps": flags.DEFINE_integer("steps", 10, "timed steps per case", flag_values=fv),
+      "cases": flags.DEFINE_list("cases", ["window:xla", "global:cudnn", "global:xla"],
+                                 "<cross_attention>:<attn_impl> cases", flag_values=fv),
+      "out": flags.DEFINE_string("out", "", "JSON path (empty: print only)", flag_values=fv),
+  }
+
+
+def _run(f, _):
+  a = flag_namespace(f)
   res = []
-  for case in a.cases.split(","):
+  for case in a.cases:
     cross, impl = case.split(":")
     r = run(cross, impl, a.batch, a.steps, jnp.float32)
     r["device"] = jax.devices()[0].device_kind
@@ -60,7 +77,12 @@ def main():
   if a.out:
     with open(a.out, "w") as f:
       json.dump(res, f, indent=1)
+  return 0
+
+
+def main(argv=None) -> int:
+  return run_cli(_define, _run, argv, prog="benchmarks/fmp_attention.py", doc=__doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

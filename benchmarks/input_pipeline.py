@@ -1,17 +1,20 @@
-"""Training input-pipeline throughput (pairs/s) by worker count, at MFNet size, on CPU.
+r"""Training input-pipeline throughput (pairs/s) by worker count, at MFNet size, on CPU.
 
-    python benchmarks/input_pipeline.py [--workers 0 1 2] [--batches 30]
+    python benchmarks/input_pipeline.py [--workers=0,1,2] [--batches 30]
+    # smoke run (small pairs, few batches; --out away from the committed result):
+    python benchmarks/input_pipeline.py --workers=0 --num 8 --size=96,128 --crop=96,128 \
+        --batch_size 2 --batches 2 --warmup 1 --out /tmp/input_pipeline_smoke.json
 
 Generates an MFNet-layout scene set at 480 x 640 (no download), prepares it as TFDS ArrayRecord,
 then times ``train_loader`` (zlib decode, random scale 0.5-2 + crop 480 x 640 + flip, batching)
 for each worker count. Prints a table and writes JSON to
 ``benchmarks/results/input_pipeline_cpu.json``. The load average before and after each run is
-recorded: other processes on the machine slow the numbers down.
+recorded: other processes on the machine slow the numbers down. absl flags (``--help``); lists
+are comma-separated (``--size=480,640``, ``--scale=0.5,2``).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -25,6 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import define_number_list, flag_namespace  # noqa: E402
+from fusionsam_jax.cli_common import run_cli  # noqa: E402
 from fusionsam_jax.data import generate, pipeline, prepare  # noqa: E402
 from fusionsam_jax.data.sources import load_source  # noqa: E402
 
@@ -93,19 +98,28 @@ def _time_loader(source, workers, args):
   return res
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-  p.add_argument("--num", type=int, default=64, help="generated pairs (all splits)")
-  p.add_argument("--size", type=int, nargs=2, default=[480, 640])
-  p.add_argument("--crop", type=int, nargs=2, default=[480, 640])
-  p.add_argument("--scale", type=float, nargs=2, default=[0.5, 2.0])
-  p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--batches", type=int, default=60, help="timed batches per worker count")
-  p.add_argument("--warmup", type=int, default=3, help="untimed batches (worker start-up)")
-  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "results", "input_pipeline_cpu.json"))
-  args = p.parse_args(argv)
+def _define(fv):
+  from absl import flags
+  return {
+      "workers": define_number_list(fv, "workers", [0, 1, 2], "worker counts", min_length=1),
+      "num": flags.DEFINE_integer("num", 64, "generated pairs (all splits)", flag_values=fv),
+      "size": define_number_list(fv, "size", [480, 640], "generated pair size H,W", length=2),
+      "crop": define_number_list(fv, "crop", [480, 640], "crop size H,W", length=2),
+      "scale": define_number_list(fv, "scale", [0.5, 2.0], "random scale range LO,HI",
+                                  kind=float, length=2),
+      "batch_size": flags.DEFINE_integer("batch_size", 8, "batch size", flag_values=fv),
+      "batches": flags.DEFINE_integer("batches", 60, "timed batches per worker count",
+                                      flag_values=fv),
+      "warmup": flags.DEFINE_integer("warmup", 3, "untimed batches (worker start-up)",
+                                     flag_values=fv),
+      "out": flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                     "results", "input_pipeline_cpu.json"),
+                                 "JSON path", flag_values=fv),
+  }
+
+
+def _run(f, _):
+  args = flag_namespace(f)
   pipeline._ensure_flags_parsed()
 
   tmp = tempfile.mkdtemp(prefix="fusionsam-input-bench-")
@@ -148,7 +162,12 @@ def main(argv=None):
     json.dump(record, f, indent=2)
     f.write("\n")
   print(f"wrote {args.out}")
+  return 0
+
+
+def main(argv=None) -> int:
+  return run_cli(_define, _run, argv, prog="benchmarks/input_pipeline.py", doc=__doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

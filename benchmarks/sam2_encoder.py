@@ -1,6 +1,9 @@
-"""SAM 2 image encoder speed: the Flax Hiera + FPN vs Meta's `sam2` in PyTorch, same run.
+r"""SAM 2 image encoder speed: the Flax Hiera + FPN vs Meta's `sam2` in PyTorch, same run.
 
   python benchmarks/sam2_encoder.py --out benchmarks/results/sam2_encoder_h100.json
+  # CPU smoke run:
+  python benchmarks/sam2_encoder.py --variant tiny --cpu --batches=1 --iters 1 \
+      --torch_modes=bf16 --jax_modes=fp32,bf16-xla --out /tmp/sam2_encoder_cpu.json
 
 Times `image_encoder` (Hiera trunk + FPN neck, what `set_image` runs) of SAM 2.1 hiera_l at
 1024 x 1024 with random weights, median ms per image over repeated batches (batch 1 and 8):
@@ -8,11 +11,11 @@ JAX bf16 (cuDNN fused attention, and XLA attention) and fp32, PyTorch bf16 autoc
 bf16 autocast + torch.compile (dynamic=False), all in one process (JAX preallocation off).
 Also reports the JAX bf16 features' error against JAX fp32 on the same weights and input.
 Needs `sam2` (install: SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation
-sam2==1.1.0, plus hydra-core, iopath) unless --skip-torch. `--variant tiny --cpu` is a smoke
-test on CPU.
+sam2==1.1.0, plus hydra-core, iopath) unless --skip_torch. `--variant tiny --cpu` is a smoke
+test on CPU. absl flags (``--help``); lists are comma-separated (``--jax_modes=fp32,bf16-cudnn``,
+an empty value runs none: ``--torch_modes=``).
 """
 
-import argparse
 import gc
 import os
 import sys
@@ -23,7 +26,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import (define_number_list, environment, flag_namespace,  # noqa: E402
+                               write_json)
+from fusionsam_jax.cli_common import run_cli  # noqa: E402
 
 
 def _median_ms(fn, sync, iters, warmup):
@@ -149,24 +154,32 @@ def bench_jax(args, results, save, size, modes):
     save()
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", required=True, help="JSON path")
-  ap.add_argument("--variant", default="hiera_l")
-  ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-  ap.add_argument("--iters", type=int, default=10)
-  ap.add_argument("--jax-modes", nargs="*", default=["fp32", "bf16-cudnn", "bf16-xla"])
-  ap.add_argument("--torch-modes", nargs="*", default=["bf16", "bf16_compile"])
-  ap.add_argument("--compile-mode", default="default",
-                  help="torch.compile mode (sam2's own compile_image_encoder uses "
-                       "max-autotune, which compiles for many minutes)")
-  ap.add_argument("--max-fp32-batch", type=int, default=1,
-                  help="JAX fp32 (the bf16 error reference) only up to this batch")
-  ap.add_argument("--skip-torch", action="store_true")
-  ap.add_argument("--skip-jax", action="store_true")
-  ap.add_argument("--cpu", action="store_true", help="smoke test on CPU")
-  args = ap.parse_args()
+def _define(fv):
+  from absl import flags
+  return {
+      "out": flags.DEFINE_string("out", None, "JSON path", flag_values=fv),
+      "variant": flags.DEFINE_string("variant", "hiera_l", "SAM 2 preset", flag_values=fv),
+      "batches": define_number_list(fv, "batches", [1, 8], "batch sizes", min_length=1),
+      "iters": flags.DEFINE_integer("iters", 10, "timed calls per measurement", flag_values=fv),
+      "jax_modes": flags.DEFINE_list("jax_modes", ["fp32", "bf16-cudnn", "bf16-xla"],
+                                     "JAX modes: fp32 | bf16-<attn_impl>", flag_values=fv),
+      "torch_modes": flags.DEFINE_list("torch_modes", ["bf16", "bf16_compile"],
+                                       "PyTorch modes: fp32 | bf16 | bf16_compile",
+                                       flag_values=fv),
+      "compile_mode": flags.DEFINE_string(
+          "compile_mode", "default", "torch.compile mode (sam2's own compile_image_encoder "
+          "uses max-autotune, which compiles for many minutes)", flag_values=fv),
+      "max_fp32_batch": flags.DEFINE_integer(
+          "max_fp32_batch", 1, "JAX fp32 (the bf16 error reference) only up to this batch",
+          flag_values=fv),
+      "skip_torch": flags.DEFINE_bool("skip_torch", False, "JAX only", flag_values=fv),
+      "skip_jax": flags.DEFINE_bool("skip_jax", False, "PyTorch only", flag_values=fv),
+      "cpu": flags.DEFINE_bool("cpu", False, "smoke test on CPU", flag_values=fv),
+  }
+
+
+def _run(f, _):
+  args = flag_namespace(f)
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if args.cpu:
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -197,7 +210,13 @@ def main():
   print("\n| run | batch | ms/image |\n|---|---|---|")
   for v in rows:
     print(f"| {v['framework']} {v['mode']} | {v['batch']} | {v['ms_per_image']:.2f} |")
+  return 0
+
+
+def main(argv=None) -> int:
+  return run_cli(_define, _run, argv, prog="benchmarks/sam2_encoder.py", doc=__doc__,
+                 required=("out",))
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,6 +1,8 @@
 """SAM 2.1 hiera_l parity of the Flax port with Meta's `sam2` 1.1.0, on the GPU, random weights.
 
   python benchmarks/sam2_parity.py --out benchmarks/results/sam2_parity_hiera_l.json
+  # CPU smoke run:
+  python benchmarks/sam2_parity.py --variant tiny --cpu --out /tmp/sam2_parity_tiny_cpu.json
 
 Builds Meta's model with every parameter random (tests/sam2_reference.py), saves it as a real
 .pt, converts it with tools/convert_sam2_weights.py, and compares (max |jax - torch| /
@@ -9,10 +11,10 @@ image embedding; sparse / dense prompt embeddings and low-res masks / IoU / obje
 for point, box, mask and combined prompts, multimask on and off (decoder fed the same
 features on both sides); and `Sam2ImagePredictor` against `SAM2ImagePredictor` end to end
 from a uint8 image. Both sides float32: PyTorch with TF32 off, JAX at
-`default_matmul_precision("highest")`. `--variant tiny --cpu` is a smoke test.
+`default_matmul_precision("highest")`. `--variant tiny --cpu` is a smoke test. absl flags
+(``--help``).
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -22,17 +24,24 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import environment, flag_namespace, write_json  # noqa: E402
+from fusionsam_jax.cli_common import run_cli  # noqa: E402
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--variant", default="hiera_l")
-  ap.add_argument("--out", required=True, help="JSON path")
-  ap.add_argument("--workdir", default=None)
-  ap.add_argument("--cpu", action="store_true")
-  args = ap.parse_args()
+def _define(fv):
+  from absl import flags
+  return {
+      "variant": flags.DEFINE_string("variant", "hiera_l", "SAM 2 preset", flag_values=fv),
+      "out": flags.DEFINE_string("out", None, "JSON path", flag_values=fv),
+      "workdir": flags.DEFINE_string("workdir", None, "where the .pt and the converted "
+                                     "checkpoint go (unset: a new temporary folder)",
+                                     flag_values=fv),
+      "cpu": flags.DEFINE_bool("cpu", False, "run both sides on CPU", flag_values=fv),
+  }
+
+
+def _run(f, _):
+  args = flag_namespace(f)
   if args.cpu:
     os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -173,7 +182,13 @@ def main():
   save()
   print(f"max rel err {out['max_rel_err']:.2e} ({out['worst']}); "
         f"{'PASS' if out['pass'] else 'FAIL'} at {out['tolerance']}", flush=True)
+  return 0
+
+
+def main(argv=None) -> int:
+  return run_cli(_define, _run, argv, prog="benchmarks/sam2_parity.py", doc=__doc__,
+                 required=("out",))
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

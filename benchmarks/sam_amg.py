@@ -1,7 +1,10 @@
-"""Automatic mask generation speed: our `SamAutomaticMaskGenerator` vs the official one,
+r"""Automatic mask generation speed: our `SamAutomaticMaskGenerator` vs the official one,
 same weights, same image, same run.
 
   python benchmarks/sam_amg.py --out benchmarks/results/sam_amg_h100.json
+  # CPU smoke run:
+  python benchmarks/sam_amg.py --variant tiny --image_size 128 --points_per_side 4 \
+      --repeats 1 --torchvision_standin --out /tmp/sam_amg_cpu.json
 
 Default: vit_h with random weights, one 1024 x 1024 image, a 32 x 32 point grid,
 points_per_batch 64, float32 at the highest matmul precision for both. Times
@@ -11,12 +14,12 @@ first_call_s). Two scenarios: the official default thresholds, and "keep_all" (n
 stability filter, so every one of the 3 x 1024 masks reaches NMS and encoding). Also records
 how closely the two outputs agree (mask count, boxes).
 
---torchvision-standin replaces torchvision's batched_nms with a pure-torch one, for hosts
+--torchvision_standin replaces torchvision's batched_nms with a pure-torch one, for hosts
 where torchvision does not import (the JSON says which was used). --variant tiny with a
-small --image-size and --points-per-side checks the script on CPU.
+small --image_size and --points_per_side checks the script on CPU. absl flags (``--help``);
+``--scenarios`` is comma-separated.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -25,7 +28,8 @@ import types
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import environment, flag_namespace, write_json  # noqa: E402
+from fusionsam_jax.cli_common import run_cli  # noqa: E402
 
 
 def _standin_torchvision():
@@ -130,21 +134,32 @@ def _agreement(ours, theirs):
           "same_boxes": same, "boxes_equal": boxes_o == boxes_t}
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", required=True, help="JSON output path")
-  ap.add_argument("--variant", default="vit_h", help="vit_h | vit_l | vit_b | tiny")
-  ap.add_argument("--image-size", type=int, default=1024)
-  ap.add_argument("--points-per-side", type=int, default=32)
-  ap.add_argument("--points-per-batch", type=int, default=64)
-  ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--scenarios", default="default,keep_all")
-  ap.add_argument("--skip-official", action="store_true")
-  ap.add_argument("--torchvision-standin", action="store_true",
-                  help="pure-torch batched_nms for hosts where torchvision does not import")
-  args = ap.parse_args(argv)
+def _define(fv):
+  from absl import flags
+  return {
+      "out": flags.DEFINE_string("out", None, "JSON output path", flag_values=fv),
+      "variant": flags.DEFINE_string("variant", "vit_h", "vit_h | vit_l | vit_b | tiny",
+                                     flag_values=fv),
+      "image_size": flags.DEFINE_integer("image_size", 1024, "side of the square test image",
+                                         flag_values=fv),
+      "points_per_side": flags.DEFINE_integer("points_per_side", 32, "point grid side",
+                                              flag_values=fv),
+      "points_per_batch": flags.DEFINE_integer("points_per_batch", 64, "points per decoder "
+                                               "call", flag_values=fv),
+      "repeats": flags.DEFINE_integer("repeats", 3, "timed runs after the warm-up run",
+                                      flag_values=fv),
+      "scenarios": flags.DEFINE_list("scenarios", ["default", "keep_all"],
+                                     "default | keep_all", flag_values=fv),
+      "skip_official": flags.DEFINE_bool("skip_official", False, "time ours only",
+                                         flag_values=fv),
+      "torchvision_standin": flags.DEFINE_bool(
+          "torchvision_standin", False,
+          "pure-torch batched_nms for hosts where torchvision does not import", flag_values=fv),
+  }
 
+
+def _run(f, _) -> int:
+  args = flag_namespace(f)
   import jax
   from fusionsam_jax.models.sam.amg import SamAutomaticMaskGenerator
   from fusionsam_jax.models.sam.predictor import LoadedSam
@@ -164,7 +179,7 @@ def main(argv=None) -> int:
   except Exception as e:  # torch, torchvision or segment_anything missing / broken
     print(f"error: the official generator does not import ({type(e).__name__}: {e}); "
           "install segment-anything==1.0 with torch + torchvision, or pass "
-          "--torchvision-standin", file=sys.stderr)
+          "--torchvision_standin", file=sys.stderr)
     return 1
 
   cfg = SAM_PRESETS[args.variant]
@@ -192,13 +207,14 @@ def main(argv=None) -> int:
                        "weights": "random (official init; rel-pos / pos_embed 0.02 randn)",
                        "precision": "float32, jax matmul precision highest; torch fp32"},
             "results": {}}
-  for name in args.scenarios.split(","):
+  for name in args.scenarios:
     if name not in scenarios:
       print(f"error: --scenarios: unknown {name!r} (default, keep_all)", file=sys.stderr)
       return 1
     kw = dict(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
               output_mode="binary_mask", **scenarios[name])
     entry = {"generator_kwargs": kw}
+    print(f"{name}: timing ours ...", flush=True)
     with jax.default_matmul_precision("highest"):
       gen = SamAutomaticMaskGenerator(sam, **kw)
       ours, entry["ours"] = _timed(lambda: gen.generate(image), args.repeats)
@@ -213,11 +229,13 @@ def main(argv=None) -> int:
           torch.cuda.synchronize()
         return out
 
+      print(f"{name}: timing official ...", flush=True)
       theirs, entry["official"] = _timed(run_official, args.repeats)
       entry["official"]["n_masks"] = len(theirs)
       entry["speedup"] = entry["official"]["median_s"] / entry["ours"]["median_s"]
       entry["agreement"] = _agreement(ours, theirs)
     result["results"][name] = entry
+    write_json(args.out, result)  # after each scenario: a run cut short keeps what it measured
     print(f"{name}: ours {entry['ours']['median_s']:.3f} s"
           + (f", official {entry['official']['median_s']:.3f} s, "
              f"{entry['ours']['n_masks']} / {entry['official']['n_masks']} masks"
@@ -225,6 +243,11 @@ def main(argv=None) -> int:
   write_json(args.out, result)
   print(f"wrote {args.out}")
   return 0
+
+
+def main(argv=None) -> int:
+  return run_cli(_define, _run, argv, prog="benchmarks/sam_amg.py", doc=__doc__,
+                 required=("out",))
 
 
 if __name__ == "__main__":

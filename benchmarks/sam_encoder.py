@@ -1,14 +1,20 @@
-"""SAM ViT image encoder speed: the JAX port vs the official PyTorch encoder, same run.
+r"""SAM ViT image encoder speed: the JAX port vs the official PyTorch encoder, same run.
 
   python benchmarks/sam_encoder.py --out benchmarks/results/sam_encoder_h100.json
+  python benchmarks/sam_encoder.py --skip_torch --batches=1,8 --max_fp32_batch=1 \
+      --jax_modes=fp32,bf16-cudnn --out benchmarks/results/sam_encoder_h100_jax.json
+  # CPU smoke run (JAX only; the PyTorch encoder runs on CUDA):
+  python benchmarks/sam_encoder.py --variant tiny --skip_torch --batches=1 --iters 1 \
+      --jax_modes=fp32,bf16-xla --out /tmp/sam_encoder_cpu.json
 
 Times the vit_h encoder at 1024x1024 (random weights), median ms/image over repeated
 batches, for JAX fp32 (highest precision) and bf16 (fused attention), and PyTorch fp32,
 bf16 autocast and bf16 autocast + torch.compile. TFLOP/s uses 5.96 TFLOP per image.
 Also reports the JAX bf16 embedding's error against JAX fp32 on the same weights/input.
+absl flags (``--help``); lists are comma-separated (``--jax_modes=fp32,bf16-cudnn``, an empty
+value runs none: ``--torch_modes=``).
 """
 
-import argparse
 import functools
 import gc
 import os
@@ -18,7 +24,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import (define_number_list, environment, flag_namespace,  # noqa: E402
+                               write_json)
+from fusionsam_jax.cli_common import run_cli  # noqa: E402
 
 TFLOP_PER_IMAGE = 5.96
 
@@ -140,20 +148,31 @@ def bench_torch(args, results, save):
     torch.cuda.empty_cache()
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", default="benchmarks/results/sam_encoder.json")
-  ap.add_argument("--variant", default="vit_h")
-  ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
-  ap.add_argument("--iters", type=int, default=10)
-  ap.add_argument("--max-fp32-batch", type=int, default=8)
-  ap.add_argument("--jax-modes", nargs="*", default=["fp32", "bf16-cudnn", "bf16-cudnn_bias",
-                                                     "bf16-xla"])
-  ap.add_argument("--torch-modes", nargs="*", default=["fp32", "bf16", "bf16_compile"])
-  ap.add_argument("--compile-batches", type=int, nargs="*", default=[8])
-  ap.add_argument("--skip-torch", action="store_true")
-  args = ap.parse_args()
+def _define(fv):
+  from absl import flags
+  return {
+      "out": flags.DEFINE_string("out", "benchmarks/results/sam_encoder.json", "JSON path",
+                                 flag_values=fv),
+      "variant": flags.DEFINE_string("variant", "vit_h", "SAM preset of the JAX encoder "
+                                     "(the PyTorch one is always vit_h)", flag_values=fv),
+      "batches": define_number_list(fv, "batches", [1, 4, 8], "batch sizes", min_length=1),
+      "iters": flags.DEFINE_integer("iters", 10, "timed calls per measurement", flag_values=fv),
+      "max_fp32_batch": flags.DEFINE_integer("max_fp32_batch", 8, "fp32 runs only up to this "
+                                             "batch", flag_values=fv),
+      "jax_modes": flags.DEFINE_list("jax_modes", ["fp32", "bf16-cudnn", "bf16-cudnn_bias",
+                                                   "bf16-xla"],
+                                     "JAX modes: fp32 | bf16-<attn_impl>", flag_values=fv),
+      "torch_modes": flags.DEFINE_list("torch_modes", ["fp32", "bf16", "bf16_compile"],
+                                       "PyTorch modes: fp32 | bf16 | bf16_compile",
+                                       flag_values=fv),
+      "compile_batches": define_number_list(fv, "compile_batches", [8],
+                                            "batch sizes timed with torch.compile"),
+      "skip_torch": flags.DEFINE_bool("skip_torch", False, "JAX only", flag_values=fv),
+  }
+
+
+def _run(f, _):
+  args = flag_namespace(f)
   results = {"env": environment(), "tflop_per_image": TFLOP_PER_IMAGE, "variant": args.variant,
              "resolution": 1024, "weights": "random"}
   save = lambda: write_json(args.out, results)
@@ -170,7 +189,12 @@ def main():
   for k, v in rows:
     print(f"| {v['framework']} {v['mode']} | {v['batch']} | {v['ms_per_image']:.2f} | "
           f"{v['tflops']:.0f} |")
+  return 0
+
+
+def main(argv=None) -> int:
+  return run_cli(_define, _run, argv, prog="benchmarks/sam_encoder.py", doc=__doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

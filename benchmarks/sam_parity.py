@@ -1,14 +1,16 @@
 """vit_h parity of the Flax SAM with the official PyTorch SAM, on the GPU, random weights.
 
   python benchmarks/sam_parity.py --out benchmarks/results/sam_parity_vit_h.json
+  # CPU smoke run:
+  python benchmarks/sam_parity.py --variant tiny --out /tmp/sam_parity_tiny_cpu.json
 
 Builds the official vit_h with every parameter random, saves it as a real .pth, converts it
 with tools/convert_sam_weights.py, and compares image embeddings and low-res mask logits /
 IoU predictions for point, box, mask and combined prompts, multimask on and off. Both sides
-float32: PyTorch with TF32 off, JAX at `default_matmul_precision("highest")`.
+float32: PyTorch with TF32 off, JAX at `default_matmul_precision("highest")`. absl flags
+(``--help``).
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -18,15 +20,25 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import environment, flag_namespace, write_json  # noqa: E402
+from fusionsam_jax.cli_common import run_cli  # noqa: E402
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--variant", default="vit_h")
-  ap.add_argument("--out", default="benchmarks/results/sam_parity_vit_h.json")
-  ap.add_argument("--workdir", default=None)
-  args = ap.parse_args()
+def _define(fv):
+  from absl import flags
+  return {
+      "variant": flags.DEFINE_string("variant", "vit_h", "SAM preset: vit_h | vit_l | vit_b | "
+                                     "tiny", flag_values=fv),
+      "out": flags.DEFINE_string("out", "benchmarks/results/sam_parity_vit_h.json", "JSON path",
+                                 flag_values=fv),
+      "workdir": flags.DEFINE_string("workdir", None, "where the .pth and the converted "
+                                     "checkpoint go (unset: a new temporary folder)",
+                                     flag_values=fv),
+  }
+
+
+def _run(f, _):
+  args = flag_namespace(f)
   import jax
   import jax.numpy as jnp
   import torch
@@ -62,8 +74,9 @@ def main():
   out["image_embeddings"] = ref.rel_err(emb, t_emb)
   coords = rng.uniform(0, s, (1, 3, 2)).astype(np.float32)
   labels = np.array([[1, 0, 1]], np.int32)
-  boxes = np.array([[100.0, 200.0, 700.0, 900.0]], np.float32)
-  masks = rng.normal(0, 5, (1, 1, 256, 256)).astype(np.float32)
+  boxes = np.array([[100.0, 200.0, 700.0, 900.0]], np.float32) * (s / 1024)  # vit_h's at 1024
+  m = 4 * (s // cfg.patch_size)  # the mask prompt's side: 4 x the embedding's (256 for vit_h)
+  masks = rng.normal(0, 5, (1, 1, m, m)).astype(np.float32)
   cases = {"points": dict(p=True), "box": dict(b=True), "mask": dict(m=True),
            "points+box+mask": dict(p=True, b=True, m=True)}
   T = lambda a: torch.from_numpy(a).to(dev)
@@ -92,7 +105,12 @@ def main():
   for k, v in out.items():
     if k != "env":
       print(k, v)
+  return 0
+
+
+def main(argv=None) -> int:
+  return run_cli(_define, _run, argv, prog="benchmarks/sam_parity.py", doc=__doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

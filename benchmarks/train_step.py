@@ -6,6 +6,11 @@ r"""Step time of the training stages, timed on exactly what `fusionsam_jax.train
     # CPU smoke run:
     python benchmarks/train_step.py --config configs/demo.py:tiny --workdir /tmp/bench \
         --steps 3 --out /tmp/train_step_cpu.json
+    # SAM ViT-H against a SAM 2 Hiera-L backbone (model.backbone), same stages, one JSON:
+    python benchmarks/train_step.py --config configs/mfnet.py:generated --workdir /tmp/bench \
+        --config.model.sam_checkpoint=ckpt/sam_vit_h \
+        --config.model.sam2_checkpoint=ckpt/sam2.1_hiera_l --stages segmentation \
+        --backbones sam,sam2_hiera_l --out benchmarks/results/train_step_sam2_h100.json
 
 For each stage (in its own subprocess, so peak device memory is per stage) it builds the
 stage with `experiment.build_stage` -- the same `Stage` the train CLI runs: its trainable
@@ -14,7 +19,9 @@ cache for the staged segmentation stage) behind the loop's `DevicePrefetch` -- a
 ``--steps`` steps dispatched back to back with one wait at the end (as the loop, which
 fetches metrics only at log steps): ``ms_per_step`` is the median of 3 such runs.
 ``first_call_s``: the first step (compilation included). ``data_wait_ms``: time per step
-the host waited for the next batch. ``peak_bytes``: the device's peak memory.
+the host waited for the next batch. ``peak_bytes``: the device's peak memory. With
+``--backbones`` every stage runs once per ``model.backbone`` (workdir WORKDIR/<backbone>),
+keyed ``<stage>@<backbone>``.
 """
 
 from __future__ import annotations
@@ -37,7 +44,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "scratch workdir (embedding cach
 _STAGES = flags.DEFINE_list("stages", ["tokenizer", "fusion", "segmentation"], "stages")
 _STEPS = flags.DEFINE_integer("steps", 20, "steps per timed run")
 _OUT = flags.DEFINE_string("out", None, "JSON output")
+_BACKBONES = flags.DEFINE_list("backbones", [], "model.backbone values to time, e.g. "
+                               "sam,sam2_hiera_l (default: the config's)")
 _ONE = flags.DEFINE_string("one", None, "internal: time this stage, print JSON")
+_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX persistent compilation cache "
+                             "(as the train CLI's flag; the CLI's default location: "
+                             "--compilation_cache=default); unset: off")
 
 
 def time_stage(config, workdir: str, name: str, steps: int) -> dict:
@@ -93,15 +105,27 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if _ONE.value:
+    from fusionsam_jax.cli_common import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
+    enable_compilation_cache(DEFAULT_COMPILATION_CACHE if _CACHE.value == "default"
+                             else _CACHE.value)
     print("RESULT " + json.dumps(time_stage(config, _WORKDIR.value, _ONE.value, _STEPS.value)),
           flush=True)
     return 0
   results = {}
-  passthrough = [a for a in sys.argv[1:] if not a.startswith(("--out", "--stages"))]
-  for name in _STAGES.value:
+  passthrough = [a for a in sys.argv[1:]
+                 if not a.startswith(("--out", "--stages", "--backbones", "--workdir"))]
+  runs = [(name, None) for name in _STAGES.value]
+  if _BACKBONES.value:
+    runs = [(name, b) for b in _BACKBONES.value for name in _STAGES.value]
+  for name, backbone in runs:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, f"--one={name}"],
-                       capture_output=True, text=True)
+    extra = [f"--workdir={_WORKDIR.value}"]
+    if backbone is not None:
+      extra = [f"--workdir={os.path.join(_WORKDIR.value, backbone)}",
+               f"--config.model.backbone={backbone}"]
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, *extra,
+                        f"--one={name}"], capture_output=True, text=True)
+    name = name if backbone is None else f"{name}@{backbone}"
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     results[name] = (json.loads(line[-1][7:]) if r.returncode == 0 and line else
                      {"error": (r.stderr or r.stdout)[-3000:], "returncode": r.returncode})

@@ -45,6 +45,7 @@ def get_config(arg=None):
   m.allow_random_sam = True
   m.encoder_dtype = "float32"
   m.fusion_dtype = "float32"
+  m.train_dtype = "float32"
   m.attn_impl = "xla"
   m.num_points = 4
   # Staged segmentation (the official code's way: fusion path frozen, cached embeddings):

@@ -1,7 +1,7 @@
 r"""FusionSAM on FMB (RGB + thermal, 15 classes, 600 x 800), paper settings.
 
-    python -m fusionsam_jax.data.prepare --dataset fmb --manual-dir PATH/TO/FMB \
-        --data-dir data_cache
+    python -m fusionsam_jax.data.prepare --dataset fmb --manual_dir PATH/TO/FMB \
+        --data_dir data_cache
     python tools/convert_sam_weights.py --checkpoint sam_vit_h_4b8939.pth --output ckpt/sam_vit_h
     python -m fusionsam_jax.train --config configs/fmb.py --workdir runs/fmb
     python -m fusionsam_jax.evaluate --config configs/fmb.py --workdir runs/fmb

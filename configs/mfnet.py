@@ -2,8 +2,8 @@ r"""FusionSAM on MFNet (RGB + thermal, 9 classes, 480 x 640), paper settings.
 
 Prepare the data and the SAM weights once, then train (all stages, resumable), evaluate:
 
-    python -m fusionsam_jax.data.prepare --dataset mfnet --manual-dir PATH/TO/MFNet \
-        --data-dir data_cache
+    python -m fusionsam_jax.data.prepare --dataset mfnet --manual_dir PATH/TO/MFNet \
+        --data_dir data_cache
     python tools/convert_sam_weights.py --checkpoint sam_vit_h_4b8939.pth --output ckpt/sam_vit_h
     python -m fusionsam_jax.train --config configs/mfnet.py --workdir runs/mfnet
     python -m fusionsam_jax.evaluate --config configs/mfnet.py --workdir runs/mfnet

@@ -1,7 +1,7 @@
 r"""FusionSAM on VDT-2048 (visible + depth + thermal salient-object detection, 480 x 640).
 
-    python -m fusionsam_jax.data.prepare --dataset vdt --manual-dir PATH/TO/VDT-2048 \
-        --data-dir data_cache
+    python -m fusionsam_jax.data.prepare --dataset vdt --manual_dir PATH/TO/VDT-2048 \
+        --data_dir data_cache
     python tools/convert_sam_weights.py --checkpoint sam_vit_h_4b8939.pth --output ckpt/sam_vit_h
     python -m fusionsam_jax.train --config configs/vdt.py --workdir runs/vdt
     python -m fusionsam_jax.evaluate --config configs/vdt.py --workdir runs/vdt

@@ -1,6 +1,8 @@
-r"""Fig. 7a baseline: SAM zero-shot on the fused image and on the RGB image, ORACLE prompts.
+r"""Fig. 7a baseline: SAM and SAM 2 zero-shot on the fused image and on the RGB image, ORACLE
+prompts.
 
-    python -m fusionsam_jax.baseline --workdir runs/mfnet [--split test]
+    python -m fusionsam_jax.baseline --workdir runs/mfnet [--split test] \
+        [--sam2_checkpoint ckpt/sam2.1_hiera_l]
 
 Restores the run's segmentation checkpoint (``--checkpoint best``), computes the fused image
 of every image of the split with the trained (frozen) fusion path, prompts the run's SAM
@@ -8,10 +10,15 @@ of every image of the split with the trained (frozen) fusion path, prompts the r
 ground-truth class with its box and centre point (ORACLE prompts: SAM is told where every
 object is, FusionSAM never is), paints the masks into a class map and scores it with the same
 mIoU code as ``fusionsam_jax.evaluate``. Protocol: `fusionsam_jax.evaluators.sam_zero_shot`.
+With SAM 2 weights (``--sam2_checkpoint DIR`` converted with tools/convert_sam2_weights.py,
+default ``model.sam2_checkpoint``) SAM 2 (`Sam2ImagePredictor`) gets the same prompts and the
+same scoring: its rows print beside SAM's and fill the JSON's ``sam2`` slot. SAM's rows
+need SAM weights; with only SAM 2 weights SAM is skipped (said in the output).
 Prints the table beside FusionSAM's own row (from ``WORKDIR/eval_<split>_best.json`` when
-that exists) and writes ``WORKDIR/baseline_<split>.json`` (with an empty slot for SAM 2).
+that exists) and writes ``WORKDIR/baseline_<split>.json``.
 
-Exit status: 0 done; 1 no checkpoint / missing data / no SAM weights / bad arguments.
+Exit status: 0 done; 1 no checkpoint / missing data / no SAM or SAM 2 weights / bad
+arguments.
 """
 
 from __future__ import annotations
@@ -21,12 +28,12 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 
 def run(workdir: str, split: str | None = None, checkpoint: str = "best",
         prompt: str = "box+point", min_area: int = 1, sam_checkpoint: str | None = None,
-        out: str | None = None) -> dict:
+        out: str | None = None, sam2_checkpoint: str | None = None) -> dict:
   """Runs the baseline; returns the JSON record (also written to `out`). Raises on errors."""
   from fusionsam_jax import experiment
   from fusionsam_jax.data.info import get_info
@@ -34,23 +41,26 @@ def run(workdir: str, split: str | None = None, checkpoint: str = "best",
   from fusionsam_jax.evaluators import sam_zero_shot as Z
   from fusionsam_jax.metrics.miou import format_iou_table, write_json_atomic
   from fusionsam_jax.models.sam.predictor import SamPredictor
+  from fusionsam_jax.sam2_predictor import Sam2ImagePredictor
 
   from fusionsam_jax import workdir as W
   config = W.load_config(workdir)
   split = split or config.eval.split
   ckpt = sam_checkpoint or config.model.get("sam_checkpoint")
-  if not ckpt:
+  ckpt2 = sam2_checkpoint or config.model.get("sam2_checkpoint")
+  if not ckpt and not ckpt2:
     raise experiment.SetupError(
         "the run has no SAM weights (model.sam_checkpoint unset: a random SAM); SAM "
         "zero-shot needs the official weights: pass --sam_checkpoint DIR (converted with "
-        "tools/convert_sam_weights.py)")
-  if not os.path.isdir(ckpt):
-    raise SamWeightsMissingError(f"SAM checkpoint {ckpt} does not exist")
+        "tools/convert_sam_weights.py) and / or --sam2_checkpoint DIR (converted with "
+        "tools/convert_sam2_weights.py)")
+  for what, path in (("SAM", ckpt), ("SAM 2", ckpt2)):
+    if path and not os.path.isdir(path):
+      raise SamWeightsMissingError(f"{what} checkpoint {path} does not exist")
   if config.model.task != "semantic":
     raise ValueError(f"the baseline scores semantic segmentation; this run is "
                      f"{config.model.task!r}")
   names = list(get_info(config.dataset).class_names)
-  predictor = SamPredictor.from_checkpoint(ckpt)
   keys = ("fused", "rgb") if "rgb" in config.model.modalities else ("fused",)
   t0 = time.perf_counter()
   from fusionsam_jax.data.spec import eval_iterable
@@ -59,8 +69,13 @@ def run(workdir: str, split: str | None = None, checkpoint: str = "best",
                                            experiment.parse_checkpoint_arg(checkpoint), ctx=ctx)
   examples = list(Z.fused_examples(config, ctx.model, params,
                                    eval_iterable(config, ctx.spec.source(split))))
-  cms = Z.evaluate(predictor, examples, len(names), image_keys=keys, prompt=prompt,
-                   min_area=min_area)
+  cms = cms2 = None
+  if ckpt:
+    cms = Z.evaluate(SamPredictor.from_checkpoint(ckpt), examples, len(names),
+                     image_keys=keys, prompt=prompt, min_area=min_area)
+  if ckpt2:
+    cms2 = Z.evaluate(Sam2ImagePredictor.from_checkpoint(ckpt2), examples, len(names),
+                      image_keys=keys, prompt=prompt, min_area=min_area)
   own = os.path.join(workdir, f"eval_{split}_best.json")
   fusionsam = None
   if os.path.isfile(own):
@@ -70,33 +85,45 @@ def run(workdir: str, split: str | None = None, checkpoint: str = "best",
                      fusionsam=None if fusionsam is None else
                      {"iou": fusionsam.get("iou"), "miou": fusionsam.get("miou"),
                       "source": own},
-                     extra={"sam_checkpoint": ckpt, "min_area": min_area,
-                            "seconds": time.perf_counter() - t0})
-  rows = {f"SAM zero-shot ({k}, oracle)": cm.iou() for k, cm in cms.items()}
+                     sam2_cms=cms2,
+                     extra={"sam_checkpoint": ckpt, "sam2_checkpoint": ckpt2,
+                            "min_area": min_area, "seconds": time.perf_counter() - t0})
+  rows = {}
+  for name, c in (("SAM", cms), ("SAM 2", cms2)):
+    rows.update({f"{name} zero-shot ({k}, oracle)": cm.iou() for k, cm in (c or {}).items()})
   if fusionsam is not None:
     import numpy as np
     rows["FusionSAM"] = np.asarray([np.nan if fusionsam["iou"].get(n) is None
                                     else fusionsam["iou"][n] for n in names])
   print(f"{Z.ORACLE_NOTE}; prompt {prompt}; {split}: {len(examples)} images")
   print(format_iou_table(rows, names))
-  print("SAM 2: not run (separate issue)")
+  if cms is None:
+    print("SAM: not run (no SAM weights: pass --sam_checkpoint)")
+  if cms2 is None:
+    print("SAM 2: not run (no SAM 2 weights: pass --sam2_checkpoint)")
   out = out or os.path.join(workdir, f"baseline_{split}.json")
   write_json_atomic(record, out)
   print(f"wrote {out}")
   return record
 
 
-def define_flags() -> dict:
+def define_flags(fv=None) -> dict:
+  """The flags, on `fv` (absl FlagValues; None: the global ones)."""
+  d = {} if fv is None else dict(flag_values=fv)
   return {
-      "workdir": flags.DEFINE_string("workdir", None, "training run folder"),
-      "split": flags.DEFINE_string("split", None, "split (default config.eval.split)"),
-      "checkpoint": flags.DEFINE_string("checkpoint", "best", "best | latest | STEP"),
+      "workdir": flags.DEFINE_string("workdir", None, "training run folder", **d),
+      "split": flags.DEFINE_string("split", None, "split (default config.eval.split)", **d),
+      "checkpoint": flags.DEFINE_string("checkpoint", "best", "best | latest | STEP", **d),
       "prompt": flags.DEFINE_enum("prompt", "box+point", ["box+point", "box", "point"],
-                                  "ORACLE prompt per ground-truth component"),
-      "min_area": flags.DEFINE_integer("min_area", 1, "smallest component prompted (px)"),
+                                  "ORACLE prompt per ground-truth component", **d),
+      "min_area": flags.DEFINE_integer("min_area", 1, "smallest component prompted (px)", **d),
       "sam_checkpoint": flags.DEFINE_string("sam_checkpoint", None,
-                                            "converted SAM (default model.sam_checkpoint)"),
-      "out": flags.DEFINE_string("out", None, "JSON path (default WORKDIR/baseline_SPLIT.json)"),
+                                            "converted SAM (default model.sam_checkpoint)", **d),
+      "sam2_checkpoint": flags.DEFINE_string(
+          "sam2_checkpoint", None, "converted SAM 2 (tools/convert_sam2_weights.py; default "
+          "model.sam2_checkpoint): adds the SAM 2 rows", **d),
+      "out": flags.DEFINE_string("out", None, "JSON path (default WORKDIR/baseline_SPLIT.json)",
+                                 **d),
   }
 
 
@@ -114,7 +141,8 @@ def main(argv, f) -> int:
   quiet_logs()
   try:
     run(f["workdir"].value, f["split"].value, f["checkpoint"].value, f["prompt"].value,
-        f["min_area"].value, f["sam_checkpoint"].value, f["out"].value)
+        f["min_area"].value, f["sam_checkpoint"].value, f["out"].value,
+        f["sam2_checkpoint"].value)
   except (experiment.SetupError, DatasetError, FileNotFoundError, ValueError,
           T.CheckpointRestoreError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -123,5 +151,6 @@ def main(argv, f) -> int:
 
 
 if __name__ == "__main__":
-  _FLAGS = define_flags()
-  app.run(lambda argv: sys.exit(main(argv, _FLAGS)))
+  from fusionsam_jax.cli_common import run_cli
+  sys.exit(run_cli(define_flags, lambda f, rest: main(["baseline"] + rest, f),
+                   prog="python -m fusionsam_jax.baseline", doc=__doc__, positional=True))

@@ -22,6 +22,10 @@ DEFAULT_COMPILATION_CACHE = os.path.join(
     "fusionsam_jax", "jax_compilation_cache")
 
 
+#: Size limit of that cache (least recently used entries go first).
+COMPILATION_CACHE_MAX_BYTES = 16 << 30
+
+
 def enable_compilation_cache(path: str | None) -> None:
   """JAX's persistent compilation cache at `path` (None / "": off), so that a second run of
   a config loads its compiled steps instead of compiling them again. ``JAX_COMPILATION_CACHE_DIR``
@@ -31,3 +35,209 @@ def enable_compilation_cache(path: str | None) -> None:
     return
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  # A size limit turns on least-recently-used eviction and, with it, the cache's file lock:
+  # concurrent runs sharing the default location would otherwise race on an entry's write.
+  if jax.config.jax_compilation_cache_max_size in (None, -1):
+    backfill_cache_atimes(path)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+
+
+def backfill_cache_atimes(path: str) -> None:
+  """Gives every entry of the compilation cache at `path` the access-time file that JAX's
+  eviction reads for all entries on every write: entries written without a size limit (by
+  an earlier version, or another tool) have none, and every later write would then fail."""
+  import time
+  d = os.path.abspath(os.path.expanduser(path))
+  try:
+    names = set(os.listdir(d))
+  except OSError:
+    return
+  stamp = time.time_ns().to_bytes(8, "little")
+  for n in names:
+    if n.endswith("-cache") and n[:-len("-cache")] + "-atime" not in names:
+      try:
+        with open(os.path.join(d, n[:-len("-cache")] + "-atime"), "wb") as f:
+          f.write(stamp)
+      except OSError:
+        pass
+
+
+class UsageError(Exception):
+  """A bad command line: printed as one line, exit status `EXIT_USAGE`."""
+
+
+_HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
+
+
+def _underscored(argv: list[str], fv) -> list[str]:
+  """The old argparse spellings, ``--manual-dir X`` / ``--no-progress``, as the absl ones,
+  ``--manual_dir X`` / ``--noprogress``: a hyphenated name is rewritten only where the
+  underscored one is a defined flag (so nothing else changes meaning)."""
+  from absl import flags
+  out = []
+  for i, a in enumerate(argv):
+    if a == "--":
+      return out + argv[i:]
+    if a.startswith("--") and "-" in a[2:].split("=", 1)[0]:
+      name, eq, val = a[2:].partition("=")
+      under = name.replace("-", "_")
+      if under in fv:
+        a = f"--{under}{eq}{val}"
+      elif (under.startswith("no_") and under[3:] in fv
+            and isinstance(fv[under[3:]], flags.BooleanFlag)):
+        a = f"--no{under[3:]}{eq}{val}"
+    out.append(a)
+  return out
+
+
+def run_cli(define, body, argv=None, *, prog: str, doc: str | None = None,
+            required: tuple[str, ...] = (), positional: bool = False) -> int:
+  """Runs a command-line tool on absl flags: the one flags library of every CLI here.
+
+  `define(fv)` defines the tool's flags on `fv` (a private ``absl.flags.FlagValues``, so the
+  tools never clash with each other or with a caller's flags, and tests may call a tool's
+  ``main([...])`` in-process any number of times) and returns {name: FlagHolder};
+  `body(f, args)` runs the tool with those holders and the positional arguments (``[]`` unless
+  `positional`) and returns the exit status. `argv`: the arguments without the program name
+  (None: ``sys.argv[1:]``). A usage error (unknown flag, bad value, missing `required` flag,
+  unexpected positional argument, or `UsageError` raised by `body`) prints one line,
+  ``error: ...``, and returns `EXIT_USAGE` (2); ``--help`` prints `doc` and the flags, returns
+  0. absl accepts ``--flag=value`` and ``--flag value``, and booleans as ``--flag`` /
+  ``--noflag``; the old hyphenated spellings (``--manual-dir``, ``--no-progress``) are
+  rewritten to these."""
+  import sys
+  from absl import flags
+  argv = list(sys.argv[1:] if argv is None else argv)
+  fv = flags.FlagValues()
+  holders = define(fv)
+  if any(a in _HELP_ARGS for a in argv[:argv.index("--") if "--" in argv else len(argv)]):
+    print((doc or "").strip() + f"\n\nusage: {prog} [flags]\n", file=sys.stdout)
+    print(fv.get_help(include_special_flags=False))
+    return EXIT_OK
+  try:
+    try:
+      rest = fv([prog] + _underscored(argv, fv))[1:]
+    except flags.Error as e:
+      raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except Exception as e:  # noqa: BLE001 -- a config flag's loader / overrides raise anything
+      msg = str(e).splitlines()[0] if str(e) else ""
+      raise UsageError(f"bad command line ({type(e).__name__}: {msg})") from None
+    if rest and not positional:
+      raise UsageError(f"unexpected arguments: {' '.join(rest)}")
+    missing = [n for n in required if holders[n].value in (None, "", [])]
+    if missing:
+      raise UsageError(", ".join(f"--{n}" for n in missing) +
+                       (" is" if len(missing) == 1 else " are") + " required")
+    return body(holders, rest)
+  except UsageError as e:
+    print(f"error: {e} (see --help)", file=sys.stderr)
+    return EXIT_USAGE
+
+
+class captured_stderr:
+  """Context manager: Python-level stderr of the body -- the tracebacks and log lines that
+  Orbax / tensorstore writer threads print when a write fails -- goes to a buffer (`.text`),
+  so that a CLI prints its one-line error alone (and the buffer only with ``--verbose``)."""
+
+  def __enter__(self):
+    import io
+    import logging
+    import sys
+    self._saved = sys.stderr
+    self._buf = io.StringIO()
+    sys.stderr = self._buf
+    self._handlers = []
+    for h in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+      stream = getattr(h, "stream", None)
+      if stream is self._saved or stream is getattr(sys, "__stderr__", None):
+        self._handlers.append((h, stream))
+        h.stream = self._buf
+    return self
+
+  def __exit__(self, *exc):
+    import sys
+    sys.stderr = self._saved
+    for h, stream in self._handlers:
+      h.stream = stream
+    return False
+
+  @property
+  def text(self) -> str:
+    return self._buf.getvalue()
+
+
+def exit_now(rc: int) -> None:
+  """Ends a CLI process with `rc`; after a failure without running interpreter shutdown, where
+  library writer threads (Orbax, tensorstore) would still print tracebacks."""
+  import sys
+  if rc == 0:
+    sys.exit(0)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(rc)
+
+
+def one_line(e: BaseException) -> str:
+  """An exception as one line: its innermost non-empty message line (library messages are one
+  line already; ml_collections / absl wrap theirs in several)."""
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  if not lines:
+    return type(e).__name__
+  return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """absl's flag parsing (``app.run(..., flags_parser=parse_flags_or_exit)``) with every
+  failure as one line on stderr and exit status 2 (usage): a bad value, an unknown flag, a
+  config file that does not load, an unknown config variant or ``--config.KEY``."""
+  import sys
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 -- anything raised while parsing is a usage error
+    msg = one_line(e)
+    if isinstance(e, (AttributeError, KeyError)):
+      key = str(e).strip("'\" ")
+      given = [a.split("=")[0] for a in argv[1:]
+               if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+      if given:
+        msg = (f"{', '.join(given)}: unknown config key {key!r} (see the config file for "
+               "the keys it has)")
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def converter_flags(fv, what: str, variants: str) -> dict:
+  """The flags of a weight converter CLI (tools/convert_*_weights.py)."""
+  from absl import flags
+  return {
+      "checkpoint": flags.DEFINE_string("checkpoint", None, f"official {what} file",
+                                        flag_values=fv),
+      "output": flags.DEFINE_string("output", None, "output directory", flag_values=fv),
+      "model_type": flags.DEFINE_string("model_type", "auto", variants, flag_values=fv),
+      "overwrite": flags.DEFINE_bool("overwrite", False, "replace an existing output (only a "
+                                     "checkpoint folder this converter wrote)", flag_values=fv),
+      "verbose": flags.DEFINE_bool("verbose", False, "on an error, also print what the "
+                                   "libraries logged (tracebacks)", flag_values=fv),
+  }
+
+
+def run_converter(f, convert_file, error_type, preset_name) -> int:
+  """A converter CLI's body: `convert_file(checkpoint, output, model_type, overwrite) ->
+  (cfg, out)`; an `error_type` is one line (libraries' tracebacks only with --verbose)."""
+  import sys
+  ckpt = f["checkpoint"].value
+  error = None
+  with captured_stderr() as log:
+    try:
+      cfg, out = convert_file(ckpt, f["output"].value, f["model_type"].value,
+                              f["overwrite"].value)
+    except error_type as e:
+      error = e
+  if error is None or f["verbose"].value:
+    sys.stderr.write(log.text)   # warnings of a good run; tracebacks only with --verbose
+  if error is not None:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  print(f"converted {ckpt} ({preset_name(cfg) or 'custom'}) -> {out}")
+  return 0

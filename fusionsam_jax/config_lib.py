@@ -14,6 +14,8 @@ applied in order, e.g. ``configs/mfnet.py:tiny,rgb_only``. The variants every co
 * ``staged``: the official code's segmentation stage (fusion path frozen, f_s only, over
   cached SAM embeddings) instead of Eq. 1 jointly.
 * ``no_cache``: (staged) segmentation stage on augmented inputs without the embedding cache.
+* ``sam2``: FusionSAM on a SAM 2 backbone (``model.backbone="sam2_hiera_l"``, weights
+  ``model.sam2_checkpoint``); after ``tiny`` (``tiny,sam2``) the tiny random SAM 2.
 
 Paper settings (KDD '25, Sec. 4.1): Adam, lr 1e-4, weight decay 1e-3, batch 4, 100 epochs,
 SAM ViT-H. Each stage runs ``num_epochs`` passes over the prepared train split, turned into
@@ -64,11 +66,24 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.sam_checkpoint = config_dict.placeholder(str)
   m.sam_checkpoint = "ckpt/sam_vit_h"
   m.allow_random_sam = False
+  # "sam": SAM's ViT (sam_variant, sam_checkpoint). "sam2_hiera_l" (or sam2_hiera_t / _s /
+  # _b+, sam2_tiny): the fused image through SAM 2's Hiera trunk + FPN neck (frozen), the
+  # semantic decoder on SAM 2's mask decoder with its high-res skips; weights from
+  # sam2_checkpoint (tools/convert_sam2_weights.py). docs/design.md.
+  m.backbone = "sam"
+  m.sam2_checkpoint = config_dict.placeholder(str)
   m.encoder_dtype = "bfloat16"
   # The frozen fusion path (tokenizers, FMP, fused decoder) in the segmentation stage, the
-  # embedding cache and evaluation: bf16 like the encoder it feeds (the fusion stage itself
-  # trains in float32). "float32" for the exact path.
+  # embedding cache and evaluation: bf16 like the encoder it feeds (training computes in
+  # model.train_dtype). "float32" for the exact path.
   m.fusion_dtype = "bfloat16"
+  # Training compute of the tokenizers, discriminators, FMP and fused decoder (all stages):
+  # bf16 over float32 params and Adam state; codebook search, norm statistics, softmax and
+  # losses stay float32 (models/precision.py; the bf16-vs-float32 bounds per stage:
+  # tests/test_mixed_precision.py). Default float32 until an H100 run shows that bf16 pays
+  # (step time) and trains the same (loss curves): neither is measured yet
+  # (benchmarks/schedule_time.py, benchmarks/train_step.py --config.model.train_dtype=...).
+  m.train_dtype = "float32"
   m.attn_impl = "cudnn"
   m.num_points = 8
   # False: the segmentation stage optimises Eq. 1 (f_s + f_f) over everything but the SAM
@@ -122,7 +137,7 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
   """Paper defaults for a real dataset (prepared with ``python -m fusionsam_jax.data.prepare``)."""
   c = ml_collections.ConfigDict()
   c.dataset = dataset
-  c.data_dir = "data_cache"          # --data-dir of the prepare command
+  c.data_dir = "data_cache"          # --data_dir of the prepare command
   c.seed = 0
   c.model = model_config(modalities=modalities, num_classes=num_classes, task=task)
   t = c.train = ml_collections.ConfigDict()
@@ -130,7 +145,11 @@ def base_config(dataset: str, *, num_classes: int, task: str, modalities: tuple[
   t.crop_size = tuple(crop_size)
   t.scale_range = (0.5, 2.0)
   t.flip_prob = 0.5
-  t.worker_count = 2
+  # Input pipeline, sized to the host when None (data.spec.worker_count / device_prefetch):
+  # grain worker processes (0 on <= 2 cores, else half the cores up to 8) and batches kept
+  # on the devices ahead of the step.
+  t.worker_count = config_dict.placeholder(int)
+  t.device_prefetch = config_dict.placeholder(int)
   t.log_every = 50
   t.eval_every = config_dict.placeholder(int)   # steps; None: eval_every_epochs
   t.eval_every_epochs = 5.0
@@ -177,6 +196,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.perceptual_sam_blocks = 1        # the tiny SAM has one windowed block before a global one
   m.encoder_dtype = "float32"
   m.fusion_dtype = "float32"
+  m.train_dtype = "float32"
   m.attn_impl = "xla"
   m.num_points = 4
   t = c.train
@@ -241,6 +261,15 @@ def _staged(c):
   c.model.freeze_fmp_in_segmentation = True
 
 
+def _sam2(c):
+  """FusionSAM on SAM 2 Hiera-L; after ``tiny`` the tiny random SAM 2 (same code paths)."""
+  m = c.model
+  if m.sam_variant == "tiny":
+    m.backbone, m.sam2_checkpoint = "sam2_tiny", None
+  else:
+    m.backbone, m.sam2_checkpoint = "sam2_hiera_l", "ckpt/sam2.1_hiera_l"
+
+
 VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "tiny": _tiny,
     "generated": _generated,
@@ -251,6 +280,7 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "depth_only": _modality_only("depth"),
     "no_cache": _no_cache,
     "staged": _staged,
+    "sam2": _sam2,
 }
 
 

@@ -19,3 +19,7 @@ class SamWeightsChangedError(SetupError):
 
 class NoCheckpointError(SetupError, FileNotFoundError):
   """The workdir has no usable checkpoint for what was asked."""
+
+
+class WorkdirError(SetupError):
+  """The workdir cannot be used: a file, not writable (a usage error: exit status 2)."""

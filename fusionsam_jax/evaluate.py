@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from fusionsam_jax.cli_common import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
@@ -101,36 +101,39 @@ def emit_extras(config, workdir: str, summary: dict, which, *, markdown: bool,
     print(f"wrote {paths['report']}", flush=True)
 
 
-def define_flags() -> dict:
-  """Defined only when run as a program (importing next to train.py must not clash)."""
+def define_flags(fv=None) -> dict:
+  """The flags, on `fv` (absl FlagValues; None: the global ones: defined only when run as a
+  program, importing next to train.py must not clash)."""
+  d = {} if fv is None else dict(flag_values=fv)
   return {
       "config": config_flags.DEFINE_config_file(
-          "config", None, "experiment config (default: the one stored in --workdir)"),
-      "workdir": flags.DEFINE_string("workdir", None, "training run folder"),
-      "checkpoint": flags.DEFINE_string("checkpoint", "best", "best | latest | STEP"),
+          "config", None, "experiment config (default: the one stored in --workdir)", **d),
+      "workdir": flags.DEFINE_string("workdir", None, "training run folder", **d),
+      "checkpoint": flags.DEFINE_string("checkpoint", "best", "best | latest | STEP", **d),
       "split": flags.DEFINE_string("split", None, "split(s) to evaluate, comma-separated, "
                                    "e.g. test,test_day,test_night (None: config.eval.split, "
-                                   "normally test)"),
+                                   "normally test)", **d),
       "markdown": flags.DEFINE_bool("markdown", False, "print the table of the paper's "
-                                    "columns as Markdown"),
+                                    "columns as Markdown", **d),
       "report": flags.DEFINE_bool("report", True, "write WORKDIR/report_<split>_<ckpt>/"
-                                  "report.html (figures, samples, curves)"),
+                                  "report.html (figures, samples, curves)", **d),
       "attn_impl": flags.DEFINE_enum("attn_impl", None, list(_ATTN_IMPLS),
                                      "override model.attn_impl (None: the stored config's; "
-                                     "cuDNN falls back to XLA by itself where absent)"),
+                                     "cuDNN falls back to XLA by itself where absent)", **d),
       "encoder_dtype": flags.DEFINE_enum("encoder_dtype", None, list(_ENCODER_DTYPES),
                                          "override model.encoder_dtype (None: the stored "
-                                         "config's)"),
+                                         "config's)", **d),
       "compilation_cache": flags.DEFINE_string(
           "compilation_cache", DEFAULT_COMPILATION_CACHE, "JAX persistent compilation cache "
-          "folder ('' = off): a second run loads its compiled steps"),
+          "folder ('' = off): a second run loads its compiled steps", **d),
   }
 
 
 def main(argv, f) -> int:
   from fusionsam_jax.cli_common import quiet_logs
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
+    return 2
   if not f["workdir"].value:
     print("error: --workdir is required", file=sys.stderr)
     return 2
@@ -144,5 +147,6 @@ def main(argv, f) -> int:
 
 
 if __name__ == "__main__":
-  _FLAGS = define_flags()
-  app.run(lambda argv: sys.exit(main(argv, _FLAGS)))
+  from fusionsam_jax.cli_common import run_cli
+  sys.exit(run_cli(define_flags, lambda f, rest: main(["evaluate"] + rest, f),
+                   prog="python -m fusionsam_jax.evaluate", doc=__doc__, positional=True))

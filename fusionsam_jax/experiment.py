@@ -81,13 +81,66 @@ def train(config, workdir: str, *, allow_config_change: bool = False, progress: 
   """Runs every stage (each resumable, skipped when complete), then evaluates the best
   checkpoint on ``config.eval.split`` when ``config.eval.after_training``.
 
+  The workdir is locked for the run (`workdir.lock`: a second run on it raises
+  `locking.DirLockedError` naming the holder); temporary files of killed runs in it are
+  removed first. A complete stage whose final checkpoint does not restore has it moved to
+  ``checkpoints/<stage>_corrupt`` and resumes from its newest usable checkpoint. The config
+  is stored (``config.json``) only once the run has checked what it needs (data, SAM weights,
+  the existing checkpoints against a changed config).
+
   `step_hook(stage_name, train_step) -> train_step` wraps a stage's step (instrumentation,
   e.g. tests that inject a NaN)."""
   t_start = time.perf_counter()
   mesh_lib.maybe_initialize_distributed()
-  workdir = os.path.abspath(os.fspath(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  fp = W.check_config(workdir, config, allow_change=allow_config_change)
+  workdir = W.open_workdir(workdir)
+  with W.lock(workdir, say=say):
+    W.remove_orphans(workdir, say=say)
+    return _train_locked(config, workdir, allow_config_change, progress, step_hook, t_start)
+
+
+def _check_checkpoints_fit(ctx: common.Context, workdir: str, params: PyTree,
+                           evaluator) -> None:
+  """Raises `ConfigMismatchError` when a stage's newest checkpoint holds other params (names,
+  shapes) than the config's model: a config change that the run cannot continue from."""
+  from fusionsam_jax.training.guards import ConfigMismatchError
+  for name in S.STAGES:
+    stage = build_stage(ctx, name, evaluator=evaluator)
+    if stage is None:
+      continue
+    with W.stage_checkpointer(ctx.config, workdir, name, best_k=stage.best_k,
+                              read_only=True) as ckpt:
+      steps = ckpt.all_steps()
+      diff = ckpt.structure_differences(steps[-1], stage.abstract_state(params)) if steps else []
+    if diff:
+      raise ConfigMismatchError(
+          f"the changed config does not fit the checkpoints of stage '{name}' in {workdir} "
+          f"(step {steps[-1]}): " + "; ".join(diff[:3])
+          + (f" ({len(diff)} differences)" if len(diff) > 3 else "")
+          + ". Nothing was changed; use a new workdir for this config")
+
+
+def _final_checkpoint_usable(ckpt, stage: common.Stage, params: PyTree, mesh) -> bool:
+  """Whether a complete stage's final checkpoint restores. If not, it is moved to
+  ``<stage>_corrupt`` (said in one line) and the stage is marked incomplete, so that it
+  resumes from its newest usable checkpoint (or starts again) and ends where it ended."""
+  final = W.final_step(ckpt)
+  if final is None or final not in ckpt.all_steps():
+    reason = f"its final checkpoint ({final}) is missing"
+  else:
+    why = ckpt.verify(stage.abstract_state(params), final, mesh=mesh)
+    if why is None:
+      return True
+    ckpt.quarantine([(final, why)])
+    reason = f"its final checkpoint {final} is unusable"
+  ckpt.unmark_stage_done()
+  say(f"== stage '{stage.name}' was complete, but {reason}: it is trained again from its "
+      "newest usable checkpoint")
+  return False
+
+
+def _train_locked(config, workdir: str, allow_config_change: bool, progress: bool,
+                  step_hook: Callable | None, t_start: float) -> TrainResult:
+  fp, config_diff = W.check_config(workdir, config, allow_change=allow_config_change)
   mesh = mesh_lib.make_mesh()
   for st in S.STAGES:
     mesh_lib.check_global_batch(D.stage_batch_size(config, st), mesh)
@@ -96,15 +149,26 @@ def train(config, workdir: str, *, allow_config_change: bool = False, progress: 
   W.record_sam_weights(workdir, sam_path)
   ctx = context(config, workdir, mesh=mesh, progress=progress)
   m = config.model
+  backbone = (f"SAM {m.sam_variant}" if factory.backbone(config) == "sam"
+              else f"SAM 2 {factory.backbone(config)}")
   if sam_path is None:
-    say(f"NOTE: SAM is a randomly initialised '{m.sam_variant}' model (model.allow_random_sam):"
+    say(f"NOTE: {backbone} is a randomly initialised model (model.allow_random_sam):"
         " the frozen image encoder gives random features; results say nothing about "
         "FusionSAM with real SAM weights.")
   params = factory.init_params(config, ctx.model)
   say(f"Model: {count_params(params) / 1e6:.2f} M parameters; modalities {tuple(m.modalities)};"
-      f" SAM {m.sam_variant} ({m.encoder_dtype}, {m.attn_impl}); {jax.device_count()} "
-      f"device(s): {jax.devices()[0].device_kind}; {ctx.train_size} training pairs")
+      f" {backbone} ({m.encoder_dtype}, {m.attn_impl}); {jax.device_count()} "
+      f"device(s): {jax.devices()[0].device_kind}; {ctx.train_size} training pairs; input "
+      f"pipeline: {D.worker_count(config)} grain worker(s) on {D.host_cpus()} core(s), "
+      f"{D.device_prefetch(config)} batches prefetched to the devices")
   evaluator = E.Evaluator(ctx.model, config, mesh)
+  if config_diff:
+    _check_checkpoints_fit(ctx, workdir, params, evaluator)
+    say(f"NOTE: the config of {workdir} changed (--allow_config_change): "
+        + "; ".join(config_diff[:5]) + (" ..." if len(config_diff) > 5 else "")
+        + "; the old one is kept as config.<time>.json")
+  if config_diff != []:
+    W.store_config(workdir, config)
   image_every = int(config.train.image_every)
   tiles = recon = None
   if image_every > 0:
@@ -121,8 +185,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False, progress: 
       results[name] = {"skipped": True, "steps": 0, "seconds": 0.0, "last_eval": {}}
       continue
     with W.stage_checkpointer(config, workdir, name, best_k=stage.best_k,
-                              fingerprint=fp) as ckpt:
-      done = ckpt.is_stage_done()
+                              fingerprint=fp, say=say) as ckpt:
+      done = ckpt.is_stage_done() and _final_checkpoint_usable(ckpt, stage, params, mesh)
       trained = common.select(params, stage.trainable)
       if done:
         state = stage.abstract_state(params)
@@ -149,7 +213,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False, progress: 
               (lambda st, step: recon(full(st))) if name == "tokenizer"
               else (lambda st, step: tiles(full(st)))),
           image_every=image_every, learning_rate=stage.lr, progress=progress,
-          shard_fn=lambda b: mesh_lib.shard_batch(D.strip_batch(b), mesh))
+          shard_fn=lambda b: mesh_lib.shard_batch(D.strip_batch(b), mesh),
+          prefetch=D.device_prefetch(config))
       params = full(res.state)
     dt = time.perf_counter() - t0
     results[name] = {"skipped": res.skipped, "steps": stage.num_steps, "seconds": dt,
@@ -200,7 +265,8 @@ def restore_params(config, workdir: str, which: str | int = "best", *,
     if stage is None:
       continue
     last = name == "segmentation"
-    with W.stage_checkpointer(config, workdir, name, best_k=stage.best_k) as ckpt:
+    with W.stage_checkpointer(config, workdir, name, best_k=stage.best_k,
+                              read_only=True) as ckpt:
       if not last and not ckpt.all_steps():
         sc = config.train.stages[name]
         if sc.get("num_steps") == 0 or (sc.get("num_steps") is None
@@ -211,14 +277,17 @@ def restore_params(config, workdir: str, which: str | int = "best", *,
             "composed from every stage's checkpoint; re-run train")
       if not last and not ckpt.is_stage_done():
         raise NoCheckpointError(f"stage '{name}' of {workdir} is not complete; re-run train")
-      what = which if last else "latest"
+      what = which if last else W.final_step(ckpt)
       if last and which == "best" and ckpt.best_step() is None:
         say("note: no checkpoint has a val_miou; using the latest")
         what = "latest"
       try:
         trained, step = _restore_trained(ckpt, stage, params, what, ctx.mesh)
       except checkpointing.CheckpointRestoreError as e:
-        raise NoCheckpointError(str(e)) from None
+        hint = "" if last or isinstance(e, checkpointing.CheckpointMismatchError) else (
+            "; re-run train: it moves the unusable checkpoint aside and trains that stage "
+            "again")
+        raise NoCheckpointError(f"{e}{hint}") from None
     params = common.merge(params, trained)
   label = what if isinstance(what, str) else f"step {what}"
   return params, step, label

@@ -281,7 +281,7 @@ def disc_start_step(disc_start, num_steps, disc_start_fraction: float = 0.5,
   (0 if neither is known).
 
   Raises ValueError when the adversarial term is on (``disc_weight > 0``) but the start is
-  at or past ``num_steps``: the discriminator would never train. (The paper configs used
+  at or past ``num_steps`` (> 0): the discriminator would never train. (The paper configs used
   to fix ``disc_start`` at half the 100-epoch schedule, 9 800 steps on MFNet, so a run with
   ``num_steps`` shortened on the command line never reached it: d_loss and its gradient
   were exactly 0 in every row.)
@@ -290,7 +290,9 @@ def disc_start_step(disc_start, num_steps, disc_start_fraction: float = 0.5,
     start = 0 if num_steps is None else int(float(disc_start_fraction) * int(num_steps))
   else:
     start = int(disc_start)
-  if num_steps is not None and float(disc_weight) > 0 and start >= int(num_steps):
+  # A stage of 0 steps trains nothing (it is skipped), so there is nothing to check.
+  if (num_steps is not None and int(num_steps) > 0 and float(disc_weight) > 0
+      and start >= int(num_steps)):
     raise ValueError(
         f"disc_start {start} >= num_steps {int(num_steps)}: the tokenizer's discriminator "
         "(Eq. 8) would never train. Leave disc_start unset (it is then "

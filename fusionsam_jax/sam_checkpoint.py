@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
+from fusionsam_jax import fsutil
 from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam, SamConfig, preset_name
 
 FORMAT = "fusionsam_jax.sam/1"
@@ -52,6 +53,12 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   except ImportError as e:  # pragma: no cover - depends on the install
     raise CheckpointError("reading .pth files needs PyTorch: pip install 'fusionsam-jax[convert]'"
                           " (CPU build: pip install torch==2.13.0)") from e
+  if os.path.islink(path) and not os.path.exists(path):
+    try:
+      os.stat(path)
+    except OSError as e:
+      raise CheckpointError(f"{path}: a symbolic link that cannot be followed "
+                            f"({e.strerror})") from None
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file")
   if not os.path.isfile(path):
@@ -60,11 +67,17 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for bad files
     msg = str(e)
-    if "Weights only load failed" in msg or "weights_only" in msg:
+    if "Weights only load failed" in msg and ("GLOBAL" in msg or "global" in msg):
       raise CheckpointError(
           f"{path}: refused: the pickle would need code execution to load (only plain tensor "
           "state dicts are accepted)") from None
     first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    if "Weights only load failed" in msg:   # not a pickle torch can read at all
+      detail = msg.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+      first = f"unpickling failed: {detail[0].strip()}" if detail and "WeightsUnpickler" in msg \
+          else "unpickling failed"
+    if len(first) > 160:
+      first = first[:157] + "..."
     raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
                           f"(truncated or not a .pth file?): {first}") from None
   if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
@@ -74,42 +87,66 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
                           f"found {type(obj).__name__}")
   out = {}
   for k, v in obj.items():
-    if not isinstance(v, torch.Tensor):
-      raise CheckpointError(f"{path}: key {k!r} is a {type(v).__name__}, expected a tensor")
-    out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
+    out[k] = tensor_to_numpy(torch, path, k, v)
   return out
 
 
-def _shape(sd, key, path):
+def tensor_to_numpy(torch, path: str, k, v) -> np.ndarray:
+  """One state-dict entry as a float32 array; refuses (CheckpointError, naming the key) what
+  a SAM checkpoint never holds: a non-string key, a non-tensor, a sparse / quantized /
+  empty tensor, a non-floating dtype (int, bool, complex), NaN or Inf."""
+  if not isinstance(k, str):
+    raise CheckpointError(f"{path}: key {k!r} is a {type(k).__name__}, expected a string")
+  if not isinstance(v, torch.Tensor):
+    raise CheckpointError(f"{path}: key {k!r} is a {type(v).__name__}, expected a tensor")
+  if v.layout != torch.strided:
+    raise CheckpointError(f"{path}: key {k!r} is a {v.layout} tensor, expected a dense one")
+  if v.is_quantized or v.is_complex() or not v.is_floating_point():
+    raise CheckpointError(f"{path}: key {k!r} has dtype {v.dtype}, expected a floating-point "
+                          "tensor (float32 / float16 / bfloat16 / float64)")
+  if v.numel() == 0:
+    raise CheckpointError(f"{path}: key {k!r} is empty (shape {tuple(v.shape)})")
+  arr = v.detach().to(torch.float32).cpu().numpy()
+  if not np.isfinite(arr).all():
+    bad = int(np.size(arr) - np.isfinite(arr).sum())
+    raise CheckpointError(f"{path}: key {k!r} has {bad} non-finite value(s) (NaN / Inf) of "
+                          f"{arr.size}: a corrupt or diverged checkpoint")
+  return arr
+
+
+def _shape(sd, key, path, ndim: int):
   if key not in sd:
     raise CheckpointError(f"{path}: missing key {key!r}: not a SAM checkpoint?")
-  return sd[key].shape
+  shape = tuple(np.shape(sd[key]))
+  if len(shape) != ndim:
+    raise CheckpointError(f"{path}: key {key!r} has shape {shape}, expected a {ndim}-D tensor")
+  return shape
 
 
 def infer_config(sd: Mapping[str, np.ndarray], path: str = "checkpoint") -> SamConfig:
   """Reads every SAM size off the tensor shapes (so vit_b/l/h and custom sizes all work)."""
-  embed_dim = _shape(sd, "image_encoder.patch_embed.proj.weight", path)[0]
-  patch = _shape(sd, "image_encoder.patch_embed.proj.weight", path)[2]
-  grid = _shape(sd, "image_encoder.pos_embed", path)[1]
+  embed_dim = _shape(sd, "image_encoder.patch_embed.proj.weight", path, 4)[0]
+  patch = _shape(sd, "image_encoder.patch_embed.proj.weight", path, 4)[2]
+  grid = _shape(sd, "image_encoder.pos_embed", path, 4)[1]
   depth = 0
   while f"image_encoder.blocks.{depth}.norm1.weight" in sd:
     depth += 1
   if depth == 0:
     raise CheckpointError(f"{path}: missing key 'image_encoder.blocks.0.norm1.weight'")
-  rel_lens = [_shape(sd, f"image_encoder.blocks.{i}.attn.rel_pos_h", path)[0]
+  rel_lens = [_shape(sd, f"image_encoder.blocks.{i}.attn.rel_pos_h", path, 2)[0]
               for i in range(depth)]
-  head_dim = _shape(sd, "image_encoder.blocks.0.attn.rel_pos_h", path)[1]
+  head_dim = _shape(sd, "image_encoder.blocks.0.attn.rel_pos_h", path, 2)[1]
   global_idx = tuple(i for i, n in enumerate(rel_lens) if n == 2 * grid - 1)
   windowed = [n for n in rel_lens if n != 2 * grid - 1]
   window = (windowed[0] + 1) // 2 if windowed else 14
-  prompt_dim = _shape(sd, "prompt_encoder.no_mask_embed.weight", path)[1]
-  mask_in = _shape(sd, "prompt_encoder.mask_downscaling.3.weight", path)[0]
+  prompt_dim = _shape(sd, "prompt_encoder.no_mask_embed.weight", path, 2)[1]
+  mask_in = _shape(sd, "prompt_encoder.mask_downscaling.3.weight", path, 4)[0]
   dec_depth = 0
   while f"mask_decoder.transformer.layers.{dec_depth}.norm1.weight" in sd:
     dec_depth += 1
-  mlp_dim = _shape(sd, "mask_decoder.transformer.layers.0.mlp.lin1.weight", path)[0]
-  iou_hidden = _shape(sd, "mask_decoder.iou_prediction_head.layers.0.weight", path)[0]
-  num_mask_tokens = _shape(sd, "mask_decoder.mask_tokens.weight", path)[0]
+  mlp_dim = _shape(sd, "mask_decoder.transformer.layers.0.mlp.lin1.weight", path, 2)[0]
+  iou_hidden = _shape(sd, "mask_decoder.iou_prediction_head.layers.0.weight", path, 2)[0]
+  num_mask_tokens = _shape(sd, "mask_decoder.mask_tokens.weight", path, 2)[0]
   # The decoder's head count is not visible in shapes; SAM always uses 8 at width 256.
   dec_heads = 8 if prompt_dim == 256 else SAM_PRESETS["tiny"].decoder_num_heads
   cfg = SamConfig(
@@ -169,7 +206,11 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
                        path: str = "checkpoint"):
   """PyTorch SAM state dict -> (SamConfig, Flax params). Raises CheckpointError on mismatch."""
   cfg = cfg or infer_config(sd, path)
-  abstract = jax.eval_shape(lambda: Sam(cfg).init_params(jax.random.PRNGKey(0)))
+  try:
+    abstract = jax.eval_shape(lambda: Sam(cfg).init_params(jax.random.PRNGKey(0)))
+  except Exception as e:  # sizes read off the shapes that make no model
+    raise CheckpointError(f"{path}: its tensor shapes make no SAM model ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
   expected = {tuple(str(k.key) for k in kp): v for kp, v in
               jax.tree_util.tree_flatten_with_path(abstract)[0]}
   unexpected, filled = [], {}
@@ -208,34 +249,101 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
   return cfg, params
 
 
+def check_output_dir(output_dir: str, overwrite: bool, meta_file: str = META_FILE,
+                     fmt: Optional[str] = None, inputs: Tuple[str, ...] = ()) -> None:
+  """Raises CheckpointError unless `output_dir` may be (re)written by a converter: it does
+  not exist, or, with `overwrite`, it is a directory this project wrote -- nothing in it but
+  ``params/`` and `meta_file`, whose ``format`` is `fmt` -- (or an empty one); and it is not,
+  and does not hold, one of `inputs`."""
+  out = os.path.realpath(output_dir)
+  for p in inputs:
+    rp = os.path.realpath(p)
+    if rp == out or rp.startswith(out.rstrip(os.sep) + os.sep):
+      raise CheckpointError(f"{output_dir}: holds the input {p}; choose another --output")
+  if not os.path.lexists(output_dir):
+    return
+  if not overwrite:
+    raise CheckpointError(f"{output_dir}: already exists (pass --overwrite to replace it)")
+  refuse = (f"; --overwrite replaces only a checkpoint directory written by this converter "
+            f"(params/ and {meta_file}): remove it yourself or choose another --output")
+  if os.path.islink(output_dir) or not os.path.isdir(output_dir):
+    raise CheckpointError(f"{output_dir}: not a directory" + refuse)
+  try:
+    entries = set(os.listdir(output_dir))
+  except OSError as e:
+    raise CheckpointError(f"{output_dir}: cannot be read ({e.strerror})") from None
+  if not entries:
+    return
+  foreign = sorted(entries - {PARAMS_DIR, meta_file})
+  if foreign:
+    raise CheckpointError(f"{output_dir}: holds {', '.join(foreign[:5])}"
+                          + (" ..." if len(foreign) > 5 else "") + refuse)
+  if meta_file not in entries:
+    raise CheckpointError(f"{output_dir}: no {meta_file}" + refuse)
+  try:
+    with open(os.path.join(output_dir, meta_file)) as f:
+      found = json.load(f).get("format")
+  except (OSError, ValueError, AttributeError):
+    found = None
+  if fmt is not None and found != fmt:
+    raise CheckpointError(f"{os.path.join(output_dir, meta_file)}: format {found!r}, "
+                          f"expected {fmt!r}" + refuse)
+
+
 def write_params_dir(output_dir: str, params, meta: dict, overwrite: bool = False,
-                     meta_file: str = META_FILE) -> str:
+                     meta_file: str = META_FILE, inputs: Tuple[str, ...] = ()) -> str:
   """Writes ``DIR/params`` (Orbax) + ``DIR/<meta_file>`` atomically: a temporary sibling
-  directory renamed into place (an existing one is replaced only with `overwrite`)."""
+  directory renamed into place. An existing `output_dir` is replaced only with `overwrite`
+  and only if this project wrote it (`check_output_dir`); never one holding `inputs`. The
+  result has the modes of the umask (folders 0755, files 0644 under umask 022). Orphaned
+  temporary siblings of killed runs are removed first. Any write failure (read-only or full
+  disk, ...) raises CheckpointError and leaves nothing behind."""
   import orbax.checkpoint as ocp
 
+  check_output_dir(output_dir, overwrite, meta_file, meta.get("format"), inputs)
   output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir) and not overwrite:
-    raise CheckpointError(f"{output_dir}: already exists (pass --overwrite to replace it)")
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+  parent, base = os.path.dirname(output_dir), os.path.basename(output_dir)
+  tmp = None
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    os.makedirs(parent, exist_ok=True)
+    fsutil.clean_orphans(parent, (f".{base}.tmp-", f".{base}.old-"))
+    tmp = tempfile.mkdtemp(prefix=fsutil.temp_prefix(f".{base}.tmp-"), dir=parent)
+    fsutil.chmod_like_new_dir(tmp)
+    ckptr = ocp.StandardCheckpointer()
+    try:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
       ckptr.wait_until_finished()
+    finally:
+      try:   # waits for Orbax's writer threads, also after a failed write
+        ckptr.close()
+      except Exception:  # noqa: BLE001 -- the save's own error is the one reported
+        pass
     with open(os.path.join(tmp, meta_file), "w") as f:
       json.dump(meta, f, indent=2)
-    if os.path.exists(output_dir):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
+      f.flush()
+      os.fsync(f.fileno())
+    if os.path.lexists(output_dir):
+      old = tempfile.mkdtemp(prefix=fsutil.temp_prefix(f".{base}.old-"), dir=parent)
       os.rename(output_dir, os.path.join(old, "x"))
-      os.rename(tmp, output_dir)
-      shutil.rmtree(old, ignore_errors=True)
+      try:
+        os.rename(tmp, output_dir)
+      except OSError:
+        os.rename(os.path.join(old, "x"), output_dir)   # the previous checkpoint stays
+        raise
+      fsutil.rmtree(old)
     else:
       os.rename(tmp, output_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = None
+  except CheckpointError:
     raise
+  except Exception as e:  # OSError (read-only, full disk), Orbax / tensorstore errors
+    msg = e.strerror if isinstance(e, OSError) and e.strerror else (
+        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    raise CheckpointError(f"{output_dir}: cannot write the converted checkpoint ({msg}); "
+                          "nothing was written") from None
+  finally:
+    if tmp is not None:
+      fsutil.rmtree(tmp)
   return output_dir
 
 
@@ -251,11 +359,11 @@ def restore_params_dir(ckpt_dir: str, abstract):
 
 
 def save_sam_checkpoint(output_dir: str, cfg: SamConfig, params, meta: Optional[dict] = None,
-                        overwrite: bool = False) -> str:
-  """Writes params + metadata atomically (temp dir, then rename)."""
+                        overwrite: bool = False, inputs: Tuple[str, ...] = ()) -> str:
+  """Writes params + metadata atomically (temp dir, then rename; `write_params_dir`)."""
   full_meta = {"format": FORMAT, "variant": preset_name(cfg) or "custom",
                "config": cfg.to_dict(), **(meta or {})}
-  return write_params_dir(output_dir, params, full_meta, overwrite)
+  return write_params_dir(output_dir, params, full_meta, overwrite, inputs=inputs)
 
 
 def read_sam_meta(ckpt_dir: str) -> dict:
@@ -283,21 +391,20 @@ def load_sam_checkpoint(ckpt_dir: str):
 def convert_file(checkpoint: str, output: str, model_type: str = "auto",
                  overwrite: bool = False) -> Tuple[SamConfig, str]:
   """The converter CLI's work: .pth -> checkpoint directory. Raises CheckpointError."""
-  if os.path.exists(output) and not overwrite:
-    raise CheckpointError(f"{output}: already exists (pass --overwrite to replace it)")
+  check_output_dir(output, overwrite, META_FILE, FORMAT, (checkpoint,))
   sd = load_torch_state_dict(checkpoint)
   cfg = infer_config(sd, checkpoint)
   if model_type != "auto":
     if model_type not in SAM_PRESETS:
-      raise CheckpointError(f"--model-type {model_type!r}: expected auto, "
+      raise CheckpointError(f"--model_type {model_type!r}: expected auto, "
                             + ", ".join(SAM_PRESETS))
     if SAM_PRESETS[model_type] != cfg:
       found = preset_name(cfg) or "a custom size"
-      raise CheckpointError(f"{checkpoint}: --model-type {model_type} given, but the tensor "
+      raise CheckpointError(f"{checkpoint}: --model_type {model_type} given, but the tensor "
                             f"shapes are those of {found}")
   cfg, params = convert_state_dict(sd, cfg, checkpoint)
   meta = {"source": os.path.basename(checkpoint), "sha256": sha256sum(checkpoint)}
-  save_sam_checkpoint(output, cfg, params, meta, overwrite=overwrite)
+  save_sam_checkpoint(output, cfg, params, meta, overwrite=overwrite, inputs=(checkpoint,))
   return cfg, output
 
 

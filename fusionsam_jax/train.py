@@ -11,8 +11,9 @@ position). Logs: ``WORKDIR/metrics.jsonl`` and TensorBoard (``tensorboard --logd
 WORKDIR/tensorboard``). When training ends, the best checkpoint (by val mIoU) is evaluated on
 ``config.eval.split`` (default test) and the IoU table is printed.
 
-Exit status: 0 done; 1 bad input / setup (missing dataset or SAM weights, ...);
-3 non-finite loss (the message names the step and the loss term; nothing after the last good
+Exit status: 0 done; 1 bad input / setup (missing dataset or SAM weights, the workdir in use
+by another run, disk full, ...); 2 usage (a flag, config file, variant or key that does not
+exist; a workdir that is a file or not writable); 3 non-finite loss (the message names the step and the loss term; nothing after the last good
 checkpoint is kept); 4 the workdir was made by a different config.
 """
 
@@ -24,7 +25,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from fusionsam_jax.cli_common import (DEFAULT_COMPILATION_CACHE, EXIT_CONFIG, EXIT_ERROR,
-                                      EXIT_NONFINITE, enable_compilation_cache, quiet_logs)
+                                      EXIT_NONFINITE, EXIT_USAGE, enable_compilation_cache,
+                                      one_line, parse_flags_or_exit, quiet_logs)
 
 
 def run(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
@@ -34,25 +36,45 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
   from fusionsam_jax import training as T
   from fusionsam_jax.data import DatasetError
   from fusionsam_jax.sam_checkpoint import CheckpointError
+  from fusionsam_jax.errors import WorkdirError
+  from fusionsam_jax.training.checkpointing import CheckpointMismatchError, CheckpointRestoreError
   try:
     result = experiment.train(config, workdir, allow_config_change=allow_config_change,
                               progress=progress, step_hook=step_hook)
   except T.NonFiniteLossError as e:
-    print(f"error: training stopped: {e}. Lower the learning rate or check the data, then "
-          "re-run the same command to resume from that checkpoint.", file=sys.stderr)
+    # The learning rate is part of the workdir's config: changing it needs the flag.
+    lr = f"--config.train.stages.{getattr(e, 'stage', None) or '<stage>'}.lr"
+    print(f"error: training stopped: {e}. Check the data, or resume from that checkpoint with "
+          f"a lower learning rate: the same command with {lr}=<lower> "
+          "--allow_config_change.", file=sys.stderr)
     return EXIT_NONFINITE
-  except T.ConfigMismatchError as e:
+  except (T.ConfigMismatchError, CheckpointMismatchError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_CONFIG
-  except (experiment.SetupError, CheckpointError, DatasetError, FileNotFoundError,
+  except WorkdirError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except (experiment.SetupError, CheckpointError, CheckpointRestoreError, DatasetError,
           ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return EXIT_ERROR
+  except OSError as e:  # disk full, permissions, ...: the file and the reason
+    print(f"error: {_os_error(e)}", file=sys.stderr)
     return EXIT_ERROR
   stages = ", ".join(
       f"{k} " + ("skipped" if v["skipped"] else "%.0f s" % v["seconds"])
       for k, v in result.stages.items())
   print(f"done in {result.seconds:.1f} s ({stages})", flush=True)
   return 0
+
+
+def _os_error(e: OSError) -> str:
+  import errno
+  if e.errno == errno.ENOSPC:
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"no space left on the device{where}; free some space (or move --workdir), then "
+            "re-run the same command: it resumes")
+  return str(e)
 
 
 def define_flags() -> dict:
@@ -74,17 +96,25 @@ def define_flags() -> dict:
 
 def main(argv, f) -> int:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if f["config"].value is None or not f["workdir"].value:
+    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
+    return EXIT_USAGE
+  try:  # a config file that does not load fails here (ml_collections defers the error)
+    config = f["config"].value
+    if config is not None:
+      config.keys()
+  except Exception as e:  # noqa: BLE001
+    print(f"error: --config: {one_line(e)}", file=sys.stderr)
+    return EXIT_USAGE
+  if config is None or not f["workdir"].value:
     print("error: --config and --workdir are required", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
   quiet_logs()
   enable_compilation_cache(f["compilation_cache"].value)
   from fusionsam_jax.config_lib import normalize_overrides
-  return run(normalize_overrides(f["config"].value), f["workdir"].value,
+  return run(normalize_overrides(config), f["workdir"].value,
              allow_config_change=f["allow_config_change"].value, progress=f["progress"].value)
 
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  app.run(lambda argv: sys.exit(main(argv, _FLAGS)))
+  app.run(lambda argv: sys.exit(main(argv, _FLAGS)), flags_parser=parse_flags_or_exit)

@@ -12,14 +12,17 @@ weights (checked against the record) + the seeded random init + each stage's tra
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 
 import jax
 
-from fusionsam_jax import config_lib
-from fusionsam_jax.errors import SamWeightsChangedError, SamWeightsMissingError, SetupError
+from fusionsam_jax import config_lib, locking
+from fusionsam_jax.errors import (SamWeightsChangedError, SamWeightsMissingError, SetupError,
+                                  WorkdirError)
 from fusionsam_jax.training import checkpointing, guards
 
 #: Config keys that may change between runs in one workdir: durations, cadences, evaluation
@@ -27,19 +30,90 @@ from fusionsam_jax.training import checkpointing, guards
 MUTABLE_CONFIG_KEYS = (
     *(f"train.stages.{s}.num_steps" for s in config_lib.STAGE_NAMES),
     *(f"train.stages.{s}.num_epochs" for s in config_lib.STAGE_NAMES),
-    "train.log_every", "train.image_every", "train.worker_count", "train.checkpoint_every",
+    "train.log_every", "train.image_every", "train.worker_count", "train.device_prefetch",
+    "train.checkpoint_every",
     "train.eval_every", "train.eval_every_epochs", "train.keep_latest", "train.best_k", "eval",
-    "data_dir", "model.sam_checkpoint",
+    "data_dir", "model.sam_checkpoint", "model.sam2_checkpoint",
 )
+#: Config keys added after workdirs were made, with the value a workdir without them ran with.
+ADDED_CONFIG_KEYS = {"model.backbone": "sam", "model.sam2_checkpoint": None,
+                     "train.stages.tokenizer.restart_threshold_relative": False,
+                     "train.stages.tokenizer.code_ema": None, "model.train_dtype": "float32"}
 SAM_RECORD = "sam_weights.json"
 CONFIG_FILE = guards.CONFIG_FILE
 
 
-def check_config(workdir: str, config, *, allow_change: bool = False) -> str:
-  """Stores the config on first use, refuses a different one later (`ConfigMismatchError`,
-  listing the differences); returns its fingerprint."""
-  return guards.check_workdir_config(workdir, config, ignore=MUTABLE_CONFIG_KEYS,
-                                     allow_change=allow_change)
+# -- the workdir itself ---------------------------------------------------------------------------
+
+
+def open_workdir(workdir: str) -> str:
+  """Creates `workdir` if needed; `WorkdirError` (one line) when it is a file, cannot be
+  created or is not writable. Returns its absolute path."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a folder: pass a folder (it is "
+                       "created if missing)")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"--workdir {workdir} cannot be created: {e.strerror or e}") from None
+  probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+  try:
+    with open(probe, "w"):
+      pass
+    os.unlink(probe)
+  except OSError as e:
+    why = "read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e))
+    raise WorkdirError(f"--workdir {workdir} is not writable ({why}): pass a folder this "
+                       "user can write") from None
+  return workdir
+
+
+#: Temporary names of the workdir's writers (atomic writes, embedding-cache builds, Orbax
+#: saves): anything matching in the workdir while its lock is held is an orphan of a killed run.
+_ORPHANS = (
+    lambda n: ".tmp-" in n,                                   # atomic_write_text, write_json_atomic
+    lambda n: n.startswith(".write-test-"),                   # open_workdir's probe
+    lambda n: n.startswith((".train-", ".val-")),             # embedding-cache builds
+    lambda n: ".orbax-checkpoint-tmp" in n,                   # Orbax saves in progress
+)
+
+
+def lock(workdir: str, say=None):
+  """The workdir's exclusive lock (`locking.DirLock`; process 0 only, the others write
+  nothing but their shards); a context manager. Raises `locking.DirLockedError` naming the
+  holder when another run has it."""
+  if jax.process_index() != 0:
+    return contextlib.nullcontext()
+  return locking.DirLock(workdir, what="workdir", say=say)
+
+
+def remove_orphans(workdir: str, say=None) -> list[str]:
+  """Removes what killed runs left in `workdir` (call with its lock held); says so."""
+  if jax.process_index() != 0:
+    return []
+  ckpt = os.path.join(os.fspath(workdir), "checkpoints")
+  stages = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else []
+  return locking.remove_orphans(
+      workdir, _ORPHANS, say=say,
+      recursive_dirs=["checkpoints", "embedding_cache",
+                      *(os.path.join("checkpoints", s) for s in stages)])
+
+
+def check_config(workdir: str, config, *, allow_change: bool = False
+                 ) -> tuple[str, list[str] | None]:
+  """Compares `config` with the workdir's (writes nothing): refuses a different one
+  (`ConfigMismatchError`, listing the differences) unless `allow_change`. Returns
+  (fingerprint, differences: None for a new workdir, [] for the same config); `store_config`
+  writes it once everything else the run needs has been checked."""
+  return guards.compare_workdir_config(workdir, config, ignore=MUTABLE_CONFIG_KEYS,
+                                       allow_change=allow_change, added=ADDED_CONFIG_KEYS)
+
+
+def store_config(workdir: str, config) -> None:
+  """Writes ``config.json`` (the old one, if any, is kept as ``config.<time>.json``)."""
+  guards.store_workdir_config(workdir, config, ignore=MUTABLE_CONFIG_KEYS,
+                              added=ADDED_CONFIG_KEYS)
 
 
 def load_config(workdir: str):
@@ -59,7 +133,8 @@ def check_config_matches(config, workdir: str) -> None:
     return
   with open(path) as f:
     stored = json.load(f)["config"]
-  a = guards._drop(guards._flatten(stored), MUTABLE_CONFIG_KEYS)
+  a = guards._drop(guards.with_added(guards._flatten(stored), ADDED_CONFIG_KEYS),
+                  MUTABLE_CONFIG_KEYS)
   b = guards._drop(guards._flatten(guards.config_to_dict(config)), MUTABLE_CONFIG_KEYS)
   diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
           for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
@@ -149,12 +224,25 @@ def stage_dir(workdir: str, stage: str) -> str:
 
 
 def stage_checkpointer(config, workdir: str, stage: str, *, best_k: int = 0,
-                       fingerprint: str | None = None) -> checkpointing.StageCheckpointer:
+                       fingerprint: str | None = None, read_only: bool = False,
+                       say=None) -> checkpointing.StageCheckpointer:
+  """`read_only`: for readers (evaluate, predict), which may run next to a training run and
+  leave its saves in progress alone."""
   t = config.train
   return checkpointing.StageCheckpointer(
       stage_dir(workdir, stage), save_interval_steps=int(t.checkpoint_every),
       keep_latest=int(t.keep_latest), best_k=best_k, best_metric="val_miou", stage=stage,
-      config_fingerprint=fingerprint)
+      config_fingerprint=fingerprint, read_only=read_only, say=say)
+
+
+def final_step(ckpt: checkpointing.StageCheckpointer) -> int | None:
+  """The step a complete stage ended at (its marker), else its latest checkpoint's."""
+  try:
+    info = ckpt.stage_done_info() or {}
+  except (OSError, ValueError):
+    info = {}
+  step = info.get("step")
+  return int(step) if isinstance(step, int) else ckpt.latest_step()
 
 
 def dir_bytes(path: str) -> int:

@@ -1,12 +1,20 @@
 """Test-session setup: one persistent JAX compilation cache for the test process and every
-CLI subprocess it starts (the same tiny models are compiled by many tests)."""
+CLI subprocess it starts (the same tiny models are compiled by many tests), shared by the
+pytest-xdist workers."""
 
 import os
 
 import jax
 
+from fusionsam_jax.cli_common import backfill_cache_atimes
+
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       ".pytest_jax_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# A size limit turns on the cache's eviction and with it its file lock: the suite runs on
+# two pytest workers (and CLI subprocesses), which would otherwise race on an entry's write.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+backfill_cache_atimes(os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,6 +1,8 @@
-"""Fig. 7a baseline (SAM zero-shot, ORACLE prompts): prompts from ground-truth components,
-masks against the official segment_anything SamPredictor on the same weights, scoring against
-IoU computed directly, and the CLI's error path."""
+"""Fig. 7a baseline (SAM / SAM 2 zero-shot, ORACLE prompts): prompts from ground-truth
+components, masks against the official segment_anything SamPredictor and sam2's
+SAM2ImagePredictor on the same weights, scoring against IoU computed directly, and the CLI's
+error path. (The CLI on a trained run: tests/test_cli_end_to_end.py for SAM,
+tests/test_cli_sam2_backbone.py with the SAM 2 column.)"""
 
 import types
 
@@ -78,6 +80,55 @@ def test_prompt_masks_match_official_sam(sams):
         assert (got != want).mean() < 1e-3, (mode, (got != want).sum())
 
 
+@pytest.fixture(scope="module")
+def sam2s(tmp_path_factory):
+  """sam2's SAM2ImagePredictor and ours on the same random tiny SAM 2, saved as a .pt and
+  converted by tools/convert_sam2_weights.py."""
+  pytest.importorskip("sam2")
+  pytest.importorskip("hydra")
+  import sam2_reference as ref2
+  from fusionsam_jax.sam2_predictor import Sam2ImagePredictor
+  tm = ref2.build_torch_sam2("tiny", seed=5)
+  tmp = tmp_path_factory.mktemp("sam2")
+  ref2.save_checkpoint(tm, tmp / "tiny.pt")
+  res = ref2.run_converter(tmp / "tiny.pt", tmp / "ckpt")
+  assert res.returncode == 0, res.stderr
+  _, predictor_mod = ref2.official()
+  official = predictor_mod.SAM2ImagePredictor(tm)
+  s = tm.image_size   # the official predictor's feature sizes are those of a 1024 model
+  official._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+  fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+  return official, Sam2ImagePredictor.from_checkpoint(str(tmp / "ckpt"), compiler_options=fast)
+
+
+def test_sam2_prompt_masks_match_official_sam2(sam2s):
+  """The SAM 2 column's masks: ours against Meta's SAM2ImagePredictor, every prompt mode."""
+  official, ours = sam2s
+  image, label = _scene(1)
+  prompts = Z.component_prompts(label)
+  assert prompts
+  with torch.no_grad():
+    official.set_image(image)
+  checked = 0
+  with jax.default_matmul_precision("highest"):
+    ours.set_image(image)
+    for p in prompts[:2]:
+      for mode in Z.PROMPTS:
+        with torch.no_grad():
+          want = Z.prompt_mask(official, p, mode)
+        got = Z.prompt_mask(ours, p, mode)
+        assert got.shape == want.shape == label.shape
+        checked += 0 < want.sum() < want.size
+        assert (got != want).mean() < 1e-3, (mode, (got != want).sum())
+  assert checked >= 3   # most masks are neither empty nor full
+  # The whole image scored by both predictors: the same class map.
+  with torch.no_grad():
+    want = Z.segment_image(official, image, label)
+  with jax.default_matmul_precision("highest"):
+    got = Z.segment_image(ours, image, label)
+  assert (got != want).mean() < 1e-3
+
+
 def test_class_map_and_scores(sams):
   """Class map painted largest component first; its IoU from the confusion matrix equals
   per-class IoU counted directly."""
@@ -104,12 +155,17 @@ def test_class_map_and_scores(sams):
                   num_images=2)
   assert rec["protocol"].startswith("ORACLE") and rec["sam2"] is None
   assert set(rec["methods"]) == {"SAM zero-shot (fused)", "SAM zero-shot (rgb)"}
+  rec = Z.summary(None, [str(i) for i in range(9)], prompt="box", split="test",
+                  num_images=2, sam2_cms=cms)
+  assert rec["methods"] == {}
+  assert rec["sam2"]["methods"]["SAM 2 zero-shot (rgb)"]["miou"] == pytest.approx(
+      cms["rgb"].summary([str(i) for i in range(9)])["miou"])
 
 
 def test_cli_errors_in_one_line(tmp_path, capsys):
   f = {k: types.SimpleNamespace(value=v) for k, v in dict(
       workdir=str(tmp_path / "none"), split=None, checkpoint="best", prompt="box+point",
-      min_area=1, sam_checkpoint=None, out=None).items()}
+      min_area=1, sam_checkpoint=None, out=None, sam2_checkpoint=None).items()}
   assert baseline.main(["baseline"], f) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error:") and "config.json" in err[0]

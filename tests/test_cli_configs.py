@@ -33,7 +33,7 @@ def test_configs_build_with_every_variant(name, dataset, k, mods):
     assert field in c.train
   assert c.eval.split == "test" and c.eval.val_split == "val"
   for v in ("tiny", "ablation_a", "ablation_b", "rgb_only", "thermal_only", "no_cache",
-            "tiny,rgb_only"):
+            "tiny,rgb_only", "sam2", "tiny,sam2"):
     cv = mod.get_config(v)
     assert cv.variant == v
   assert mod.get_config("ablation_a").model.tokenizer_kind == "patch"
@@ -41,6 +41,13 @@ def test_configs_build_with_every_variant(name, dataset, k, mods):
   assert mod.get_config("rgb_only").model.modalities == ("rgb",)
   assert mod.get_config("thermal_only").model.modalities == ("thermal",)
   assert mod.get_config("tiny").model.sam_variant == "tiny"
+  assert mod.get_config().model.backbone == "sam"
+  if c.model.sam_variant == "tiny":   # the CPU demo: a tiny random SAM 2
+    assert mod.get_config("sam2").model.backbone == "sam2_tiny"
+  else:
+    assert mod.get_config("sam2").model.backbone == "sam2_hiera_l"
+    assert mod.get_config("sam2").model.sam2_checkpoint == "ckpt/sam2.1_hiera_l"
+  assert mod.get_config("tiny,sam2").model.backbone == "sam2_tiny"
   with pytest.raises(ValueError, match="unknown config variant"):
     mod.get_config("tiyn")
 
@@ -80,3 +87,28 @@ def test_config_roundtrip_through_json():
   assert back.model.modalities == ("rgb", "depth", "thermal")
   assert back.train.crop_size == (96, 128)
   assert config_fingerprint(back) == config_fingerprint(c)
+
+
+def test_backbone_values_and_missing_sam2_weights(tmp_path):
+  """model.backbone: "sam" or "sam2_<preset>"; a SAM 2 backbone without weights names the
+  converter command (model.sam2_checkpoint), a wrong value the accepted ones."""
+  from fusionsam_jax.errors import SamWeightsMissingError
+  from fusionsam_jax.models import factory
+  from fusionsam_jax.models.fusionsam import sam2_backbone_config
+  from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS
+  assert sam2_backbone_config("sam") is None
+  assert sam2_backbone_config("sam2_hiera_l") == SAM2_PRESETS["hiera_l"]
+  for bad in ("vit_h", "sam2_hiera_x", "sam2"):
+    with pytest.raises(ValueError, match="sam2_hiera_l"):
+      sam2_backbone_config(bad)
+  c = load("mfnet").get_config("sam2")
+  c.model.sam2_checkpoint = None
+  with pytest.raises(SamWeightsMissingError, match="convert_sam2_weights.py"):
+    factory.sam_weights_path(c)
+  c.model.sam2_checkpoint = str(tmp_path / "nope")
+  with pytest.raises(SamWeightsMissingError, match="does not exist"):
+    factory.sam_weights_path(c)
+  c.model.allow_random_sam, c.model.sam2_checkpoint = True, None
+  assert factory.sam_weights_path(c) is None
+  m = factory.build_model(c)
+  assert m.sam2 == SAM2_PRESETS["hiera_l"] and m.sam.img_size == 1024

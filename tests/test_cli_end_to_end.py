@@ -78,7 +78,7 @@ def test_predict_outputs_chain_into_metric_cli(trained, capsys):
 
   raw = _raw_dir(trained["data"])
   out = trained["root"] / "pred"
-  assert predict.main(["--workdir", str(work), "--checkpoint", "latest", "--input-dir",
+  assert predict.main(["--workdir", str(work), "--checkpoint", "latest", "--input_dir",
                        str(raw), "--split", "test", "--out", str(out)]) == 0
   names = [n.strip() for n in open(raw / "test.txt") if n.strip()]
   assert sorted(os.listdir(out)) == ["color", "fused", "labels", "overlay"]
@@ -96,9 +96,9 @@ def test_predict_outputs_chain_into_metric_cli(trained, capsys):
 
   # The metric CLI takes predict's folder as it is (file names are the ground truth's) and
   # gives evaluate's numbers.
-  r = run_module("fusionsam_jax.metrics.miou", "--pred-dir", str(out), "--gt-dir",
-                 str(raw / "labels"), "--split-list", str(raw / "test.txt"),
-                 "--num-classes", "9", "--json", str(trained["root"] / "chain.json"))
+  r = run_module("fusionsam_jax.metrics.miou", "--pred_dir", str(out), "--gt_dir",
+                 str(raw / "labels"), "--split_list", str(raw / "test.txt"),
+                 "--num_classes", "9", "--json", str(trained["root"] / "chain.json"))
   assert r.returncode == 0, r.stderr
   assert "RuntimeWarning" not in r.stderr and "images: 4" in r.stdout
   chain = json.load(open(trained["root"] / "chain.json"))
@@ -147,11 +147,15 @@ def test_predict_input_grouping(trained, tmp_path):
   assert s[0] == name[:-4] and s[1]["rgb"].shape == (96, 128, 3)
   np.testing.assert_array_equal(s[1]["thermal"][..., 0], combined[..., 3])
   # ... separate files group by modality, in the config's order.
-  write_png(tmp_path / "a_rgb.png", combined[..., :3])
-  write_png(tmp_path / "a_t.png", combined[..., 3])
-  files = [str(tmp_path / "a_rgb.png"), str(tmp_path / "a_t.png")] * 2
+  for s in ("a", "b"):
+    write_png(tmp_path / f"{s}_rgb.png", combined[..., :3])
+    write_png(tmp_path / f"{s}_t.png", combined[..., 3])
+  files = [str(tmp_path / f"{s}_{m}.png") for s in ("a", "b") for m in ("rgb", "t")]
   out = predict.samples_from_files(files, ("rgb", "thermal"))
   assert len(out) == 2 and out[0][1]["thermal"].shape == (96, 128, 1)
+  assert [n for n, _ in out] == ["a_rgb", "b_rgb"]
+  with pytest.raises(predict.InputError, match="both named 'a_rgb'"):   # one name twice
+    predict.samples_from_files(files[:2] * 2, ("rgb", "thermal"))
   with pytest.raises(predict.InputError, match="incomplete"):
     predict.samples_from_files(files[:3], ("rgb", "thermal"))
   assert predict.main(["--workdir", str(trained["work"]), "--inputs", files[0],
@@ -243,10 +247,28 @@ def test_nonfinite_loss_stops_with_step_and_term(trained, tmp_path, capsys):
   assert "non-finite loss term" in err and "at step 2" in err
   assert "last good checkpoint is step 1" in err
   assert "'loss'" not in err.split("(also")[0]   # the component term is named, not the total
+  # the advice is one the workdir's config guard accepts (a changed lr needs the flag)
+  assert "--config.train.stages.fusion.lr=<lower> --allow_config_change" in err
+  assert err.count("\n") == 1
   assert "stage 'tokenizer' already complete" in captured.out
   fusion = work / "checkpoints" / "fusion"
   assert sorted(int(d) for d in os.listdir(fusion) if d.isdigit()) == [1]
   assert not (fusion / "STAGE_DONE.json").exists()
+
+  # Following the advice: the lower lr is accepted with the flag (the checkpoints fit the
+  # changed config), the stage resumes from step 1 and completes; the old config is kept.
+  before = (work / "config.json").read_text()
+  cfg.train.stages.fusion.lr = 1e-4
+  cfg.train.stages.segmentation.num_steps = 0   # (a mutable key: keeps the test short)
+  cfg.eval.after_training = False
+  assert train.run(cfg, str(work), progress=False, allow_config_change=True) == 0
+  out = capsys.readouterr().out
+  assert "config of" in out and "train.stages.fusion.lr" in out
+  assert (fusion / "STAGE_DONE.json").exists()
+  (old,) = [f for f in os.listdir(work) if f.startswith("config.") and f != "config.json"]
+  assert (work / old).read_text() == before
+  assert json.load(open(work / "config.json"))["config"]["train"]["stages"]["fusion"]["lr"] \
+      == 1e-4
 
 
 @pytest.mark.extended  # the protocol vs official SAM: tests/test_baseline.py
@@ -271,3 +293,178 @@ def test_zero_shot_baseline_on_the_trained_run(trained, tmp_path, capsys):
     m = saved["methods"][k]
     assert 0 < m["num_pixels"] <= 4 * 96 * 128 and 0.0 <= m["miou"] <= 1.0
   assert saved["fusionsam"]["miou"] is not None
+
+
+# -- faults on the trained run (docs/reliability.md) ---------------------------------------------
+
+
+def _copy_run(trained, dest, stages=("tokenizer", "fusion", "segmentation"), cache=False):
+  import shutil
+  dest.mkdir(parents=True)
+  for f in ("config.json", "sam_weights.json"):
+    shutil.copy(trained["work"] / f, dest / f)
+  for s in stages:
+    shutil.copytree(trained["work"] / "checkpoints" / s, dest / "checkpoints" / s)
+  if cache:
+    shutil.copytree(trained["work"] / "embedding_cache", dest / "embedding_cache")
+  return dest
+
+
+def _assert_same_params(cfg, work_a, work_b):
+  import jax
+  from fusionsam_jax import experiment
+  pa, sa, _ = experiment.restore_params(cfg, str(work_a), "latest")
+  pb, sb, _ = experiment.restore_params(cfg, str(work_b), "latest")
+  assert sa == sb
+  la, lb = jax.tree_util.tree_leaves_with_path(pa), jax.tree_util.tree_leaves_with_path(pb)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, a), (_, b) in zip(la, lb):
+    assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
+
+
+def _truncate_arrays(step_dir):
+  import glob
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+           if os.path.isfile(f) and os.sep + "d" + os.sep in f]
+  assert files
+  for f in files:
+    open(f, "w").close()
+
+
+def test_corrupt_final_checkpoint_of_a_finished_stage_is_moved_aside_and_retrained(
+    trained, tmp_path, capsys):
+  """The tokenizer stage is complete but its final checkpoint is corrupt (its only one):
+  the checkpoint goes to checkpoints/tokenizer_corrupt (said in one line), the stage is
+  trained again in the same run, the later stages are kept, and the run's params are
+  bitwise those of the uninterrupted run. An orphan of a killed run is removed, said."""
+  from fusionsam_jax import train
+  work = _copy_run(trained, tmp_path / "w", cache=True)
+  _truncate_arrays(work / "checkpoints" / "tokenizer" / "4")
+  (work / "config.json.tmp-4242").write_text("{")
+  cfg = tiny_config(trained["data"])
+  cfg.eval.after_training = False
+  assert train.run(cfg, str(work), progress=False) == 0
+  out = capsys.readouterr()
+  assert "Traceback" not in out.err
+  assert "checkpoint 4 of stage 'tokenizer' is unusable" in out.out
+  assert "stage 'tokenizer' was complete, but its final checkpoint 4 is unusable" in out.out
+  assert "removed 1 temporary file(s)" in out.out and "config.json.tmp-4242" in out.out
+  assert "stage 'fusion' already complete" in out.out
+  assert len(os.listdir(work / "checkpoints" / "tokenizer_corrupt")) == 1
+  assert (work / "checkpoints" / "tokenizer" / "STAGE_DONE.json").exists()
+  _assert_same_params(cfg, trained["work"], work)
+  # evaluate / predict refuse a finished stage whose final checkpoint is unusable (one
+  # line, no silent fallback to an older one)
+  from fusionsam_jax import experiment
+  _truncate_arrays(work / "checkpoints" / "fusion" / "4")
+  with pytest.raises(experiment.NoCheckpointError, match="re-run train"):
+    experiment.restore_params(cfg, str(work), "latest")
+
+
+def test_failed_config_change_leaves_the_workdir_as_it_was(trained, tmp_path, capsys):
+  """--allow_config_change with a model the checkpoints do not fit: exit 4, one line
+  naming the stage and param; config.json untouched, no checkpoint quarantined (also
+  those of an unfinished stage)."""
+  from fusionsam_jax import train
+  work = _copy_run(trained, tmp_path / "w")
+  (work / "checkpoints" / "segmentation" / "STAGE_DONE.json").unlink()  # unfinished stage
+  before = (work / "config.json").read_bytes()
+  listing = sorted(os.path.relpath(os.path.join(r, f), work)
+                   for r, _, fs in os.walk(work) for f in fs)
+  cfg = tiny_config(trained["data"])
+  cfg.model.tokenizer.num_codes = 32
+  assert train.run(cfg, str(work), allow_config_change=True, progress=False) == 4
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "does not fit the checkpoints of stage 'tokenizer'" in err
+  assert "in the checkpoint" in err and "Nothing was changed" in err
+  assert (work / "config.json").read_bytes() == before
+  after = sorted(os.path.relpath(os.path.join(r, f), work)
+                 for r, _, fs in os.walk(work) for f in fs)
+  assert after == sorted(listing + [".lock"])
+
+
+def _kill_when(args, cond, timeout=400):
+  """Runs the train CLI, SIGKILLs it as soon as `cond()` holds; returns its output."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  from _cli_helpers import ROOT, env
+  log = args[-1]
+  with open(log, "w") as fh:
+    p = subprocess.Popen([sys.executable, "-m", "fusionsam_jax.train", *args[:-1]], cwd=ROOT,
+                         env=env(), stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    try:
+      while not cond():
+        assert p.poll() is None, open(log).read()[-3000:]
+        assert time.time() < deadline, "the kill point never came"
+        time.sleep(0.02)
+      p.send_signal(signal.SIGKILL)
+    finally:
+      p.wait()
+  assert p.returncode == -signal.SIGKILL
+  return open(log).read()
+
+
+def _kill_points(rng, stage):
+  """A random point of a tiny stage (4 steps, a checkpoint every step): after checkpoint
+  1, 2 or 3, or (segmentation) while the embedding cache is built."""
+  points = [("checkpoint", k) for k in (1, 2, 3)]
+  if stage == "segmentation":
+    points.append(("cache", 0))
+  return points[rng.randrange(len(points))]
+
+
+def _cond(work, log, stage, point):
+  kind, k = point
+  if kind == "cache":
+    return lambda: os.path.exists(log) and "Embedding cache (train): building" in open(log).read()
+  return lambda: (work / "checkpoints" / stage / str(k)).is_dir()
+
+
+def _kill_and_resume(trained, work, stages, seed):
+  import random
+  rng = random.Random(seed)
+  args = [f"--config={DEMO_TINY}", f"--workdir={work}", *tiny_overrides(trained["data"]),
+          "--config.train.checkpoint_every=1", "--config.eval.after_training=False"]
+  said = []
+  for i, stage in enumerate(stages):
+    point = _kill_points(rng, stage)
+    said.append((stage, point))
+    log = str(work.parent / f"run{i}.log")
+    _kill_when(args + [log], _cond(work, log, stage, point))
+  r = run_module("fusionsam_jax.train", *args)
+  assert r.returncode == 0, (said, r.stdout[-3000:] + r.stderr[-3000:])
+  cfg = tiny_config(trained["data"])
+  _assert_same_params(cfg, trained["work"], work)
+  for s in ("tokenizer", "fusion", "segmentation"):
+    a = json.load(open(trained["work"] / "checkpoints" / s / "STAGE_DONE.json"))
+    b = json.load(open(work / "checkpoints" / s / "STAGE_DONE.json"))
+    assert a["last_eval"] == b["last_eval"] and a["step"] == b["step"], (s, said)
+  assert not [d for d in os.listdir(work / "embedding_cache") if d.startswith(".")]
+  rows = [json.loads(x) for x in open(work / "metrics.jsonl")]
+  logged = [(x["split"], x["step"]) for x in rows if x["split"].endswith(("/train", "/val"))]
+  assert len(logged) == len(set(logged)), said   # nothing logged twice across the kills
+  return r, said
+
+
+def test_sigkill_in_the_cached_segmentation_stage_resumes_bitwise(trained, tmp_path):
+  """SIGKILL at a random point of the segmentation stage with the embedding cache on
+  (while the cache is built, or after checkpoint 1-3), then the same command: the run's
+  params and val metrics equal the uninterrupted run's bitwise (so does anything evaluated
+  from them)."""
+  work = _copy_run(trained, tmp_path / "w", stages=("tokenizer", "fusion"))
+  r, said = _kill_and_resume(trained, work, ["segmentation"], seed=None)
+  if said[0][1][0] == "checkpoint":
+    rows = [json.loads(x) for x in open(work / "metrics.jsonl")]
+    assert [x["resumed_from_step"] for x in rows if "resumed_from_step" in x] \
+        == [said[0][1][1]], said
+
+
+@pytest.mark.extended  # ~4 runs of the whole tiny pipeline; the one-stage version runs always
+def test_sigkill_in_every_stage_resumes_bitwise(trained, tmp_path):
+  """SIGKILL at a random point of each stage in turn (a fresh workdir), then the same
+  command: bitwise the uninterrupted run."""
+  work = tmp_path / "w"
+  _kill_and_resume(trained, work, ["tokenizer", "fusion", "segmentation"], seed=None)

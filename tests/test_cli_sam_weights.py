@@ -104,7 +104,7 @@ def test_evaluate_and_predict_clis(run, tmp_path):
   (sig,) = os.listdir(gen)
   raw = gen / sig / "raw"
   out = tmp_path / "pred"
-  r = run_module("fusionsam_jax.predict", f"--workdir={work}", "--input-dir", str(raw),
+  r = run_module("fusionsam_jax.predict", f"--workdir={work}", "--input_dir", str(raw),
                  "--split", "test", "--out", str(out))
   assert r.returncode == 0, r.stderr[-3000:]
   names = [n.strip() for n in open(raw / "test.txt") if n.strip()]

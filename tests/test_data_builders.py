@@ -148,7 +148,7 @@ def test_grey_stored_as_rgb_is_reduced(tmp_path):
 def test_cli(tmp_path, capsys):
   src = tmp_path / "src"
   generate.generate_dataset("mfnet", src, 8, seed=0, height=H, width=W)
-  rc = prepare.main(["--dataset", "mfnet", "--manual-dir", str(src), "--data-dir",
-                     str(tmp_path / "dst"), "--no-progress"])
+  rc = prepare.main(["--dataset", "mfnet", "--manual_dir", str(src), "--data_dir",
+                     str(tmp_path / "dst"), "--noprogress"])
   assert rc == 0
   assert "train=4" in capsys.readouterr().out

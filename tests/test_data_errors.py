@@ -141,15 +141,15 @@ def test_layout_error_explains_layout_and_source(tmp_path, layout, remove, where
 
 
 def test_cli_bad_input_exits_non_zero(tmp_path, capsys):
-  rc = prepare.main(["--dataset", "fmb", "--manual-dir", str(tmp_path / "nowhere"),
-                     "--data-dir", str(tmp_path / "dst"), "--no-progress"])
+  rc = prepare.main(["--dataset", "fmb", "--manual_dir", str(tmp_path / "nowhere"),
+                     "--data_dir", str(tmp_path / "dst"), "--noprogress"])
   assert rc != 0
   err = capsys.readouterr().err
   assert "nowhere" in err and "Visible" in err and "SegMiF" in err
   src = _make(tmp_path, "mfnet")
   (src / "labels" / "00001D.png").write_bytes(b"junk")
-  rc = prepare.main(["--dataset", "mfnet", "--manual-dir", str(src),
-                     "--data-dir", str(tmp_path / "dst"), "--no-progress"])
+  rc = prepare.main(["--dataset", "mfnet", "--manual_dir", str(src),
+                     "--data_dir", str(tmp_path / "dst"), "--noprogress"])
   assert rc == 1 and "00001D.png" in capsys.readouterr().err
 
 
@@ -177,3 +177,110 @@ def test_16_bit_image(tmp_path):
   Image.fromarray(depth).save(path)
   err = _expect(tmp_path, "vdt", src, ChannelError, "D/00004.png")
   assert "8-bit" in str(err)
+
+
+def _png(path, arr: np.ndarray, bit_depth: int = 16) -> None:
+  """A PNG written by hand (PIL writes no 16-bit RGB): arr (H, W, C) uint16, C in 1..4."""
+  import struct
+  import zlib
+  h, w, c = arr.shape
+  color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+  def chunk(tag, data):
+    return (struct.pack(">I", len(data)) + tag + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+  rows = b"".join(b"\x00" + arr[i].astype(">u2").tobytes() for i in range(h))
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("layout,rel,channels", [
+    ("vdt", "Test/V/00004.png", 3), ("mfnet", "images/00002N.png", 4)])
+def test_16_bit_colour_png_is_refused(tmp_path, layout, rel, channels):
+  """Issue 17, defect 6: PIL read 16-bit RGB(A) as 8-bit (1000 -> 3) and prepare took it."""
+  src = _make(tmp_path, layout)
+  arr = np.full((H, W, channels), 1000, np.uint16)
+  _png(src / rel, arr)
+  from PIL import Image as _I
+  with _I.open(src / rel) as im:   # the silent reduction the check guards against
+    assert im.mode in ("RGB", "RGBA") and np.asarray(im).max() == 3
+  err = _expect(tmp_path, layout, src, ChannelError, rel)
+  assert "16-bit PNG" in str(err) and "8-bit" in str(err)
+
+
+def test_decompression_bomb_is_one_error(tmp_path):
+  """A 20000 x 20000 header: PIL's DecompressionBombError escaped as a traceback."""
+  src = _make(tmp_path, "fmb")
+  rel = "train/Infrared/00002.png"
+  _png(src / rel, np.zeros((1, 1, 1), np.uint16), bit_depth=8)
+  data = bytearray((src / rel).read_bytes())   # patch the IHDR size (the CRC is not read first)
+  import struct
+  import zlib
+  data[16:24] = struct.pack(">II", 20000, 20000)
+  data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+  (src / rel).write_bytes(bytes(data))
+  err = _expect(tmp_path, "fmb", src, CorruptImageError, rel)
+  assert "decompression bomb" in str(err) and "400000000 pixels" in str(err)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"00001D\n\xff\xfe00002N\n", "not UTF-8 text (byte 0xff on line 2)"),
+    (b"00001D\n../../../etc/passwd\n", "line 2: '../../../etc/passwd' is a path out of"),
+    (b"/etc/passwd\n", "line 1: '/etc/passwd' is a path out of"),
+    (b"images/../../x\n", "is a path out of"),
+])
+def test_bad_split_list_entries(tmp_path, content, needle):
+  """Issue 17, defects 9/10: a non-UTF-8 list was a traceback; '../' and absolute entries
+  were read from outside --manual_dir."""
+  src = _make(tmp_path, "mfnet")
+  (src / "train.txt").write_bytes(content)
+  err = _expect(tmp_path, "mfnet", src, SplitListError, "train.txt")
+  assert needle in str(err), str(err)
+
+
+def test_symlink_loop_is_named(tmp_path):
+  src = _make(tmp_path, "vdt")
+  p = src / "Test" / "T" / "00003.png"
+  os.remove(p)
+  os.symlink(p, p)
+  err = _expect(tmp_path, "vdt", src, CorruptImageError, "T/00003.png")
+  assert "symbolic link" in str(err) and "does not exist" not in str(err)
+
+
+def test_unwritable_data_dir_and_orphans(tmp_path, capsys):
+  """Issue 17, defects 9/12: an unwritable --data_dir was a traceback; the temp folder of a
+  killed prepare was never removed."""
+  src = _make(tmp_path, "mfnet")
+  (tmp_path / "file").write_text("x")
+  rc = prepare.main(["--dataset", "mfnet", "--manual_dir", str(src), "--data_dir",
+                     str(tmp_path / "file" / "dst"), "--noprogress"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 1 and len(err) == 1 and "cannot write the mfnet dataset" in err[0], err
+  import subprocess
+  import sys
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  dst = tmp_path / "dst"
+  (dst / f".mfnet-building-{dead}-abcd1234" / "data").mkdir(parents=True)
+  (dst / ".mfnet-building-x1y2z3w4").mkdir()   # older versions' name (no pid)
+  prepare.prepare_dataset("mfnet", src, dst, progress=False)
+  assert sorted(os.listdir(dst)) == ["mfnet"]
+
+
+def test_full_disk_gives_one_line_and_nothing_partial(tmp_path):
+  """Issue 17, defect 9: disk full while writing the ArrayRecord files."""
+  import subprocess
+  import sys
+  from _faults import on_tmpfs
+  src = _make(tmp_path, "mfnet", num=24)
+  mnt = tmp_path / "mnt"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "fusionsam_jax.data.prepare", "--dataset", "mfnet",
+         "--manual_dir", str(src), "--data_dir", str(mnt / "dst"), "--noprogress"]
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  res = on_tmpfs(["sh", "-c", '"$@"; rc=$?; ls -A "$0/dst" >&2; exit $rc', str(mnt), *cmd],
+                 mnt, size="128k", env=env, cwd=root, timeout=300)
+  lines = [l for l in res.stderr.strip().splitlines() if l]
+  assert res.returncode == 1, res.stderr[-3000:]
+  assert len(lines) == 1 and "writing the mfnet dataset failed" in lines[0], res.stderr[-3000:]

@@ -112,8 +112,8 @@ def test_vdt_salient_objects_pop_out_somewhere():
 
 def test_cli(tmp_path, capsys):
   rc = generate.main(["--layout", "fmb", "--out", str(tmp_path / "g"), "--num", "5",
-                      "--seed", "1", "--height", "32", "--width", "40", "--no-progress"])
+                      "--seed", "1", "--height", "32", "--width", "40", "--noprogress"])
   assert rc == 0 and "train=3, val=1, test=1" in capsys.readouterr().out
   rc = generate.main(["--layout", "fmb", "--out", str(tmp_path / "g"), "--num", "5",
-                      "--no-progress"])
+                      "--noprogress"])
   assert rc == 1 and "exists" in capsys.readouterr().err

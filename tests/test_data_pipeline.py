@@ -1,6 +1,7 @@
 """grain pipelines: shuffling, resume, aligned augmentation, sharding, full-coverage eval."""
 
 import gc
+import os
 
 import grain.python as grain
 import numpy as np
@@ -226,3 +227,23 @@ def test_default_sharding_uses_jax_processes(mem_source):
   loader = pipeline.train_loader(mem_source, batch_size=2, crop_size=(16, 16))
   assert next(iter(loader))["rgb"].shape == (2, 16, 16, 3)
   assert len(list(pipeline.eval_loader(mem_source, batch_size=5))) == 3
+
+
+def test_input_pipeline_sized_to_the_host():
+  """train.worker_count / device_prefetch None: sized to the host's cores (the paper configs);
+  a set value is kept (the demo's in-process loader)."""
+  from configs import demo, mfnet
+  from fusionsam_jax.data import spec as D
+  c = mfnet.get_config()
+  assert c.train.worker_count is None and c.train.device_prefetch is None
+  # 2-core CI box: in-process loader, 2 batches ahead; the 16-core GPU host: 8 workers
+  # (half the cores, capped), one device batch per worker.
+  assert (D.worker_count(c, cpus=2), D.device_prefetch(c, cpus=2)) == (0, 2)
+  assert (D.worker_count(c, cpus=16), D.device_prefetch(c, cpus=16)) == (8, 8)
+  assert (D.worker_count(c, cpus=6), D.device_prefetch(c, cpus=6)) == (3, 3)
+  assert D.worker_count(c, cpus=128) == 8
+  assert 1 <= D.host_cpus() <= (os.cpu_count() or 1)
+  d = demo.get_config()
+  assert D.worker_count(d, cpus=16) == 0 and D.device_prefetch(d, cpus=16) == 2
+  c.train.worker_count, c.train.device_prefetch = 3, 5
+  assert (D.worker_count(c, cpus=16), D.device_prefetch(c, cpus=16)) == (3, 5)

@@ -88,7 +88,7 @@ def test_segmentation_gradients(built):
   for freeze in (True, False):
     c = tiny_cfg(freeze_fmp_in_segmentation=freeze)
     loss_fn = _seg_loss(model, c)
-    grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(0), 0)[0])(params)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(0), 0)[0]))(params)
     for name in seg_stage.trainable(c):
       top, *rest = name.split("/")
       sub = grads[top]
@@ -106,7 +106,7 @@ def test_fusion_and_tokenizer_gradients(built):
   cfg, model, params = built
   batch = _batch(cfg)
   f = fusion_stage.loss_fn(model, cfg, ConfigDict(dict(weights=None)))
-  grads = jax.grad(lambda p: f(p, batch, None, 0)[0])(params)
+  grads = jax.jit(jax.grad(lambda p: f(p, batch, None, 0)[0]))(params)
   assert _nonzero(grads["fmp"]) and _nonzero(grads["fused_decoder"])
   assert not _nonzero(grads["tokenizer_rgb"]) and not _nonzero(grads["image_encoder"])
   disc = init_discriminators(cfg, jax.random.PRNGKey(1), (32, 48))
@@ -278,7 +278,7 @@ def test_ablations_and_single_modality_take_a_step(over):
   loss_fn = _seg_loss(model, cfg)
   opt = optax.adam(1e-3)
   st = opt.init(params)
-  l0, g = jax.value_and_grad(lambda p: loss_fn(p, batch, None, 0)[0])(params)
+  l0, g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None, 0)[0]))(params)
   upd, st = opt.update(g, st, params)
   p1 = optax.apply_updates(params, upd)
   assert np.isfinite(float(l0))

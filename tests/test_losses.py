@@ -272,6 +272,7 @@ def test_disc_start_step():
   assert L.disc_start_step(12, 40) == 12                # absolute when given
   assert L.disc_start_step(None, None) == 0
   assert L.disc_start_step(10 ** 9, 300, disc_weight=0.0) == 10 ** 9   # adversarial off
+  assert L.disc_start_step(2, 0) == 2                   # a skipped (0-step) stage: no check
   with pytest.raises(ValueError, match="never train"):
     L.disc_start_step(9800, 30, disc_weight=0.8)
 

@@ -174,9 +174,9 @@ def label_dirs(tmp_path):
 def test_miou_cli(label_dirs, capsys):
   root, preds, labels = label_dirs
   out = root / "res" / "miou.json"
-  rc = miou_mod.main(["--pred-dir", str(root / "pred"), "--gt-dir", str(root / "gt"),
-                      "--num-classes", "4", "--json", str(out),
-                      "--class-names", "bg,car,person,bike"])
+  rc = miou_mod.main(["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"),
+                      "--num_classes", "4", "--json", str(out),
+                      "--class_names", "bg,car,person,bike"])
   assert rc == 0
   ref = _sk_cm(preds, labels, [np.ones_like(p, bool) for p in preds], 4)
   res = json.loads(out.read_text())
@@ -194,7 +194,7 @@ def test_miou_cli(label_dirs, capsys):
 
 def test_miou_cli_errors(label_dirs, capsys):
   root, _, _ = label_dirs
-  args = ["--pred-dir", str(root / "pred"), "--gt-dir", str(root / "gt"), "--num-classes", "4"]
+  args = ["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"), "--num_classes", "4"]
   # size mismatch: a prediction is not resized, the file is named
   _save(root / "pred" / "00001.png", np.zeros((26, 35)))
   assert miou_mod.main(args) != 0
@@ -220,12 +220,12 @@ def test_miou_cli_errors(label_dirs, capsys):
 
 def test_miou_cli_subprocess(label_dirs):
   root, _, _ = label_dirs
-  base = [sys.executable, "-m", "fusionsam_jax.metrics.miou", "--pred-dir", str(root / "pred"),
-          "--gt-dir", str(root / "gt")]
-  ok = subprocess.run(base + ["--num-classes", "4"], cwd=REPO, capture_output=True, text=True)
+  base = [sys.executable, "-m", "fusionsam_jax.metrics.miou", "--pred_dir", str(root / "pred"),
+          "--gt_dir", str(root / "gt")]
+  ok = subprocess.run(base + ["--num_classes", "4"], cwd=REPO, capture_output=True, text=True)
   assert ok.returncode == 0, ok.stderr
   os.remove(root / "pred" / "00002.png")
-  bad = subprocess.run(base + ["--num-classes", "4"], cwd=REPO, capture_output=True, text=True)
+  bad = subprocess.run(base + ["--num_classes", "4"], cwd=REPO, capture_output=True, text=True)
   assert bad.returncode != 0 and "00002.png" in bad.stderr
 
 
@@ -337,7 +337,7 @@ def test_sod_normalized_input_and_corner_case():
 
 def test_sod_cli(tmp_path, capsys):
   out = tmp_path / "sod.json"
-  args = ["--pred-dir", str(GOLDEN / "preds"), "--gt-dir", str(GOLDEN / "masks")]
+  args = ["--pred_dir", str(GOLDEN / "preds"), "--gt_dir", str(GOLDEN / "masks")]
   assert sod_mod.main(args + ["--json", str(out)]) == 0
   res = json.loads(out.read_text())
   ref, _ = _pysod_results(_golden_pairs()[1])
@@ -350,15 +350,92 @@ def test_sod_cli(tmp_path, capsys):
   (tmp_path / "g").mkdir()
   _save(tmp_path / "p" / "a.png", np.zeros((10, 12)))
   _save(tmp_path / "g" / "a.png", np.zeros((12, 10)))
-  assert sod_mod.main(["--pred-dir", str(tmp_path / "p"), "--gt-dir", str(tmp_path / "g")]) != 0
+  assert sod_mod.main(["--pred_dir", str(tmp_path / "p"), "--gt_dir", str(tmp_path / "g")]) != 0
   assert "a.png" in capsys.readouterr().err
 
 
 def test_sod_cli_subprocess(tmp_path):
   r = subprocess.run([sys.executable, "-m", "fusionsam_jax.metrics.sod",
-                      "--pred-dir", str(GOLDEN / "preds"), "--gt-dir", str(GOLDEN / "masks"),
+                      "--pred_dir", str(GOLDEN / "preds"), "--gt_dir", str(GOLDEN / "masks"),
                       "--json", str(tmp_path / "x.json"), "--curves"],
                      cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr
   res = json.loads((tmp_path / "x.json").read_text())
   assert len(res["curves"]["fm"]) == 256
+
+
+def _palette_png(path, idx, colours):
+  """A palette PNG: indices `idx`, palette entry i = colours[i]."""
+  im = Image.fromarray(np.asarray(idx, np.uint8), "P")
+  im.putpalette([v for c in colours for v in c])
+  im.save(path)
+
+
+def test_palette_pngs_are_read_as_class_ids_or_refused(tmp_path, capsys):
+  """Issue 17, defect 10: palette PNGs whose indices are not class ids (a colour mask saved
+  by `quantize`, indices by frequency) were counted as ids: 5.7 % for 65.7 %."""
+  from fusionsam_jax.data.info import MFNET
+  pal = [tuple(c) for c in MFNET.palette]
+  rng = np.random.default_rng(0)
+  gt = rng.integers(0, 9, (12, 16))
+  pred = np.where(rng.random((12, 16)) < 0.7, gt, rng.integers(0, 9, (12, 16)))
+  ref = ConfusionMatrix(9)
+  ref.update(pred, gt)
+  (tmp_path / "gt").mkdir()
+  (tmp_path / "p").mkdir()
+  _save(tmp_path / "gt" / "a.png", gt)
+  # the prediction as a colour mask saved as a palette PNG with its own index order
+  perm = rng.permutation(9)                   # class k is stored as index perm[k]
+  colours = [None] * 9
+  for k in range(9):
+    colours[perm[k]] = pal[k]
+  _palette_png(tmp_path / "p" / "a.png", perm[pred], colours)
+  args = ["--pred_dir", str(tmp_path / "p"), "--gt_dir", str(tmp_path / "gt"),
+          "--num_classes", "9", "--json", str(tmp_path / "r.json")]
+  # without the dataset palette: refused, the file named
+  assert miou_mod.main(args) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "p/a.png" in err[0] and "palette" in err[0], err
+  # with it, the colours are mapped to their class ids: the true confusion matrix
+  assert miou_mod.main(args + ["--dataset", "mfnet"]) == 0
+  assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == ref.matrix.tolist()
+  # a palette that is the dataset's own (index i = class i) or a grey ramp: indices are ids
+  _palette_png(tmp_path / "p" / "a.png", pred, pal)
+  assert miou_mod.main(args + ["--dataset", "mfnet"]) == 0
+  assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == ref.matrix.tolist()
+  _palette_png(tmp_path / "p" / "a.png", pred, [(i, i, i) for i in range(9)])
+  assert miou_mod.main(args) == 0
+  assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == ref.matrix.tolist()
+  # --palette_indices: counted as they are
+  _palette_png(tmp_path / "p" / "a.png", perm[pred], colours)
+  assert miou_mod.main(args + ["--palette_indices"]) == 0
+  capsys.readouterr()
+  bad = ConfusionMatrix(9)
+  bad.update(perm[pred], gt)
+  assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == bad.matrix.tolist()
+
+
+def test_bad_ground_truth_value_names_the_ground_truth(label_dirs, capsys):
+  """Issue 17, defect 11: a bad ground-truth value was blamed on the prediction file."""
+  root, _, labels = label_dirs
+  gt = labels[0].copy()
+  gt[0, 0] = 7
+  name = sorted(os.listdir(root / "gt"))[0]
+  _save(root / "gt" / name, gt)
+  assert miou_mod.main(["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"),
+                        "--num_classes", "4"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and str(root / "gt" / name) in err[0], err
+  assert "ground truth holds values [7]" in err[0] and str(root / "pred") not in err[0]
+
+
+def test_bad_split_list_is_one_line_naming_it(label_dirs, capsys):
+  """A non-UTF-8 --split_list was a bare codec error; a '../' entry read outside --gt_dir."""
+  root, _, _ = label_dirs
+  args = ["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"), "--num_classes", "4"]
+  lst = root / "list.txt"
+  for content, needle in ((b"00000\n\xff\n", "not UTF-8"), (b"../pred/00000\n", "out of")):
+    lst.write_bytes(content)
+    assert miou_mod.main(args + ["--split_list", str(lst)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(lst) in err[0] and needle in err[0], err

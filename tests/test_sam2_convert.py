@@ -5,6 +5,7 @@ code); the parity tests run it as a subprocess."""
 import hashlib
 import importlib.util
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -124,8 +125,8 @@ def test_variant_detection_from_shapes(monkeypatch):
 
 def test_model_type_mismatch(tiny_pt, tmp_path, capsys):
   pt, _ = tiny_pt
-  _fails(capsys, _args(pt, tmp_path / "out", "--model-type", "hiera_l"), "hiera_l", "tiny")
-  _fails(capsys, _args(pt, tmp_path / "out", "--model-type", "vit_h"), "vit_h", "expected")
+  _fails(capsys, _args(pt, tmp_path / "out", "--model_type", "hiera_l"), "hiera_l", "tiny")
+  _fails(capsys, _args(pt, tmp_path / "out", "--model_type", "vit_h"), "vit_h", "expected")
   _only(tmp_path)
 
 
@@ -178,6 +179,21 @@ def test_existing_output_needs_overwrite(tiny_pt, tmp_path, capsys):
   (out / "keep.txt").write_text("user data")
   _fails(capsys, _args(pt, out), "already exists", "--overwrite")
   assert (out / "keep.txt").read_text() == "user data"
-  assert _cli()(_args(pt, out, "--overwrite")) == 0
+  # --overwrite replaces only a folder this converter wrote (issue 17, defect 2) ...
+  _fails(capsys, _args(pt, out, "--overwrite"), "keep.txt", "only a checkpoint directory")
+  assert sorted(os.listdir(out)) == ["keep.txt"]
+  # ... never the folder holding the input, nor a SAM (1) checkpoint folder
+  inp = out / "model.pt"
+  inp.write_bytes(pt.read_bytes())
+  _fails(capsys, _args(inp, out, "--overwrite"), "holds the input")
+  assert sorted(os.listdir(out)) == ["keep.txt", "model.pt"]
+  from fusionsam_jax.sam_checkpoint import write_params_dir
+  sam1 = tmp_path / "sam1"
+  write_params_dir(str(sam1), {"w": np.zeros(2, np.float32)}, {"format": "fusionsam_jax.sam/1"})
+  _fails(capsys, _args(pt, sam1, "--overwrite"), "sam_meta.json")
+  shutil.rmtree(out)
+  shutil.rmtree(sam1)
+  assert _cli()(_args(pt, out)) == 0
+  assert _cli()(_args(pt, out, "--overwrite")) == 0   # its own output: replaced
   assert read_sam2_meta(str(out))["variant"] == "tiny"
   _only(tmp_path, "out")

@@ -142,6 +142,26 @@ def test_config_guard(tmp_path):
   assert T.check_workdir_config(tmp_path, bad, ignore=("train.num_steps",)) == fp2
 
 
+def test_config_guard_reads_added_keys_at_their_old_value(tmp_path):
+  """A workdir made before a config key existed (model.backbone) resumes with the key at the
+  value that reproduces the old behaviour, and only then."""
+  old = {"model": {"d_c": 256}}
+  T.check_workdir_config(tmp_path, old)
+  added = {"model.backbone": "sam"}
+  new = {"model": {"d_c": 256, "backbone": "sam"}}
+  fp = T.check_workdir_config(tmp_path, new, added=added)
+  assert json.loads((tmp_path / "config.json").read_text())["config"] == new
+  assert not glob.glob(str(tmp_path / "config.*.json"))
+  assert T.check_workdir_config(tmp_path, new, added=added) == fp
+  (tmp_path / "config.json").unlink()
+  T.check_workdir_config(tmp_path, old)
+  with pytest.raises(T.ConfigMismatchError, match=r"model\.backbone: 'sam' -> 'sam2_tiny'"):
+    T.check_workdir_config(tmp_path, {"model": {"d_c": 256, "backbone": "sam2_tiny"}},
+                           added=added)
+  with pytest.raises(T.ConfigMismatchError, match="model.backbone"):
+    T.check_workdir_config(tmp_path, new)   # without `added`: a difference
+
+
 def test_config_guard_accepts_configdict(tmp_path):
   import ml_collections
   cfg = ml_collections.ConfigDict({"a": 1, "b": {"c": (1, 2)}})
@@ -150,3 +170,60 @@ def test_config_guard_accepts_configdict(tmp_path):
   with pytest.raises(T.ConfigMismatchError, match=r"b\.c"):
     T.check_workdir_config(tmp_path, cfg)
   assert fp == T.config_fingerprint({"a": 1, "b": {"c": [1, 2]}})
+
+
+def _state_shaped(v: float, n: int):
+  params = {"enc": {"w": jnp.full((3, n), v)}, "head": {"b": jnp.full((n,), v)}}
+  tx = C.make_optimizer(1e-3, 1e-3)
+  return T.TrainState.create(params, tx, rng=0).replace(step=jnp.int32(int(v)))
+
+
+@_ORBAX_GC_NOISE
+def test_checkpoint_of_another_model_is_a_mismatch_not_corruption(tmp_path):
+  """A checkpoint whose param shapes / names differ from the model (a changed config) is
+  refused with the differing params named, and never moved to *_corrupt."""
+  from fusionsam_jax.training.checkpointing import CheckpointMismatchError
+  with T.StageCheckpointer(tmp_path / "ck", keep_latest=2, best_k=0) as ck:
+    _save_steps(ck, [1, 2])
+    with pytest.raises(CheckpointMismatchError, match=r"enc/w: \(3, 2\) in the checkpoint, "
+                       r"\(3, 5\) now"):
+      ck.restore(_state_shaped(0, 5), quarantine_corrupt=True)
+    assert ck.all_steps() == [1, 2]
+    assert not os.path.exists(str(tmp_path / "ck") + "_corrupt")
+    assert ck.structure_differences(2, _state(0)) == []
+    assert ck.restore(_state(0)).step == 2
+
+
+@_ORBAX_GC_NOISE
+def test_only_checkpoint_corrupt_is_quarantined_and_training_starts_afresh(tmp_path):
+  said = []
+  with T.StageCheckpointer(tmp_path / "ck", keep_latest=2, best_k=0, stage="fusion",
+                           say=said.append) as ck:
+    _save_steps(ck, [3])
+    _truncate_arrays(tmp_path / "ck" / "3")
+    assert ck.verify(_state(0), 3) is not None
+    assert ck.restore(_state(0), quarantine_corrupt=True) is None   # start from scratch
+    assert ck.all_steps() == []
+    (moved,) = os.listdir(str(tmp_path / "ck") + "_corrupt")
+    assert moved.startswith("3-")
+    assert len(said) == 2 and "checkpoint 3 of stage 'fusion' is unusable" in said[0]
+    assert "starts from the beginning" in said[1]
+
+
+def test_resumed_stage_drops_the_rows_logged_after_its_checkpoint(tmp_path):
+  """metrics.jsonl: rows a killed run wrote after checkpoint 4 of stage 'b' (and a torn
+  last line) go when the stage resumes from 4; other stages' rows stay."""
+  from fusionsam_jax.training.logging import MetricWriter, read_metrics_jsonl
+  w = MetricWriter(tmp_path, tensorboard=False)
+  for s in (2, 4):
+    w.write_scalars(s, {"loss": s}, split="a/train")
+  for s in (2, 4, 6):
+    w.write_scalars(s, {"loss": s}, split="b/train")
+  w.write_scalars(5, {"first_step_s": 1.0}, split="b/event")
+  with open(w.jsonl_path, "a") as fh:
+    fh.write('{"step": 7, "spl')
+  assert w.drop_rows_after(4, "b/") == 3
+  rows = [(r["split"], r["step"]) for r in read_metrics_jsonl(w.jsonl_path)]
+  assert rows == [("a/train", 2), ("a/train", 4), ("b/train", 2), ("b/train", 4)]
+  assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+

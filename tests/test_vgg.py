@@ -141,3 +141,32 @@ def test_state_dict_and_loader_errors(converted, tmp_path):
   np.savez(other, a=np.zeros(3))
   with pytest.raises(ValueError, match="not a converted VGG16"):
     load_vgg16_params(str(other))
+
+
+def test_converter_refuses_bad_tensors_and_names_random_bytes(converted, tmp_path, capsys):
+  """Issue 17, defect 10 for the VGG16 converter: NaN / int tensors were cast to float32;
+  random bytes were called 'arbitrary objects'."""
+  import importlib.util
+  import torch
+  spec = importlib.util.spec_from_file_location("convert_vgg16", TOOL)
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  net, _, _ = converted
+  sd = {f"features.{k}": v for k, v in net.state_dict().items()}
+  nan = torch.full_like(sd["features.0.bias"], float("nan"))
+  rand = tmp_path / "rand.pth"
+  rand.write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+  for bad, needles in ((dict(sd, **{"features.0.bias": nan}), ["'features.0.bias'", "non-finite"]),
+                       (dict(sd, **{"features.0.bias": sd["features.0.bias"].long()}),
+                        ["'features.0.bias'", "torch.int64"]),
+                       (None, ["rand.pth", "not a readable"])):
+    pth = rand
+    if bad is not None:
+      pth = tmp_path / "bad.pth"
+      torch.save(bad, pth)
+    assert tool.main(["--weights", str(pth), "--output", str(tmp_path / "o.npz")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "arbitrary objects" not in err, err
+    for n in needles:
+      assert n in err, err
+  assert not (tmp_path / "o.npz").exists()

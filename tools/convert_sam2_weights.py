@@ -8,32 +8,30 @@ The variant (hiera_t / hiera_s / hiera_b+ / hiera_l) is read off the tensor shap
 memory tensors are skipped.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="official SAM 2 .pt file")
-  parser.add_argument("--output", required=True, help="output directory")
-  parser.add_argument("--model-type", default="auto",
-                      help="auto|hiera_t|hiera_s|hiera_b+|hiera_l")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-  args = parser.parse_args(argv)
+def define_flags(fv) -> dict:
+  from fusionsam_jax.cli_common import converter_flags
+  return converter_flags(fv, "SAM 2 .pt", "auto|hiera_t|hiera_s|hiera_b+|hiera_l")
+
+
+def _main(f, _) -> int:
+  from fusionsam_jax.cli_common import run_converter
   from fusionsam_jax.models.sam2.checkpoint import CheckpointError, convert_file
-  try:
-    cfg, out = convert_file(args.checkpoint, args.output, args.model_type, args.overwrite)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
   from fusionsam_jax.models.sam2.sam2 import preset_name
-  print(f"converted {args.checkpoint} ({preset_name(cfg) or 'custom'}) -> {out}")
-  return 0
+  return run_converter(f, convert_file, CheckpointError, preset_name)
+
+
+def main(argv=None) -> int:
+  from fusionsam_jax.cli_common import run_cli
+  return run_cli(define_flags, _main, argv, prog="python tools/convert_sam2_weights.py",
+                 doc=__doc__, required=("checkpoint", "output"))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from fusionsam_jax.cli_common import exit_now
+  exit_now(main())

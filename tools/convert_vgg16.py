@@ -12,7 +12,6 @@ written atomically (temp file + rename) and read by
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -34,9 +33,12 @@ def read_state_dict(path: str) -> dict:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for bad / truncated files
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if "Weights only load failed" in msg:
+    full = str(e)
+    msg = full.splitlines()[0] if full else type(e).__name__
+    if "Weights only load failed" in msg and "GLOBAL" in full:
       msg = "not a plain tensor checkpoint; refusing to unpickle arbitrary objects"
+    elif "Weights only load failed" in msg:
+      msg = "unpickling failed: not a PyTorch file"
     elif len(msg) > 160:
       msg = msg[:157] + "..."
     raise ValueError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
@@ -45,29 +47,46 @@ def read_state_dict(path: str) -> dict:
   if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
     raise ValueError(f"{path} does not hold a state dict of tensors "
                      f"(found {type(obj).__name__})")
-  sd = {k: v.detach().to(torch.float32).cpu().numpy()
-        for k, v in obj.items() if torch.is_tensor(v) and k.startswith("features.")}
+  from fusionsam_jax.sam_checkpoint import CheckpointError, tensor_to_numpy
+  sd = {}
+  for k, v in obj.items():
+    if isinstance(k, str) and k.startswith("features."):
+      try:   # NaN / Inf, int / bool / complex, sparse, empty: refused naming the key
+        sd[k] = tensor_to_numpy(torch, path, k, v)
+      except CheckpointError as e:
+        raise ValueError(str(e)) from None
   if not sd:
     raise ValueError(f"{path} has no 'features.*' tensors: not a torchvision VGG16 "
                      f"state dict (first keys: {', '.join(list(obj)[:3])})")
   return sd
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[1],
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  ap.add_argument("--weights", required=True, help="torchvision VGG16 state dict (.pth)")
-  ap.add_argument("--output", required=True, help="output .npz for load_vgg16_params")
-  args = ap.parse_args(argv)
+def define_flags(fv) -> dict:
+  from absl import flags
+  return {
+      "weights": flags.DEFINE_string("weights", None, "torchvision VGG16 state dict (.pth)",
+                                     flag_values=fv),
+      "output": flags.DEFINE_string("output", None, "output .npz for load_vgg16_params",
+                                    flag_values=fv),
+  }
+
+
+def _main(f, _) -> int:
   try:
-    sd = read_state_dict(args.weights)
+    sd = read_state_dict(f["weights"].value)
     params = params_from_torch_state_dict(sd)
-    save_vgg16_params(params, args.output)
+    save_vgg16_params(params, f["output"].value)
   except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"wrote {args.output} (13 VGG16 conv layers)")
+  print(f"wrote {f['output'].value} (13 VGG16 conv layers)")
   return 0
+
+
+def main(argv=None) -> int:
+  from fusionsam_jax.cli_common import run_cli
+  return run_cli(define_flags, _main, argv, prog="python tools/convert_vgg16.py",
+                 doc=__doc__, required=("weights", "output"))
 
 
 if __name__ == "__main__":

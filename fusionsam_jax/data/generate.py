@@ -24,7 +24,6 @@ deterministic: the same (layout, seed, index, size) gives byte-identical files, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -487,35 +486,49 @@ def generate_dataset(layout: str, out_dir, num: int, seed: int, height: int = DE
   return splits
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m fusionsam_jax.data.generate",
-      description="Write a generated multimodal scene set in an official dataset layout.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--layout", required=True, choices=info_lib.DATASETS,
-                 help="dataset layout to imitate")
-  p.add_argument("--out", required=True, help="output folder (must be new or empty)")
-  p.add_argument("--num", type=int, default=200, help="number of samples (all splits)")
-  p.add_argument("--seed", type=int, default=0, help="random seed")
-  p.add_argument("--height", type=int, default=DEFAULT_SIZE[0], help="image height")
-  p.add_argument("--width", type=int, default=DEFAULT_SIZE[1], help="image width")
-  p.add_argument("--native", action="store_true",
-                 help="use the dataset's native size (overrides --height/--width)")
-  p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  args = p.parse_args(argv)
-  h, w = args.height, args.width
-  if args.native:
-    h, w = info_lib.get_info(args.layout).native_size
+def define_flags(fv) -> dict:
+  from absl import flags
+  d = dict(flag_values=fv)
+  return {
+      "layout": flags.DEFINE_enum("layout", None, list(info_lib.DATASETS),
+                                  "dataset layout to imitate", **d),
+      "out": flags.DEFINE_string("out", None, "output folder (must be new or empty)", **d),
+      "num": flags.DEFINE_integer("num", 200, "number of samples (all splits)", lower_bound=1,
+                                  **d),
+      "seed": flags.DEFINE_integer("seed", 0, "random seed", **d),
+      "height": flags.DEFINE_integer("height", DEFAULT_SIZE[0], "image height", lower_bound=1,
+                                     **d),
+      "width": flags.DEFINE_integer("width", DEFAULT_SIZE[1], "image width", lower_bound=1,
+                                    **d),
+      "native": flags.DEFINE_bool("native", False, "use the dataset's native size (overrides "
+                                  "--height/--width)", **d),
+      "overwrite": flags.DEFINE_bool("overwrite", False, "replace a non-empty --out", **d),
+      "progress": flags.DEFINE_bool("progress", True, "progress bar", **d),
+  }
+
+
+def _main(f, _) -> int:
+  layout, out, num = f["layout"].value, f["out"].value, f["num"].value
+  h, w = f["height"].value, f["width"].value
+  if f["native"].value:
+    h, w = info_lib.get_info(layout).native_size
   try:
-    splits = generate_dataset(args.layout, args.out, args.num, args.seed, h, w,
-                              overwrite=args.overwrite, progress=not args.no_progress)
+    splits = generate_dataset(layout, out, num, f["seed"].value, h, w,
+                              overwrite=f["overwrite"].value, progress=f["progress"].value)
   except (ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   sizes = ", ".join(f"{s}={len(v)}" for s, v in splits.items())
-  print(f"wrote {args.num} {args.layout} samples ({h}x{w}) to {args.out}: {sizes}")
+  print(f"wrote {num} {layout} samples ({h}x{w}) to {out}: {sizes}")
   return 0
+
+
+def main(argv=None) -> int:
+  """``python -m fusionsam_jax.data.generate``; `argv` without the program name."""
+  from fusionsam_jax.cli_common import run_cli
+  return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.data.generate",
+                 doc="Write a generated multimodal scene set in an official dataset layout.",
+                 required=("layout", "out"))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,17 @@ def read_image(path, *, palette_indices: bool = False) -> np.ndarray:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
+    if os.path.islink(path):
+      try:
+        os.stat(path)
+      except OSError as e:
+        raise CorruptImageError(path, f"a symbolic link that cannot be followed "
+                                      f"({e.strerror})") from None
     raise MissingFileError(path, "file does not exist")
+  depth = png_bit_depth(path)
+  if depth is not None and depth > 8:
+    raise ChannelError(path, f"{depth}-bit PNG: expected an 8-bit grey, RGB or RGBA image "
+                             "(16-bit images are not accepted: PIL would drop their low byte)")
   try:
     with Image.open(path) as img:
       img.load()
@@ -87,6 +97,9 @@ def read_image(path, *, palette_indices: bool = False) -> np.ndarray:
       arr = np.asarray(img)
   except DatasetError:
     raise
+  except Image.DecompressionBombError as e:
+    raise CorruptImageError(path, f"refused: {e}".rstrip(".") + " (a decompression bomb, or "
+                                  "raise PIL.Image.MAX_IMAGE_PIXELS)") from None
   except (OSError, SyntaxError, ValueError, zlib.error) as e:
     raise CorruptImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
   if arr.dtype != np.uint8:
@@ -94,6 +107,20 @@ def read_image(path, *, palette_indices: bool = False) -> np.ndarray:
   if arr.ndim == 2:
     arr = arr[:, :, None]
   return arr
+
+
+def png_bit_depth(path) -> int | None:
+  """The bit depth per sample in a PNG's IHDR chunk (1, 2, 4, 8 or 16); None for other files.
+  PIL decodes 16-bit RGB(A) PNGs as 8-bit RGB(A) without a word, so this is read off the
+  header."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(26)
+  except OSError:
+    return None
+  if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+    return None
+  return head[24]
 
 
 def to_grey(arr: np.ndarray, path, policy: str = "strict") -> np.ndarray:
@@ -124,7 +151,7 @@ def to_grey(arr: np.ndarray, path, policy: str = "strict") -> np.ndarray:
     return np.ascontiguousarray(arr[..., :1])
   if policy == "strict":
     raise ChannelError(path, "expected a grey image: it has 3 channels that differ (a colour "
-                             "image); pass grey_policy='luma' (--grey-policy luma) to convert "
+                             "image); pass grey_policy='luma' (--grey_policy luma) to convert "
                              "colour to luma")
   luma = (r.astype(np.uint32) * 19595 + g.astype(np.uint32) * 38470
           + b.astype(np.uint32) * 7471 + 0x8000) >> 16

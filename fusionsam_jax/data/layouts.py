@@ -149,8 +149,18 @@ def read_split_list(path) -> list[str]:
   Trailing blank lines are allowed; a blank line between entries or a repeated name raises
   :class:`SplitListError`.
   """
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise SplitListError(path, f"cannot be read ({e.strerror})") from None
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    raise SplitListError(path, f"not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): "
+                               "expected one sample name a line") from None
+  lines = text.splitlines()
   while lines and not lines[-1].strip():
     lines.pop()
   names, seen = [], {}
@@ -160,6 +170,11 @@ def read_split_list(path) -> list[str]:
       name = name[:-4]
     if not name:
       raise SplitListError(path, f"line {i} is an empty entry")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or (
+        len(name) > 1 and name[1] == ":"):
+      raise SplitListError(path, f"line {i}: {name!r} is a path out of the dataset folder: "
+                                 "expected a sample name (e.g. 00001D)")
     if name in seen:
       raise SplitListError(path, f"line {i}: {name!r} is duplicated (first on line "
                                  f"{seen[name]})")

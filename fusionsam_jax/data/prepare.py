@@ -1,6 +1,6 @@
 """Builds a dataset's ArrayRecord files from the official (or generated) on-disk layout.
 
-    python -m fusionsam_jax.data.prepare --dataset mfnet --manual-dir SRC --data-dir DST
+    python -m fusionsam_jax.data.prepare --dataset mfnet --manual_dir SRC --data_dir DST
 
 Steps: (1) validation pass over every sample (decode + checks, writes nothing); (2) the TFDS
 builder writes into a temporary folder inside DST; (3) the finished version folder is renamed
@@ -9,18 +9,21 @@ to ``DST/<dataset>/<version>``. A failure at any step leaves nothing under that 
 
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
 import sys
 import tempfile
 
+from fusionsam_jax import fsutil
 from fusionsam_jax.data import info as info_lib
 from fusionsam_jax.data import layouts
 from fusionsam_jax.data.io import GREY_POLICIES, DatasetError, LayoutError
 from fusionsam_jax.data.paths import dataset_dir, is_prepared  # noqa: F401 (re-exported)
 
 IF_EXISTS = ("error", "skip", "overwrite")
+
+
+class PrepareWriteError(OSError):
+  """The dataset could not be written (read-only or full disk, ...); nothing was left."""
 
 
 def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "strict",
@@ -56,13 +59,18 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
       return final
     if if_exists == "error":
       raise FileExistsError(f"{final}: dataset already prepared (use if_exists='skip' "
-                            "or 'overwrite', CLI --if-exists)")
+                            "or 'overwrite', CLI --if_exists)")
 # TFDS's bars have no total (no rate / ETA that means anything): the builder shows its own.
   tfds.disable_progress_bar()
   plan = layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
                          num_threads=num_threads)
-  os.makedirs(data_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}-building-", dir=data_dir)
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+    fsutil.clean_orphans(data_dir, (f".{name}-building-",))
+    tmp = tempfile.mkdtemp(prefix=fsutil.temp_prefix(f".{name}-building-"), dir=data_dir)
+  except OSError as e:
+    raise PrepareWriteError(f"{data_dir}: cannot write the {name} dataset there "
+                            f"({e.strerror or e}); nothing was written") from None
   saved_tempdir = tempfile.tempdir
   try:
       # A new TFDS builder makes an empty mkdtemp() folder (for GCS metadata, off here) and
@@ -86,40 +94,66 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
       old = os.path.join(tmp, "old")
       os.replace(final, old)
     os.replace(built, final)
+  except DatasetError:
+    raise
+  except Exception as e:  # a full or read-only disk, TFDS / array_record write errors
+    msg = e.strerror if isinstance(e, OSError) and e.strerror else (
+        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    if len(msg) > 300:
+      msg = msg[:297] + "..."
+    raise PrepareWriteError(f"{data_dir}: writing the {name} dataset failed ({msg}); "
+                            "nothing was written") from e
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    fsutil.rmtree(tmp)
+  return final
   return final
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m fusionsam_jax.data.prepare",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-      description="Validate a manually downloaded (or generated) dataset and write it as "
-                  "TFDS ArrayRecord files.")
-  p.add_argument("--dataset", required=True, choices=info_lib.DATASETS, help="which layout")
-  p.add_argument("--manual-dir", required=True, help="folder in the official layout")
-  p.add_argument("--data-dir", required=True, help="output root (DST/<dataset>/<version>)")
-  p.add_argument("--grey-policy", default="strict", choices=GREY_POLICIES,
-                 help="thermal/depth stored in colour: 'strict' accepts only equal channels, "
-                      "'luma' converts colour to luma")
-  p.add_argument("--if-exists", default="error", choices=IF_EXISTS,
-                 help="when DST/<dataset>/<version> exists")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  args = p.parse_args(argv)
+def define_flags(fv) -> dict:
+  from absl import flags
+  return {
+      "dataset": flags.DEFINE_enum("dataset", None, list(info_lib.DATASETS), "which layout",
+                                   flag_values=fv),
+      "manual_dir": flags.DEFINE_string("manual_dir", None, "folder in the official layout",
+                                        flag_values=fv),
+      "data_dir": flags.DEFINE_string("data_dir", None, "output root (DST/<dataset>/<version>)",
+                                      flag_values=fv),
+      "grey_policy": flags.DEFINE_enum(
+          "grey_policy", "strict", list(GREY_POLICIES), "thermal/depth stored in colour: "
+          "'strict' accepts only equal channels, 'luma' converts colour to luma",
+          flag_values=fv),
+      "if_exists": flags.DEFINE_enum("if_exists", "error", list(IF_EXISTS),
+                                     "when DST/<dataset>/<version> exists", flag_values=fv),
+      "progress": flags.DEFINE_bool("progress", True, "progress bars", flag_values=fv),
+  }
+
+
+def _main(f, _) -> int:
+  dataset, data_dir = f["dataset"].value, f["data_dir"].value
   try:
-    out = prepare_dataset(args.dataset, args.manual_dir, args.data_dir,
-                          grey_policy=args.grey_policy, if_exists=args.if_exists,
-                          progress=not args.no_progress)
+    out = prepare_dataset(dataset, f["manual_dir"].value, data_dir,
+                          grey_policy=f["grey_policy"].value, if_exists=f["if_exists"].value,
+                          progress=f["progress"].value)
   except LayoutError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except (DatasetError, FileExistsError) as e:
     print(f"error: {e}\nNothing was written.", file=sys.stderr)
     return 1
-  counts = ", ".join(f"{s}={n}" for s, n in split_sizes(args.dataset, args.data_dir).items())
-  print(f"prepared {args.dataset} at {out} ({counts})")
+  except PrepareWriteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  counts = ", ".join(f"{s}={n}" for s, n in split_sizes(dataset, data_dir).items())
+  print(f"prepared {dataset} at {out} ({counts})")
   return 0
+
+
+def main(argv=None) -> int:
+  """``python -m fusionsam_jax.data.prepare``; `argv` without the program name."""
+  from fusionsam_jax.cli_common import run_cli
+  return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.data.prepare",
+                 doc="Validate a manually downloaded (or generated) dataset and write it as "
+                     "TFDS ArrayRecord files.", required=("dataset", "manual_dir", "data_dir"))
 
 
 def split_sizes(name: str, data_dir) -> dict[str, int]:

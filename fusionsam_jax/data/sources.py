@@ -24,8 +24,8 @@ def load_source(name: str, split: str, data_dir) -> Sequence[dict]:
   if not is_prepared(name, data_dir):
     raise FileNotFoundError(
         f"{dataset_dir(name, data_dir)}: no prepared {name} dataset; run "
-        f"python -m fusionsam_jax.data.prepare --dataset {name} --manual-dir SRC "
-        f"--data-dir {os.fspath(data_dir)}")
+        f"python -m fusionsam_jax.data.prepare --dataset {name} --manual_dir SRC "
+        f"--data_dir {os.fspath(data_dir)}")
   builder = tfds.builder_from_directory(dataset_dir(name, data_dir))
   return builder.as_data_source(split=split)
 

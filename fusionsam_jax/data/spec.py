@@ -79,19 +79,28 @@ def ensure_data(config, *, say: Callable[[str], None] = print) -> DataSpec:
     raise DataMissingError(
         f"dataset '{spec.name}' is not prepared under data_dir={spec.data_dir!r} "
         f"(expected {spec.dataset_dir}/dataset_info.json). Get {src}, then run "
-        f"`python -m fusionsam_jax.data.prepare --dataset {spec.name} --manual-dir "
-        f"PATH/TO/{spec.name.upper()} --data-dir {spec.data_dir}`, or point "
+        f"`python -m fusionsam_jax.data.prepare --dataset {spec.name} --manual_dir "
+        f"PATH/TO/{spec.name.upper()} --data_dir {spec.data_dir}`, or point "
         "--config.data_dir at the folder you prepared it in.")
   _, (h, w) = _generate_sig(config)
   raw = os.path.join(spec.data_dir, "raw")
   g = config.generate
   t0 = time.perf_counter()
   if jax.process_index() == 0:
-    say(f"Generating {g.num} {spec.name}-layout scenes ({h}x{w}, seed {g.seed}) in {raw}")
-    generate.generate_dataset(spec.name, raw, int(g.num), int(g.seed), h, w, overwrite=True,
-                              progress=False)
-    prepare.prepare_dataset(spec.name, raw, spec.data_dir, if_exists="overwrite",
-                            progress=False)
+    from fusionsam_jax import locking
+    os.makedirs(spec.data_dir, exist_ok=True)
+    # One maker at a time (runs in other workdirs may want the same set); under the lock,
+    # the temporary folders of a killed maker are orphans.
+    with locking.DirLock(spec.data_dir, what="generated data folder", say=say, wait=True):
+      if not paths.is_prepared(spec.name, spec.data_dir):  # (made while we waited)
+        locking.remove_orphans(spec.data_dir, (
+            lambda n: n.startswith((".raw-generating-", f".{spec.name}-building-")),),
+            say=say)
+        say(f"Generating {g.num} {spec.name}-layout scenes ({h}x{w}, seed {g.seed}) in {raw}")
+        generate.generate_dataset(spec.name, raw, int(g.num), int(g.seed), h, w,
+                                  overwrite=True, progress=False)
+        prepare.prepare_dataset(spec.name, raw, spec.data_dir, if_exists="overwrite",
+                                progress=False)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("fusionsam_generate")
@@ -143,6 +152,37 @@ def eval_every_steps(config, train_size: int) -> int:
   return int(math.ceil(per * float(t.get("eval_every_epochs", 5))))
 
 
+def host_cpus() -> int:
+  """CPU cores this process may use (its affinity mask where the OS has one)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def worker_count(config, cpus: int | None = None) -> int:
+  """grain worker processes of the training loader: ``train.worker_count`` when set, else
+  sized to the host: none on <= 2 cores (the loop's own thread and XLA need them; on the
+  2-core CI box 2 workers were slower than the in-process loader,
+  benchmarks/results/input_pipeline_cpu.json), else half the cores, at most 8 (each worker
+  reads + augments ~90 MFNet pairs/s on one core; a batch-4 step at 30 ms takes ~130)."""
+  v = config.train.get("worker_count")
+  if v is not None:
+    return int(v)
+  cpus = host_cpus() if cpus is None else int(cpus)
+  return 0 if cpus <= 2 else min(8, cpus // 2)
+
+
+def device_prefetch(config, cpus: int | None = None) -> int:
+  """Batches the loop keeps placed on the devices ahead of the step: ``train.
+  device_prefetch`` when set, else 2 with the in-process loader and one per grain worker
+  (at most 8) with workers, so a burst of slow augmentations is absorbed."""
+  v = config.train.get("device_prefetch")
+  if v is not None:
+    return max(1, int(v))
+  return max(2, min(8, worker_count(config, cpus)))
+
+
 def train_iterator(config, spec: DataSpec, stage: str):
   """An endless, shuffled, augmented iterator over the train split at the stage's batch and
   crop size (per-process batch); has grain's `get_state` / `set_state`."""
@@ -152,7 +192,7 @@ def train_iterator(config, spec: DataSpec, stage: str):
       spec.source("train"), batch_size=per_process, crop_size=stage_crop_size(config, stage),
       scale_range=tuple(config.train.scale_range), flip_prob=float(config.train.flip_prob),
       seed=int(config.seed) + STAGE_SEED_OFFSET[stage],
-      worker_count=int(config.train.worker_count), modalities=tuple(config.model.modalities))
+      worker_count=worker_count(config), modalities=tuple(config.model.modalities))
   return iter(loader)
 
 

@@ -526,26 +526,27 @@ def _checkpoint_of(result: Mapping) -> str | int:
   return int(c.split()[-1]) if c.startswith("step ") else c
 
 
-def define_flags() -> dict:
-  """Defined only when run as a program."""
+def define_flags(fv=None) -> dict:
+  """The flags, on `fv` (absl FlagValues; None: the global ones)."""
   from absl import flags
+  d = {} if fv is None else dict(flag_values=fv)
   return {
-      "workdir": flags.DEFINE_string("workdir", None, "training run folder"),
+      "workdir": flags.DEFINE_string("workdir", None, "training run folder", **d),
       "result": flags.DEFINE_string("result", "eval_test_best.json",
-                                    "evaluation JSON (relative to --workdir, or a path)"),
+                                    "evaluation JSON (relative to --workdir, or a path)", **d),
       "out": flags.DEFINE_string("out", None, "output folder (None: report_<split>_<ckpt> "
-                                 "next to the JSON)"),
-      "samples": flags.DEFINE_integer("samples", 4, "images in the qualitative grid"),
-      "seed": flags.DEFINE_integer("seed", 0, "seed of the choice of images"),
+                                 "next to the JSON)", **d),
+      "samples": flags.DEFINE_integer("samples", 4, "images in the qualitative grid", **d),
+      "seed": flags.DEFINE_integer("seed", 0, "seed of the choice of images", **d),
   }
 
 
 def main(argv, f) -> int:
   """Re-draws the report of an existing evaluation JSON (no re-evaluation)."""
   import sys
-  from absl import app
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
+    return 2
   if not f["workdir"].value:
     print("error: --workdir is required", file=sys.stderr)
     return 2
@@ -575,6 +576,7 @@ def main(argv, f) -> int:
 
 if __name__ == "__main__":
   import sys as _sys
-  from absl import app as _app
-  _FLAGS = define_flags()
-  _app.run(lambda argv: _sys.exit(main(argv, _FLAGS)))
+  from fusionsam_jax.cli_common import run_cli
+  _sys.exit(run_cli(define_flags, lambda f, rest: main(["report"] + rest, f),
+                    prog="python -m fusionsam_jax.evaluators.report", doc=__doc__,
+                    positional=True))

@@ -9,7 +9,9 @@ Protocol (the paper gives none; this one is stated in every output):
   interior pixel (the component pixel farthest from the component's border, as SAM's
   interactive evaluation places clicks; always inside the component), ``(x + 0.5, y + 0.5)``.
 * SAM (the run's converted checkpoint, `model.sam_checkpoint`) answers each prompt with one
-  mask (``multimask_output=False``; ``prompt`` chooses box + point, box or point).
+  mask (``multimask_output=False``; ``prompt`` chooses box + point, box or point). SAM 2
+  (`Sam2ImagePredictor`, same API) answers the same prompts the same way (its
+  ``multimask_output=False`` keeps `sam2`'s dynamic choice of a stable mask).
 * Masks become a class map: every pixel starts as ``background``; masks are painted with
   their component's class in order of decreasing component area, so a smaller object
   drawn over a larger one keeps its pixels.
@@ -74,7 +76,8 @@ def component_prompts(label: np.ndarray, *, background: Optional[int] = 0,
 
 def prompt_mask(predictor, p: ComponentPrompt, prompt: str = "box+point") -> np.ndarray:
   """SAM's single mask (H, W) bool for one component prompt; `predictor` holds the image
-  (`set_image`). Works with this package's `SamPredictor` and the official one."""
+  (`set_image`). Works with this package's `SamPredictor` / `Sam2ImagePredictor` and the
+  official `SamPredictor` / `SAM2ImagePredictor`."""
   if prompt not in PROMPTS:
     raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
   kw = {}
@@ -127,15 +130,20 @@ def evaluate(predictor, examples: Iterable[dict], num_classes: int, *,
   return cms
 
 
-def summary(cms: dict, class_names: Sequence[str], *, prompt: str, split: str,
-            num_images: int, fusionsam: Optional[dict] = None, extra: Optional[dict] = None
-            ) -> dict:
-  """The JSON record: protocol, per-method IoU, and a slot for SAM 2 (not run yet)."""
-  rows = {f"SAM zero-shot ({k})": cm.summary(list(class_names)) for k, cm in cms.items()}
+def summary(cms: Optional[dict], class_names: Sequence[str], *, prompt: str, split: str,
+            num_images: int, fusionsam: Optional[dict] = None, extra: Optional[dict] = None,
+            sam2_cms: Optional[dict] = None) -> dict:
+  """The JSON record: protocol, per-method IoU of SAM (``methods``, empty when SAM did not
+  run) and of SAM 2 (``sam2``: {"methods": ...}, None when SAM 2 did not run)."""
+  names = list(class_names)
+  rows = {f"SAM zero-shot ({k})": cm.summary(names) for k, cm in (cms or {}).items()}
+  sam2 = None
+  if sam2_cms is not None:
+    sam2 = {"methods": {f"SAM 2 zero-shot ({k})": cm.summary(names)
+                        for k, cm in sam2_cms.items()}}
   return dict(protocol=ORACLE_NOTE, prompt=prompt, split=split, num_images=num_images,
-              class_names=list(class_names), methods=rows,
-              sam2=None,  # SAM 2 zero-shot: separate issue (a Flax SAM 2); same protocol
-              fusionsam=fusionsam, **(extra or {}))
+              class_names=names, methods=rows, sam2=sam2, fusionsam=fusionsam,
+              **(extra or {}))
 
 
 def fused_examples(config, model, params, batches) -> Iterator[dict]:

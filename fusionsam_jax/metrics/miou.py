@@ -17,16 +17,15 @@ Two ways of filling it:
 
 CLI::
 
-    python -m fusionsam_jax.metrics.miou --pred-dir P --gt-dir G --num-classes N \
-        [--ignore-index 255] [--class-names a,b,c] [--json out.json] \
-        [--split-list test.txt] [--dataset mfnet|fmb] [--markdown]
+    python -m fusionsam_jax.metrics.miou --pred_dir P --gt_dir G --num_classes N \
+        [--ignore_index 255] [--class_names a,b,c] [--json out.json] \
+        [--split_list test.txt] [--dataset mfnet|fmb] [--markdown]
 
-``--pred-dir`` may be a ``predict`` output folder (its ``labels/`` is read).
+``--pred_dir`` may be a ``predict`` output folder (its ``labels/`` is read).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -400,11 +399,17 @@ def format_paper_table(
 # ----------------------------------------------------------------------------- files
 
 
-def load_label_png(path) -> np.ndarray:
+def load_label_png(path, palette: Sequence[Sequence[int]] | None = None,
+                   palette_indices: bool = False) -> np.ndarray:
   """Reads a single-channel label PNG (modes L, P, I;16, I, 1) as an int64 ``(H, W)`` array.
 
-  Palette ("P") images give their palette indices, i.e. the class ids. Colour images
-  (RGB/RGBA/LA) are refused: colour-coded masks must be mapped to ids first.
+  Palette ("P") images: their indices are class ids when the palette says so -- it is a grey
+  ramp (index i shows as (i, i, i)), it is `palette` (the dataset's: index i shows class i's
+  colour), it does not cover the indices used, or `palette_indices` is set. Otherwise, when
+  every colour used is one of `palette`'s, the colours are mapped to their class ids (a
+  colour-coded mask saved as a palette PNG, indices in any order); else ValueError (its
+  indices need not be class ids: counted as they are they gave 5.7% for 65.7%). Colour
+  images (RGB/RGBA/LA) are refused: colour-coded masks must be mapped to ids first.
   """
   from PIL import Image
 
@@ -417,11 +422,43 @@ def load_label_png(path) -> np.ndarray:
             f"{path}: label image has mode {mode!r}; expected a single-channel "
             "class-id PNG (L, P or 16-bit)")
       arr = np.asarray(im)
+      pal = im.getpalette() if mode == "P" else None
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: no such label file") from None
   except OSError as e:  # unreadable / not an image
     raise ValueError(f"{path}: cannot read as an image ({e})") from None
-  return arr.astype(np.int64)
+  arr = arr.astype(np.int64)
+  if mode == "P" and pal and not palette_indices:
+    arr = _palette_ids(arr, np.asarray(pal, np.int64).reshape(-1, 3), palette, path)
+  return arr
+
+
+def _palette_ids(idx: np.ndarray, pal: np.ndarray, palette, path) -> np.ndarray:
+  """Class ids of a palette image (`load_label_png`'s rule)."""
+  used = np.unique(idx)
+  if used.max(initial=0) >= len(pal):
+    return idx                                # the palette does not describe these indices
+  colours = pal[used]
+  if np.array_equal(colours, np.repeat(used[:, None], 3, 1)):
+    return idx                                # grey ramp
+  ref = None if palette is None else np.asarray(palette, np.int64).reshape(-1, 3)
+  if ref is not None:
+    inside = used < len(ref)                  # beyond: e.g. the ignore index, kept as it is
+    if inside.any() and np.array_equal(colours[inside], ref[used[inside]]):
+      return idx                              # the dataset's own palette
+    lut = {tuple(c): k for k, c in enumerate(ref.tolist())}
+    ids = [lut.get(tuple(c)) for c in colours.tolist()]
+    if all(i is not None for i in ids):
+      table = np.zeros(len(pal), np.int64)
+      table[used] = ids
+      return table[idx]                       # colours mapped to class ids
+  shown = ", ".join(f"{int(u)}->{tuple(int(v) for v in c)}" for u, c in zip(used[:4],
+                                                                             colours[:4]))
+  raise ValueError(
+      f"{path}: palette PNG whose palette ({shown}{', ...' if len(used) > 4 else ''}) is "
+      "neither a grey ramp nor the dataset's palette, so its indices need not be class ids; "
+      "save class ids as a single-channel PNG, pass --dataset to map the dataset's colours, "
+      "or --palette_indices to count the indices as class ids")
 
 
 def _png_names(d) -> list[str]:
@@ -433,15 +470,14 @@ def _png_names(d) -> list[str]:
 
 
 def read_name_list(path) -> list[str]:
-  """Names of a split list (one per line, e.g. MFNet's ``test.txt``) as ``<name>.png``."""
+  """Names of a split list (one per line, e.g. MFNet's ``test.txt``) as ``<name>.png``;
+  read as ``prepare`` reads it (`data.layouts.read_split_list`: UTF-8, no empty or repeated
+  entry, no entry reaching out of the folder with ``..`` or an absolute path)."""
+  from fusionsam_jax.data.layouts import read_split_list
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such split list")
-  with open(path) as f:
-    names = [line.strip() for line in f if line.strip()]
-  if not names:
-    raise ValueError(f"{path}: empty split list")
-  return sorted(n if n.lower().endswith(".png") else f"{n}.png" for n in names)
+  return sorted(f"{n}.png" for n in read_split_list(path))
 
 
 def matched_png_names(pred_dir, gt_dir, names: Sequence[str] | None = None) -> list[str]:
@@ -476,8 +512,8 @@ def matched_png_names(pred_dir, gt_dir, names: Sequence[str] | None = None) -> l
 
 def prediction_dir(pred_dir, subfolder: str = "labels") -> str:
   """`pred_dir`, or its ``subfolder`` when `pred_dir` is a ``predict`` output folder (it has
-  ``subfolder/`` and no PNGs of its own), so that ``--pred-dir OUT`` and
-  ``--pred-dir OUT/labels`` both work."""
+  ``subfolder/`` and no PNGs of its own), so that ``--pred_dir OUT`` and
+  ``--pred_dir OUT/labels`` both work."""
   d = os.fspath(pred_dir)
   sub = os.path.join(d, subfolder)
   if os.path.isdir(sub) and os.path.isdir(d) and not _png_names(d):
@@ -486,25 +522,35 @@ def prediction_dir(pred_dir, subfolder: str = "labels") -> str:
 
 
 def evaluate_label_dirs(pred_dir, gt_dir, num_classes: int, ignore_index: int | None = 255,
-                        names: Sequence[str] | None = None) -> ConfusionMatrix:
+                        names: Sequence[str] | None = None, *,
+                        palette: Sequence[Sequence[int]] | None = None,
+                        palette_indices: bool = False) -> ConfusionMatrix:
   """Accumulates a :class:`ConfusionMatrix` over PNG label folders matched by filename
-  (only `names` of the ground truth when given, see :func:`matched_png_names`).
+  (only `names` of the ground truth when given, see :func:`matched_png_names`). Palette
+  PNGs: see :func:`load_label_png` (`palette`: the dataset's, or None).
 
-  Labels are never resized: a size mismatch raises ``ValueError`` naming the file.
+  Labels are never resized: a size mismatch raises ``ValueError`` naming the file; a value
+  outside the class range raises naming the file that holds it (ground truth or prediction).
   """
   cm = ConfusionMatrix(num_classes, ignore_index)
+  c = cm.num_classes
   for name in matched_png_names(pred_dir, gt_dir, names):
     pp = os.path.join(os.fspath(pred_dir), name)
     gp = os.path.join(os.fspath(gt_dir), name)
-    pred, gt = load_label_png(pp), load_label_png(gp)
+    pred = load_label_png(pp, palette, palette_indices)
+    gt = load_label_png(gp, palette, palette_indices)
     if pred.shape != gt.shape:
       raise ValueError(f"{pp}: prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) "
                        f"!= ground truth {gp} size {gt.shape[1]}x{gt.shape[0]}; "
                        "labels are not resized")
-    try:
-      cm.update(pred, gt)
-    except ValueError as e:
-      raise ValueError(f"{pp}: {e}") from None
+    counted = gt != ignore_index if ignore_index is not None else np.ones(gt.shape, bool)
+    for what, path, a in (("ground truth", gp, gt), ("prediction", pp, pred)):
+      bad = counted & ((a < 0) | (a >= c))
+      if bad.any():
+        vals = np.unique(a[bad])[:8].tolist()
+        raise ValueError(f"{path}: {what} holds values {vals} outside [0, {c}) at counted "
+                         f"pixels (ignore_index={ignore_index}); wrong num_classes?")
+    cm.update(pred, gt)
   return cm
 
 
@@ -525,50 +571,74 @@ def write_json_atomic(obj, path) -> None:
     raise
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m fusionsam_jax.metrics.miou",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-      description="mIoU of predicted label PNGs against ground-truth label PNGs "
-                  "(files matched by name; one confusion matrix over all images).")
-  p.add_argument("--pred-dir", required=True,
-                 help="predicted class-id PNGs (or a predict output folder: its labels/)")
-  p.add_argument("--gt-dir", required=True, help="ground-truth class-id PNGs, same names")
-  p.add_argument("--num-classes", type=int, required=True, help="number of classes C")
-  p.add_argument("--ignore-index", type=int, default=255, help="label value not counted")
-  p.add_argument("--class-names", default=None, help="comma-separated, one per class")
-  p.add_argument("--json", default=None, help="write the results here (atomically)")
-  p.add_argument("--split-list", default=None,
-                 help="only the ground truth named in this file (one name a line, e.g. "
-                      "MFNet/test.txt)")
-  p.add_argument("--dataset", default=None,
-                 help="mfnet | fmb: print the paper's Table 1 / 2 columns and its row")
-  p.add_argument("--markdown", action="store_true", help="print a Markdown table")
-  args = p.parse_args(argv)
+def define_flags(fv) -> dict:
+  from absl import flags
+  d = dict(flag_values=fv)
+  return {
+      "pred_dir": flags.DEFINE_string(
+          "pred_dir", None, "predicted class-id PNGs (or a predict output folder: its labels/)",
+          **d),
+      "gt_dir": flags.DEFINE_string("gt_dir", None, "ground-truth class-id PNGs, same names",
+                                    **d),
+      "num_classes": flags.DEFINE_integer("num_classes", None, "number of classes C",
+                                          lower_bound=1, **d),
+      "ignore_index": flags.DEFINE_integer("ignore_index", 255, "label value not counted", **d),
+      "class_names": flags.DEFINE_string("class_names", None, "comma-separated, one per class",
+                                         **d),
+      "json": flags.DEFINE_string("json", None, "write the results here (atomically)", **d),
+      "split_list": flags.DEFINE_string(
+          "split_list", None, "only the ground truth named in this file (one name a line, e.g. "
+          "MFNet/test.txt)", **d),
+      "dataset": flags.DEFINE_string(
+          "dataset", None, "mfnet | fmb: print the paper's Table 1 / 2 columns and its row", **d),
+      "markdown": flags.DEFINE_bool("markdown", False, "print a Markdown table", **d),
+      "palette_indices": flags.DEFINE_bool(
+          "palette_indices", False, "count the indices of palette PNGs as class ids whatever "
+          "their palette (default: only a grey-ramp or the dataset's palette says so; colours "
+          "of the --dataset palette are mapped to their ids; others are refused)", **d),
+  }
+
+
+def _main(f, _) -> int:
+  num_classes, dataset = f["num_classes"].value, f["dataset"].value
   try:
-    names = None if args.class_names is None else [
-        s.strip() for s in args.class_names.split(",")]
+    names = None if f["class_names"].value is None else [
+        s.strip() for s in f["class_names"].value.split(",")]
     if names is not None:
-      _class_names(names, args.num_classes)
-    if names is None and args.dataset:
+      _class_names(names, num_classes)
+    if names is None and dataset:
       from fusionsam_jax.data.info import get_info
-      info = get_info(args.dataset)
-      if info.num_classes == args.num_classes:
+      info = get_info(dataset)
+      if info.num_classes == num_classes:
         names = list(info.class_names)
-    listed = None if args.split_list is None else read_name_list(args.split_list)
-    cm = evaluate_label_dirs(prediction_dir(args.pred_dir), args.gt_dir, args.num_classes,
-                             args.ignore_index, listed)
+    listed = None if f["split_list"].value is None else read_name_list(f["split_list"].value)
+    palette = None
+    if dataset:
+      from fusionsam_jax.data.info import get_info
+      palette = get_info(dataset).palette
+    cm = evaluate_label_dirs(prediction_dir(f["pred_dir"].value), f["gt_dir"].value,
+                             num_classes, f["ignore_index"].value, listed, palette=palette,
+                             palette_indices=f["palette_indices"].value)
     summary = cm.summary(names)
     summary["num_images"] = cm.num_updates
-    print(format_paper_table(summary, dataset=args.dataset, method="predictions",
-                             paper_row=args.dataset is not None, markdown=args.markdown))
+    print(format_paper_table(summary, dataset=dataset, method="predictions",
+                             paper_row=dataset is not None, markdown=f["markdown"].value))
     print(f"images: {cm.num_updates}")
-    if args.json:
-      write_json_atomic(summary, args.json)
+    if f["json"].value:
+      write_json_atomic(summary, f["json"].value)
   except (ValueError, FileNotFoundError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def main(argv=None) -> int:
+  """``python -m fusionsam_jax.metrics.miou``; `argv` without the program name."""
+  from fusionsam_jax.cli_common import run_cli
+  return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.metrics.miou",
+                 doc="mIoU of predicted label PNGs against ground-truth label PNGs (files "
+                     "matched by name; one confusion matrix over all images).",
+                 required=("pred_dir", "gt_dir", "num_classes"))
 
 
 if __name__ == "__main__":

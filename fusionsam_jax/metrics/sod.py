@@ -37,12 +37,11 @@ The per-image values are averaged with equal weight per image.
 
 CLI::
 
-    python -m fusionsam_jax.metrics.sod --pred-dir P --gt-dir G [--json out.json]
+    python -m fusionsam_jax.metrics.sod --pred_dir P --gt_dir G [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -376,33 +375,44 @@ def evaluate_sod_dirs(pred_dir, gt_dir, alpha: float = 0.5, beta2: float = 0.3) 
   return acc
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m fusionsam_jax.metrics.sod",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-      description="S-measure, MAE, E-measure, F-measure (adaptive/mean/max) of saliency PNGs "
-                  "against GT PNGs (matched by filename), as PySODMetrics computes them.")
-  p.add_argument("--pred-dir", required=True,
-                 help="saliency PNGs (or a predict output folder: its saliency/)")
-  p.add_argument("--gt-dir", required=True, help="ground-truth mask PNGs, same names")
-  p.add_argument("--json", default=None, help="write the results here (atomically)")
-  p.add_argument("--curves", action="store_true",
-                 help="also write the 256-threshold curves (ascending t) to the JSON")
-  args = p.parse_args(argv)
+def define_flags(fv) -> dict:
+  from absl import flags
+  d = dict(flag_values=fv)
+  return {
+      "pred_dir": flags.DEFINE_string(
+          "pred_dir", None, "saliency PNGs (or a predict output folder: its saliency/)", **d),
+      "gt_dir": flags.DEFINE_string("gt_dir", None, "ground-truth mask PNGs, same names", **d),
+      "json": flags.DEFINE_string("json", None, "write the results here (atomically)", **d),
+      "curves": flags.DEFINE_bool("curves", False, "also write the 256-threshold curves "
+                                  "(ascending t) to the JSON", **d),
+  }
+
+
+def _main(f, _) -> int:
+  curves = f["curves"].value
   try:
-    acc = evaluate_sod_dirs(prediction_dir(args.pred_dir, "saliency"), args.gt_dir)
-    res = acc.results(curves=args.curves)
+    acc = evaluate_sod_dirs(prediction_dir(f["pred_dir"].value, "saliency"), f["gt_dir"].value)
+    res = acc.results(curves=curves)
     print("  ".join(f"{k} {res[k]:.4f}" for k in RESULT_KEYS) + f"  images {res['num_images']}")
-    if args.json:
+    if f["json"].value:
       out = {k: res[k] for k in RESULT_KEYS}
       out["num_images"] = res["num_images"]
-      if args.curves:
+      if curves:
         out["curves"] = {k: v.tolist() for k, v in res["curves"].items()}
-      write_json_atomic(out, args.json)
+      write_json_atomic(out, f["json"].value)
   except (ValueError, FileNotFoundError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def main(argv=None) -> int:
+  """``python -m fusionsam_jax.metrics.sod``; `argv` without the program name."""
+  from fusionsam_jax.cli_common import run_cli
+  return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.metrics.sod",
+                 doc="S-measure, MAE, E-measure, F-measure (adaptive/mean/max) of saliency PNGs "
+                     "against GT PNGs (matched by filename), as PySODMetrics computes them.",
+                 required=("pred_dir", "gt_dir"))
 
 
 if __name__ == "__main__":

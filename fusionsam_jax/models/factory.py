@@ -22,6 +22,9 @@ def sam_config(config):
   Overrides change the architecture, so they are refused together with converted weights."""
   from fusionsam_jax.models.sam.sam import SAM_PRESETS
   m = config.model
+  if backbone(config) != "sam":
+    from fusionsam_jax.models.fusionsam import sam2_backbone_config, sam_heads_config
+    return sam_heads_config(sam2_backbone_config(backbone(config)))
   if m.sam_variant not in SAM_PRESETS:
     raise ValueError(f"model.sam_variant {m.sam_variant!r}: expected one of {sorted(SAM_PRESETS)}")
   cfg = SAM_PRESETS[m.sam_variant]
@@ -37,6 +40,12 @@ def sam_config(config):
   return cfg
 
 
+def backbone(config) -> str:
+  """``model.backbone``: "sam" (SAM's ViT of ``model.sam_variant``; the default, also for
+  configs saved before the option existed) or "sam2_<preset>" (e.g. "sam2_hiera_l")."""
+  return config.model.get("backbone", "sam") or "sam"
+
+
 def build_model(config):
   from fusionsam_jax.models import fusionsam
   return fusionsam.build_model(config.model, sam_config=sam_config(config))
@@ -44,9 +53,12 @@ def build_model(config):
 
 def sam_weights_path(config) -> str | None:
   """The converted SAM checkpoint directory of the config (None: random SAM allowed).
-  Raises `SamWeightsMissingError` with the conversion command when it is missing."""
+  Raises `SamWeightsMissingError` with the conversion command when it is missing. With a
+  SAM 2 backbone: ``model.sam2_checkpoint`` (`sam2_weights_path`)."""
   from fusionsam_jax.sam_checkpoint import META_FILE
   m = config.model
+  if backbone(config) != "sam":
+    return sam2_weights_path(config)
   path = m.sam_checkpoint
   if not path:
     if not m.allow_random_sam:
@@ -62,6 +74,29 @@ def sam_weights_path(config) -> str | None:
         f"converted SAM weights {path!r} {what}; download the official checkpoint "
         "(sam_vit_h_4b8939.pth for vit_h) and convert it once: `python "
         f"tools/convert_sam_weights.py --checkpoint sam_vit_h_4b8939.pth --output {path}`")
+  return path
+
+
+def sam2_weights_path(config) -> str | None:
+  """``model.sam2_checkpoint`` of a SAM 2 backbone (None: random, if allowed)."""
+  from fusionsam_jax.models.sam2.checkpoint import META_FILE
+  m = config.model
+  path = m.get("sam2_checkpoint")
+  name = backbone(config)[len("sam2_"):]
+  if not path:
+    if not m.allow_random_sam:
+      raise SamWeightsMissingError(
+          f"model.backbone={backbone(config)!r} but model.sam2_checkpoint is not set and "
+          "model.allow_random_sam is False; convert the official weights once (`python "
+          f"tools/convert_sam2_weights.py --checkpoint sam2.1_{name}.pt --output "
+          f"ckpt/sam2.1_{name}`) and pass --config.model.sam2_checkpoint=ckpt/sam2.1_{name}")
+    return None
+  if not os.path.isfile(os.path.join(path, META_FILE)):
+    what = "does not exist" if not os.path.exists(path) else f"has no {META_FILE}"
+    raise SamWeightsMissingError(
+        f"converted SAM 2 weights {path!r} (model.sam2_checkpoint) {what}; convert the "
+        f"official checkpoint once: `python tools/convert_sam2_weights.py --checkpoint "
+        f"sam2.1_{name}.pt --output {path}`")
   return path
 
 

@@ -5,13 +5,20 @@ Parameter tree (top level):
   tokenizer_<m>   LatentTokenizer per modality m        (ablation A: patch_embed_<m>)
   fmp             FusionMaskPrompting                   (ablation B / 1 modality: concat_fusion)
   fused_decoder   FusedImageDecoder -> fused RGB image
-  image_encoder   SAM ViT (frozen; SAM's names)
+  image_encoder   SAM ViT (frozen; SAM's names), or with a SAM 2 backbone (`sam2` set,
+                  ``model.backbone="sam2_*"``) `Sam2FeatureEncoder`: Hiera trunk + FPN neck +
+                  SAM 2's high-res projections and no_mem_embed (frozen; SAM 2's names)
   prompt_encoder  SAM prompt encoder; mask_downscaling takes d_c channels
   point_prompt    FusionPointPromptEncoder
   mask_decoder    SemanticMaskDecoder (SAM's transformer + per-class output tokens)
 
 Shapes: images (B, H, W, C_m) in [0, 1]; latents (B, H/s, W/s, d_c); SAM embeddings
-(B, e, e, C) with e = img_size / 16; logits (B, H, W, K).
+(B, e, e, C) with e = img_size / 16; logits (B, H, W, K). With a SAM 2 backbone the
+"embeddings" are the tuple (image_embed (B, e, e, C), high_res_0 (B, 4e, 4e, C/8),
+high_res_1 (B, 2e, 2e, C/4)), the fused image is resized to S x S as SAM 2 does (no
+padding), and the semantic decoder adds the high-res levels in its upscaling (SAM 2's mask
+decoder). `sam` then describes only the prompt encoder and decoder sizes
+(`sam_heads_config`).
 """
 
 import dataclasses
@@ -29,10 +36,13 @@ from fusionsam_jax.models.discriminator import PatchGANDiscriminator
 from fusionsam_jax.models.fmp import ConcatFusion, FusionMaskPrompting
 from fusionsam_jax.models.fused_decoder import FusedImageDecoder, PatchEmbedTokenizer
 from fusionsam_jax.models.lstg import LatentTokenizer
+from fusionsam_jax.models.precision import check_train_dtype
 from fusionsam_jax.models.prompts import FusionPointPromptEncoder, dense_prompt_input
 from fusionsam_jax.models.sam.sam import (PIXEL_MEAN, PIXEL_STD, SAM_PRESETS, SamConfig,
                                           make_image_encoder, make_prompt_encoder)
 from fusionsam_jax.models.sam.transforms import get_preprocess_shape
+from fusionsam_jax.models.sam2.image_encoder import Sam2FeatureEncoder
+from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2Config
 from fusionsam_jax.models.semantic_decoder import SemanticMaskDecoder
 
 CHANNELS = {"rgb": 3, "thermal": 1, "depth": 1}
@@ -58,10 +68,14 @@ class FusionSAM(nn.Module):
   # Compute dtype of the frozen fusion path (tokenizers, fusion, fused decoder) in the
   # segmentation stage, the embedding cache and evaluation: `stages.frozen_fusion`.
   fusion_dtype: str = "float32"
+  # Compute dtype of the trained tokenizers, discriminators, fusion module and fused decoder
+  # in the training stages (params and optimizer state stay float32): `models.precision`.
+  train_dtype: str = "float32"
   attn_impl: str = "xla"
   num_points: int = 8
   fused_color: str = "decoder"  # "decoder" | "visible_chroma" (see `fuse`)
   train_sam_encoder: bool = False
+  sam2: Optional[Sam2Config] = None  # a SAM 2 backbone (model.backbone="sam2_*")
 
   def setup(self):
     tk = dict(self.tokenizer_kwargs)
@@ -91,13 +105,12 @@ class FusionSAM(nn.Module):
                        f"{self.fused_color!r}")
     self.fused_decoder = FusedImageDecoder(out_channels=3, scale=self.scale,
                                            **dict(self.fused_decoder_kwargs))
-    self.image_encoder = make_image_encoder(self.sam, jnp.dtype(self.encoder_dtype),
-                                            self.attn_impl)
+    self.image_encoder = image_encoder_of(self)
     self.prompt_encoder = make_prompt_encoder(self.sam)
     self.point_prompt = FusionPointPromptEncoder(self.num_points, self.sam.prompt_embed_dim)
     self.mask_decoder = SemanticMaskDecoder(
         self.num_classes, self.sam.prompt_embed_dim, self.sam.decoder_transformer_depth,
-        self.sam.decoder_num_heads, self.sam.decoder_mlp_dim)
+        self.sam.decoder_num_heads, self.sam.decoder_mlp_dim, high_res=self.sam2 is not None)
 
   # --- stage 1: tokenizers -------------------------------------------------------------
   def tokenizer(self, x, modality: str):
@@ -147,30 +160,41 @@ class FusionSAM(nn.Module):
     if self.fused_color == "visible_chroma" and "rgb" in self.modalities:
       if images is None:
         raise ValueError("fused_color='visible_chroma' needs the input images in fuse()")
-      rgb = images["rgb"].astype(fused.dtype)
+      rgb = images["rgb"]
+      fused = fused.astype(jnp.promote_types(fused.dtype, rgb.dtype))  # bf16 decoder: f32
+      rgb = rgb.astype(fused.dtype)
       fused = rgb + (rgb_to_y(fused) - rgb_to_y(rgb))
     return dict(fusion=fusion, fused=fused)
 
   # --- SAM image path ------------------------------------------------------------------
+  def content_hw(self, h: int, w: int) -> Tuple[int, int]:
+    """Where an (h, w) image lies in the S x S input frame (top-left (nh, nw) pixels): SAM
+    keeps the aspect ratio and pads; SAM 2 resizes to the whole frame."""
+    s = self.sam.img_size
+    return (s, s) if self.sam2 is not None else get_preprocess_shape(h, w, s)
+
   def sam_input(self, fused):
     """Fused image (B, H, W, 3) in [0, 1] -> SAM's normalised, padded input (B, S, S, 3).
 
     As SAM's preprocessing: longest side resized to S (bilinear), normalised with SAM's
-    pixel mean/std on the 0-255 scale, zero-padded bottom/right.
+    pixel mean/std on the 0-255 scale, zero-padded bottom/right. SAM 2 (same mean / std):
+    resized to S x S, no padding.
     """
     b, h, w, _ = fused.shape
     s = self.sam.img_size
-    nh, nw = get_preprocess_shape(h, w, s)
+    nh, nw = self.content_hw(h, w)
     x = jax.image.resize(fused * 255.0, (b, nh, nw, 3), "linear", antialias=True)
     x = (x - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
     return jnp.pad(x, ((0, 0), (0, s - nh), (0, s - nw), (0, 0)))
 
   def image_embeddings(self, fused):
-    """(B, H, W, 3) -> SAM embeddings (B, e, e, C) float32. No gradient by default."""
+    """(B, H, W, 3) -> SAM embeddings (B, e, e, C) float32 (SAM 2: the tuple of three
+    levels, see the module docstring). No gradient by default."""
     x = self.sam_input(fused)
     if not self.train_sam_encoder:
       x = jax.lax.stop_gradient(x)
-    emb = self.image_encoder(x.astype(jnp.dtype(self.encoder_dtype))).astype(jnp.float32)
+    emb = self.image_encoder(x.astype(jnp.dtype(self.encoder_dtype)))
+    emb = jax.tree.map(lambda a: a.astype(jnp.float32), emb)
     return emb if self.train_sam_encoder else jax.lax.stop_gradient(emb)
 
   # --- stage 3: prompts + semantic decoder ---------------------------------------------
@@ -178,7 +202,7 @@ class FusionSAM(nn.Module):
     """Fusion (B, h, w, d_c) + SAM embeddings -> dict(logits (B, H, W, K), low_res
     (B, K, 4e, 4e), class_logits (B, K), points (B, k, 2), saliency (B, h, w))."""
     s = self.sam.img_size
-    content = get_preprocess_shape(out_hw[0], out_hw[1], s)  # fused image inside SAM frame
+    content = self.content_hw(out_hw[0], out_hw[1])  # fused image inside SAM frame
     mask_size = 4 * self.sam.image_embedding_size
     dense_in = dense_prompt_input(fusion, content, mask_size)  # (B, 4e, 4e, d_c)
     h, w = fusion.shape[1:3]
@@ -188,8 +212,11 @@ class FusionSAM(nn.Module):
         self.prompt_encoder.point_embeddings[1].embedding[0],
         (content[0] / h, content[1] / w))
     _, dense = self.prompt_encoder(None, None, dense_in)
+    high_res = None
+    if self.sam2 is not None:
+      image_embeddings, high_res = image_embeddings[0], tuple(image_embeddings[1:])
     masks, class_logits = self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(),
-                                            tokens, dense, fusion.mean(axis=(1, 2)))
+                                            tokens, dense, fusion.mean(axis=(1, 2)), high_res)
     # As SAM's postprocess (to the padded frame, crop the content, resize to (H, W)), as one
     # linear map per axis.
     up = postprocess_masks(masks, s, content, tuple(out_hw))  # (B, H, W, K)
@@ -218,8 +245,9 @@ class FusionSAM(nn.Module):
         self.tokenizer(images[m], m)
     if with_image_encoder:
       return self(images)
-    e, b = self.sam.image_embedding_size, images[self.modalities[0]].shape[0]
-    emb = jnp.zeros((b, e, e, self.sam.prompt_embed_dim), jnp.float32)
+    b = images[self.modalities[0]].shape[0]
+    emb = jax.tree.map(lambda a: jnp.zeros((b,) + a.shape[1:], a.dtype),
+                       image_embedding_shapes(self))
     return self(images, emb)
 
 
@@ -249,6 +277,25 @@ def postprocess_masks(masks, frame: int, content: Tuple[int, int], out_hw: Tuple
   return jnp.einsum("bkhj,wj->bhwk", x, m_w, precision=hi)
 
 
+def sam_heads_config(cfg: Sam2Config) -> SamConfig:
+  """A SamConfig with SAM 2's prompt-encoder / mask-decoder sizes and input size (its
+  encoder fields are unused: the SAM 2 backbone is `Sam2FeatureEncoder`)."""
+  return SamConfig(img_size=cfg.image_size, patch_size=cfg.backbone_stride,
+                   prompt_embed_dim=cfg.d_model, mask_in_chans=cfg.mask_in_chans)
+
+
+def sam2_backbone_config(backbone: str) -> Optional[Sam2Config]:
+  """``model.backbone`` -> the SAM 2 preset ("sam2_hiera_l" -> hiera_l, "sam2_tiny" ->
+  tiny), or None for "sam" (SAM's ViT of ``model.sam_variant``). Raises ValueError."""
+  if backbone == "sam":
+    return None
+  name = backbone[len("sam2_"):] if backbone.startswith("sam2_") else None
+  if name not in SAM2_PRESETS:
+    raise ValueError(f"model.backbone {backbone!r}: expected 'sam' or one of "
+                     + ", ".join(f"'sam2_{n}'" for n in SAM2_PRESETS))
+  return SAM2_PRESETS[name]
+
+
 def sam_config_from(model_cfg) -> SamConfig:
   variant = model_cfg.get("sam_variant", "tiny")
   if variant not in SAM_PRESETS:
@@ -257,16 +304,21 @@ def sam_config_from(model_cfg) -> SamConfig:
 
 
 def build_model(model_cfg, sam_config: Optional[SamConfig] = None) -> FusionSAM:
-  """FusionSAM from `config.model` (a ConfigDict or dict)."""
+  """FusionSAM from `config.model` (a ConfigDict or dict). With ``backbone="sam2_*"`` the
+  SAM size (`sam_config`, ``sam_variant``) is not used."""
   g = model_cfg.get
+  sam2 = sam2_backbone_config(g("backbone", "sam") or "sam")
+  if sam2 is not None:
+    sam_config = sam_heads_config(sam2)
   return FusionSAM(
       modalities=tuple(g("modalities")), num_classes=int(g("num_classes")),
-      sam=sam_config or sam_config_from(model_cfg), scale=int(g("scale", 4)),
+      sam=sam_config or sam_config_from(model_cfg), sam2=sam2, scale=int(g("scale", 4)),
       tokenizer_kind=g("tokenizer_kind", "lstg"),
       tokenizer_kwargs=_frozen(g("tokenizer", {}) or {}), fusion=g("fusion", "fmp"),
       fmp_kwargs=_frozen(g("fmp", {}) or {}),
       fused_decoder_kwargs=_frozen(g("fused_decoder", {}) or {}),
       encoder_dtype=g("encoder_dtype", "float32"), fusion_dtype=g("fusion_dtype", "float32"),
+      train_dtype=str(check_train_dtype(g("train_dtype", "float32") or "float32")),
       attn_impl=g("attn_impl", "xla"),
       num_points=int(g("num_points", 8)), fused_color=g("fused_color", "decoder"),
       train_sam_encoder=bool(g("train_sam_encoder", False)))
@@ -277,17 +329,43 @@ def dummy_images(model: FusionSAM, image_hw: Tuple[int, int], batch: int = 1):
           for m in model.modalities}
 
 
+def _sam2_attn_impl(attn_impl: str) -> str:
+  """model.attn_impl -> the SAM 2 trunk's attention ("xla" | "cudnn" | "fused")."""
+  from fusionsam_jax.models.sam.image_encoder import resolve_attn_impl
+  impl = resolve_attn_impl(attn_impl)
+  return "xla" if impl == "xla" else "cudnn" if impl.startswith("cudnn") else "fused"
+
+
 def image_encoder_of(model: FusionSAM) -> nn.Module:
-  """A stand-alone copy of the model's SAM image encoder (same sizes, dtype, attention)."""
-  return make_image_encoder(model.sam, jnp.dtype(model.encoder_dtype), model.attn_impl)
+  """A stand-alone copy of the model's image encoder (same sizes, dtype, attention): SAM's
+  ViT, or `Sam2FeatureEncoder` for a SAM 2 backbone."""
+  dtype = jnp.dtype(model.encoder_dtype)
+  if model.sam2 is not None:
+    c = model.sam2
+    return Sam2FeatureEncoder(c.trunk_kwargs(), c.d_model, tuple(c.fpn_top_down_levels),
+                              c.scalp, dtype=dtype, attn_impl=_sam2_attn_impl(model.attn_impl))
+  return make_image_encoder(model.sam, dtype, model.attn_impl)
+
+
+def _encoder_input(model: FusionSAM):
+  s = model.sam.img_size
+  return jnp.zeros((1, s, s, 3), jnp.float32)
 
 
 def abstract_image_encoder_params(model: FusionSAM):
   """Shapes and dtypes (`jax.ShapeDtypeStruct`) of the image encoder's params: traced only."""
-  s = model.sam.img_size
   enc = image_encoder_of(model)
-  return jax.eval_shape(lambda: enc.init(jax.random.PRNGKey(0),
-                                         jnp.zeros((1, s, s, 3), jnp.float32))["params"])
+  return jax.eval_shape(lambda: enc.init(jax.random.PRNGKey(0), _encoder_input(model))["params"])
+
+
+def image_embedding_shapes(model: FusionSAM):
+  """The encoder output for one image (`jax.ShapeDtypeStruct`s, float32): (1, e, e, C) for
+  SAM, the tuple of three levels (module docstring) for SAM 2."""
+  e, c = model.sam.image_embedding_size, model.sam.prompt_embed_dim
+  f = lambda n, ch: jax.ShapeDtypeStruct((1, n, n, ch), jnp.float32)
+  if model.sam2 is None:
+    return f(e, c)
+  return (f(e, c), f(4 * e, c // 8), f(2 * e, c // 4))
 
 
 #: Flax's initializer for each SAM image-encoder leaf name (nn.Dense / nn.Conv kernels:
@@ -296,6 +374,8 @@ _ENCODER_LEAF_INIT = {
     "kernel": nn.initializers.lecun_normal(), "bias": nn.initializers.zeros,
     "scale": nn.initializers.ones, "pos_embed": nn.initializers.zeros,
     "rel_pos_h": nn.initializers.zeros, "rel_pos_w": nn.initializers.zeros,
+    # SAM 2's Hiera / Sam2FeatureEncoder
+    "pos_embed_window": nn.initializers.zeros, "no_mem_embed": nn.initializers.normal(0.02),
 }
 
 
@@ -379,9 +459,28 @@ def _take(own, loaded, where: str):
   return {k: _take(own[k], loaded[k], f"{where}/{k}") for k in own}
 
 
+def converted_sam_parts(ckpt_dir: str):
+  """(config, {"image_encoder", "prompt_encoder", "mask_decoder"}) of a converted SAM
+  directory, or of a converted SAM 2 one (`tools/convert_sam2_weights.py`), whose parts are
+  arranged as FusionSAM's SAM 2 backbone holds them: image_encoder = trunk + neck +
+  sam_mask_decoder's conv_s0 / conv_s1 + no_mem_embed (`Sam2FeatureEncoder`)."""
+  import os
+  from fusionsam_jax.models.sam2 import checkpoint as sam2_checkpoint
+  from fusionsam_jax.sam_checkpoint import load_sam_checkpoint
+  if not os.path.isfile(os.path.join(ckpt_dir, sam2_checkpoint.META_FILE)):
+    return load_sam_checkpoint(ckpt_dir)
+  cfg, p = sam2_checkpoint.load_sam2_checkpoint(ckpt_dir)
+  dec = p["sam_mask_decoder"]
+  enc = dict(p["image_encoder"], conv_s0=dec["conv_s0"], conv_s1=dec["conv_s1"],
+             no_mem_embed=p["no_mem_embed"])
+  return cfg, {"image_encoder": enc, "prompt_encoder": p["sam_prompt_encoder"],
+               "mask_decoder": dec}
+
+
 def load_sam_weights(params, sam_ckpt_dir: str, model_cfg=None):
-  """Copies converted SAM weights into FusionSAM's SAM-derived parts; the returned tree has
-  exactly the structure of `params` (leaves may be `jax.ShapeDtypeStruct`s to fill).
+  """Copies converted SAM (or SAM 2, `converted_sam_parts`) weights into FusionSAM's
+  SAM-derived parts; the returned tree has exactly the structure of `params` (leaves may be
+  `jax.ShapeDtypeStruct`s to fill).
 
   image_encoder: as is. prompt_encoder: the parts the model has, as is, except
   mask_downscaling's first conv, which takes d_c channels here: SAM's 1-channel kernel is
@@ -390,14 +489,13 @@ def load_sam_weights(params, sam_ckpt_dir: str, model_cfg=None):
   start from SAM's mask token / MLP (i mod num_mask_tokens). Raises CheckpointError if the
   sizes don't fit.
   """
-  from fusionsam_jax.sam_checkpoint import CheckpointError, load_sam_checkpoint
+  from fusionsam_jax.sam_checkpoint import CheckpointError
 
-  cfg, sam = load_sam_checkpoint(sam_ckpt_dir)
-  pe = params["image_encoder"]["patch_embed"]["proj"]["kernel"]
+  cfg, sam = converted_sam_parts(sam_ckpt_dir)
   if jax.tree.map(np.shape, sam["image_encoder"]) != jax.tree.map(np.shape, params["image_encoder"]):
     raise CheckpointError(
-        f"{sam_ckpt_dir}: SAM checkpoint is {cfg} but the model's image encoder has a "
-        f"different size (patch-embed kernel {tuple(pe.shape)}); set model.sam_variant to match")
+        f"{sam_ckpt_dir}: the checkpoint is {cfg} but the model's image encoder has a "
+        "different size or kind; set model.backbone (and for SAM model.sam_variant) to match")
   new = dict(params)
   new["image_encoder"] = _take(params["image_encoder"], sam["image_encoder"], "image_encoder")
   pr = dict(sam["prompt_encoder"])

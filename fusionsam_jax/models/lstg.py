@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from fusionsam_jax.models.precision import cast_floating
+
 Array = jax.Array
 
 
@@ -217,23 +219,26 @@ class VectorQuantizer(nn.Module):
       self.proj_out = nn.Dense(self.code_dim, name="proj_out")
 
   def lookup_space(self, z: Array) -> Array:
-    """Encoder latents (..., d_c) -> the vectors the codebook search sees."""
+    """Encoder latents (..., d_c) -> the vectors the codebook search sees (float32 whatever
+    the compute dtype: the normalisation and everything after it run in float32)."""
     if self.lookup_dim:
       z = self.proj_in(z)
+    z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
     return _l2_normalize(z) if self.l2_normalize else z
 
   def _codes(self) -> Array:  # (K, d_c)
-    cb = self.codebook
+    cb = self.codebook.astype(jnp.promote_types(self.codebook.dtype, jnp.float32))
     return _l2_normalize(cb) if self.l2_normalize else cb
 
   def __call__(self, z: Array) -> dict[str, Array]:
     if z.shape[-1] != self.code_dim:
       raise ValueError(f"latent channel dim {z.shape[-1]} != code_dim {self.code_dim}")
-    z = self.lookup_space(z)
+    compute_dtype = z.dtype     # of the encoder; z_q goes back to it for the decoder
+    z = self.lookup_space(z)    # float32
     codes = self._codes()                                             # (K, d_c)
     hi = jax.lax.Precision.HIGHEST
-    # The search runs in float32 whatever the compute dtype (a bf16 path picks the same
-    # codes as the float32 one, up to its own rounding of z).
+    # The search, the lookup and the Eq. 6 terms run in float32 whatever the compute dtype
+    # (a bf16 path picks the same codes as the float32 one, up to its own rounding of z).
     zf, cf = z.astype(jnp.float32), codes.astype(jnp.float32)
     d = (jnp.sum(zf * zf, axis=-1, keepdims=True)
          - 2.0 * jnp.einsum("...c,kc->...k", zf, cf, precision=hi)
@@ -248,7 +253,7 @@ class VectorQuantizer(nn.Module):
                    precision=hi).astype(z.dtype)                      # (B, h, w, d_c)
     codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - c))
     commitment_loss = self.beta * jnp.mean(jnp.square(z - jax.lax.stop_gradient(c)))
-    z_q = z + jax.lax.stop_gradient(c - z)                            # straight-through
+    z_q = (z + jax.lax.stop_gradient(c - z)).astype(compute_dtype)    # straight-through
     if self.lookup_dim:
       z_q = self.proj_out(z_q)
     return dict(z=z, z_q=z_q, indices=indices, codebook_loss=codebook_loss,
@@ -374,9 +379,10 @@ def ema_code_update(codebook: Array, encodings: Array, indices: Array,
 
 def restart_dead_codes(tokenizer: "LatentTokenizer", params, x: Array, rng: Array, *,
                        threshold: float = 1.0, relative: bool = False,
-                       code_ema: float | None = None) -> tuple[Any, Array]:
+                       code_ema: float | None = None, compute_dtype=None) -> tuple[Any, Array]:
   """One dead-code restart of a tokenizer's codebook on the batch ``x`` (B, H, W, C) in
-  [0, 1]: encodes the batch with ``params`` (the tokenizer's own subtree) and counts each
+  [0, 1]: encodes the batch with ``params`` (the tokenizer's own subtree; the encoder in
+  ``compute_dtype`` when given, `precision.cast_floating`) and counts each
   code's use. With a ``usage`` leaf (``usage_decay`` set) the use is its moving average
   ``usage <- decay * usage + (1 - decay) * counts`` (restarted codes start again at the
   mean use N / K); without, this batch's counts (then a code that only images absent
@@ -390,7 +396,10 @@ def restart_dead_codes(tokenizer: "LatentTokenizer", params, x: Array, rng: Arra
   the mean of their batch encodings (None: off).
   Returns (params with the new ``quantizer`` leaves, number restarted). Apply after an
   optimizer update (the Adam moments of a restarted code are kept)."""
-  out = tokenizer.apply({"params": params}, x, method=LatentTokenizer.encode)
+  p = params
+  if compute_dtype is not None:
+    p, x = cast_floating(params, compute_dtype), x.astype(compute_dtype)
+  out = tokenizer.apply({"params": p}, x, method=LatentTokenizer.encode)
   k = tokenizer.num_codes
   idx = out["indices"].reshape(-1)
   counts = jax.ops.segment_sum(jnp.ones(idx.shape, jnp.float32), idx, num_segments=k)

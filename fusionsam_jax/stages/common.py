@@ -249,5 +249,5 @@ def stage_optimizer(config, stage: str, lr=None) -> optax.GradientTransformation
 
 def with_float32(batch: Mapping[str, Any], keys=("image_embeddings", "fusion")) -> dict:
   """Cached (possibly float16) embeddings / fusion latents as float32."""
-  return dict(batch, **{k: jnp.asarray(batch[k]).astype(jnp.float32) for k in keys
-                        if k in batch})
+  return dict(batch, **{k: jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.float32),
+                                        batch[k]) for k in keys if k in batch})

@@ -35,10 +35,12 @@ the caches of other keys for that split are then deleted.
 ``<modality>.npy`` (uint8, N x H x W x C), ``label.npy`` (uint8), ``embeddings.npy``
 (N x e x e x C, ``dtype``) and ``fusion.npy`` (the fusion latents, N x H/4 x W/4 x d_c,
 ``dtype``: with both cached, a training step runs only the prompts and the mask decoder),
-read through memory maps; for ``val``: one ``batch_XXXXX.npz`` per eval batch (embeddings).
+read through memory maps (written with plain file writes, so that a full disk is an error,
+not a crash); for ``val``: one ``batch_XXXXX.npz`` per eval batch (embeddings).
 A cache is written into a temporary folder that is renamed into place when
-complete, so an interrupted build leaves nothing that looks valid (temporary folders are
-removed on the next build).
+complete, so an interrupted build leaves nothing that looks valid; a failed build removes it,
+the temporary folders of killed runs are removed when the next run takes the workdir's lock
+(`workdir.remove_orphans`).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ FORMAT = "fusionsam_jax.embedding_cache/2"  # 2: the train cache also stores fus
 CACHE_DIR = "embedding_cache"
 MODEL_KEYS = ("modalities", "scale", "tokenizer_kind", "tokenizer", "fusion", "fmp",
               "fused_decoder", "fused_color", "sam_variant", "sam_overrides", "encoder_dtype",
-              "fusion_dtype", "attn_impl")
+              "fusion_dtype", "attn_impl", "backbone")
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +132,9 @@ def cache_key(config, params: Mapping, data_fingerprint: str, split: str) -> tup
       "split": split,
       "params": hash_params(params, embed_param_names(params)),
       "data": data_fingerprint,
-      "model": {k: config_to_dict(config.model[k]) for k in MODEL_KEYS if k in config.model},
+      # (backbone "sam", the default, is left out: keys of runs made before it existed hold)
+      "model": {k: config_to_dict(config.model[k]) for k in MODEL_KEYS if k in config.model
+                and not (k == "backbone" and config.model[k] == "sam")},
       "dtype": str(c.dtype),
   }
   if split == "train":
@@ -183,7 +187,8 @@ class TrainCacheSource:
 
   def _open(self):
     if self._arrays is None:
-      keys = list(self.modalities) + ["label", "embeddings", "fusion"]
+      keys = list(self.modalities) + ["label", "fusion"] + embedding_names(
+          int(self.meta.get("embedding_levels", 1)), "embeddings")
       self._arrays = {k: np.load(os.path.join(self.directory, f"{k}.npy"), mmap_mode="r")
                       for k in keys}
     return self._arrays
@@ -195,7 +200,9 @@ class TrainCacheSource:
     a = self._open()
     out = {k: np.array(a[k][i]) for k in self.modalities}
     out["label"] = np.array(a["label"][i]).astype(np.int32)
-    out["image_embeddings"] = np.array(a["embeddings"][i])
+    out["image_embeddings"] = join_levels(
+        [np.array(a[k][i]) for k in embedding_names(int(self.meta.get("embedding_levels", 1)),
+                                                    "embeddings")])
     out["fusion"] = np.array(a["fusion"][i])
     return out
 
@@ -244,19 +251,76 @@ class Cache:
     files = sorted(f for f in os.listdir(self.val_dir) if f.startswith("batch_"))
     for f in files:
       with np.load(os.path.join(self.val_dir, f)) as z:
-        yield {k: z[k] for k in z.files}
+        b = {k: z[k] for k in z.files}
+      names = [k for k in embedding_names(len(b), "image_embeddings") if k in b]
+      b["image_embeddings"] = join_levels([b.pop(k) for k in names])
+      yield b
+
+
+def embedding_names(levels: int, base: str) -> list[str]:
+  """Stored names of the embedding levels: `base`, `base`_1, ... (SAM: one level; a SAM 2
+  backbone: image_embed, high_res_0, high_res_1)."""
+  return [base] + [f"{base}_{i}" for i in range(1, levels)]
+
+
+def join_levels(levels: list):
+  """One level -> the array (SAM); several -> the tuple the model takes (SAM 2)."""
+  return levels[0] if len(levels) == 1 else tuple(levels)
 
 
 def with_embeddings(loss_fn: Callable) -> Callable:
   """Wraps a segmentation loss so that cached (possibly float16) embeddings and fusion
   latents enter as float32."""
   def wrapped(params, batch, rng, step):
-    cached = {k: batch[k].astype(jnp.float32) for k in ("image_embeddings", "fusion")
-              if k in batch}
+    cached = {k: jax.tree.map(lambda x: x.astype(jnp.float32), batch[k])
+              for k in ("image_embeddings", "fusion") if k in batch}
     if cached:
       batch = dict(batch, **cached)
     return loss_fn(params, batch, rng, step)
   return wrapped
+
+
+class NpyWriter:
+  """Writes an ``.npy`` file of a known shape block by block with ordinary file writes (a
+  full disk raises ``OSError(ENOSPC)`` at the write; stores through a memory map would
+  crash the process with SIGBUS instead)."""
+
+  def __init__(self, path: str, dtype, shape: tuple):
+    self.path, self.dtype, self.shape = path, np.dtype(dtype), tuple(int(d) for d in shape)
+    self.rows = 0
+    self._f = open(path, "wb")
+    np.lib.format.write_array_header_2_0(self._f, {
+        "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+        "shape": self.shape})
+
+  def append(self, block: np.ndarray) -> None:
+    block = np.ascontiguousarray(np.asarray(block).astype(self.dtype, copy=False))
+    if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
+      raise ValueError(f"{self.path}: block {block.shape} does not fit {self.shape} at row "
+                       f"{self.rows}")
+    self._f.write(block.tobytes())
+    self.rows += len(block)
+
+  def close(self) -> None:
+    if self._f.closed:
+      return
+    try:
+      if self.rows != self.shape[0]:
+        raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+      self._f.flush()
+      os.fsync(self._f.fileno())
+    finally:
+      self._f.close()
+
+
+def check_free_space(directory: str, needed: int, what: str) -> None:
+  """Raises ``OSError(ENOSPC)`` (the sizes in its message) when `directory`'s file system has
+  less than `needed` bytes free."""
+  import errno
+  free = shutil.disk_usage(directory).free
+  if needed > free:
+    raise OSError(errno.ENOSPC, f"No space left on device: the {what} embedding cache needs "
+                  f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free", directory)
 
 
 def _finish_dir(tmp: str, final: str, root: str, split: str) -> None:
@@ -272,9 +336,6 @@ def _finish_dir(tmp: str, final: str, root: str, split: str) -> None:
 
 def _tmp_dir(root: str, split: str) -> str:
   os.makedirs(root, exist_ok=True)
-  for d in os.listdir(root):  # leftovers of interrupted builds
-    if d.startswith(f".{split}-"):
-      shutil.rmtree(os.path.join(root, d), ignore_errors=True)
   return tempfile.mkdtemp(prefix=f".{split}-", dir=root)
 
 
@@ -301,6 +362,7 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
     from tqdm.auto import tqdm
     pbar = tqdm(total=n, desc="embedding cache (train)", unit="view", dynamic_ncols=True)
   order = [(i, v) for i in range(n_src) for v in range(n_views)]
+  t0, first_s = time.perf_counter(), None
   for start in range(0, n, bs):
     chunk = order[start:start + bs]
     views = [make_view(source[i], v, index=i, crop_size=config.train.crop_size,
@@ -311,46 +373,54 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
     if pad:
       batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
     out = jax.device_get(embed(params, T.shard_batch({k: batch[k] for k in mods}, mesh)))
-    emb = np.asarray(out["image_embeddings"])[:len(chunk)]
-    fusion = np.asarray(out["fusion"])[:len(chunk)]
+    levels = [np.asarray(x)[:len(chunk)] for x in jax.tree.leaves(out["image_embeddings"])]
+    emb = dict(zip(embedding_names(len(levels), "embeddings"), levels))
+    emb["fusion"] = np.asarray(out["fusion"])[:len(chunk)]
     if arrays is None:
-      arrays = {}
-      for k in mods + ("label",):
-        arrays[k] = np.lib.format.open_memmap(os.path.join(directory, f"{k}.npy"), "w+",
-                                              np.uint8, (n,) + batch[k].shape[1:])
-      for k, v in (("embeddings", emb), ("fusion", fusion)):
-        arrays[k] = np.lib.format.open_memmap(os.path.join(directory, f"{k}.npy"), "w+",
-                                              np.dtype(str(c.dtype)), (n,) + v.shape[1:])
-    sl = slice(start, start + len(chunk))
+      shapes = {k: (np.uint8, batch[k].shape[1:]) for k in mods + ("label",)}
+      shapes.update({k: (np.dtype(str(c.dtype)), v.shape[1:]) for k, v in emb.items()})
+      check_free_space(directory, n * sum(np.dtype(dt).itemsize * int(np.prod(sh))
+                                           for dt, sh in shapes.values()), "train")
+      arrays = {k: NpyWriter(os.path.join(directory, f"{k}.npy"), dt, (n,) + sh)
+                for k, (dt, sh) in shapes.items()}
     for k in mods + ("label",):
-      arrays[k][sl] = batch[k][:len(chunk)]
-    arrays["embeddings"][sl] = emb.astype(arrays["embeddings"].dtype)
-    arrays["fusion"][sl] = fusion.astype(arrays["fusion"].dtype)
+      arrays[k].append(batch[k][:len(chunk)])
+    for k, v in emb.items():
+      arrays[k].append(v)
+    if first_s is None:
+      first_s = time.perf_counter() - t0     # the first batch compiles
     if pbar is not None:
       pbar.update(len(chunk))
   if pbar is not None:
     pbar.close()
   for a in (arrays or {}).values():
-    a.flush()
+    a.close()
   del arrays
-  meta = dict(desc, num_examples=n, num_source=n_src, num_views=n_views, time=time.time())
+  meta = dict(desc, num_examples=n, num_source=n_src, num_views=n_views, time=time.time(),
+              embedding_levels=len(levels) if n else 1,
+              build_s=time.perf_counter() - t0, first_batch_s=first_s, batch_size=bs)
   with open(os.path.join(directory, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)
 
 
 def build_val_cache(directory: str, config, params, val_source, embed, mesh, desc: dict) -> None:
   from fusionsam_jax.data.spec import eval_iterable, strip_batch
-  i = 0
+  i, t0, first_s = 0, time.perf_counter(), None
   for batch in eval_iterable(config, val_source):
     b = strip_batch(batch)
     mods = tuple(config.model.modalities)
-    emb = np.asarray(jax.device_get(embed(params, T.shard_batch({k: b[k] for k in mods},
-                                                                  mesh))["image_embeddings"]))
-    b["image_embeddings"] = emb.astype(np.dtype(str(config.train.embedding_cache.dtype)))
+    emb = jax.device_get(embed(params, T.shard_batch({k: b[k] for k in mods},
+                                                     mesh))["image_embeddings"])
+    levels = jax.tree.leaves(emb)
+    for k, v in zip(embedding_names(len(levels), "image_embeddings"), levels):
+      b[k] = np.asarray(v).astype(np.dtype(str(config.train.embedding_cache.dtype)))
     np.savez(os.path.join(directory, f"batch_{i:05d}.npz"), **b)
     i += 1
+    if first_s is None:
+      first_s = time.perf_counter() - t0     # the first batch compiles
   with open(os.path.join(directory, "meta.json"), "w") as f:
-    json.dump(dict(desc, num_batches=i, time=time.time()), f, indent=1)
+    json.dump(dict(desc, num_batches=i, num_examples=len(val_source), time=time.time(),
+                   build_s=time.perf_counter() - t0, first_batch_s=first_s), f, indent=1)
 
 
 def cache_enabled(config) -> tuple[bool, str]:

@@ -70,12 +70,12 @@ def loss_fn(model: FusionSAM, model_cfg, stage_cfg, fusion_cfg):
       total = 0.0
     elif is_joint:
       images = F.inputs_from_batch(batch, mods)
-      z, vq = model.apply({"params": params}, images, method=FusionSAM.tokenize_vq)
-      out = model.apply({"params": params}, z, images, method=FusionSAM.fuse)
+      # The fusion path in model.train_dtype (float32 params, outputs and loss terms).
+      out = F.fusion_forward(model, params, images, model.train_dtype, with_vq=True)
       fusion = out["fusion"]
       emb = F.image_embeddings(model, params, out["fused"])
       f_f, terms = losses.fusion_loss(out["fused"], [images[m] for m in mods], weights)
-      vq_sum = sum(vq.values())
+      vq_sum = sum(out["vq"].values())
       total = fusion_w * f_f + vq_w * vq_sum
       aux.update({"f_f": f_f, "vq": vq_sum, **{f"fusion/{k}": v for k, v in terms.items()}})
     else:

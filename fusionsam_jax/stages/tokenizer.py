@@ -18,8 +18,10 @@ import numpy as np
 from fusionsam_jax import losses
 from fusionsam_jax.data.spec import stage_batch_size, stage_crop_size, stage_steps, train_iterator
 from fusionsam_jax.errors import SetupError
+from fusionsam_jax.models import functional as F
 from fusionsam_jax.models.functional import inputs_from_batch
 from fusionsam_jax.models.fusionsam import FusionSAM, init_discriminators, make_discriminator
+from fusionsam_jax.models.precision import cast_floating
 from fusionsam_jax.stages import common
 from fusionsam_jax.training.state import TrainState
 
@@ -69,9 +71,20 @@ def perceptual_loss(config, say):
 
 
 def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=None):
-  """(g_loss_fn, d_loss_fn) for `common.make_gan_train_step`."""
+  """(g_loss_fn, d_loss_fn) for `common.make_gan_train_step`. Tokenizers and discriminators
+  compute in ``model.train_dtype`` over float32 params; reconstructions, logits and every
+  loss term are float32 (`models.precision`)."""
   mods = tuple(model_cfg.modalities)
   disc = make_discriminator(model_cfg)
+  dt = jnp.dtype(model.train_dtype)
+
+  def tokenize(g, x, m):
+    out = model.apply({"params": F.cast_fusion_path(g, dt)}, x.astype(dt), m,
+                      method=FusionSAM.tokenizer)
+    return dict(out, recon=out["recon"].astype(jnp.float32))
+
+  def discriminate(d_m, x):
+    return disc.apply({"params": cast_floating(d_m, dt)}, x.astype(dt)).astype(jnp.float32)
   rec_w = float(stage_cfg.get("rec_weight", 1.0))
   perc_w = float(stage_cfg.get("perceptual_weight", 1.0)) if perceptual is not None else 0.0
   disc_w = float(stage_cfg.get("disc_weight", 0.8))
@@ -83,7 +96,7 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
     total, aux, carry = 0.0, {}, {}
     for m in mods:
       x = images[m]
-      out = model.apply({"params": g}, x, m, method=FusionSAM.tokenizer)
+      out = tokenize(g, x, m)
 
       def nll_of(r, x=x):
         rec = losses.reconstruction_loss(x, r, rec_kind)  # Eq. 5
@@ -92,7 +105,7 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
         return rec_w * rec, rec
 
       def adv_of(r, m=m):  # Eq. 8, generator side
-        return losses.generator_adv_loss(disc.apply({"params": d[m]}, r))
+        return losses.generator_adv_loss(discriminate(d[m], r))
 
       nll, rec = nll_of(out["recon"])
       # disc_weight 0: no adversarial term, and the discriminator is not run at all.
@@ -107,8 +120,7 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
           tok = dict(gs[f"tokenizer_{m}"])
           tok["decoder"] = dict(tok["decoder"], conv_out=dict(tok["decoder"]["conv_out"],
                                                               kernel=kern))
-          return model.apply({"params": dict(gs, **{f"tokenizer_{m}": tok})}, x, m,
-                             method=FusionSAM.tokenizer)["recon"]
+          return tokenize(dict(gs, **{f"tokenizer_{m}": tok}), x, m)["recon"]
 
         r0, pullback = jax.vjp(recon_of, kernel)
         g_nll = pullback(jax.grad(lambda r: nll_of(r)[0])(r0))[0]
@@ -132,8 +144,7 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
     if disc_w <= 0:   # no adversarial term: zero loss and gradients, nothing computed
       return total, {"d_weight": jnp.zeros(())}
     for m in mods:
-      loss_m = losses.hinge_d_loss(disc.apply({"params": d[m]}, images[m]),
-                                   disc.apply({"params": d[m]}, carry[m]))
+      loss_m = losses.hinge_d_loss(discriminate(d[m], images[m]), discriminate(d[m], carry[m]))
       total = total + w * loss_m
       aux[f"{m}/d_hinge"] = loss_m
     aux["d_weight"] = w
@@ -164,7 +175,8 @@ def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
     for i, m in enumerate(mods):
       g[f"tokenizer_{m}"], n = restart_dead_codes(
           toks[m], g[f"tokenizer_{m}"], images[m], jax.random.fold_in(rng, i), threshold=thr,
-          relative=relative, code_ema=None if code_ema is None else float(code_ema))
+          relative=relative, code_ema=None if code_ema is None else float(code_ema),
+          compute_dtype=jnp.dtype(model.train_dtype))
       aux[f"{m}/restarted_codes"] = n.astype(jnp.float32)
     return g, aux
 

@@ -29,7 +29,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import grain
 import jax
@@ -48,6 +48,39 @@ STAGE_DONE_FILE = "STAGE_DONE.json"
 
 class CheckpointRestoreError(RuntimeError):
   """No checkpoint of a directory could be restored."""
+
+
+class CheckpointMismatchError(CheckpointRestoreError):
+  """A checkpoint is readable but holds a different structure (param names / shapes) than
+  the model being restored: the config changed, the checkpoint is not corrupt."""
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def leaf_shapes(tree: Any) -> dict[str, tuple]:
+  """``{"a/b/0/c": shape}`` for every array leaf of `tree` (a state, its abstract version or
+  Orbax's metadata tree of it: the same paths for all three)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = getattr(leaf, "shape", None)
+    if shape is None:
+      continue
+    out["/".join(_key_name(k) for k in path)] = tuple(int(d) for d in shape)
+  return out
+
+
+def shape_differences(stored: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> list[str]:
+  """What differs between two `leaf_shapes` (empty: the same structure)."""
+  diff = [f"{k}: {stored[k]} in the checkpoint, {wanted[k]} now"
+          for k in sorted(set(stored) & set(wanted)) if stored[k] != wanted[k]]
+  diff += [f"{k}: only in the checkpoint" for k in sorted(set(stored) - set(wanted))]
+  diff += [f"{k}: not in the checkpoint" for k in sorted(set(wanted) - set(stored))]
+  return diff
 
 
 @dataclasses.dataclass
@@ -133,13 +166,17 @@ class StageCheckpointer:
     async_save: write checkpoints in a background thread (Orbax async checkpointing);
       `wait()` blocks until written.
     stage: stage name written into each checkpoint's metadata.
-    config_fingerprint: written into metadata, checked by `restore` if `check_config`.
+    config_fingerprint: written into metadata.
+    read_only: a reader (evaluate, predict) that may run next to a training run: Orbax's
+      temporary folders (a save in progress) are left alone.
+    say: one-line notes for the user (a quarantined checkpoint); default `logging`.
   """
 
   def __init__(self, directory: str | os.PathLike, *, save_interval_steps: int = 1000,
                keep_latest: int = 1, best_k: int = 3, best_metric: str = "val_miou",
                best_mode: str = "max", async_save: bool = True, stage: str = "",
-               config_fingerprint: str | None = None):
+               config_fingerprint: str | None = None, read_only: bool = False,
+               say: Callable[[str], None] | None = None):
     if keep_latest < 1:
       raise ValueError(f"keep_latest must be >= 1, got {keep_latest}")
     if best_mode not in ("max", "min"):
@@ -150,6 +187,7 @@ class StageCheckpointer:
     self.save_interval_steps = save_interval_steps
     self.best_metric, self.best_mode = best_metric, best_mode
     self.stage, self.config_fingerprint = stage, config_fingerprint
+    self.say = say or log.warning
     worst = -math.inf if best_mode == "max" else math.inf
 
     def best_fn(metrics):
@@ -163,7 +201,8 @@ class StageCheckpointer:
     options = ocp.CheckpointManagerOptions(
         best_fn=best_fn, best_mode=best_mode,
         preservation_policy=pp.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+        create=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
   # -- queries ---------------------------------------------------------------------
@@ -275,12 +314,16 @@ class StageCheckpointer:
       data_iter: if given, its state is set from the checkpoint (`set_state`).
       mesh: if given, arrays are restored replicated on this mesh.
       quarantine_corrupt: move checkpoints that failed to load to
-        ``<directory>_corrupt/<step>`` so that training can save that step again.
+        ``<directory>_corrupt/<step>-<time>`` (saying so) so that training can save that
+        step again; with step "latest", when none loads, return None (start afresh).
 
     Returns:
-      `Restored`, or None if the directory has no checkpoint and step == "latest".
+      `Restored`, or None if the directory has no (usable, with `quarantine_corrupt`)
+      checkpoint and step == "latest".
 
     Raises:
+      CheckpointMismatchError: a checkpoint holds other param names / shapes than
+        `template` (a config change, not corruption: nothing is quarantined).
       CheckpointRestoreError: checkpoints exist but none of the candidates loads, or the
         requested step / best checkpoint does not exist.
     """
@@ -292,10 +335,17 @@ class StageCheckpointer:
     abstract = abstract_like(template, sharding)
     skipped = []
     for s in candidates:
+      diff = self.structure_differences(s, abstract)
+      if diff:
+        raise CheckpointMismatchError(
+            f"checkpoint {s} in {self.directory} does not fit this config's model: "
+            + "; ".join(diff[:3]) + (f" ({len(diff)} differences)" if len(diff) > 3 else "")
+            + ". It is kept; use the config it was trained with, or another workdir")
       try:
         restored, meta, it_state = self._restore_one(s, abstract, data_iter is not None)
       except Exception as e:  # noqa: BLE001 -- any failure makes the checkpoint unusable
-        reason = f"{type(e).__name__}: {str(e)[:500]}"
+        first = (str(e).strip().splitlines() or [""])[0]
+        reason = f"{type(e).__name__}: {first[:300]}"
         log.warning("checkpoint %d in %s could not be restored (%s); trying the previous "
                     "one", s, self.directory, reason)
         skipped.append((s, reason))
@@ -312,10 +362,14 @@ class StageCheckpointer:
         log.warning("restored checkpoint %d after skipping unusable checkpoint(s) %s", s,
                     [x for x, _ in skipped])
         if quarantine_corrupt:
-          self._quarantine([x for x, _ in skipped])
+          self.quarantine(skipped)
       return Restored(restored, s, meta, skipped, iterator_restored)
     if quarantine_corrupt and skipped:
-      self._quarantine([x for x, _ in skipped])
+      self.quarantine(skipped)
+      if step == "latest":
+        self.say(f"stage '{self.stage}': no usable checkpoint left in {self.directory}; "
+                 "the stage starts from the beginning")
+        return None
     details = "; ".join(f"step {s}: {r}" for s, r in skipped)
     raise CheckpointRestoreError(
         f"no usable checkpoint in {self.directory} (tried {candidates}): {details}")
@@ -338,16 +392,47 @@ class StageCheckpointer:
     jax.block_until_ready(state)
     return state, meta, (box.unwrap() if box is not None else None)
 
-  def _quarantine(self, steps: Iterable[int]) -> None:
+  def structure_differences(self, step: int, template: Any) -> list[str] | None:
+    """How checkpoint `step`'s state differs from `template` in param names and shapes
+    ([]: it fits; None: its metadata cannot be read, i.e. it is corrupt)."""
+    try:
+      from etils import epath  # noqa: PLC0415 -- Orbax's path type
+      md = ocp.PyTreeCheckpointHandler().metadata(
+          epath.Path(os.path.join(self.directory, str(step), STATE)))
+      tree = getattr(md, "tree", md)
+      stored = leaf_shapes(tree)
+    except Exception:  # noqa: BLE001 -- unreadable metadata: corrupt, not a mismatch
+      return None
+    if not stored:
+      return None
+    return shape_differences(stored, leaf_shapes(template))
+
+  def verify(self, template: Any, step: int, *, mesh: jax.sharding.Mesh | None = None
+             ) -> str | None:
+    """None if checkpoint `step` restores into `template`, else the reason (one line).
+    Raises `CheckpointMismatchError` for a checkpoint of another model."""
+    try:
+      self.restore(template, int(step), mesh=mesh)
+    except CheckpointMismatchError:
+      raise
+    except CheckpointRestoreError as e:
+      return str(e)
+    return None
+
+  def quarantine(self, steps: Iterable[tuple[int, str]]) -> None:
+    """Moves checkpoints ``[(step, reason)]`` to ``<directory>_corrupt/<step>-<time>``,
+    saying so (one line each)."""
+    steps = list(steps)
     if jax.process_index() == 0:
       dest_root = self.directory.rstrip("/") + "_corrupt"
       os.makedirs(dest_root, exist_ok=True)
-      for s in steps:
+      for s, reason in steps:
         src = os.path.join(self.directory, str(s))
         if os.path.exists(src):
           dest = os.path.join(dest_root, f"{s}-{int(time.time())}")
           shutil.move(src, dest)
-          log.warning("moved unusable checkpoint %s to %s", src, dest)
+          self.say(f"checkpoint {s} of stage '{self.stage}' is unusable ({reason[:200]}); "
+                   f"moved it to {dest}")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("fusionsam_quarantine")
@@ -366,6 +451,11 @@ class StageCheckpointer:
       return None
     with open(self.stage_done_path) as f:
       return json.load(f)
+
+  def unmark_stage_done(self) -> None:
+    """Removes the completion marker (the stage's final checkpoint was lost)."""
+    if jax.process_index() == 0 and self.is_stage_done():
+      os.unlink(self.stage_done_path)
 
   def mark_stage_done(self, info: Mapping[str, Any]) -> None:
     """Waits for pending saves, then writes the completion marker atomically."""

@@ -101,6 +101,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: d}
 
 
+def with_added(flat: dict[str, Any], added: Mapping[str, Any] | None) -> dict[str, Any]:
+  """A flattened stored config with the keys of `added` it lacks set to their values."""
+  return {**dict(added or {}), **flat}
+
+
 def _drop(flat: dict[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
   ignore = tuple(ignore)
   return {k: v for k, v in flat.items()
@@ -115,45 +120,95 @@ def config_fingerprint(config: Any, ignore: Iterable[str] = ()) -> str:
 
 
 def check_workdir_config(workdir: str | os.PathLike, config: Any, *,
-                         ignore: Iterable[str] = (), allow_change: bool = False) -> str:
+                         ignore: Iterable[str] = (), allow_change: bool = False,
+                         added: Mapping[str, Any] | None = None) -> str:
   """Stores the config in ``workdir/config.json`` on first use; checks it afterwards.
 
   A later run whose config differs (outside the dotted keys in `ignore`, e.g.
   ``("train.num_steps",)``) raises `ConfigMismatchError` listing the differing keys, unless
   `allow_change` is set: then the change is logged, the old file is kept as
-  ``config.<unix time>.json`` and the new config is stored. Returns the fingerprint.
+  ``config.<unix time>.json`` and the new config is stored. `added`: dotted keys introduced
+  after a workdir may have been made, with the value that reproduces the old behaviour; a
+  stored config without such a key reads as having that value (and the record gains it).
+  Returns the fingerprint. (`compare_workdir_config` + `store_workdir_config`, for a caller
+  that has more to check before the new config may replace the old one.)
 
   Only process 0 writes.
   """
+  fp, diff = compare_workdir_config(workdir, config, ignore=ignore, allow_change=allow_change,
+                                    added=added)
+  if diff != []:
+    store_workdir_config(workdir, config, ignore=ignore, added=added)
+  return fp
+
+
+def compare_workdir_config(workdir: str | os.PathLike, config: Any, *,
+                           ignore: Iterable[str] = (), allow_change: bool = False,
+                           added: Mapping[str, Any] | None = None
+                           ) -> tuple[str, list[str] | None]:
+  """Compares `config` with ``workdir/config.json``; writes nothing.
+
+  Returns (fingerprint, differences): differences is None when the workdir has no config
+  yet or its record only lacks keys of `added` (at their old-behaviour values: the record
+  should be rewritten), [] when the stored one is the same (outside `ignore`), else the
+  differing keys as ``"key: old -> new"`` (only with `allow_change`: otherwise
+  `ConfigMismatchError`)."""
+  ignore = tuple(ignore)
+  new = config_to_dict(config)
+  fp = config_fingerprint(new, ignore)
+  path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+  if not os.path.exists(path):
+    return fp, None
+  with open(path) as f:
+    try:
+      old = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigMismatchError(f"{path} is not valid JSON ({e}); remove it or use "
+                                "another workdir") from e
+  old_cfg = old.get("config", {}) if isinstance(old, dict) else {}
+  if config_fingerprint(old_cfg, ignore) == fp:
+    return fp, []
+  a, b = _drop(with_added(_flatten(old_cfg), added), ignore), _drop(_flatten(new), ignore)
+  diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
+          for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+  if not diff:
+    return fp, None
+  shown = "; ".join(diff[:20]) + (f"; ... ({len(diff)} in all)" if len(diff) > 20 else "")
+  if not allow_change:
+    raise ConfigMismatchError(
+        f"workdir {workdir} was created with a different config ({path}): {shown}. "
+        "Use a new workdir, or allow the change explicitly (allow_config_change).")
+  return fp, diff
+
+
+def _stored_differs(path: str, new: dict, ignore: tuple, added) -> bool:
+  try:
+    with open(path) as f:
+      old = json.load(f).get("config", {})
+  except (OSError, ValueError, AttributeError):
+    return True
+  return (_drop(with_added(_flatten(old), added), ignore) != _drop(_flatten(new), ignore))
+
+
+def store_workdir_config(workdir: str | os.PathLike, config: Any, *,
+                         ignore: Iterable[str] = (),
+                         added: Mapping[str, Any] | None = None) -> None:
+  """Writes ``workdir/config.json`` (atomically); an existing one that differs (beyond keys
+  of `added` at their old-behaviour values) is kept as ``config.<unix time>.json``. Only
+  process 0 writes."""
   from fusionsam_jax.training.checkpointing import atomic_write_text  # noqa: PLC0415
   import jax  # noqa: PLC0415
 
   ignore = tuple(ignore)
   new = config_to_dict(config)
-  fp = config_fingerprint(new, ignore)
+  record = {"fingerprint": config_fingerprint(new, ignore), "ignore": list(ignore),
+            "config": new}
   path = os.path.join(os.fspath(workdir), CONFIG_FILE)
-  record = {"fingerprint": fp, "ignore": list(ignore), "config": new}
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        old = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ConfigMismatchError(f"{path} is not valid JSON ({e}); remove it or use "
-                                  "another workdir") from e
-    old_cfg = old.get("config", {})
-    if config_fingerprint(old_cfg, ignore) == fp:
-      return fp
-    a, b = _drop(_flatten(old_cfg), ignore), _drop(_flatten(new), ignore)
-    diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
-    shown = "; ".join(diff[:20]) + (f"; ... ({len(diff)} in all)" if len(diff) > 20 else "")
-    if not allow_change:
-      raise ConfigMismatchError(
-          f"workdir {workdir} was created with a different config ({path}): {shown}. "
-          "Use a new workdir, or allow the change explicitly (allow_config_change).")
-    log.warning("config of workdir %s changed (allowed): %s", workdir, shown)
-    if jax.process_index() == 0:
-      os.replace(path, os.path.join(os.fspath(workdir), f"config.{int(time.time())}.json"))
-  if jax.process_index() == 0:
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
-  return fp
+  if jax.process_index() != 0:
+    return
+  if os.path.exists(path) and _stored_differs(path, new, ignore, added):
+    log.warning("config of workdir %s changed (allowed); the old one is kept", workdir)
+    import shutil  # noqa: PLC0415
+    # A copy, not a move: a run killed here still has a config.json.
+    shutil.copy2(path, os.path.join(os.fspath(workdir), f"config.{int(time.time())}.json"))
+  atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))

@@ -72,6 +72,32 @@ class MetricWriter:
     with open(self.jsonl_path, "a") as fh:
       fh.write(json.dumps(row) + "\n")
 
+  def drop_rows_after(self, step: int, split_prefix: str) -> int:
+    """Removes the ``metrics.jsonl`` rows of splits starting with `split_prefix` logged
+    after `step` (and torn lines): a run resumed from checkpoint `step` logs those steps
+    again. Rewrites the file atomically; returns how many rows went."""
+    if not self.primary or not os.path.isfile(self.jsonl_path):
+      return 0
+    kept, dropped = [], 0
+    with open(self.jsonl_path) as fh:
+      for line in fh:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          dropped += line.strip() != ""
+          continue
+        if (isinstance(row, dict) and str(row.get("split", "")).startswith(split_prefix)
+            and int(row.get("step", 0)) > step):
+          dropped += 1
+          continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+      tmp = f"{self.jsonl_path}.tmp-{os.getpid()}"
+      with open(tmp, "w") as fh:
+        fh.writelines(kept)
+      os.replace(tmp, self.jsonl_path)
+    return dropped
+
   def write_images(self, step: int, images: Mapping[str, Any], split: str = "train") -> None:
     """Images: HWC or NHWC arrays, uint8 or float in [0, 1]; 1 or 3 channels."""
     if not self.primary or self._tb is None:

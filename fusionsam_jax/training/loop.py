@@ -161,6 +161,7 @@ def run_stage(
     shard_fn: Callable[[PyTree], PyTree] | None = None,
     progress: bool = True,
     tensorboard: bool = True,
+    prefetch: int = 2,
 ) -> StageResult:
   """Runs (or resumes, or skips) one training stage.
 
@@ -188,7 +189,7 @@ def run_stage(
   passed unchanged to every step. `data_iter` yields host-local numpy batches (pytrees,
   batch-major leaves) and has `get_state()` / `set_state()` (grain iterators do); it must
   not run out before `num_steps`. `shard_fn` places a batch on the mesh (default
-  `shard_batch`); a `DevicePrefetch` thread runs it two steps ahead. ``data_wait`` (s per
+  `shard_batch`); a `DevicePrefetch` thread runs it `prefetch` steps ahead. ``data_wait`` (s per
   step the loop waited for data) is logged with ``step_time``.
   """
   primary = jax.process_index() == 0
@@ -219,10 +220,12 @@ def run_stage(
                      f"{num_steps}")
 
   frozen = jax.device_put(frozen if frozen is not None else {}, repl)
-  batches = DevicePrefetch(data_iter, shard_fn, size=2) if start < num_steps else None
+  batches = DevicePrefetch(data_iter, shard_fn, size=prefetch) if start < num_steps else None
   writer = MetricWriter(workdir, tensorboard=tensorboard,
                         purge_step=(start + 1) if start else None,
                         tb_subdir=os.path.join("tensorboard", name))
+  # What a killed run logged after its last checkpoint is logged again: no duplicate rows.
+  writer.drop_rows_after(start, f"{name}/")
   if start:
     writer.write_scalars(start, {"resumed_from_step": start}, split=f"{name}/event")
   pbar = None
@@ -252,7 +255,9 @@ def run_stage(
       if step == start + 1:
         # The first step of a run compiles: its time is an event, not throughput.
         jax.block_until_ready(metrics)
-        writer.write_scalars(step, {"first_step_s": time.perf_counter() - t_mark},
+        # first_data_wait_s: of that, waiting for the first batch (loader start-up).
+        writer.write_scalars(step, {"first_step_s": time.perf_counter() - t_mark,
+                                    "first_data_wait_s": batches.wait_s},
                              split=f"{name}/event")
         t_mark, pairs, steps_t = time.perf_counter(), 0, 0
         wait_mark = batches.wait_s
@@ -300,7 +305,10 @@ def run_stage(
         wait_mark = batches.wait_s
 
       if do_eval:
+        t_eval = time.perf_counter()
         last_eval = {k: float(v) for k, v in dict(eval_fn(state)).items()}
+        writer.write_scalars(step, {"eval_s": time.perf_counter() - t_eval},
+                             split=f"{name}/event")
         writer.write_scalars(step, last_eval, split=f"{name}/val")
         if primary:
           shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
@@ -332,6 +340,9 @@ def run_stage(
                            split=f"{name}/event")
     checkpointer.mark_stage_done({"step": step, "num_steps": num_steps,
                                   "last_eval": last_eval, "time": time.time()})
+  except guards.NonFiniteLossError as e:
+    e.stage = name
+    raise
   finally:
     if batches is not None:
       batches.close()

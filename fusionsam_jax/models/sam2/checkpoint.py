@@ -25,9 +25,9 @@ import jax
 import numpy as np
 
 from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2, Sam2Config, preset_name
-from fusionsam_jax.sam_checkpoint import (CheckpointError, _flax_path, load_torch_state_dict,
-                                          restore_params_dir, write_params_dir,
-                                          sha256sum)
+from fusionsam_jax.sam_checkpoint import (CheckpointError, _flax_path, check_output_dir,
+                                          load_torch_state_dict, restore_params_dir,
+                                          write_params_dir, sha256sum)
 
 FORMAT = "fusionsam_jax.sam2/1"
 META_FILE = "sam2_meta.json"
@@ -44,18 +44,21 @@ __all__ = ["CheckpointError", "infer_config", "convert_state_dict", "convert_fil
            "save_sam2_checkpoint", "load_sam2_checkpoint", "read_sam2_meta"]
 
 
-def _shape(sd, key, path):
+def _shape(sd, key, path, ndim: int):
   if key not in sd:
     raise CheckpointError(f"{path}: missing key {key!r}: not a SAM 2 checkpoint?")
-  return tuple(sd[key].shape)
+  shape = tuple(np.shape(sd[key]))
+  if len(shape) != ndim:
+    raise CheckpointError(f"{path}: key {key!r} has shape {shape}, expected a {ndim}-D tensor")
+  return shape
 
 
 def infer_config(sd: Mapping[str, Any], path: str = "checkpoint") -> Sam2Config:
   """The preset whose shapes the state dict has. Raises CheckpointError if none fits."""
-  embed_dim = _shape(sd, "image_encoder.trunk.patch_embed.proj.weight", path)[0]
-  bkg = _shape(sd, "image_encoder.trunk.pos_embed", path)[2:]
-  win = _shape(sd, "image_encoder.trunk.pos_embed_window", path)[2]
-  d_model = _shape(sd, "sam_prompt_encoder.no_mask_embed.weight", path)[1]
+  embed_dim = _shape(sd, "image_encoder.trunk.patch_embed.proj.weight", path, 4)[0]
+  bkg = _shape(sd, "image_encoder.trunk.pos_embed", path, 4)[2:]
+  win = _shape(sd, "image_encoder.trunk.pos_embed_window", path, 4)[2]
+  d_model = _shape(sd, "sam_prompt_encoder.no_mask_embed.weight", path, 2)[1]
   depth = 0
   while f"image_encoder.trunk.blocks.{depth}.norm1.weight" in sd:
     depth += 1
@@ -135,11 +138,12 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[Sam2Config] =
 
 
 def save_sam2_checkpoint(output_dir: str, cfg: Sam2Config, params, meta: Optional[dict] = None,
-                         overwrite: bool = False) -> str:
+                         overwrite: bool = False, inputs: Tuple[str, ...] = ()) -> str:
   """Writes params + metadata atomically (temp dir, then rename; `write_params_dir`)."""
   full_meta = {"format": FORMAT, "variant": preset_name(cfg) or "custom",
                "config": cfg.to_dict(), **(meta or {})}
-  return write_params_dir(output_dir, params, full_meta, overwrite, meta_file=META_FILE)
+  return write_params_dir(output_dir, params, full_meta, overwrite, meta_file=META_FILE,
+                          inputs=inputs)
 
 
 def read_sam2_meta(ckpt_dir: str) -> dict:
@@ -165,18 +169,17 @@ def load_sam2_checkpoint(ckpt_dir: str):
 def convert_file(checkpoint: str, output: str, model_type: str = "auto",
                  overwrite: bool = False) -> Tuple[Sam2Config, str]:
   """The converter CLI's work: .pt -> checkpoint directory. Raises CheckpointError."""
-  if os.path.exists(output) and not overwrite:
-    raise CheckpointError(f"{output}: already exists (pass --overwrite to replace it)")
+  check_output_dir(output, overwrite, META_FILE, FORMAT, (checkpoint,))
   if model_type != "auto" and model_type not in SAM2_PRESETS:
-    raise CheckpointError(f"--model-type {model_type!r}: expected auto, "
+    raise CheckpointError(f"--model_type {model_type!r}: expected auto, "
                           + ", ".join(SAM2_PRESETS))
   sd = load_torch_state_dict(checkpoint)
   cfg = infer_config(sd, checkpoint)
   if model_type != "auto" and SAM2_PRESETS[model_type] != cfg:
-    raise CheckpointError(f"{checkpoint}: --model-type {model_type} given, but the tensor "
+    raise CheckpointError(f"{checkpoint}: --model_type {model_type} given, but the tensor "
                           f"shapes are those of {preset_name(cfg)}")
   cfg, params, skipped = convert_state_dict(sd, cfg, checkpoint)
   meta = {"source": os.path.basename(checkpoint), "sha256": sha256sum(checkpoint),
           "skipped_video_keys": skipped}
-  save_sam2_checkpoint(output, cfg, params, meta, overwrite=overwrite)
+  save_sam2_checkpoint(output, cfg, params, meta, overwrite=overwrite, inputs=(checkpoint,))
   return cfg, output

@@ -74,3 +74,28 @@ class ImageEncoder(nn.Module):
     if self.scalp > 0:
       features = features[:-self.scalp]
     return features
+
+
+class Sam2FeatureEncoder(ImageEncoder):
+  """SAM 2's image features as `SAM2ImagePredictor.set_image` keeps them, as one frozen
+  module (FusionSAM's SAM 2 backbone, `model.backbone="sam2_*"`): trunk + neck, then
+  `conv_s0` / `conv_s1` (in `sam2`: the mask decoder's projections of the two high-resolution
+  levels) and `no_mem_embed` added to the stride-16 level.
+
+  (B, S, S, 3) normalised pixels -> (image_embed (B, S/16, S/16, d),
+  high_res_0 (B, S/4, S/4, d/8), high_res_1 (B, S/8, S/8, d/4)).
+  Params: `trunk`, `neck` (sam2's `image_encoder.*`), `conv_s0`, `conv_s1`
+  (`sam_mask_decoder.conv_s*`), `no_mem_embed` (1, 1, d).
+  """
+
+  def setup(self):
+    super().setup()
+    d = self.d_model
+    self.conv_s0 = nn.Conv(d // 8, (1, 1), dtype=self.dtype)
+    self.conv_s1 = nn.Conv(d // 4, (1, 1), dtype=self.dtype)
+    self.no_mem_embed = self.param("no_mem_embed", nn.initializers.normal(0.02), (1, 1, d))
+
+  def __call__(self, x):
+    fpn = super().__call__(x)
+    embed = fpn[-1] + self.no_mem_embed[0, 0].astype(fpn[-1].dtype)
+    return embed, self.conv_s0(fpn[0]), self.conv_s1(fpn[1])

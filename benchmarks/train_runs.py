@@ -1,0 +1,75 @@
+"""What the GPU benchmarks that drive the CLIs share (`e2e_gpu.py`, `schedule_time.py`):
+a random official SAM ``.pth``, commands run with their log and wall time, and the per-stage
+numbers of a run's ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_pth(variant: str, path: str) -> float:
+  """A randomly initialised official SAM (segment_anything's own builder), saved as .pth."""
+  import torch
+  t0 = time.perf_counter()
+  from segment_anything import sam_model_registry
+  torch.manual_seed(0)
+  sam = sam_model_registry[variant](checkpoint=None)
+  torch.save(sam.state_dict(), path)
+  return time.perf_counter() - t0
+
+
+def tiny_pth(path: str) -> float:
+  t0 = time.perf_counter()
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import torch
+  from sam_reference import build_torch_sam
+  from fusionsam_jax.models.sam.sam import SAM_PRESETS
+  torch.save(build_torch_sam(SAM_PRESETS["tiny"]).state_dict(), path)
+  return time.perf_counter() - t0
+
+
+def run(cmd, log, env=None, timeout=None):
+  t0 = time.perf_counter()
+  with open(log, "w") as f:
+    try:
+      rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
+                          timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+      rc = "timeout"
+  wall = time.perf_counter() - t0
+  print(f"[{rc}] {wall:7.1f} s  {' '.join(cmd)[:160]}", flush=True)
+  return {"cmd": " ".join(cmd), "returncode": rc, "wall_s": wall,
+          "log_tail": open(log).read()[-1500:]}
+
+
+def stage_stats(workdir: str) -> dict:
+  from fusionsam_jax.workdir import dir_bytes
+  rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+  out = {}
+  for stage in ("tokenizer", "fusion", "segmentation"):
+    train = [r for r in rows if r.get("split") == f"{stage}/train"]
+    events = {k: v for r in rows if r.get("split") == f"{stage}/event" for k, v in r.items()}
+    steady = train[1:-1] or train[1:] or train
+    out[stage] = {
+        "loop_step_ms": 1e3 * statistics.median(r["step_time"] for r in steady) if steady
+        else None,
+        "loop_step_ms_rows": [1e3 * r["step_time"] for r in train],
+        "data_wait_ms": 1e3 * statistics.median(r.get("data_wait", 0.0) for r in steady)
+        if steady else None,
+        "first_step_s": events.get("first_step_s"), "peak_bytes": events.get("peak_bytes"),
+        "first_data_wait_s": events.get("first_data_wait_s"),
+        "eval_s": [r["eval_s"] for r in rows
+                   if r.get("split") == f"{stage}/event" and "eval_s" in r],
+        "steps": train[-1]["step"] if train else 0,
+        "checkpoint_bytes": dir_bytes(os.path.join(workdir, "checkpoints", stage)),
+        "last": {k: v for k, v in (train[-1] if train else {}).items()
+                 if isinstance(v, (int, float))},
+    }
+  return out
