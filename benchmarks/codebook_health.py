@@ -5,14 +5,15 @@ checks FMP's global cuDNN attention against the XLA path on the same params.
 
     python benchmarks/codebook_health.py --steps 30 --out results.json
     # restart threshold relative to the mean use per code (the paper configs' default):
-    python benchmarks/codebook_health.py --steps 60 --every 10 --no-cudnn-check \
+    python benchmarks/codebook_health.py --steps 60 --every 10 --nocudnn_check \
         --variants 8:1:0.8,8:r0.25:0.8 --out codebook_relative_h100.json
     # CPU, small: 32 x 48 scenes, batch 32
-    python benchmarks/codebook_health.py --size 32,48 --batch 32 --num_train 96 ...
+    python benchmarks/codebook_health.py --size 32,48 --batch 32 --num_train 96 --steps 30
 """
 
-import argparse
 import json
+import os
+import sys
 import time
 
 import jax
@@ -20,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fusionsam_jax import losses
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fusionsam_jax import losses  # noqa: E402
 from fusionsam_jax.data.generate import generate_scene
 from fusionsam_jax.models.fmp import FusionMaskPrompting
 from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes
@@ -84,22 +87,36 @@ def cudnn_check():
           "ref_mean_abs": float(np.abs(np.asarray(a)).mean())}
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=30)
-  ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--every", type=int, default=10)
-  ap.add_argument("--out", default="")
-  ap.add_argument("--variants", default="vqgan,8:1",
-                  help="comma-separated: vqgan or LOOKUP_DIM:RESTART_THRESHOLD[:USAGE_DECAY"
-                  "[:CODE_EMA]]; "
-                  "THRESHOLD rX: X times the mean use per code (relative)")
-  ap.add_argument("--no-cudnn-check", action="store_true")
-  ap.add_argument("--size", default="480,640", help="H,W of the generated scenes (latents "
-                  "H/4 x W/4)")
-  ap.add_argument("--num_train", type=int, default=32)
-  ap.add_argument("--num_held", type=int, default=8)
-  a = ap.parse_args()
+def _define(fv):
+  from absl import flags
+  d = dict(flag_values=fv)
+  return {
+      "steps": flags.DEFINE_integer("steps", 30, "training steps per variant", **d),
+      "batch": flags.DEFINE_integer("batch", 4, "batch size", **d),
+      "every": flags.DEFINE_integer("every", 10, "measure usage every this many steps", **d),
+      "out": flags.DEFINE_string("out", "", "JSON output (empty: print only)", **d),
+      "variants": flags.DEFINE_string(
+          "variants", "vqgan,8:1", "comma-separated: vqgan or LOOKUP_DIM:RESTART_THRESHOLD"
+          "[:USAGE_DECAY[:CODE_EMA]]; THRESHOLD rX: X times the mean use per code "
+          "(relative)", **d),
+      "cudnn_check": flags.DEFINE_bool("cudnn_check", True, "also check FMP's global cuDNN "
+                                       "attention against XLA (--nocudnn_check: skip)", **d),
+      "size": flags.DEFINE_string("size", "480,640", "H,W of the generated scenes (latents "
+                                  "H/4 x W/4)", **d),
+      "num_train": flags.DEFINE_integer("num_train", 32, "training scenes", **d),
+      "num_held": flags.DEFINE_integer("num_held", 8, "held-out scenes", **d),
+  }
+
+
+def main(argv=None) -> int:
+  from fusionsam_jax.cli_common import run_cli
+  return run_cli(_define, _run, argv, prog="benchmarks/codebook_health.py", doc=__doc__)
+
+
+def _run(f, _) -> int:
+  import types
+  a = types.SimpleNamespace(**{k: h.value for k, h in f.items()})
+  a.no_cudnn_check = not a.cudnn_check
   res = {"device": jax.devices()[0].device_kind}
   if not a.no_cudnn_check:
     res["fmp_global_cudnn_vs_xla"] = cudnn_check()
@@ -124,7 +141,8 @@ def main():
   if a.out:
     with open(a.out, "w") as f:
       json.dump(res, f, indent=1)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
