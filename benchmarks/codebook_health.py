@@ -4,10 +4,16 @@ generated MFNet-layout scenes at 480 x 640, batch 4, the paper's Adam (lr 1e-4, 
 checks FMP's global cuDNN attention against the XLA path on the same params.
 
     python benchmarks/codebook_health.py --steps 30 --out results.json
+    # restart threshold relative to the mean use per code (the paper configs' default):
+    python benchmarks/codebook_health.py --steps 60 --every 10 --nocudnn_check \
+        --variants 8:1:0.8,8:r0.25:0.8 --out codebook_relative_h100.json
+    # CPU, small: 32 x 48 scenes, batch 32
+    python benchmarks/codebook_health.py --size 32,48 --batch 32 --num_train 96 --steps 30
 """
 
-import argparse
 import json
+import os
+import sys
 import time
 
 import jax
@@ -15,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fusionsam_jax import losses
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fusionsam_jax import losses  # noqa: E402
 from fusionsam_jax.data.generate import generate_scene
 from fusionsam_jax.models.fmp import FusionMaskPrompting
 from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes
@@ -23,7 +31,8 @@ from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes
 K = 1024
 
 
-def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, decay=None):
+def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, decay=None,
+        relative=False, code_ema=None):
   kw = dict(l2_normalize=True, lookup_dim=lookup_dim, usage_decay=decay) if remedy else {}
   tok = LatentTokenizer(in_channels=3, latent_dim=64, num_codes=K, ch=64, num_res_blocks=2,
                         max_groups=32, **kw)
@@ -40,7 +49,8 @@ def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, d
     upd, opt = tx.update(g, opt, params)
     params = optax.apply_updates(params, upd)
     if remedy:
-      params, _ = restart_dead_codes(tok, params, x, rng, threshold=threshold)
+      params, _ = restart_dead_codes(tok, params, x, rng, threshold=threshold,
+                                     relative=relative, code_ema=code_ema)
     return params, opt
 
   enc = jax.jit(lambda p, x: tok.apply({"params": p}, x, method=LatentTokenizer.encode)[
@@ -56,10 +66,11 @@ def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, d
       rows.append({"step": i, "perplexity": float(u["perplexity"]),
                    "dead_fraction": float(u["dead_fraction"])})
       print(json.dumps({"remedy": remedy, "lookup_dim": lookup_dim, "threshold": threshold,
-                        "decay": decay,
+                        "relative": relative, "decay": decay, "code_ema": code_ema,
                         **rows[-1]}), flush=True)
-  name = (f"cosine+lookup{lookup_dim}+restart<{threshold:g},ema{decay}" if remedy
-          else "vqgan")
+  thr = f"{threshold:g}x mean use" if relative else f"{threshold:g}"
+  name = (f"cosine+lookup{lookup_dim}+restart<{thr},ema{decay}"
+          + (f"+code_ema{code_ema:g}" if code_ema is not None else "") if remedy else "vqgan")
   return {"remedy": name, "rows": rows,
           "seconds": time.perf_counter() - t0}
 
@@ -76,35 +87,62 @@ def cudnn_check():
           "ref_mean_abs": float(np.abs(np.asarray(a)).mean())}
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=30)
-  ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--every", type=int, default=10)
-  ap.add_argument("--out", default="")
-  ap.add_argument("--variants", default="vqgan,8:1",
-                  help="comma-separated: vqgan or LOOKUP_DIM:RESTART_THRESHOLD[:EMA_DECAY]")
-  ap.add_argument("--no-cudnn-check", action="store_true")
-  a = ap.parse_args()
+def _define(fv):
+  from absl import flags
+  d = dict(flag_values=fv)
+  return {
+      "steps": flags.DEFINE_integer("steps", 30, "training steps per variant", **d),
+      "batch": flags.DEFINE_integer("batch", 4, "batch size", **d),
+      "every": flags.DEFINE_integer("every", 10, "measure usage every this many steps", **d),
+      "out": flags.DEFINE_string("out", "", "JSON output (empty: print only)", **d),
+      "variants": flags.DEFINE_string(
+          "variants", "vqgan,8:1", "comma-separated: vqgan or LOOKUP_DIM:RESTART_THRESHOLD"
+          "[:USAGE_DECAY[:CODE_EMA]]; THRESHOLD rX: X times the mean use per code "
+          "(relative)", **d),
+      "cudnn_check": flags.DEFINE_bool("cudnn_check", True, "also check FMP's global cuDNN "
+                                       "attention against XLA (--nocudnn_check: skip)", **d),
+      "size": flags.DEFINE_string("size", "480,640", "H,W of the generated scenes (latents "
+                                  "H/4 x W/4)", **d),
+      "num_train": flags.DEFINE_integer("num_train", 32, "training scenes", **d),
+      "num_held": flags.DEFINE_integer("num_held", 8, "held-out scenes", **d),
+  }
+
+
+def main(argv=None) -> int:
+  from fusionsam_jax.cli_common import run_cli
+  return run_cli(_define, _run, argv, prog="benchmarks/codebook_health.py", doc=__doc__)
+
+
+def _run(f, _) -> int:
+  import types
+  a = types.SimpleNamespace(**{k: h.value for k, h in f.items()})
+  a.no_cudnn_check = not a.cudnn_check
   res = {"device": jax.devices()[0].device_kind}
   if not a.no_cudnn_check:
     res["fmp_global_cudnn_vs_xla"] = cudnn_check()
   print(json.dumps(res), flush=True)
-  load = lambda lo, n: np.stack([generate_scene("mfnet", i, 0, 480, 640)["rgb"] for i in
+  hh, ww = (int(v) for v in a.size.split(","))
+  res["size"] = [hh, ww]
+  load = lambda lo, n: np.stack([generate_scene("mfnet", i, 0, hh, ww)["rgb"] for i in
                                  range(lo, lo + n)]).astype(np.float32) / 255.0
-  train, held = load(0, 32), load(100, 8)   # held out: 8 x 120 x 160 = 153 600 vectors
+  # held out: 8 images (at 480 x 640: 8 x 120 x 160 = 153 600 vectors)
+  train, held = load(0, a.num_train), load(100, a.num_held)
   res["runs"] = []
   for v in a.variants.split(","):
     if v == "vqgan":
       res["runs"].append(run(False, train, held, a.steps, a.batch, a.every))
     else:
-      ld, thr, *dec = v.split(":")
-      res["runs"].append(run(True, train, held, a.steps, a.batch, a.every, int(ld), float(thr),
-                             float(dec[0]) if dec else None))
+      ld, thr, *rest = v.split(":")
+      rel = thr.startswith("r")   # r0.25: a fraction of the mean use per code (N / K)
+      dec = float(rest[0]) if rest else None
+      ema = float(rest[1]) if len(rest) > 1 else None   # EMA codebook update decay
+      res["runs"].append(run(True, train, held, a.steps, a.batch, a.every, int(ld),
+                             float(thr.lstrip("r")), dec, rel, ema))
   if a.out:
     with open(a.out, "w") as f:
       json.dump(res, f, indent=1)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

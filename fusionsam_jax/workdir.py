@@ -30,12 +30,15 @@ from fusionsam_jax.training import checkpointing, guards
 MUTABLE_CONFIG_KEYS = (
     *(f"train.stages.{s}.num_steps" for s in config_lib.STAGE_NAMES),
     *(f"train.stages.{s}.num_epochs" for s in config_lib.STAGE_NAMES),
-    "train.log_every", "train.image_every", "train.worker_count", "train.checkpoint_every",
+    "train.log_every", "train.image_every", "train.worker_count", "train.device_prefetch",
+    "train.checkpoint_every",
     "train.eval_every", "train.eval_every_epochs", "train.keep_latest", "train.best_k", "eval",
     "data_dir", "model.sam_checkpoint", "model.sam2_checkpoint",
 )
 #: Config keys added after workdirs were made, with the value a workdir without them ran with.
-ADDED_CONFIG_KEYS = {"model.backbone": "sam", "model.sam2_checkpoint": None}
+ADDED_CONFIG_KEYS = {"model.backbone": "sam", "model.sam2_checkpoint": None,
+                     "train.stages.tokenizer.restart_threshold_relative": False,
+                     "train.stages.tokenizer.code_ema": None, "model.train_dtype": "float32"}
 SAM_RECORD = "sam_weights.json"
 CONFIG_FILE = guards.CONFIG_FILE
 

@@ -66,3 +66,38 @@ def test_codebook_stays_healthy_at_paper_size():
         f"VQGAN codebook: perplexity {perp0:.0f}, dead {dead0:.0%}")
   assert perp >= 0.25 * K and dead <= 0.25, (perp, dead)
   assert perp > 4 * perp0 and dead < dead0
+
+
+def test_ema_code_update_against_a_loop():
+  from fusionsam_jax.models.lstg import ema_code_update
+  rng = np.random.default_rng(0)
+  k, d, n = 16, 3, 50
+  cb = rng.normal(size=(k, d)).astype(np.float32)
+  enc = rng.normal(size=(5, 10, d)).astype(np.float32)
+  idx = rng.integers(0, k - 4, (5, 10))          # the last 4 codes unused
+  got = np.asarray(ema_code_update(jnp.asarray(cb), jnp.asarray(enc), jnp.asarray(idx), 0.9))
+  want = cb.copy()
+  flat, fi = enc.reshape(n, d), idx.reshape(n)
+  for c in range(k):
+    members = [flat[i] for i in range(n) if fi[i] == c]
+    if members:
+      want[c] = 0.9 * cb[c] + 0.1 * np.mean(members, axis=0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got[-4:], cb[-4:])
+
+
+def test_relative_restart_threshold_is_a_share_of_the_mean_use():
+  """relative=True: codes used fewer than threshold x N / K times by the batch restart
+  (counts recomputed here from the tokenizer's own indices)."""
+  tok = LatentTokenizer(in_channels=3, latent_dim=8, num_codes=32, ch=8, num_res_blocks=1,
+                        max_groups=1, l2_normalize=True, lookup_dim=4)
+  x = jnp.asarray(_scenes(0, 4)[:, :16, :24])
+  params = tok.init(jax.random.PRNGKey(0), x[:1])["params"]
+  idx = np.asarray(tok.apply({"params": params}, x, method=LatentTokenizer.encode)["indices"])
+  counts = np.bincount(idx.reshape(-1), minlength=32)
+  for share in (0.25, 1.0):
+    _, n = restart_dead_codes(tok, params, x, jax.random.PRNGKey(1), threshold=share,
+                              relative=True)
+    assert int(n) == int(np.sum(counts < share * idx.size / 32)), share
+  _, n = restart_dead_codes(tok, params, x, jax.random.PRNGKey(1), threshold=1.0)
+  assert int(n) == int(np.sum(counts < 1))

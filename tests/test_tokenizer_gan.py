@@ -75,3 +75,42 @@ def test_discriminator_trains_after_disc_start_on_paper_config():
         assert float(met["d_grad_norm"]) > 0 and moved > 1e-5, (i, met["d_grad_norm"], moved)
         for k in m.modalities:
           assert float(met[f"{k}/adaptive_weight"]) > 0
+
+
+def test_disc_weight_zero_runs_no_discriminator():
+  """disc_weight 0 (the CPU demo): the step never runs the discriminator. With NaN
+  discriminator params the generator update is still finite and equals the one with
+  ordinary discriminator params (a discriminator that ran would put NaN into the losses)."""
+  m = mfnet.get_config("tiny").model
+  sc = mfnet.get_config("tiny").train.stages.tokenizer
+  sc.disc_weight = 0.0
+  sc.restart_dead_codes = False
+  model = build_model(m)
+  hw = (16, 24)
+  params = {}
+  for i, k in enumerate(m.modalities):
+    x = jnp.zeros((1,) + hw + (CHANNELS[k],))
+    params.update(model.init(jax.random.PRNGKey(i), x, k, method=FusionSAM.tokenizer)["params"])
+  disc = init_discriminators(m, jax.random.PRNGKey(1), hw)
+  nan_disc = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), disc)
+  g_loss, d_loss = tok_stage.losses_fn(model, m, sc, 0)
+  tx = C.make_optimizer(1e-3, 0.0)
+  step = C.make_gan_train_step(g_loss, d_loss, tx, tx, T.make_mesh())
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(0, 256, (2,) + hw + (CHANNELS[k],), dtype=np.uint8)
+           for k in m.modalities}
+  out = []
+  params = jax.device_get(params)   # host copies: the step donates its state's buffers
+  for d in jax.device_get((disc, nan_disc)):
+    state = T.TrainState(step=jnp.zeros((), jnp.int32),
+                         params=jax.tree.map(jnp.array, {"generator": params,
+                                                         "discriminator": d}),
+                         opt_state={"g": tx.init(params), "d": tx.init(d)},
+                         rng=jax.random.key_data(jax.random.PRNGKey(0)))
+    state, met = step(state, {}, batch)
+    out.append((jax.device_get(state.params["generator"]), jax.device_get(met)))
+  (g_ok, met_ok), (g_nan, met_nan) = out
+  assert np.isfinite(float(met_nan["loss"])) and float(met_nan["d_loss"]) == 0.0
+  assert float(met_ok["loss"]) == float(met_nan["loss"])
+  for a, b in zip(jax.tree.leaves(g_ok), jax.tree.leaves(g_nan)):
+    np.testing.assert_array_equal(a, b)

@@ -2,7 +2,8 @@
 
 Loss per modality: Eq. 5 reconstruction + Eq. 6 codebook / commitment + Eq. 7 perceptual
 (VGG16 features from a user file; off otherwise, said once) + Eq. 8 adversarial (PatchGAN,
-hinge, VQGAN's adaptive weight, from ``disc_start`` on). State: ``{"generator":
+hinge, VQGAN's adaptive weight, from ``disc_start`` on; with ``disc_weight`` 0 the
+discriminator is never run). State: ``{"generator":
 {tokenizer_<m>}, "discriminator": {m: PatchGAN}}``; nothing else is read.
 """
 
@@ -107,7 +108,8 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
         return losses.generator_adv_loss(discriminate(d[m], r))
 
       nll, rec = nll_of(out["recon"])
-      g_adv = adv_of(out["recon"])
+      # disc_weight 0: no adversarial term, and the discriminator is not run at all.
+      g_adv = adv_of(out["recon"]) if disc_w > 0 else jnp.zeros(())
       w_disc = losses.adopt_weight(disc_w, step, start)
       if disc_w > 0:
         # VQGAN's adaptive weight: gradient norms w.r.t. the decoder's last layer.
@@ -137,8 +139,10 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
 
   def d_loss_fn(d, carry, batch, rng, step):
     images = inputs_from_batch(batch, mods)
-    total, aux = 0.0, {}
+    total, aux = jnp.zeros(()), {}
     w = losses.adopt_weight(1.0, step, start)
+    if disc_w <= 0:   # no adversarial term: zero loss and gradients, nothing computed
+      return total, {"d_weight": jnp.zeros(())}
     for m in mods:
       loss_m = losses.hinge_d_loss(discriminate(d[m], images[m]), discriminate(d[m], carry[m]))
       total = total + w * loss_m
@@ -160,6 +164,8 @@ def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
   from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes
   mods = tuple(model_cfg.modalities)
   thr = float(stage_cfg.get("restart_threshold", 1.0))
+  relative = bool(stage_cfg.get("restart_threshold_relative", False))
+  code_ema = stage_cfg.get("code_ema", None)
   toks = {m: LatentTokenizer(in_channels=CHANNELS[m], scale=model.scale,
                              **dict(model.tokenizer_kwargs)) for m in mods}
 
@@ -169,6 +175,7 @@ def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
     for i, m in enumerate(mods):
       g[f"tokenizer_{m}"], n = restart_dead_codes(
           toks[m], g[f"tokenizer_{m}"], images[m], jax.random.fold_in(rng, i), threshold=thr,
+          relative=relative, code_ema=None if code_ema is None else float(code_ema),
           compute_dtype=jnp.dtype(model.train_dtype))
       aux[f"{m}/restarted_codes"] = n.astype(jnp.float32)
     return g, aux
@@ -210,7 +217,8 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
           post_update=codebook_restart_fn(model, config.model, sc)),
       iterator=lambda params: train_iterator(config, ctx.spec, NAME),
       model_params=lambda state: state.params["generator"],
-      notes=(f"discriminator from step {start}",))
+      notes=(f"discriminator from step {start}" if float(sc.get("disc_weight", 0.8)) > 0
+             else "no adversarial term (disc_weight 0)",))
 
 
 def reconstruction_images(model: FusionSAM, modalities, batch):
