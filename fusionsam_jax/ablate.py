@@ -170,7 +170,6 @@ def plot(records: list[dict], path: str, title: str) -> str:
   """mIoU per variant as a bar chart (matplotlib Agg, no pyplot state)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  import tempfile
   fig = Figure(figsize=(1.3 * len(records) + 2.0, 3.8), dpi=100, layout="constrained")
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
@@ -182,19 +181,8 @@ def plot(records: list[dict], path: str, title: str) -> str:
   ax.set_ylabel("mIoU (%)")
   ax.set_ylim(0, max(vals + [1.0]) * 1.15)
   ax.set_title(title)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format="png")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+  from fusionsam_jax.evaluators.report import save_figure
+  return save_figure(fig, path)
 
 
 def run(config, workdir_root: str, variants: list[str] | None = None, *,

@@ -162,10 +162,12 @@ def _figure(w: float, h: float):
   return Figure(figsize=(w, h), dpi=100, layout="constrained")
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
+  """Writes a matplotlib `fig` as a PNG at `path` (temp file + rename, mode 0644)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   FigureCanvasAgg(fig)
   d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
   os.close(fd)
   try:
@@ -205,7 +207,7 @@ def plot_confusion(matrix, class_names: Sequence[str], path: str, title: str = "
           ax.text(p, t, f"{m[t, p]:.2f}", ha="center", va="center", fontsize=7,
                   color="white" if m[t, p] > 0.5 else "black")
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row's pixels")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_iou(iou: Sequence[float | None], class_names: Sequence[str], path: str, *,
@@ -237,7 +239,7 @@ def plot_iou(iou: Sequence[float | None], class_names: Sequence[str], path: str,
   ax.set_ylabel("IoU (%)")
   ax.set_title("per-class IoU")
   ax.legend(loc="upper right", fontsize=8)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_samples(samples: Sequence[Mapping], palette, path: str,
@@ -282,7 +284,7 @@ def plot_samples(samples: Sequence[Mapping], palette, path: str,
         ax.set_title(title, fontsize=9)
       if c == 0:
         ax.set_ylabel(str(s.get("name", r)), fontsize=8)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_curves(curves: Mapping[str, Mapping[str, list]], path: str) -> str | None:
@@ -312,7 +314,7 @@ def plot_curves(curves: Mapping[str, Mapping[str, list]], path: str) -> str | No
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 # -- html --------------------------------------------------------------------------------------
