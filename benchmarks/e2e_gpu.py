@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -26,7 +25,8 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
-from benchmarks.train_runs import make_pth, run, stage_stats, tiny_pth  # noqa: E402
+from benchmarks.train_runs import (make_pth, open_scratch, run, stage_stats,  # noqa: E402
+                                   tiny_pth)
 
 _OUT = flags.DEFINE_string("out", None, "JSON output")
 _SCRATCH = flags.DEFINE_string("scratch", "runs/e2e", "scratch folder (deleted first)")
@@ -49,16 +49,11 @@ _RESUME = flags.DEFINE_bool("resume", False, "keep the scratch folder and earlie
 def main(argv):
   del argv
   scratch = os.path.abspath(_SCRATCH.value)
-  partial = os.path.join(scratch, "partial.json")
-  if not _RESUME.value:
-    shutil.rmtree(scratch, ignore_errors=True)
-  os.makedirs(scratch, exist_ok=True)
+  partial, earlier = open_scratch(scratch, _RESUME.value)
   only = set(_ONLY.value)
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(scratch, "jax_cache"),
              PYTHONUNBUFFERED="1")
-  res = {"environment": environment(), "commands": {}}
-  if _RESUME.value and os.path.exists(partial):
-    res = dict(json.load(open(partial)), environment=res["environment"])
+  res = dict(earlier or {"commands": {}}, environment=environment())
   t_all = time.perf_counter()
   pth = os.path.join(scratch, f"sam_{_VARIANT.value}_random.pth")
   if not only or "make_pth" in only or "convert" in only:

@@ -47,7 +47,8 @@ from absl import app, flags  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
-from benchmarks.train_runs import make_pth, run, stage_stats, tiny_pth  # noqa: E402
+from benchmarks.train_runs import (make_pth, open_scratch, run, stage_stats,  # noqa: E402
+                                   tiny_pth)
 
 STAGES = ("tokenizer", "fusion", "segmentation")
 
@@ -179,15 +180,9 @@ def project(config, stats: dict, *, epochs: float, train_pairs: int, val_pairs: 
 def main(argv):
   del argv
   scratch = os.path.abspath(_SCRATCH.value)
-  partial = os.path.join(scratch, "partial.json")
-  if not _RESUME.value:
-    shutil.rmtree(scratch, ignore_errors=True)
-  os.makedirs(scratch, exist_ok=True)
+  partial, earlier = open_scratch(scratch, _RESUME.value)
   only = set(_ONLY.value)
-  res = {"runs": {}, "commands": {}}
-  if _RESUME.value and os.path.exists(partial):
-    import json
-    res.update(json.load(open(partial)))
+  res = {"runs": {}, "commands": {}, **earlier}
   t_all = time.perf_counter()
 
   def left():

@@ -73,3 +73,18 @@ def stage_stats(workdir: str) -> dict:
                  if isinstance(v, (int, float))},
     }
   return out
+
+
+def open_scratch(scratch: str, resume: bool) -> tuple[str, dict]:
+  """The scratch folder of a GPU script (emptied first unless `resume`) and, when resuming,
+  what its ``partial.json`` holds ({} otherwise). Returns (partial.json path, that dict)."""
+  import json
+  import shutil
+  partial = os.path.join(scratch, "partial.json")
+  if not resume:
+    shutil.rmtree(scratch, ignore_errors=True)
+  os.makedirs(scratch, exist_ok=True)
+  if resume and os.path.exists(partial):
+    with open(partial) as f:
+      return partial, json.load(f)
+  return partial, {}

@@ -36,7 +36,7 @@ from ml_collections import config_flags
 
 from fusionsam_jax.cli_common import (DEFAULT_COMPILATION_CACHE, EXIT_CONFIG, EXIT_ERROR,
                                       EXIT_NONFINITE, EXIT_USAGE, enable_compilation_cache,
-                                      quiet_logs)
+                                      parse_flags_or_exit, quiet_logs)
 
 #: Row labels of the table / chart.
 LABELS = {"full": "Full", "ablation_a": "(A) no LSTG", "ablation_b": "(B) concat",
@@ -285,4 +285,4 @@ def main(argv, f) -> int:
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  app.run(lambda argv: sys.exit(main(argv, _FLAGS)))
+  app.run(lambda argv: sys.exit(main(argv, _FLAGS)), flags_parser=parse_flags_or_exit)
