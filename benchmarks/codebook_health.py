@@ -117,7 +117,8 @@ def _run(f, _) -> int:
   import types
   a = types.SimpleNamespace(**{k: h.value for k, h in f.items()})
   a.no_cudnn_check = not a.cudnn_check
-  res = {"device": jax.devices()[0].device_kind}
+  from benchmarks.common import environment, write_json
+  res = {"device": jax.devices()[0].device_kind, "environment": environment()}
   if not a.no_cudnn_check:
     res["fmp_global_cudnn_vs_xla"] = cudnn_check()
   print(json.dumps(res), flush=True)
@@ -138,9 +139,10 @@ def _run(f, _) -> int:
       ema = float(rest[1]) if len(rest) > 1 else None   # EMA codebook update decay
       res["runs"].append(run(True, train, held, a.steps, a.batch, a.every, int(ld),
                              float(thr.lstrip("r")), dec, rel, ema))
+    if a.out:   # after each variant: a run cut short keeps what it measured
+      write_json(a.out, res)
   if a.out:
-    with open(a.out, "w") as f:
-      json.dump(res, f, indent=1)
+    write_json(a.out, res)
   return 0
 
 
