@@ -112,12 +112,14 @@ def stages_config(epochs: float, *, lr: float = 1e-4,
       rec_loss="l2",  # Eq. 5 as the paper writes it
       # After every update, codes whose moving-average use per batch (model.tokenizer.
       # usage_decay) is below restart_threshold restart at random batch encodings.
-      restart_dead_codes=True, restart_threshold=1.0,
-      # True: restart_threshold is a share of the mean use per code (batch vectors / K).
-      restart_threshold_relative=False))
+      # Threshold relative: a share of the mean use per code (batch vectors / K); 0.25 and
+      # the EMA code step below were the best remedies measured at 480 x 640 on the H200
+      # (benchmarks/results/codebook_remedies_h200.json, docs/design.md).
+      restart_dead_codes=True, restart_threshold=0.25, restart_threshold_relative=True))
   s.tokenizer.disc_start = config_dict.placeholder(int)   # steps; None: the fraction
   # VQ-VAE's EMA codebook step (decay) in the restart pass; None: off (gradient updates only).
   s.tokenizer.code_ema = config_dict.placeholder(float)
+  s.tokenizer.code_ema = 0.9
   s.fusion = ml_collections.ConfigDict(dict(
       num_epochs=epochs, lr=lr, weight_decay=weight_decay,
       weights=ml_collections.ConfigDict(dict(ssim=10.0, intensity=20.0, gradient=20.0))))

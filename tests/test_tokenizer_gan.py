@@ -59,11 +59,16 @@ def test_discriminator_trains_after_disc_start_on_paper_config():
       hinge = sum(float(met[f"d/{k}/d_hinge"]) for k in m.modalities)
       if i == 0:
         # The usage averages start at 0, so after the first step a code survives only if the
-        # batch used it >= threshold / (1 - decay) = 5 times: at most 2 x 4 x 6 / 5 of the
-        # 48 latent vectors' codes; every other code restarts at a batch encoding.
+        # batch used it >= need = threshold / (1 - decay) times (the threshold, when
+        # relative, a share of the mean use N / K): at most N / max(1, need) of the
+        # N = 2 x 4 x 6 = 48 latent vectors' codes; every other code restarts at a batch
+        # encoding.
+        big_n, kc = 48, m.tokenizer.num_codes
+        thr = float(sc.restart_threshold) * (big_n / kc if sc.restart_threshold_relative else 1)
+        need = thr / (1 - float(m.tokenizer.usage_decay))
         for k in m.modalities:
           n = float(met[f"{k}/restarted_codes"])
-          assert m.tokenizer.num_codes - 48 / 5 <= n <= m.tokenizer.num_codes, n
+          assert kc - big_n / max(1.0, need) <= n <= kc, (n, need)
       if i < start:
         # Before disc_start: no discriminator loss, gradient or update (not even weight
         # decay's: disc_lr_schedule).
