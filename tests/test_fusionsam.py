@@ -54,7 +54,9 @@ def built():
   return cfg, model, params
 
 
-@pytest.mark.parametrize("mods", [("rgb", "thermal"), ("rgb", "depth", "thermal")])
+# RGB-T shapes are also what every training / CLI test runs; the default run keeps RGB-D-T.
+@pytest.mark.parametrize("mods", [pytest.param(("rgb", "thermal"), marks=pytest.mark.extended),
+                                  ("rgb", "depth", "thermal")])
 def test_output_shapes(mods):
   cfg = tiny_cfg(modalities=mods)
   model = build_model(cfg)
@@ -263,8 +265,12 @@ def test_load_sam_weights_into_abstract_encoder(built, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("over", [dict(tokenizer_kind="patch"), dict(fusion="concat"),
-                                  dict(modalities=("rgb",)), dict(modalities=("thermal",))])
+# The single-modality cases are extended: tests/test_ablate.py trains and evaluates an
+# RGB-only model through the ablate CLI in the default run.
+@pytest.mark.parametrize("over", [
+    dict(tokenizer_kind="patch"), dict(fusion="concat"),
+    pytest.param(dict(modalities=("rgb",)), marks=pytest.mark.extended),
+    pytest.param(dict(modalities=("thermal",)), marks=pytest.mark.extended)])
 def test_ablations_and_single_modality_take_a_step(over):
   cfg = tiny_cfg(**over)
   model = build_model(cfg)
