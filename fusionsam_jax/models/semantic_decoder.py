@@ -12,11 +12,10 @@ mask decoder does.
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from fusionsam_jax.models.sam.mask_decoder import MLP, OutputUpscaling
-from fusionsam_jax.models.sam.common import gelu
+from fusionsam_jax.models.sam.common import MLP
+from fusionsam_jax.models.sam.mask_decoder import OutputUpscaling
 from fusionsam_jax.models.sam.transformer import TwoWayTransformer
 from fusionsam_jax.models.sam2 import sam_heads as sam2_heads
 
@@ -55,9 +54,7 @@ class SemanticMaskDecoder(nn.Module):
     src = src.reshape(b, e_h, e_w, c)
     if self.high_res:
       s0, s1 = high_res_features
-      up = sam2_heads._OutputUpscaling(c, name="output_upscaling")
-      x = gelu(up.layers_1(up.layers_0(src) + s1.astype(src.dtype)))
-      upscaled = gelu(up.layers_3(x) + s0.astype(src.dtype))
+      upscaled = OutputUpscaling(c, name="output_upscaling").with_skips(src, s0, s1)
     else:
       upscaled = OutputUpscaling(c, name="output_upscaling")(src)
     hyper = jnp.stack([MLP(c, c // 8, 3, name=f"output_hypernetworks_mlps_{i}")(class_out[:, i])

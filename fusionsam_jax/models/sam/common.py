@@ -29,6 +29,26 @@ class MLPBlock(nn.Module):
     return nn.Dense(self.embedding_dim, dtype=self.dtype, name="lin2")(x)
 
 
+class MLP(nn.Module):
+  """Dense layers with ReLU between (SAM's and SAM 2's decoder `MLP`); names `layers_0..`."""
+
+  hidden_dim: int
+  output_dim: int
+  num_layers: int
+  sigmoid_output: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_layers):
+      last = i == self.num_layers - 1
+      x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
+                   name=f"layers_{i}")(x)
+      if not last:
+        x = jax.nn.relu(x)
+    return jax.nn.sigmoid(x) if self.sigmoid_output else x
+
+
 class LayerNorm2d(nn.Module):
   """LayerNorm over the channel axis of a channels-last map (SAM's `LayerNorm2d`, eps 1e-6).
 

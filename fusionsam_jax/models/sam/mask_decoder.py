@@ -3,47 +3,34 @@
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from fusionsam_jax.models.sam.common import ConvTranspose2x2, LayerNorm2d, gelu
+from fusionsam_jax.models.sam.common import MLP, ConvTranspose2x2, LayerNorm2d, gelu
 from fusionsam_jax.models.sam.transformer import TwoWayTransformer
 
 Dtype = Any
 
 
-class MLP(nn.Module):
-  """Dense layers with ReLU between (SAM's decoder `MLP`); names `layers_0..`."""
-
-  hidden_dim: int
-  output_dim: int
-  num_layers: int
-  sigmoid_output: bool = False
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.num_layers):
-      last = i == self.num_layers - 1
-      x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
-                   name=f"layers_{i}")(x)
-      if not last:
-        x = jax.nn.relu(x)
-    return jax.nn.sigmoid(x) if self.sigmoid_output else x
-
-
 class OutputUpscaling(nn.Module):
-  """convT2x2 -> LN2d -> GELU -> convT2x2 -> GELU (SAM's `output_upscaling`): 4x upsampling."""
+  """convT2x2 -> LN2d -> GELU -> convT2x2 -> GELU (SAM's `output_upscaling`): 4x upsampling.
+  `with_skips`: SAM 2's path, the projected stride-8 / stride-4 backbone features added in."""
 
   transformer_dim: int = 256
   dtype: Dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.layers_0 = ConvTranspose2x2(self.transformer_dim // 4, dtype=self.dtype)
+    self.layers_1 = LayerNorm2d()
+    self.layers_3 = ConvTranspose2x2(self.transformer_dim // 8, dtype=self.dtype)
+
   def __call__(self, x):  # (B, h, w, C) -> (B, 4h, 4w, C/8)
-    x = ConvTranspose2x2(self.transformer_dim // 4, dtype=self.dtype, name="layers_0")(x)
-    x = gelu(LayerNorm2d(name="layers_1")(x))
-    x = ConvTranspose2x2(self.transformer_dim // 8, dtype=self.dtype, name="layers_3")(x)
-    return gelu(x)
+    x = gelu(self.layers_1(self.layers_0(x)))
+    return gelu(self.layers_3(x))
+
+  def with_skips(self, x, feat_s0, feat_s1):
+    """x (B, h, w, C), feat_s0 (B, 4h, 4w, C/8), feat_s1 (B, 2h, 2w, C/4) -> (B, 4h, 4w, C/8)."""
+    x = gelu(self.layers_1(self.layers_0(x) + feat_s1.astype(x.dtype)))
+    return gelu(self.layers_3(x) + feat_s0.astype(x.dtype))
 
 
 class MaskDecoder(nn.Module):

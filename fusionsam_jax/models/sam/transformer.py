@@ -6,9 +6,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fusionsam_jax.models.sam.common import MLPBlock
+from fusionsam_jax.models.sam.common import MLP, MLPBlock
 
 Dtype = Any
+
+
+def _layer_norm(name: str, dtype, sam2: bool):
+  # SAM 2's port computes the variance as E[(x - mean)^2] (use_fast_variance=False).
+  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, use_fast_variance=not sam2, name=name)
 
 
 class Attention(nn.Module):
@@ -42,7 +47,10 @@ class Attention(nn.Module):
 
 
 class TwoWayAttentionBlock(nn.Module):
-  """Self-attn on tokens, token->image, MLP, image->token (SAM's `TwoWayAttentionBlock`)."""
+  """Self-attn on tokens, token->image, MLP, image->token (SAM's `TwoWayAttentionBlock`).
+
+  `sam2`: SAM 2's block (`sam2.modeling.sam.transformer`): the same computation with the MLP
+  as `mlp/layers_{0,1}` (SAM: `mlp/lin1`, `lin2`)."""
 
   embedding_dim: int
   num_heads: int
@@ -50,11 +58,12 @@ class TwoWayAttentionBlock(nn.Module):
   attention_downsample_rate: int = 2
   skip_first_layer_pe: bool = False
   dtype: Dtype = jnp.float32
+  sam2: bool = False
 
   @nn.compact
   def __call__(self, queries, keys, query_pe, key_pe, token_mask=None):
     """`token_mask` (B, Nq) bool marks real tokens; padding tokens are never attended to."""
-    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+    ln = lambda name: _layer_norm(name, self.dtype, self.sam2)
     self_attn = Attention(self.embedding_dim, self.num_heads, dtype=self.dtype,
                           name="self_attn")
     if self.skip_first_layer_pe:
@@ -70,8 +79,11 @@ class TwoWayAttentionBlock(nn.Module):
                                   name="cross_attn_token_to_image")(q, k, keys)
     queries = ln("norm2")(queries)
 
-    mlp = MLPBlock(self.embedding_dim, self.mlp_dim, act=jax.nn.relu, dtype=self.dtype,
-                   name="mlp")
+    if self.sam2:
+      mlp = MLP(self.mlp_dim, self.embedding_dim, 2, dtype=self.dtype, name="mlp")
+    else:
+      mlp = MLPBlock(self.embedding_dim, self.mlp_dim, act=jax.nn.relu, dtype=self.dtype,
+                     name="mlp")
     queries = ln("norm3")(queries + mlp(queries))
 
     q, k = queries + query_pe, keys + key_pe
@@ -83,7 +95,8 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class TwoWayTransformer(nn.Module):
-  """SAM's `TwoWayTransformer`: tokens and image embedding attend to each other."""
+  """SAM's `TwoWayTransformer`: tokens and image embedding attend to each other (`sam2`:
+  SAM 2's, see `TwoWayAttentionBlock`)."""
 
   depth: int = 2
   embedding_dim: int = 256
@@ -91,6 +104,7 @@ class TwoWayTransformer(nn.Module):
   mlp_dim: int = 2048
   attention_downsample_rate: int = 2
   dtype: Dtype = jnp.float32
+  sam2: bool = False
 
   @nn.compact
   def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None):
@@ -108,11 +122,11 @@ class TwoWayTransformer(nn.Module):
     for i in range(self.depth):
       queries, keys = TwoWayAttentionBlock(
           self.embedding_dim, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
-          skip_first_layer_pe=(i == 0), dtype=self.dtype, name=f"layers_{i}")(
-              queries, keys, point_embedding, key_pe, token_mask)
+          skip_first_layer_pe=(i == 0), dtype=self.dtype, sam2=self.sam2,
+          name=f"layers_{i}")(queries, keys, point_embedding, key_pe, token_mask)
     q, k = queries + point_embedding, keys + key_pe
     queries = queries + Attention(self.embedding_dim, self.num_heads,
                                   self.attention_downsample_rate, dtype=self.dtype,
                                   name="final_attn_token_to_image")(q, k, keys)
-    queries = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm_final_attn")(queries)
+    queries = _layer_norm("norm_final_attn", self.dtype, self.sam2)(queries)
     return queries, keys

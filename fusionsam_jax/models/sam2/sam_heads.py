@@ -14,38 +14,24 @@ those of the unpadded prompt. (This is not `sam2`'s label -1 "not a point", whic
 token.)
 """
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from fusionsam_jax.models.sam.common import ConvTranspose2x2, LayerNorm2d, gelu
-from fusionsam_jax.models.sam.prompt_encoder import MaskDownscaling, PositionEmbeddingRandom
+from fusionsam_jax.models.sam import prompt_encoder as sam_prompt
+from fusionsam_jax.models.sam import transformer as sam_transformer
+from fusionsam_jax.models.sam.common import MLP
+from fusionsam_jax.models.sam.mask_decoder import OutputUpscaling
 
 Dtype = Any
 
 
-class PromptEncoder(nn.Module):
-  """Points (B, N, 2) xy in the `input_image_size` frame with labels (B, N), boxes (B, 4),
-  masks (B, 4h, 4w, 1) -> sparse (B, N', C) and dense (B, h, w, C) embeddings."""
-
-  embed_dim: int = 256
-  image_embedding_size: Tuple[int, int] = (64, 64)
-  input_image_size: Tuple[int, int] = (1024, 1024)
-  mask_in_chans: int = 16
-
-  def setup(self):
-    self.pe_layer = PositionEmbeddingRandom(self.embed_dim // 2)
-    self.point_embeddings = [nn.Embed(1, self.embed_dim, name=f"point_embeddings_{i}")
-                             for i in range(4)]
-    self.not_a_point_embed = nn.Embed(1, self.embed_dim)
-    self.mask_downscaling = MaskDownscaling(self.mask_in_chans, self.embed_dim)
-    self.no_mask_embed = nn.Embed(1, self.embed_dim)
-
-  def get_dense_pe(self):
-    """(1, h, w, C) positional encoding of the image embedding grid."""
-    return self.pe_layer(self.image_embedding_size)[None]
+class PromptEncoder(sam_prompt.PromptEncoder):
+  """SAM's prompt encoder with SAM 2's point labels: points (B, N, 2) xy in the
+  `input_image_size` frame with labels (B, N) in -1..3 (2 / 3: box corners given as points,
+  with their own embeddings; < 0: "not a point"), boxes (B, 4), masks (B, 4h, 4w, 1) ->
+  sparse (B, N', C) and dense (B, h, w, C) embeddings."""
 
   def _embed_points(self, points, labels, pad: bool):
     points = points.astype(jnp.float32) + 0.5
@@ -60,148 +46,11 @@ class PromptEncoder(nn.Module):
       emb = emb + jnp.where(lab == i, self.point_embeddings[i].embedding[0], 0.0)
     return emb
 
-  def _embed_boxes(self, boxes):  # (B, 4) -> (B, 2, C)
-    coords = (boxes.astype(jnp.float32) + 0.5).reshape(-1, 2, 2)
-    emb = self.pe_layer.forward_with_coords(coords, self.input_image_size)
-    emb = emb.at[:, 0, :].add(self.point_embeddings[2].embedding[0])
-    return emb.at[:, 1, :].add(self.point_embeddings[3].embedding[0])
 
-  def __call__(self, points=None, boxes=None, masks=None):
-    if points is not None:
-      bs = points[0].shape[0]
-    elif boxes is not None:
-      bs = boxes.shape[0]
-    elif masks is not None:
-      bs = masks.shape[0]
-    else:
-      bs = 1
-    sparse = jnp.zeros((bs, 0, self.embed_dim), jnp.float32)
-    if points is not None:
-      sparse = jnp.concatenate(
-          [sparse, self._embed_points(points[0], points[1], pad=boxes is None)], 1)
-    if boxes is not None:
-      sparse = jnp.concatenate([sparse, self._embed_boxes(boxes)], 1)
-    no_mask = self.no_mask_embed.embedding[0]
-    if masks is not None:
-      dense = self.mask_downscaling(masks)
-    else:
-      h, w = self.image_embedding_size
-      dense = jnp.broadcast_to(no_mask, (bs, h, w, self.embed_dim))
-    return sparse, dense
+class TwoWayTransformer(sam_transformer.TwoWayTransformer):
+  """SAM 2's two-way transformer: SAM's, with SAM 2's MLP names (`sam2=True`)."""
 
-
-class Attention(nn.Module):
-  """q/k/v projections (optionally narrower), softmax attention, out projection."""
-
-  embedding_dim: int
-  num_heads: int
-  downsample_rate: int = 1
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, q, k, v, key_mask=None):  # (B, Nq, C), (B, Nk, C), (B, Nk, C), (B, Nk)
-    internal = self.embedding_dim // self.downsample_rate
-    q = nn.Dense(internal, dtype=self.dtype, name="q_proj")(q)
-    k = nn.Dense(internal, dtype=self.dtype, name="k_proj")(k)
-    v = nn.Dense(internal, dtype=self.dtype, name="v_proj")(v)
-    b, nq, _ = q.shape
-    hd = internal // self.num_heads
-    q = q.reshape(b, nq, self.num_heads, hd)
-    k = k.reshape(b, -1, self.num_heads, hd)
-    v = v.reshape(b, -1, self.num_heads, hd)
-    s = jnp.einsum("bqnc,bknc->bnqk", q, k) / jnp.sqrt(jnp.asarray(hd, q.dtype))
-    s = s.astype(jnp.float32)
-    if key_mask is not None:
-      s = jnp.where(key_mask[:, None, None, :], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bnqk,bknc->bqnc", p, v).reshape(b, nq, internal)
-    return nn.Dense(self.embedding_dim, dtype=self.dtype, name="out_proj")(out)
-
-
-class MLP(nn.Module):
-  """`sam2`'s MLP: Dense layers `layers_i` with ReLU between, optional sigmoid."""
-
-  hidden_dim: int
-  output_dim: int
-  num_layers: int
-  sigmoid_output: bool = False
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.num_layers):
-      last = i == self.num_layers - 1
-      x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
-                   name=f"layers_{i}")(x)
-      if not last:
-        x = jax.nn.relu(x)
-    return jax.nn.sigmoid(x) if self.sigmoid_output else x
-
-
-def _ln(name, dtype):
-  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, use_fast_variance=False, name=name)
-
-
-class TwoWayAttentionBlock(nn.Module):
-  embedding_dim: int
-  num_heads: int
-  mlp_dim: int = 2048
-  attention_downsample_rate: int = 2
-  skip_first_layer_pe: bool = False
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, queries, keys, query_pe, key_pe, token_mask=None):
-    self_attn = Attention(self.embedding_dim, self.num_heads, dtype=self.dtype, name="self_attn")
-    if self.skip_first_layer_pe:
-      queries = self_attn(queries, queries, queries, token_mask)
-    else:
-      q = queries + query_pe
-      queries = queries + self_attn(q, q, queries, token_mask)
-    queries = _ln("norm1", self.dtype)(queries)
-    q, k = queries + query_pe, keys + key_pe
-    queries = queries + Attention(self.embedding_dim, self.num_heads,
-                                  self.attention_downsample_rate, dtype=self.dtype,
-                                  name="cross_attn_token_to_image")(q, k, keys)
-    queries = _ln("norm2", self.dtype)(queries)
-    mlp = MLP(self.mlp_dim, self.embedding_dim, 2, dtype=self.dtype, name="mlp")
-    queries = _ln("norm3", self.dtype)(queries + mlp(queries))
-    q, k = queries + query_pe, keys + key_pe
-    keys = keys + Attention(self.embedding_dim, self.num_heads, self.attention_downsample_rate,
-                            dtype=self.dtype, name="cross_attn_image_to_token")(
-                                k, q, queries, token_mask)
-    keys = _ln("norm4", self.dtype)(keys)
-    return queries, keys
-
-
-class TwoWayTransformer(nn.Module):
-  depth: int = 2
-  embedding_dim: int = 256
-  num_heads: int = 8
-  mlp_dim: int = 2048
-  attention_downsample_rate: int = 2
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None):
-    """image_embedding, image_pe (B, h, w, C); point_embedding (B, N, C); token_mask (B, N).
-
-    Returns (queries (B, N, C), keys (B, h*w, C)).
-    """
-    b, h, w, c = image_embedding.shape
-    keys = image_embedding.reshape(b, h * w, c)
-    key_pe = image_pe.reshape(image_pe.shape[0], h * w, c)
-    queries = point_embedding
-    for i in range(self.depth):
-      queries, keys = TwoWayAttentionBlock(
-          self.embedding_dim, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
-          skip_first_layer_pe=(i == 0), dtype=self.dtype, name=f"layers_{i}")(
-              queries, keys, point_embedding, key_pe, token_mask)
-    q, k = queries + point_embedding, keys + key_pe
-    queries = queries + Attention(self.embedding_dim, self.num_heads,
-                                  self.attention_downsample_rate, dtype=self.dtype,
-                                  name="final_attn_token_to_image")(q, k, keys)
-    return _ln("norm_final_attn", self.dtype)(queries), keys
+  sam2: bool = True
 
 
 class MaskDecoder(nn.Module):
@@ -232,7 +81,7 @@ class MaskDecoder(nn.Module):
     self.mask_tokens = nn.Embed(self.num_mask_tokens, d)
     if self.pred_obj_scores:
       self.obj_score_token = nn.Embed(1, d)
-    self.output_upscaling = _OutputUpscaling(d, dtype=self.dtype)
+    self.output_upscaling = OutputUpscaling(d, dtype=self.dtype)
     if self.use_high_res_features:
       self.conv_s0 = nn.Conv(d // 8, (1, 1), dtype=self.dtype)
       self.conv_s1 = nn.Conv(d // 4, (1, 1), dtype=self.dtype)
@@ -308,8 +157,7 @@ class MaskDecoder(nn.Module):
       if repeat_image:
         feat_s0 = jnp.repeat(feat_s0, b, axis=0)
         feat_s1 = jnp.repeat(feat_s1, b, axis=0)
-      x = gelu(up.layers_1(up.layers_0(src) + feat_s1))
-      upscaled = gelu(up.layers_3(x) + feat_s0)
+      upscaled = up.with_skips(src, feat_s0, feat_s1)
     hyper_in = jnp.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in
                           enumerate(self.output_hypernetworks_mlps)], axis=1)
     masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, upscaled)
@@ -335,20 +183,3 @@ class MaskDecoder(nn.Module):
     masks = jnp.where(stable[..., None, None], single_masks, best_masks)
     iou = jnp.where(stable, single_iou, best_iou)
     return masks, iou
-
-
-class _OutputUpscaling(nn.Module):
-  """`output_upscaling` (convT, LN2d, GELU, convT, GELU); the sub-layers are called one by one
-  by the decoder so the high-res features can be added in between."""
-
-  transformer_dim: int = 256
-  dtype: Dtype = jnp.float32
-
-  def setup(self):
-    self.layers_0 = ConvTranspose2x2(self.transformer_dim // 4, dtype=self.dtype)
-    self.layers_1 = LayerNorm2d()
-    self.layers_3 = ConvTranspose2x2(self.transformer_dim // 8, dtype=self.dtype)
-
-  def __call__(self, x):  # (B, h, w, C) -> (B, 4h, 4w, C/8)
-    x = gelu(self.layers_1(self.layers_0(x)))
-    return gelu(self.layers_3(x))
