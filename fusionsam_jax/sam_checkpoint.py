@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -366,22 +365,27 @@ def save_sam_checkpoint(output_dir: str, cfg: SamConfig, params, meta: Optional[
   return write_params_dir(output_dir, params, full_meta, overwrite, inputs=inputs)
 
 
-def read_sam_meta(ckpt_dir: str) -> dict:
-  meta_path = os.path.join(ckpt_dir, META_FILE)
+def read_converted_meta(ckpt_dir: str, meta_file: str, fmt: str, what: str,
+                        converter: str) -> dict:
+  """The metadata of a directory a converter wrote; `CheckpointError` naming the file when it
+  is missing or of another format (`what`: "SAM" / "SAM 2"; `converter`: its tool)."""
+  meta_path = os.path.join(ckpt_dir, meta_file)
   if not os.path.isfile(meta_path):
-    raise CheckpointError(f"{ckpt_dir}: not a converted SAM checkpoint (no {META_FILE}); "
-                          "convert one with tools/convert_sam_weights.py")
+    raise CheckpointError(f"{ckpt_dir}: not a converted {what} checkpoint (no {meta_file}); "
+                          f"convert one with {converter}")
   with open(meta_path) as f:
     meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  if meta.get("format") != fmt:
+    raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {fmt!r}")
   return meta
+
+
+def read_sam_meta(ckpt_dir: str) -> dict:
+  return read_converted_meta(ckpt_dir, META_FILE, FORMAT, "SAM", "tools/convert_sam_weights.py")
 
 
 def load_sam_checkpoint(ckpt_dir: str):
   """-> (SamConfig, params) from a directory written by `save_sam_checkpoint`."""
-  import orbax.checkpoint as ocp
-
   meta = read_sam_meta(ckpt_dir)
   cfg = SamConfig.from_dict(meta["config"])
   abstract = jax.eval_shape(lambda: Sam(cfg).init_params(jax.random.PRNGKey(0)))

@@ -17,7 +17,6 @@ and matched to a preset, which supplies what shapes do not show (heads, global b
 window sizes).
 """
 
-import json
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -26,7 +25,8 @@ import numpy as np
 
 from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2, Sam2Config, preset_name
 from fusionsam_jax.sam_checkpoint import (CheckpointError, _flax_path, check_output_dir,
-                                          load_torch_state_dict, restore_params_dir,
+                                          load_torch_state_dict, read_converted_meta,
+                                          restore_params_dir,
                                           write_params_dir, sha256sum)
 
 FORMAT = "fusionsam_jax.sam2/1"
@@ -147,15 +147,8 @@ def save_sam2_checkpoint(output_dir: str, cfg: Sam2Config, params, meta: Optiona
 
 
 def read_sam2_meta(ckpt_dir: str) -> dict:
-  meta_path = os.path.join(ckpt_dir, META_FILE)
-  if not os.path.isfile(meta_path):
-    raise CheckpointError(f"{ckpt_dir}: not a converted SAM 2 checkpoint (no {META_FILE}); "
-                          "convert one with tools/convert_sam2_weights.py")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-  return meta
+  return read_converted_meta(ckpt_dir, META_FILE, FORMAT, "SAM 2",
+                             "tools/convert_sam2_weights.py")
 
 
 def load_sam2_checkpoint(ckpt_dir: str):
