@@ -62,7 +62,14 @@ def time_stage(config, workdir: str, name: str, steps: int) -> dict:
   from fusionsam_jax.training.loop import DevicePrefetch
   from fusionsam_jax.training.state import count_params
 
+  start = time.perf_counter()
+
+  def phase(msg):  # to stderr (the parent's per-stage log): where a run cut short stood
+    print(f"[{time.perf_counter() - start:7.1f} s] {name}: {msg}", file=sys.stderr, flush=True)
+
+  phase("data + model")
   ctx = experiment.context(config, workdir, progress=False)
+  phase("params")
   params = factory.init_params(config, ctx.model)
   stage = experiment.build_stage(ctx, name, **({"with_perceptual": True}
                                                 if name == "tokenizer" else {}))
@@ -71,15 +78,18 @@ def time_stage(config, workdir: str, name: str, steps: int) -> dict:
   state = stage.init_state(common.select(params, stage.trainable))
   state = jax.device_put(state, mesh_lib.replicated(ctx.mesh))
   frozen = jax.device_put(stage.frozen(params), mesh_lib.replicated(ctx.mesh))
+  phase("iterator (builds the embedding cache where the stage uses one)")
   t0 = time.perf_counter()
   it = stage.iterator(params)
   iterator_s = time.perf_counter() - t0
   batches = DevicePrefetch(it, lambda b: mesh_lib.shard_batch(
       {k: v for k, v in b.items() if k != "name"}, ctx.mesh), size=2)
+  phase("first step (compilation)")
   t0 = time.perf_counter()
   state, m = stage.train_step(state, frozen, next(batches))
   jax.block_until_ready(m)
   first = time.perf_counter() - t0
+  phase(f"first step {first:.1f} s; timing 3 x {steps} steps")
   runs = []
   for _ in range(3):
     w0 = batches.wait_s
@@ -123,12 +133,19 @@ def main(argv):
     if backbone is not None:
       extra = [f"--workdir={os.path.join(_WORKDIR.value, backbone)}",
                f"--config.model.backbone={backbone}"]
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, *extra,
-                        f"--one={name}"], capture_output=True, text=True)
+    # The child's log (its progress lines and any traceback) stays on disk: a run cut short
+    # by a time limit still shows where it stood.
+    log = os.path.join(extra[0].split("=", 1)[1], f"train_step_{name}.log")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    print(f"{name}{'' if backbone is None else '@' + backbone}: log {log}", flush=True)
+    with open(log, "w") as lf:
+      r = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, *extra,
+                          f"--one={name}"], stdout=subprocess.PIPE, stderr=lf, text=True)
     name = name if backbone is None else f"{name}@{backbone}"
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     results[name] = (json.loads(line[-1][7:]) if r.returncode == 0 and line else
-                     {"error": (r.stderr or r.stdout)[-3000:], "returncode": r.returncode})
+                     {"error": (open(log).read() or r.stdout)[-3000:],
+                      "returncode": r.returncode})
     results[name]["wall_s"] = time.perf_counter() - t0
     print(name, json.dumps({k: v for k, v in results[name].items() if k != "error"}),
           results[name].get("error", ""), flush=True)
