@@ -79,6 +79,18 @@ def _unit(f: Array, eps: float = 1e-10) -> Array:
   return f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + eps)
 
 
+def _feature_distance(loss, x: Array, y: Array) -> Array:
+  """d(x, y) per image (B,) over `loss.features` of both batches (one forward pass)."""
+  if x.shape != y.shape:
+    raise ValueError(f"{type(loss).__name__}: shapes differ {x.shape} vs {y.shape}")
+  b = x.shape[0]
+  total = jnp.zeros((b,), jnp.float32)
+  for f in loss.features(jnp.concatenate([x, y], axis=0)):
+    f = _unit(f.astype(jnp.float32))
+    total = total + jnp.mean(jnp.sum(jnp.square(f[:b] - f[b:]), axis=-1), axis=(1, 2))
+  return total
+
+
 @jax.tree_util.register_pytree_node_class
 class SamPerceptualLoss:
   """Eq. 7's distance with Phi = SAM's early blocks; a pytree (pass it into ``jit``).
@@ -114,15 +126,79 @@ class SamPerceptualLoss:
     return net.apply({"params": p}, sam_input(x, self.config.patch_size).astype(self.dtype))
 
   def __call__(self, x: Array, y: Array) -> Array:
-    if x.shape != y.shape:
-      raise ValueError(f"SamPerceptualLoss: shapes differ {x.shape} vs {y.shape}")
-    b = x.shape[0]
-    feats = self.features(jnp.concatenate([x, y], axis=0))
-    total = jnp.zeros((b,), jnp.float32)
-    for f in feats:
-      f = _unit(f.astype(jnp.float32))
-      total = total + jnp.mean(jnp.sum(jnp.square(f[:b] - f[b:]), axis=-1), axis=(1, 2))
-    return total
+    return _feature_distance(self, x, y)
+
+  def tree_flatten(self):
+    return (self.params,), (self.config, self.num_blocks, self.dtype, self.attn_impl)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)
+    obj.params = children[0]
+    obj.config, obj.num_blocks, obj.dtype, obj.attn_impl = aux
+    return obj
+
+
+def sam2_input(x: Array, multiple: int) -> Array:
+  """[0, 1] images (B, H, W, 1 or 3) -> SAM 2-normalised (B, H', W', 3) (ImageNet mean /
+  std on [0, 1] pixels), H', W' zero-padded up to multiples of `multiple`."""
+  from fusionsam_jax.models.sam2.sam2 import PIXEL_MEAN as MEAN2, PIXEL_STD as STD2
+  if x.shape[-1] == 1:
+    x = jnp.repeat(x, 3, axis=-1)
+  x = (x - jnp.asarray(MEAN2, x.dtype)) / jnp.asarray(STD2, x.dtype)
+  ph, pw = (-x.shape[1]) % multiple, (-x.shape[2]) % multiple
+  return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+
+
+@jax.tree_util.register_pytree_node_class
+class Sam2PerceptualLoss:
+  """Eq. 7's distance with Phi = the first blocks of SAM 2's frozen Hiera trunk (those before
+  its first q-pooling, at stride 4), for FusionSAM on a SAM 2 backbone; a pytree.
+
+  The image is not resized to SAM 2's frame: it is normalised as SAM 2 does, zero-padded to
+  a multiple of 4 x the first window size, patch-embedded, and gets Hiera's position
+  embedding interpolated to its token grid (as `sam2`'s `Hiera._get_pos_embed` does for any
+  grid). Same distance as `SamPerceptualLoss`.
+
+      loss_fn = Sam2PerceptualLoss.from_checkpoint("ckpt/sam2.1_hiera_l")
+  """
+
+  def __init__(self, config, trunk_params: Mapping, num_blocks: int = 2,
+               dtype: Any = jnp.float32, attn_impl: str = "xla"):
+    if trunk_params is None:
+      raise ValueError("Sam2PerceptualLoss needs converted SAM 2 weights; it never runs on "
+                       "random features")
+    first_stage = int(config.stages[0])
+    if not 1 <= int(num_blocks) <= first_stage:
+      raise ValueError(f"num_blocks must be in [1, {first_stage}] (the blocks of Hiera's first "
+                       f"stage), got {num_blocks}")
+    self.config, self.num_blocks, self.dtype, self.attn_impl = (config, int(num_blocks),
+                                                                 dtype, attn_impl)
+    keep = ["patch_embed", "pos_embed", "pos_embed_window"] + [
+        f"blocks_{i}" for i in range(self.num_blocks)]
+    missing = [k for k in keep if k not in trunk_params]
+    if missing:
+      raise ValueError(f"SAM 2 trunk params lack {missing}")
+    self.params = {k: trunk_params[k] for k in keep}
+
+  @classmethod
+  def from_checkpoint(cls, ckpt_dir: str, num_blocks: int = 2, **kwargs):
+    """From a converted SAM 2 checkpoint; `num_blocks` is capped at the first stage's."""
+    from fusionsam_jax.models.sam2.checkpoint import load_sam2_checkpoint
+    cfg, params = load_sam2_checkpoint(ckpt_dir)
+    return cls(cfg, params["image_encoder"]["trunk"],
+               num_blocks=min(int(num_blocks), int(cfg.stages[0])), **kwargs)
+
+  def features(self, x: Array) -> list:
+    from fusionsam_jax.models.sam2.hiera import Hiera
+    net = Hiera(**dict(self.config.trunk_kwargs()), dtype=self.dtype, attn_impl=self.attn_impl,
+                num_blocks=self.num_blocks)
+    p = jax.lax.stop_gradient(self.params)
+    x = sam2_input(x, 4 * int(self.config.window_spec[0])).astype(self.dtype)
+    return net.apply({"params": p}, x)
+
+  def __call__(self, x: Array, y: Array) -> Array:
+    return _feature_distance(self, x, y)
 
   def tree_flatten(self):
     return (self.params,), (self.config, self.num_blocks, self.dtype, self.attn_impl)

@@ -18,6 +18,7 @@ import numpy as np
 from fusionsam_jax import losses
 from fusionsam_jax.data.spec import stage_batch_size, stage_crop_size, stage_steps, train_iterator
 from fusionsam_jax.errors import SetupError
+from fusionsam_jax.models import factory
 from fusionsam_jax.models import functional as F
 from fusionsam_jax.models.functional import inputs_from_batch
 from fusionsam_jax.models.fusionsam import FusionSAM, init_discriminators, make_discriminator
@@ -45,11 +46,24 @@ def disc_start(config, num_steps: int) -> int:
 
 def perceptual_loss(config, say):
   """Eq. 7's feature network: `vgg.PerceptualLoss` from ``config.perceptual_weights``;
-  without it the frozen SAM encoder's first ``perceptual_sam_blocks`` blocks
-  (`sam_perceptual.SamPerceptualLoss`) when the run has converted SAM weights; else None
-  (a random SAM gives random features: the loss is off, said once)."""
+  without it the frozen encoder's first ``perceptual_sam_blocks`` blocks when the run has
+  converted weights of its backbone: SAM's ViT (`sam_perceptual.SamPerceptualLoss`) or, on
+  a SAM 2 backbone, SAM 2's Hiera (`sam_perceptual.Sam2PerceptualLoss`, at most its first
+  stage); else None (a random encoder gives random features: the loss is off, said once)."""
   path = config.get("perceptual_weights")
   sam_ckpt = config.model.get("sam_checkpoint")
+  if not path and factory.backbone(config) != "sam":
+    # FusionSAM on SAM 2: the run's own (SAM 2) encoder gives the features.
+    sam2_ckpt = config.model.get("sam2_checkpoint")
+    if sam2_ckpt:
+      from fusionsam_jax.models.sam_perceptual import Sam2PerceptualLoss
+      loss = Sam2PerceptualLoss.from_checkpoint(
+          sam2_ckpt, num_blocks=int(config.get("perceptual_sam_blocks", 2) or 2),
+          dtype=jnp.dtype(config.model.encoder_dtype), attn_impl=config.model.attn_impl)
+      say(f"Perceptual loss (Eq. 7): features of the frozen SAM 2 encoder's first "
+          f"{loss.num_blocks} Hiera blocks ({sam2_ckpt}); no VGG16 weights given")
+      return loss
+    sam_ckpt = None   # SAM's ViT is not this run's encoder
   if not path and sam_ckpt:
     from fusionsam_jax.models.sam_perceptual import SamPerceptualLoss
     blocks = int(config.get("perceptual_sam_blocks", 2) or 2)

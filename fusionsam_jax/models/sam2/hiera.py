@@ -164,6 +164,9 @@ class Hiera(nn.Module):
   global_att_blocks: Sequence[int] = (12, 16, 20)
   dtype: Dtype = jnp.float32
   attn_impl: str = "xla"
+  # Run only blocks 0 .. num_blocks - 1 and return each one's output (the perceptual
+  # features of `sam_perceptual.Sam2PerceptualLoss`); None: the whole trunk, stage outputs.
+  num_blocks: Optional[int] = None
 
   @property
   def stage_ends(self):
@@ -210,9 +213,12 @@ class Hiera(nn.Module):
     x = x + self._pos_embed(x.shape[1:3]).astype(x.dtype)
     outputs = []
     ends = self.stage_ends
-    for i, (dim, dim_out, heads, q_stride, window) in enumerate(self.block_specs()):
+    specs = self.block_specs()
+    if self.num_blocks is not None:
+      specs = specs[:self.num_blocks]
+    for i, (dim, dim_out, heads, q_stride, window) in enumerate(specs):
       x = MultiScaleBlock(dim, dim_out, heads, q_stride=q_stride, window_size=window,
                           dtype=self.dtype, attn_impl=self.attn_impl, name=f"blocks_{i}")(x)
-      if i in ends:
+      if i in ends or self.num_blocks is not None:
         outputs.append(x)
     return outputs
