@@ -79,20 +79,43 @@ def _unit(f: Array, eps: float = 1e-10) -> Array:
   return f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + eps)
 
 
-def _feature_distance(loss, x: Array, y: Array) -> Array:
-  """d(x, y) per image (B,) over `loss.features` of both batches (one forward pass)."""
-  if x.shape != y.shape:
-    raise ValueError(f"{type(loss).__name__}: shapes differ {x.shape} vs {y.shape}")
-  b = x.shape[0]
-  total = jnp.zeros((b,), jnp.float32)
-  for f in loss.features(jnp.concatenate([x, y], axis=0)):
-    f = _unit(f.astype(jnp.float32))
-    total = total + jnp.mean(jnp.sum(jnp.square(f[:b] - f[b:]), axis=-1), axis=(1, 2))
-  return total
+class _EarlyBlocksLoss:
+  """The distance above over a subclass's ``features`` (the frozen encoder's early blocks,
+  params in ``self.params``); a pytree once a subclass is registered."""
+
+  params: Mapping
+  config: Any
+  num_blocks: int
+  dtype: Any
+  attn_impl: str
+
+  def features(self, x: Array) -> list:
+    raise NotImplementedError
+
+  def __call__(self, x: Array, y: Array) -> Array:
+    """d(x, y) per image (B,); one forward pass over both batches."""
+    if x.shape != y.shape:
+      raise ValueError(f"{type(self).__name__}: shapes differ {x.shape} vs {y.shape}")
+    b = x.shape[0]
+    total = jnp.zeros((b,), jnp.float32)
+    for f in self.features(jnp.concatenate([x, y], axis=0)):
+      f = _unit(f.astype(jnp.float32))
+      total = total + jnp.mean(jnp.sum(jnp.square(f[:b] - f[b:]), axis=-1), axis=(1, 2))
+    return total
+
+  def tree_flatten(self):
+    return (self.params,), (self.config, self.num_blocks, self.dtype, self.attn_impl)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)
+    obj.params = children[0]
+    obj.config, obj.num_blocks, obj.dtype, obj.attn_impl = aux
+    return obj
 
 
 @jax.tree_util.register_pytree_node_class
-class SamPerceptualLoss:
+class SamPerceptualLoss(_EarlyBlocksLoss):
   """Eq. 7's distance with Phi = SAM's early blocks; a pytree (pass it into ``jit``).
 
       loss_fn = SamPerceptualLoss.from_checkpoint("ckpt/sam_vit_h")    # (B,) per call
@@ -125,18 +148,6 @@ class SamPerceptualLoss:
     p = jax.lax.stop_gradient(self.params)
     return net.apply({"params": p}, sam_input(x, self.config.patch_size).astype(self.dtype))
 
-  def __call__(self, x: Array, y: Array) -> Array:
-    return _feature_distance(self, x, y)
-
-  def tree_flatten(self):
-    return (self.params,), (self.config, self.num_blocks, self.dtype, self.attn_impl)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    obj = object.__new__(cls)
-    obj.params = children[0]
-    obj.config, obj.num_blocks, obj.dtype, obj.attn_impl = aux
-    return obj
 
 
 def sam2_input(x: Array, multiple: int) -> Array:
@@ -151,7 +162,7 @@ def sam2_input(x: Array, multiple: int) -> Array:
 
 
 @jax.tree_util.register_pytree_node_class
-class Sam2PerceptualLoss:
+class Sam2PerceptualLoss(_EarlyBlocksLoss):
   """Eq. 7's distance with Phi = the first blocks of SAM 2's frozen Hiera trunk (those before
   its first q-pooling, at stride 4), for FusionSAM on a SAM 2 backbone; a pytree.
 
@@ -197,15 +208,3 @@ class Sam2PerceptualLoss:
     x = sam2_input(x, 4 * int(self.config.window_spec[0])).astype(self.dtype)
     return net.apply({"params": p}, x)
 
-  def __call__(self, x: Array, y: Array) -> Array:
-    return _feature_distance(self, x, y)
-
-  def tree_flatten(self):
-    return (self.params,), (self.config, self.num_blocks, self.dtype, self.attn_impl)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    obj = object.__new__(cls)
-    obj.params = children[0]
-    obj.config, obj.num_blocks, obj.dtype, obj.attn_impl = aux
-    return obj
