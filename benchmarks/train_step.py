@@ -129,14 +129,14 @@ def main(argv):
     runs = [(name, b) for b in _BACKBONES.value for name in _STAGES.value]
   for name, backbone in runs:
     t0 = time.perf_counter()
-    extra = [f"--workdir={_WORKDIR.value}"]
+    run_dir = _WORKDIR.value if backbone is None else os.path.join(_WORKDIR.value, backbone)
+    extra = [f"--workdir={run_dir}"]
     if backbone is not None:
-      extra = [f"--workdir={os.path.join(_WORKDIR.value, backbone)}",
-               f"--config.model.backbone={backbone}"]
+      extra.append(f"--config.model.backbone={backbone}")
     # The child's log (its progress lines and any traceback) stays on disk: a run cut short
     # by a time limit still shows where it stood.
-    log = os.path.join(extra[0].split("=", 1)[1], f"train_step_{name}.log")
-    os.makedirs(os.path.dirname(log), exist_ok=True)
+    log = os.path.join(run_dir, f"train_step_{name}.log")
+    os.makedirs(run_dir, exist_ok=True)
     print(f"{name}{'' if backbone is None else '@' + backbone}: log {log}", flush=True)
     with open(log, "w") as lf:
       r = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, *extra,

@@ -118,8 +118,7 @@ def stages_config(epochs: float, *, lr: float = 1e-4,
       restart_dead_codes=True, restart_threshold=0.25, restart_threshold_relative=True))
   s.tokenizer.disc_start = config_dict.placeholder(int)   # steps; None: the fraction
   # VQ-VAE's EMA codebook step (decay) in the restart pass; None: off (gradient updates only).
-  s.tokenizer.code_ema = config_dict.placeholder(float)
-  s.tokenizer.code_ema = 0.9
+  s.tokenizer.code_ema = config_dict.FieldReference(0.9, field_type=float)
   s.fusion = ml_collections.ConfigDict(dict(
       num_epochs=epochs, lr=lr, weight_decay=weight_decay,
       weights=ml_collections.ConfigDict(dict(ssim=10.0, intensity=20.0, gradient=20.0))))

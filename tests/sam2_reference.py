@@ -153,6 +153,17 @@ def run_converter(pt, out, *extra):
                         capture_output=True, text=True, cwd=REPO)
 
 
+def converted_random(tmp, name="tiny", seed=0):
+  """A random official `name` model saved as a real .pt in `tmp` and converted there by the
+  converter CLI (as a user would): -> (torch model, converted checkpoint dir)."""
+  tm = build_torch_sam2(name, seed=seed)
+  pt = os.path.join(str(tmp), f"sam2_{name}.pt")
+  save_checkpoint(tm, pt)
+  res = run_converter(pt, os.path.join(str(tmp), "ckpt"))
+  assert res.returncode == 0, res.stderr
+  return tm, os.path.join(str(tmp), "ckpt")
+
+
 def rel_err(a, b):
   """max |a - b| / max |b|."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

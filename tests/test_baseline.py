@@ -88,11 +88,8 @@ def sam2s(tmp_path_factory):
   pytest.importorskip("hydra")
   import sam2_reference as ref2
   from fusionsam_jax.sam2_predictor import Sam2ImagePredictor
-  tm = ref2.build_torch_sam2("tiny", seed=5)
   tmp = tmp_path_factory.mktemp("sam2")
-  ref2.save_checkpoint(tm, tmp / "tiny.pt")
-  res = ref2.run_converter(tmp / "tiny.pt", tmp / "ckpt")
-  assert res.returncode == 0, res.stderr
+  tm, _ = ref2.converted_random(tmp, "tiny", seed=5)
   _, predictor_mod = ref2.official()
   official = predictor_mod.SAM2ImagePredictor(tm)
   s = tm.image_size   # the official predictor's feature sizes are those of a 1024 model

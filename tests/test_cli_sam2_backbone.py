@@ -28,10 +28,7 @@ from fusionsam_jax.models.fusionsam import FusionSAM, load_sam_weights
 @pytest.fixture(scope="module")
 def sam2_ckpt(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("sam2_backbone")
-  tm = ref.build_torch_sam2("tiny", seed=4)
-  ref.save_checkpoint(tm, tmp / "sam2_tiny.pt")
-  res = ref.run_converter(tmp / "sam2_tiny.pt", tmp / "ckpt")
-  assert res.returncode == 0, res.stderr
+  tm, _ = ref.converted_random(tmp, "tiny", seed=4)
   return tm, tmp / "ckpt", tmp
 
 

@@ -21,12 +21,8 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 @pytest.fixture(scope="module")
 def sam2_tiny(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("sam2_perceptual")
-  tm = ref.build_torch_sam2("tiny", seed=11)
-  ref.save_checkpoint(tm, tmp / "sam2_tiny.pt")
-  res = ref.run_converter(tmp / "sam2_tiny.pt", tmp / "ckpt")
-  assert res.returncode == 0, res.stderr
-  return tm, tmp / "ckpt"
+  tm, ckpt = ref.converted_random(tmp_path_factory.mktemp("sam2_perceptual"), "tiny", seed=11)
+  return tm, ckpt
 
 
 def test_features_match_official_hiera_blocks(sam2_tiny):

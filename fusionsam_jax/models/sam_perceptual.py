@@ -65,14 +65,20 @@ class SamEarlyBlocks(nn.Module):
     return feats
 
 
+def _normalised_padded(x: Array, scale: float, mean, std, multiple: int) -> Array:
+  """[0, 1] images (B, H, W, 1 or 3) -> (x * scale - mean) / std (B, H', W', 3), H', W'
+  zero-padded (after normalisation) up to multiples of `multiple`."""
+  if x.shape[-1] == 1:
+    x = jnp.repeat(x, 3, axis=-1)
+  x = (x * scale - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
+  ph, pw = (-x.shape[1]) % multiple, (-x.shape[2]) % multiple
+  return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+
+
 def sam_input(x: Array, patch_size: int) -> Array:
   """[0, 1] images (B, H, W, 1 or 3) -> SAM-normalised (B, H', W', 3), H', W' padded up to
   multiples of the patch size with zeros."""
-  if x.shape[-1] == 1:
-    x = jnp.repeat(x, 3, axis=-1)
-  x = (x * 255.0 - jnp.asarray(PIXEL_MEAN, x.dtype)) / jnp.asarray(PIXEL_STD, x.dtype)
-  ph, pw = (-x.shape[1]) % patch_size, (-x.shape[2]) % patch_size
-  return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+  return _normalised_padded(x, 255.0, PIXEL_MEAN, PIXEL_STD, patch_size)
 
 
 def _unit(f: Array, eps: float = 1e-10) -> Array:
@@ -154,11 +160,7 @@ def sam2_input(x: Array, multiple: int) -> Array:
   """[0, 1] images (B, H, W, 1 or 3) -> SAM 2-normalised (B, H', W', 3) (ImageNet mean /
   std on [0, 1] pixels), H', W' zero-padded up to multiples of `multiple`."""
   from fusionsam_jax.models.sam2.sam2 import PIXEL_MEAN as MEAN2, PIXEL_STD as STD2
-  if x.shape[-1] == 1:
-    x = jnp.repeat(x, 3, axis=-1)
-  x = (x - jnp.asarray(MEAN2, x.dtype)) / jnp.asarray(STD2, x.dtype)
-  ph, pw = (-x.shape[1]) % multiple, (-x.shape[2]) % multiple
-  return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+  return _normalised_padded(x, 1.0, MEAN2, STD2, multiple)
 
 
 @jax.tree_util.register_pytree_node_class
