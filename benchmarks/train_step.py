@@ -21,7 +21,9 @@ fetches metrics only at log steps): ``ms_per_step`` is the median of 3 such runs
 ``first_call_s``: the first step (compilation included). ``data_wait_ms``: time per step
 the host waited for the next batch. ``peak_bytes``: the device's peak memory. With
 ``--backbones`` every stage runs once per ``model.backbone`` (workdir WORKDIR/<backbone>),
-keyed ``<stage>@<backbone>``.
+keyed ``<stage>@<backbone>``. ``--profile_steps N`` (GPU): N more steps under the JAX
+profiler, summarized per stage as ``profile`` (device-busy vs wall time per step, kernel time
+by class, the costliest kernels; `benchmarks/trace_summary.py`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ _OUT = flags.DEFINE_string("out", None, "JSON output")
 _BACKBONES = flags.DEFINE_list("backbones", [], "model.backbone values to time, e.g. "
                                "sam,sam2_hiera_l (default: the config's)")
 _ONE = flags.DEFINE_string("one", None, "internal: time this stage, print JSON")
+_PROFILE = flags.DEFINE_integer("profile_steps", 0, "after timing, trace this many steps "
+                               "under the JAX profiler (WORKDIR/trace) and record where the "
+                               "device time goes (benchmarks/trace_summary.py; GPU only)")
 _CACHE = flags.DEFINE_string("compilation_cache", None, "JAX persistent compilation cache "
                              "(as the train CLI's flag; the CLI's default location: "
                              "--compilation_cache=default); unset: off")
@@ -98,6 +103,21 @@ def time_stage(config, workdir: str, name: str, steps: int) -> dict:
       state, m = stage.train_step(state, frozen, next(batches))
     jax.block_until_ready((state, m))
     runs.append(((time.perf_counter() - t0) / steps, (batches.wait_s - w0) / steps))
+  profile = None
+  if _PROFILE.value:
+    from benchmarks import trace_summary
+    phase(f"profiling {_PROFILE.value} steps")
+    carry = [state]
+
+    def one_step():
+      carry[0], out = stage.train_step(carry[0], frozen, next(batches))
+      return carry[0], out
+
+    try:
+      profile = trace_summary.profile(one_step, _PROFILE.value,
+                                      os.path.join(workdir, "trace", name))
+    except ValueError as e:    # a CPU run has no device kernels to summarize
+      profile = {"error": str(e)}
   batches.close()
   ms = float(np.median([r[0] for r in runs]) * 1e3)
   stats = jax.local_devices()[0].memory_stats() or {}
@@ -108,7 +128,8 @@ def time_stage(config, workdir: str, name: str, steps: int) -> dict:
           "trainable_params": count_params(common.select(params, stage.trainable)),
           "frozen_params_passed": count_params(stage.frozen(params)),
           "notes": list(stage.notes), "peak_bytes": stats.get("peak_bytes_in_use"),
-          "loss": float(np.asarray(m["loss"]))}
+          "loss": float(np.asarray(m["loss"])),
+          **({"profile": profile} if profile is not None else {})}
 
 
 def main(argv):
