@@ -222,6 +222,17 @@ def converter_flags(fv, what: str, variants: str) -> dict:
   }
 
 
+def _silence_late_thread_errors() -> None:
+  """After a failed write, Orbax's / tensorstore's writer threads can still report errors of
+  their own (an asyncio loop closed under a pending callback: "Exception ignored in ...")
+  while the CLI prints its one line and exits; the failure is already reported, so those
+  reports are dropped (--verbose keeps them)."""
+  import sys
+  import threading
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
+
+
 def run_converter(f, convert_file, error_type, preset_name) -> int:
   """A converter CLI's body: `convert_file(checkpoint, output, model_type, overwrite) ->
   (cfg, out)`; an `error_type` is one line (libraries' tracebacks only with --verbose)."""
@@ -234,6 +245,8 @@ def run_converter(f, convert_file, error_type, preset_name) -> int:
                               f["overwrite"].value)
     except error_type as e:
       error = e
+      if not f["verbose"].value:
+        _silence_late_thread_errors()
   if error is None or f["verbose"].value:
     sys.stderr.write(log.text)   # warnings of a good run; tracebacks only with --verbose
   if error is not None:
