@@ -283,8 +283,12 @@ def main(argv):
   warm_staged = {k: v for k, v in warm.items() if k != "segmentation"}
   res["projection"] = {
       "joint": project(_load_config(False), joint, cache=None, warm_compile=warm, **kw),
+      # Without its own segmentation numbers the staged projection would be the joint one.
       "staged": project(_load_config(True), staged, cache=st_run.get("cache") or None,
-                        warm_compile=warm_staged, **kw)}
+                        warm_compile=warm_staged, **kw)
+      if staged.get("segmentation") is not joint.get("segmentation") else
+      {"not_measured": "the staged run has no segmentation stage numbers "
+                       f"(returncode {st_run.get('returncode', 'not run')})"}}
   res["settings"] = {"variant": _VARIANT.value, "scenes": _SCENES.value,
                      "size": [_H.value, _W.value], "steps": [t_steps, f_steps, s_steps],
                      "warm_steps": _WARM.value, "staged_steps": _STAGED.value,
