@@ -31,27 +31,18 @@ _STAGES = flags.DEFINE_list("stages", ["tokenizer", "fusion", "segmentation"], "
 _OUT = flags.DEFINE_string("out", None, "JSON output")
 
 
-def batch_shapes(stage, config, crop) -> dict:
-  """The stage's batch as ShapeDtypeStructs: the iterator's keys and dtypes at `crop`."""
+def batch_shapes(stage) -> dict:
+  """The stage's batch as ShapeDtypeStructs: one batch of its iterator (at the stage's crop
+  and batch size), numeric part only."""
   import jax
-  import numpy as np
-  from fusionsam_jax.data.spec import stage_batch_size
-  el = next(iter(stage.iterator(None)))
-  bs = stage_batch_size(config, stage.name)
-  out = {}
-  for k, v in el.items():
-    if k == "name":
-      continue
-    v = np.asarray(v)
-    shape = (bs, *crop, *v.shape[3:]) if v.ndim >= 3 else (bs, *v.shape[1:])
-    out[k] = jax.ShapeDtypeStruct(shape, v.dtype)
-  return out
+  from fusionsam_jax.data.spec import strip_batch
+  el = strip_batch(next(iter(stage.iterator(None))))
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in el.items()}
 
 
 def main(argv):
   del argv
   from fusionsam_jax import experiment
-  from fusionsam_jax.data.spec import stage_crop_size
   from fusionsam_jax.models import factory
   config = _CONFIG.value
   with config.unlocked():
@@ -68,7 +59,7 @@ def main(argv):
       continue
     state = stage.abstract_state(params)
     frozen = stage.frozen(params)
-    batch = batch_shapes(stage, config, tuple(stage_crop_size(config, name)))
+    batch = batch_shapes(stage)
     # Once, as a new process does: JAX caches a function's jaxpr and lowering in-process,
     # so a second call here would measure the cache.
     t0 = time.perf_counter()

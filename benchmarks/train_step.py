@@ -61,6 +61,7 @@ def time_stage(config, workdir: str, name: str, steps: int) -> dict:
   import jax
   import numpy as np
   from fusionsam_jax import experiment
+  from fusionsam_jax.data.spec import strip_batch
   from fusionsam_jax.models import factory
   from fusionsam_jax.stages import common
   from fusionsam_jax.training import mesh as mesh_lib
@@ -87,8 +88,8 @@ def time_stage(config, workdir: str, name: str, steps: int) -> dict:
   t0 = time.perf_counter()
   it = stage.iterator(params)
   iterator_s = time.perf_counter() - t0
-  batches = DevicePrefetch(it, lambda b: mesh_lib.shard_batch(
-      {k: v for k, v in b.items() if k != "name"}, ctx.mesh), size=2)
+  batches = DevicePrefetch(it, lambda b: mesh_lib.shard_batch(strip_batch(b), ctx.mesh),
+                           size=2)
   phase("first step (compilation)")
   t0 = time.perf_counter()
   state, m = stage.train_step(state, frozen, next(batches))

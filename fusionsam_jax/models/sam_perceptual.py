@@ -155,7 +155,6 @@ class SamPerceptualLoss(_EarlyBlocksLoss):
     return net.apply({"params": p}, sam_input(x, self.config.patch_size).astype(self.dtype))
 
 
-
 def sam2_input(x: Array, multiple: int) -> Array:
   """[0, 1] images (B, H, W, 1 or 3) -> SAM 2-normalised (B, H', W', 3) (ImageNet mean /
   std on [0, 1] pixels), H', W' zero-padded up to multiples of `multiple`."""
@@ -209,4 +208,3 @@ class Sam2PerceptualLoss(_EarlyBlocksLoss):
     p = jax.lax.stop_gradient(self.params)
     x = sam2_input(x, 4 * int(self.config.window_spec[0])).astype(self.dtype)
     return net.apply({"params": p}, x)
-

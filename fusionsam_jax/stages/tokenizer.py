@@ -52,13 +52,14 @@ def perceptual_loss(config, say):
   stage); else None (a random encoder gives random features: the loss is off, said once)."""
   path = config.get("perceptual_weights")
   sam_ckpt = config.model.get("sam_checkpoint")
+  blocks = int(config.get("perceptual_sam_blocks", 2) or 2)
   if not path and factory.backbone(config) != "sam":
     # FusionSAM on SAM 2: the run's own (SAM 2) encoder gives the features.
     sam2_ckpt = config.model.get("sam2_checkpoint")
     if sam2_ckpt:
       from fusionsam_jax.models.sam_perceptual import Sam2PerceptualLoss
       loss = Sam2PerceptualLoss.from_checkpoint(
-          sam2_ckpt, num_blocks=int(config.get("perceptual_sam_blocks", 2) or 2),
+          sam2_ckpt, num_blocks=blocks,
           dtype=jnp.dtype(config.model.encoder_dtype), attn_impl=config.model.attn_impl)
       say(f"Perceptual loss (Eq. 7): features of the frozen SAM 2 encoder's first "
           f"{loss.num_blocks} Hiera blocks ({sam2_ckpt}); no VGG16 weights given")
@@ -66,7 +67,6 @@ def perceptual_loss(config, say):
     sam_ckpt = None   # SAM's ViT is not this run's encoder
   if not path and sam_ckpt:
     from fusionsam_jax.models.sam_perceptual import SamPerceptualLoss
-    blocks = int(config.get("perceptual_sam_blocks", 2) or 2)
     say(f"Perceptual loss (Eq. 7): features of the frozen SAM encoder's first {blocks} "
         f"blocks ({sam_ckpt}); no VGG16 weights given")
     return SamPerceptualLoss.from_checkpoint(
