@@ -79,3 +79,23 @@ def flag_namespace(holders):
   object with one attribute per flag value (``args.batches``)."""
   import types
   return types.SimpleNamespace(**{name: h.value for name, h in holders.items()})
+
+
+def define_profile_calls(fv):
+  """``--profile_calls N``: after timing a JAX mode at its largest batch, trace N more calls
+  under the JAX profiler (GPU) and record where the device time goes."""
+  from absl import flags
+  return flags.DEFINE_integer("profile_calls", 0, "after timing each JAX mode at its largest "
+                              "batch, trace this many calls under the JAX profiler and record "
+                              "kernel time by class and the costliest kernels "
+                              "(benchmarks/trace_summary.py; GPU only)", flag_values=fv)
+
+
+def profile_calls(fn, calls: int, name: str) -> dict:
+  """`trace_summary.profile` of ``fn`` into a fresh temporary folder; a CPU run (no device
+  kernels) gives ``{"error": ...}``."""
+  from benchmarks import trace_summary
+  try:
+    return trace_summary.profile(fn, calls, tempfile.mkdtemp(prefix=f"trace_{name}_"))
+  except ValueError as e:
+    return {"error": str(e)}

@@ -26,8 +26,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from benchmarks.common import (define_number_list, environment, flag_namespace,  # noqa: E402
-                               write_json)
+from benchmarks.common import (define_number_list, define_profile_calls,  # noqa: E402
+                               environment, flag_namespace, profile_calls, write_json)
 from fusionsam_jax.cli_common import run_cli  # noqa: E402
 
 
@@ -140,6 +140,9 @@ def bench_jax(args, results, save, size, modes):
       if b == min(args.batches):
         first_out[mode] = [np.asarray(o, np.float32) for o in out]
       _record(results, key, "jax", mode, b, med, mn, first)
+      if args.profile_calls and b == max(args.batches):
+        with jax.default_matmul_precision(prec):
+          results[key]["profile"] = profile_calls(lambda: fwd(p, x), args.profile_calls, key)
       save()
     del fwd, p
     gc.collect()
@@ -173,6 +176,7 @@ def _define(fv):
           "max_fp32_batch", 1, "JAX fp32 (the bf16 error reference) only up to this batch",
           flag_values=fv),
       "skip_torch": flags.DEFINE_bool("skip_torch", False, "JAX only", flag_values=fv),
+      "profile_calls": define_profile_calls(fv),
       "skip_jax": flags.DEFINE_bool("skip_jax", False, "PyTorch only", flag_values=fv),
       "cpu": flags.DEFINE_bool("cpu", False, "smoke test on CPU", flag_values=fv),
   }

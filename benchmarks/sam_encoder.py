@@ -24,8 +24,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (define_number_list, environment, flag_namespace,  # noqa: E402
-                               write_json)
+from benchmarks.common import (define_number_list, define_profile_calls,  # noqa: E402
+                               environment, flag_namespace, profile_calls, write_json)
 from fusionsam_jax.cli_common import run_cli  # noqa: E402
 
 TFLOP_PER_IMAGE = 5.96
@@ -87,6 +87,9 @@ def bench_jax(args, results, save):
                       "tflops": TFLOP_PER_IMAGE * b / (med / 1e3), "first_call_s": compile_s}
       print(f"{key:32s} {med / b:8.2f} ms/img  {TFLOP_PER_IMAGE * b / med * 1e3:6.1f} TFLOP/s",
             flush=True)
+      if args.profile_calls and b == max(args.batches):
+        with jax.default_matmul_precision(prec):
+          results[key]["profile"] = profile_calls(lambda: fwd(p, x), args.profile_calls, key)
       save()
     del fwd, p
     gc.collect()
@@ -144,6 +147,9 @@ def bench_torch(args, results, save):
                       "tflops": TFLOP_PER_IMAGE * b / (med / 1e3), "first_call_s": first}
       print(f"{key:32s} {med / b:8.2f} ms/img  {TFLOP_PER_IMAGE * b / med * 1e3:6.1f} TFLOP/s",
             flush=True)
+      if args.profile_calls and b == max(args.batches):
+        with jax.default_matmul_precision(prec):
+          results[key]["profile"] = profile_calls(lambda: fwd(p, x), args.profile_calls, key)
       save()
     torch.cuda.empty_cache()
 
@@ -168,6 +174,7 @@ def _define(fv):
       "compile_batches": define_number_list(fv, "compile_batches", [8],
                                             "batch sizes timed with torch.compile"),
       "skip_torch": flags.DEFINE_bool("skip_torch", False, "JAX only", flag_values=fv),
+      "profile_calls": define_profile_calls(fv),
   }
 
 
