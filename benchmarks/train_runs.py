@@ -71,6 +71,10 @@ def stage_stats(workdir: str) -> dict:
         "checkpoint_bytes": dir_bytes(os.path.join(workdir, "checkpoints", stage)),
         "last": {k: v for k, v in (train[-1] if train else {}).items()
                  if isinstance(v, (int, float))},
+        # Every logged row's losses and codebook statistics: runs that differ in one setting
+        # (e.g. model.train_dtype) compare as curves.
+        "curve": [{k: v for k, v in r.items() if isinstance(v, (int, float)) and k not in
+                   ("time", "step_time", "pairs_per_s", "data_wait", "lr")} for r in train],
     }
   return out
 
