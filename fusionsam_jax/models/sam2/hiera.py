@@ -50,8 +50,18 @@ def max_pool(x, stride: Tuple[int, int]):
   return nn.max_pool(x, stride, strides=stride, padding="VALID")
 
 
+#: ``attn_impl="auto"``: cuDNN flash attention from this many keys on (stage 3's 14 x 14
+#: windows, the global blocks), XLA's batched matmuls below it (the 4 x 4, 7 x 7 and 8 x 8
+#: windows, shorter than one of the flash kernel's 64 / 128-token tiles).
+AUTO_CUDNN_MIN_KEYS = 128
+
+
 def _attention(q, k, v, implementation: str):
-  """Softmax attention, (B, N, heads, d) each, scale 1/sqrt(d)."""
+  """Softmax attention, (B, N, heads, d) each, scale 1/sqrt(d). ``implementation``: "xla",
+  "cudnn", "fused" (JAX's choice) or "auto" (by sequence length; XLA off the GPU)."""
+  if implementation == "auto":
+    implementation = ("cudnn" if jax.default_backend() == "gpu"
+                      and k.shape[1] >= AUTO_CUDNN_MIN_KEYS else "xla")
   if implementation == "xla":
     d = q.shape[-1]
     s = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(jnp.asarray(d, q.dtype))
