@@ -89,12 +89,22 @@ def _config_arg(staged: bool) -> str:
 def _load_config(staged: bool):
   """The run's config as the CLI builds it (variants + the --extra overrides)."""
   from ml_collections import config_flags
+  import ast
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
-  fv([sys.argv[0], f"--config={_config_arg(staged)}",
-      *[f"--config.{e}" for e in _EXTRA.value]])
+  fv([sys.argv[0], f"--config={_config_arg(staged)}"])
+  # A private FlagValues does not take ml_collections' --config.X overrides (absl reports
+  # them as unknown flags): applied here, each value read as a Python literal or a string.
+  config = fv.config
+  for e in _EXTRA.value:
+    key, _, text = e.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    config.update_from_flattened_dict({key: value})
   from fusionsam_jax.config_lib import normalize_overrides
-  return normalize_overrides(fv.config)
+  return normalize_overrides(config)
 
 
 def split_sizes(data_dir: str) -> dict:

@@ -42,3 +42,20 @@ def test_projection_of_the_mfnet_schedule():
   want_cache = (4.0 + (6.0 / 44) * (784 * 2 - 4)) + (3.0 + (2.0 / 8) * (392 - 4))
   assert q["segmentation"]["cache_build_s"] == pytest.approx(want_cache)
   assert math.isclose(q["total_s"] - p["total_s"], want_cache)
+
+
+def test_extra_overrides_reach_the_projected_config():
+  """--extra X=Y reaches the config the projection uses (a GPU run with
+  --extra model.train_dtype=bfloat16 once died here after its training runs: absl refused
+  the --config.X overrides on a private FlagValues)."""
+  from absl import flags
+  from absl.testing import flagsaver
+  from benchmarks import schedule_time as S
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(extra=["model.train_dtype=bfloat16", "model.attn_impl=xla",
+                                  "train.stages.tokenizer.num_steps=7"]):
+    c = S._load_config(False)
+  assert (c.model.train_dtype, c.model.attn_impl) == ("bfloat16", "xla")
+  assert c.train.stages.tokenizer.num_steps == 7
+  assert mfnet.get_config().model.train_dtype != "bfloat16"    # not the default: a real change
