@@ -45,7 +45,9 @@ class Sam2ImagePredictor:
   def __init__(self, config: Sam2Config, params, mask_threshold: float = 0.0,
                encoder_dtype=jnp.float32, attn_impl: str = "xla",
                compiler_options: Optional[dict] = None):
-    """`encoder_dtype=jnp.bfloat16, attn_impl="cudnn"` is the GPU fast path;
+    """`encoder_dtype=jnp.bfloat16, attn_impl="auto"` is the GPU fast path (cuDNN flash
+    attention for the long sequences, XLA for Hiera's small windows; "cudnn" everywhere was
+    5% slower on an H200: benchmarks/results/sam2_encoder_attn_h200.json);
     `compiler_options` go to every `jax.jit` (e.g. {"xla_backend_optimization_level": 0}
     for quicker compiles on CPU)."""
     jit = functools.partial(jax.jit, compiler_options=compiler_options)

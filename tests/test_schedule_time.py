@@ -53,9 +53,11 @@ def test_extra_overrides_reach_the_projected_config():
   from benchmarks import schedule_time as S
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(extra=["model.train_dtype=bfloat16", "model.attn_impl=xla",
+  with flagsaver.flagsaver(extra=["model.train_dtype=float32", "model.attn_impl=xla",
                                   "train.stages.tokenizer.num_steps=7"]):
     c = S._load_config(False)
-  assert (c.model.train_dtype, c.model.attn_impl) == ("bfloat16", "xla")
+  assert (c.model.train_dtype, c.model.attn_impl) == ("float32", "xla")
   assert c.train.stages.tokenizer.num_steps == 7
-  assert mfnet.get_config().model.train_dtype != "bfloat16"    # not the default: a real change
+  d = mfnet.get_config()                                       # none of them is the default
+  assert (d.model.train_dtype, d.model.attn_impl) == ("bfloat16", "cudnn")
+  assert d.train.stages.tokenizer.num_steps != 7

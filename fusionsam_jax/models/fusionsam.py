@@ -330,10 +330,13 @@ def dummy_images(model: FusionSAM, image_hw: Tuple[int, int], batch: int = 1):
 
 
 def _sam2_attn_impl(attn_impl: str) -> str:
-  """model.attn_impl -> the SAM 2 trunk's attention ("xla" | "cudnn" | "fused")."""
+  """model.attn_impl -> the SAM 2 trunk's attention ("xla" | "auto" | "fused"). cuDNN
+  becomes "auto" (cuDNN from 128 keys, XLA for the small windows): Hiera-L bf16 at batch 8
+  on an H200, 7.39 against 7.76 ms per image with cuDNN everywhere
+  (benchmarks/results/sam2_encoder_attn_h200.json)."""
   from fusionsam_jax.models.sam.image_encoder import resolve_attn_impl
   impl = resolve_attn_impl(attn_impl)
-  return "xla" if impl == "xla" else "cudnn" if impl.startswith("cudnn") else "fused"
+  return "xla" if impl == "xla" else "auto" if impl.startswith("cudnn") else "fused"
 
 
 def image_encoder_of(model: FusionSAM) -> nn.Module:
