@@ -147,9 +147,6 @@ def bench_torch(args, results, save):
                       "tflops": TFLOP_PER_IMAGE * b / (med / 1e3), "first_call_s": first}
       print(f"{key:32s} {med / b:8.2f} ms/img  {TFLOP_PER_IMAGE * b / med * 1e3:6.1f} TFLOP/s",
             flush=True)
-      if args.profile_calls and b == max(args.batches):
-        with jax.default_matmul_precision(prec):
-          results[key]["profile"] = profile_calls(lambda: fwd(p, x), args.profile_calls, key)
       save()
     torch.cuda.empty_cache()
 
