@@ -255,3 +255,39 @@ def test_hiera_t_predictor_matches_official(tmp_path_factory):
   _check_predictor(_official_predictor(tm, cfg),
                    Sam2ImagePredictor.from_checkpoint(str(ckpt), compiler_options=FAST),
                    480, 640, full=False)
+
+
+def test_auto_attention_sends_only_long_sequences_to_cudnn(monkeypatch):
+  """attn_impl="auto" on a GPU: cuDNN for >= AUTO_CUDNN_MIN_KEYS keys, XLA's einsum path
+  below (checked against a plain softmax(q k^T / sqrt(d)) v in numpy); off the GPU always
+  XLA. The GPU backend and the cuDNN call are stood in for (this runs on CPU)."""
+  from fusionsam_jax.models.sam2 import hiera
+  calls = []
+
+  def fake_dpa(q, k, v, implementation=None, **kw):
+    calls.append((k.shape[1], implementation))
+    return jnp.zeros_like(q)
+
+  rng = np.random.default_rng(0)
+
+  def qkv(n):
+    return [jnp.asarray(rng.normal(size=(2, n, 3, 8)), jnp.float32) for _ in range(3)]
+
+  def reference(q, k, v):
+    s = np.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bnqk,bknd->bqnd", p / p.sum(-1, keepdims=True), v)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake_dpa)
+  short, long = qkv(hiera.AUTO_CUDNN_MIN_KEYS - 1), qkv(hiera.AUTO_CUDNN_MIN_KEYS)
+  np.testing.assert_allclose(hiera._attention(*short, "auto"), reference(*short), rtol=1e-5,
+                             atol=1e-6)                  # CPU: XLA even for long ones
+  np.testing.assert_allclose(hiera._attention(*long, "auto"), reference(*long), rtol=1e-5,
+                             atol=1e-6)
+  assert calls == []
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  np.testing.assert_allclose(hiera._attention(*short, "auto"), reference(*short), rtol=1e-5,
+                             atol=1e-6)
+  assert calls == []
+  hiera._attention(*long, "auto")
+  assert calls == [(hiera.AUTO_CUDNN_MIN_KEYS, "cudnn")]
