@@ -173,7 +173,7 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
   tiles = recon = None
   if image_every > 0:
     first_val = next(iter(D.eval_iterable(config, ctx.spec.source(config.eval.val_split))))
-    tiles = E.image_tiles(config, ctx.model, first_val, evaluator)
+    tiles = E.image_tiles(config, first_val, evaluator)
     recon = tokenizer.reconstruction_images(ctx.model, m.modalities, first_val)
   results: dict[str, dict] = {}
   for name in S.STAGES:

@@ -98,25 +98,23 @@ def summary(result: dict, class_names, **extra) -> dict:
   return out
 
 
-def image_tiles(config, model, batch, evaluator: Evaluator | None = None) -> Callable:
+def image_tiles(config, batch, evaluator: Evaluator) -> Callable:
   """TensorBoard images ``fn(params) -> {name: (N, H, W', 3)}``: inputs | fused |
   prediction | ground truth for the first two examples of an eval batch.
 
-  With `evaluator`, the whole eval `batch` goes through its jitted eval step, which the
-  final evaluation compiles anyway for batches of this shape (one compilation fewer: the
-  tiny demo paid ~7 s on 2 CPU cores for a separate batch-of-two predict)."""
+  The whole eval `batch` goes through `evaluator`'s jitted eval step, which the final
+  evaluation compiles anyway for batches of this shape (one compilation fewer than a
+  separate batch-of-two predict: ~7 s for the tiny demo on 2 CPU cores)."""
   from fusionsam_jax.data.info import get_info
   info = get_info(config.dataset)
   full = strip_batch(batch)
   local = {k: np.asarray(v)[:2] for k, v in full.items()}
-  if evaluator is None:
-    jitted = jax.jit(predict_fn(model))
-    predict = lambda params: jitted(params, local)
-  else:
-    def predict(params):
-      params = jax.device_put(params, mesh_lib.replicated(evaluator.mesh))
-      out = evaluator.step(params, mesh_lib.shard_batch(full, evaluator.mesh))
-      return {k: out[k][:2] for k in ("pred", "fused")}
+  sharded = mesh_lib.shard_batch(full, evaluator.mesh)      # placed once, reused every call
+
+  def predict(params):
+    params = jax.device_put(params, mesh_lib.replicated(evaluator.mesh))
+    out = evaluator.step(params, sharded)
+    return {k: out[k][:2] for k in ("pred", "fused")}
 
   def fn(params):
     out = jax.device_get(predict(params))

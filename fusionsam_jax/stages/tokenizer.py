@@ -241,7 +241,7 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
           post_update=codebook_restart_fn(model, config.model, sc)),
       iterator=lambda params: train_iterator(config, ctx.spec, NAME),
       model_params=lambda state: state.params["generator"],
-      notes=(f"discriminator from step {start}" if float(sc.get("disc_weight", 0.8)) > 0
+      notes=(f"discriminator from step {start}" if disc_on
              else "no adversarial term (disc_weight 0)",))
 
 
