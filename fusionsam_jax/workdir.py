@@ -38,7 +38,8 @@ MUTABLE_CONFIG_KEYS = (
 #: Config keys added after workdirs were made, with the value a workdir without them ran with.
 ADDED_CONFIG_KEYS = {"model.backbone": "sam", "model.sam2_checkpoint": None,
                      "train.stages.tokenizer.restart_threshold_relative": False,
-                     "train.stages.tokenizer.code_ema": None, "model.train_dtype": "float32"}
+                     "train.stages.tokenizer.code_ema": None, "model.train_dtype": "float32",
+                     "model.fmp.cross_num_heads": None}
 SAM_RECORD = "sam_weights.json"
 CONFIG_FILE = guards.CONFIG_FILE
 

@@ -291,3 +291,43 @@ def test_auto_attention_sends_only_long_sequences_to_cudnn(monkeypatch):
   assert calls == []
   hiera._attention(*long, "auto")
   assert calls == [(hiera.AUTO_CUDNN_MIN_KEYS, "cudnn")]
+
+
+def test_split_qkv_matches_the_linear_layer_it_splits(monkeypatch):
+  """hiera.SPLIT_QKV: a block whose attention runs on cuDNN takes q, k, v from three
+  matmuls over the column blocks of the same ``qkv`` params (same tree, so conversion is
+  unchanged) and gives what `sam2`'s Linear -> reshape(B, N, 3, heads, d) -> attention ->
+  proj gives, written out in numpy. The GPU backend and the cuDNN call are stood in for."""
+  from fusionsam_jax.models.sam2 import hiera
+  calls = []
+
+  def fake_dpa(q, k, v, implementation=None, **kw):
+    calls.append(implementation)
+    s = jnp.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(q.shape[-1])
+    return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(s, -1), v)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake_dpa)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  mod = hiera.MultiScaleAttention(16, 24, num_heads=2, attn_impl="auto")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 12, 16)), jnp.float32)  # 144 keys
+  params = mod.init(jax.random.PRNGKey(0), x)
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape),
+                        params)  # non-zero biases
+  p = jax.tree.map(np.asarray, params["params"])
+  xn = np.asarray(x, np.float64).reshape(2, 144, 16)
+  qkv = (xn @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(2, 144, 3, 2, 12)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  s = np.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(12)
+  a = np.exp(s - s.max(-1, keepdims=True))
+  o = np.einsum("bnqk,bknd->bqnd", a / a.sum(-1, keepdims=True), v).reshape(2, 144, 24)
+  want = (o @ p["proj"]["kernel"] + p["proj"]["bias"]).reshape(2, 12, 12, 24)
+  calls.clear()
+  with jax.default_matmul_precision("highest"):
+    got_one = mod.apply(params, x)
+    monkeypatch.setattr(hiera, "SPLIT_QKV", True)
+    got_split = mod.apply(params, x)
+    assert calls == ["cudnn", "cudnn"]
+    assert (jax.tree.map(np.shape, mod.init(jax.random.PRNGKey(0), x))
+            == jax.tree.map(np.shape, params))
+  np.testing.assert_allclose(got_one, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got_split, want, rtol=1e-4, atol=1e-5)

@@ -438,6 +438,9 @@ class FusionMaskPrompting(nn.Module):
   # Cross-domain (Eq. 9-10) and complementary (Eq. 11-12) units: "window" | "global";
   # None: as `attention`.
   cross_attention: Optional[str] = None
+  # Heads of the cross-domain and complementary units; None: ``num_heads``. Global attention's
+  # softmax work grows with the heads at a fixed width (benchmarks/fmp_attention.py).
+  cross_num_heads: Optional[int] = None
   attn_impl: str = "xla"           # global attention kernel: "xla" | "cudnn" (GPU, bf16)
   query_chunk: Optional[int] = 1024  # XLA global attention: queries per chunk (None: all)
   mlp_ratio: float = 2.0
@@ -458,6 +461,7 @@ class FusionMaskPrompting(nn.Module):
     ws = self.window_size if self.attention == "window" else None
     wc = self.window_size if cross == "window" else None
     kw = dict(attn_impl=self.attn_impl, query_chunk=self.query_chunk)
+    heads_c = self.cross_num_heads or self.num_heads
     d_c = latents[0].shape[-1]
     c = self.dim or d_c
     m_count = len(latents)
@@ -474,13 +478,13 @@ class FusionMaskPrompting(nn.Module):
     z_prime = []
     for m in range(m_count):                                          # Eq. 10
       others = [n for n in range(m_count) if n != m]
-      z_prime.append(CrossDomainAttention(self.num_heads, wc, eps=self.eps, **kw,
+      z_prime.append(CrossDomainAttention(heads_c, wc, eps=self.eps, **kw,
                                           name=f"cross_{m + 1}")(
           qkv[m][0], [qkv[n][1] for n in others], [qkv[n][2] for n in others]))
     z_c = nn.leaky_relu(conv(c, "fusion_conv")(jnp.concatenate(z_prime, -1)), 0.2)
     z_f_q = nn.leaky_relu(conv(c, "latent_fusion_conv")(jnp.concatenate(latents, -1)), 0.2)
     z_0 = sum(z_prime) / m_count
-    i_f = ComplementaryUnit(self.num_heads, wc, self.eps, **kw, name="complementary")(
+    i_f = ComplementaryUnit(heads_c, wc, self.eps, **kw, name="complementary")(
         z_f_q, z_0, z_c)                                              # Eq. 11-12
     fusion = conv(self.out_dim or d_c, "out_conv")(i_f)               # (B,h,w,d_c)
     return dict(fusion=fusion, z_c=z_c, I_f=i_f, z_prime=tuple(z_prime), z_f_q=z_f_q,
