@@ -100,7 +100,6 @@ _JAX = {"first_out": {}}
 def bench_jax(args, results, save, size, modes):
   import jax
   import jax.numpy as jnp
-  from fusionsam_jax.models.sam2 import hiera
   from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2
 
   cfg = SAM2_PRESETS[args.variant]
@@ -117,8 +116,6 @@ def bench_jax(args, results, save, size, modes):
   for mode in modes:
     dtype = jnp.bfloat16 if mode.startswith("bf16") else jnp.float32
     impl = mode.split("-", 1)[1] if "-" in mode else "xla"
-    impl, split = impl.removesuffix("+split"), impl.endswith("+split")
-    hiera.SPLIT_QKV = split  # read when `fwd` is traced (its first call, below)
     model = Sam2(cfg, dtype=dtype, attn_impl=impl)
     p = jax.tree.map(lambda a: a.astype(dtype), params)
     prec = "highest" if dtype == jnp.float32 else "default"
@@ -168,8 +165,7 @@ def _define(fv):
       "batches": define_number_list(fv, "batches", [1, 8], "batch sizes", min_length=1),
       "iters": flags.DEFINE_integer("iters", 10, "timed calls per measurement", flag_values=fv),
       "jax_modes": flags.DEFINE_list("jax_modes", ["fp32", "bf16-cudnn", "bf16-xla"],
-                                     "JAX modes: fp32 | bf16-<attn_impl>[+split] (+split: "
-                                     "hiera.SPLIT_QKV)", flag_values=fv),
+                                     "JAX modes: fp32 | bf16-<attn_impl>", flag_values=fv),
       "torch_modes": flags.DEFINE_list("torch_modes", ["bf16", "bf16_compile"],
                                        "PyTorch modes: fp32 | bf16 | bf16_compile",
                                        flag_values=fv),

@@ -56,8 +56,9 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=4, depth_self=2, window_size=8, attention="window", cross_attention="global",
       mlp_ratio=2.0))
-  # Heads of the cross-domain / complementary units (None: num_heads); e.g. 1 for one
-  # 64-wide head, cheaper in global attention (docs/design.md, FMP attention cost).
+  # Heads of the cross-domain / complementary units (None: num_heads). 1 (one 64-wide head)
+  # makes the FMP's forward + backward 2.7x faster at full size (docs/design.md); left at
+  # num_heads until its effect on mIoU is measured.
   m.fmp.cross_num_heads = config_dict.placeholder(int)
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=64, num_res_blocks=2, max_groups=32))
   # The fusion loss fixes only the fused image's luma; its colour comes from the RGB input, as

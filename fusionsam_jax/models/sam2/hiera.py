@@ -56,26 +56,12 @@ def max_pool(x, stride: Tuple[int, int]):
 AUTO_CUDNN_MIN_KEYS = 128
 
 
-#: Blocks whose attention runs on cuDNN take q, k and v from three matmuls over the column
-#: blocks of the one ``qkv`` weight (outputs contiguous, as the kernel wants them) instead of
-#: one matmul and three strided slices (layout copies). Switch for
-#: benchmarks/sam2_encoder.py's "+split" modes.
-SPLIT_QKV = False
-
-
-def _resolve(implementation: str, num_keys: int) -> str:
-  """The kernel an attention over `num_keys` keys runs: "auto" picks cuDNN on a GPU from
-  `AUTO_CUDNN_MIN_KEYS` keys and XLA otherwise; any other value is returned as is."""
-  if implementation == "auto":
-    return ("cudnn" if jax.default_backend() == "gpu" and num_keys >= AUTO_CUDNN_MIN_KEYS
-            else "xla")
-  return implementation
-
-
 def _attention(q, k, v, implementation: str):
   """Softmax attention, (B, N, heads, d) each, scale 1/sqrt(d). ``implementation``: "xla",
   "cudnn", "fused" (JAX's choice) or "auto" (by sequence length; XLA off the GPU)."""
-  implementation = _resolve(implementation, k.shape[1])
+  if implementation == "auto":
+    implementation = ("cudnn" if jax.default_backend() == "gpu"
+                      and k.shape[1] >= AUTO_CUDNN_MIN_KEYS else "xla")
   if implementation == "xla":
     d = q.shape[-1]
     s = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(jnp.asarray(d, q.dtype))
@@ -83,24 +69,6 @@ def _attention(q, k, v, implementation: str):
     return jnp.einsum("bnqk,bknd->bqnd", p, v)
   impl = None if implementation == "fused" else implementation
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-
-
-class SplitQKV(nn.Module):
-  """`sam2`'s ``qkv`` Linear (kernel (dim, 3 dim_out), bias (3 dim_out), as `nn.Dense`'s)
-  applied as three matmuls, one per column block: (..., dim) -> q, k, v (..., dim_out)."""
-
-  dim_out: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (x.shape[-1], 3 * self.dim_out))
-    bias = self.param("bias", nn.initializers.zeros, (3 * self.dim_out,))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    d = self.dim_out
-    return tuple(jnp.dot(x, kernel[:, i * d:(i + 1) * d]) + bias[i * d:(i + 1) * d]
-                 for i in range(3))
 
 
 class MultiScaleAttention(nn.Module):
@@ -116,13 +84,9 @@ class MultiScaleAttention(nn.Module):
   @nn.compact
   def __call__(self, x):  # (B, H, W, dim) -> (B, H', W', dim_out)
     b, h, w, _ = x.shape
-    heads = (b, h * w, self.num_heads, self.dim_out // self.num_heads)
-    if SPLIT_QKV and _resolve(self.attn_impl, h * w) == "cudnn":
-      q, k, v = (t.reshape(heads) for t in SplitQKV(self.dim_out, self.dtype, name="qkv")(x))
-    else:
-      qkv = nn.Dense(3 * self.dim_out, dtype=self.dtype, name="qkv")(x)
-      qkv = qkv.reshape(b, h * w, 3, *heads[2:])
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    qkv = nn.Dense(3 * self.dim_out, dtype=self.dtype, name="qkv")(x)
+    qkv = qkv.reshape(b, h * w, 3, self.num_heads, self.dim_out // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.q_stride:
       q = max_pool(q.reshape(b, h, w, self.dim_out), self.q_stride)
       h, w = q.shape[1:3]
