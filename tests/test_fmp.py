@@ -135,11 +135,14 @@ def _randomize(tree, seed):
                             for kk, x in zip(keys, leaves)])
 
 
-@pytest.mark.parametrize("m", [2, 3])
-def test_eq10_and_eq12_match_numpy(m):
-  """Single head, global attention; Eq. 9-10 per modality (M=3: keys of the others
-  concatenated), Eq. 11-12 from the module's own intermediates and weights."""
-  fmp = FusionMaskPrompting(dim=8, num_heads=1, depth_self=1, attention="global")
+@pytest.mark.parametrize("m,num_heads,cross_num_heads,heads", [
+    (2, 1, None, 1), (3, 1, None, 1), (2, 2, 1, 1), (2, 1, 2, 2)])
+def test_eq10_and_eq12_match_numpy(m, num_heads, cross_num_heads, heads):
+  """Global attention; Eq. 9-10 per modality (M=3: keys of the others concatenated), Eq.
+  11-12 from the module's own intermediates and weights, with `heads` heads in the cross
+  units (cross_num_heads, else num_heads; the self-attention keeps num_heads)."""
+  fmp = FusionMaskPrompting(dim=8, num_heads=num_heads, depth_self=1, attention="global",
+                            cross_num_heads=cross_num_heads)
   zs = [_rand(10 + i, (1, 3, 4, 8)) for i in range(m)]
   with jax.default_matmul_precision("highest"):
     v = _randomize(jax.jit(fmp.init)(jax.random.PRNGKey(0), zs), 1)
@@ -154,7 +157,7 @@ def test_eq10_and_eq12_match_numpy(m):
     kk = np.concatenate([qkv[j][1] for j in others])
     vv = np.concatenate([qkv[j][2] for j in others])
     cp = p[f"cross_{i + 1}"]
-    ref = _np_eq10(qkv[i][0], kk, vv, _f64(cp["ln_scale"]), _f64(cp["ln_bias"]))
+    ref = _np_eq10(qkv[i][0], kk, vv, _f64(cp["ln_scale"]), _f64(cp["ln_bias"]), heads=heads)
     np.testing.assert_allclose(tok(out["z_prime"][i]), ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(tok(out["z_0"]), sum(tok(z) for z in out["z_prime"]) / m,
                              atol=1e-6)
@@ -163,7 +166,7 @@ def test_eq10_and_eq12_match_numpy(m):
   k_0 = tok(out["z_0"]) @ _f64(cu["W_K"]["kernel"])
   v_0 = tok(out["z_0"]) @ _f64(cu["W_V"]["kernel"])
   ref = _np_eq10(q_f, k_0, v_0, _f64(cu["attn"]["ln_scale"]), _f64(cu["attn"]["ln_bias"]),
-                 residual=tok(out["z_c"]))
+                 residual=tok(out["z_c"]), heads=heads)
   np.testing.assert_allclose(tok(out["I_f"]), ref, atol=1e-5, rtol=1e-5)
 
 
