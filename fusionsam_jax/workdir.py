@@ -136,7 +136,8 @@ def check_config_matches(config, workdir: str) -> None:
     stored = json.load(f)["config"]
   a = guards._drop(guards.with_added(guards._flatten(stored), ADDED_CONFIG_KEYS),
                   MUTABLE_CONFIG_KEYS)
-  b = guards._drop(guards._flatten(guards.config_to_dict(config)), MUTABLE_CONFIG_KEYS)
+  b = guards._drop(guards.with_added(guards._flatten(guards.config_to_dict(config)),
+                                     ADDED_CONFIG_KEYS), MUTABLE_CONFIG_KEYS)
   diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
           for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
   if diff:

@@ -160,6 +160,12 @@ def test_config_guard_reads_added_keys_at_their_old_value(tmp_path):
                            added=added)
   with pytest.raises(T.ConfigMismatchError, match="model.backbone"):
     T.check_workdir_config(tmp_path, new)   # without `added`: a difference
+  # A config that never sets the key (a variant replacing the sub-dict that holds it) means
+  # the same run as one that sets it to its `added` value, whichever was stored first.
+  (tmp_path / "config.json").unlink()
+  T.check_workdir_config(tmp_path, new, added=added)
+  T.check_workdir_config(tmp_path, old, added=added)
+  assert not glob.glob(str(tmp_path / "config.*.json"))
 
 
 def test_config_guard_accepts_configdict(tmp_path):

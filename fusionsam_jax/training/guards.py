@@ -102,7 +102,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def with_added(flat: dict[str, Any], added: Mapping[str, Any] | None) -> dict[str, Any]:
-  """A flattened stored config with the keys of `added` it lacks set to their values."""
+  """A flattened config with the keys of `added` it lacks set to their values. Applied to
+  both sides of a comparison: a stored record made before a key existed, and a config that
+  never sets it (e.g. a variant replacing the sub-dict that holds it), both mean the
+  behaviour the key's `added` value names."""
   return {**dict(added or {}), **flat}
 
 
@@ -168,7 +171,8 @@ def compare_workdir_config(workdir: str | os.PathLike, config: Any, *,
   old_cfg = old.get("config", {}) if isinstance(old, dict) else {}
   if config_fingerprint(old_cfg, ignore) == fp:
     return fp, []
-  a, b = _drop(with_added(_flatten(old_cfg), added), ignore), _drop(_flatten(new), ignore)
+  a = _drop(with_added(_flatten(old_cfg), added), ignore)
+  b = _drop(with_added(_flatten(new), added), ignore)
   diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
           for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
   if not diff:
@@ -187,7 +191,8 @@ def _stored_differs(path: str, new: dict, ignore: tuple, added) -> bool:
       old = json.load(f).get("config", {})
   except (OSError, ValueError, AttributeError):
     return True
-  return (_drop(with_added(_flatten(old), added), ignore) != _drop(_flatten(new), ignore))
+  return (_drop(with_added(_flatten(old), added), ignore)
+          != _drop(with_added(_flatten(new), added), ignore))
 
 
 def store_workdir_config(workdir: str | os.PathLike, config: Any, *,
