@@ -7,8 +7,9 @@ import os
 # XLA's CPU backend at LLVM -O0 without its expensive passes, for this process and (through
 # XLA_FLAGS) every CLI subprocess: on a clean clone the suite is mostly compiling small models,
 # and these compile ~12% faster (a CLI end-to-end test: 80 -> 70 s, cold cache). The HLO
-# passes, and so the float32 arithmetic, are unchanged; the parity tests used the same two
-# options already.
+# passes are unchanged, but LLVM's are not (e.g. no multiply-add contraction), so results can
+# differ from an optimised build in the last bits: a test comparing bitwise with a subprocess
+# must pass these flags on (test_training_parallel does).
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [
     os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true"]))

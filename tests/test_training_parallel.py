@@ -16,8 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_eight_devices_match_one_device(tmp_path):
   out = tmp_path / "eq8.npz"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  # Keeps this process's XLA_FLAGS (conftest's compile options): the frozen encoder is
+  # compared bitwise with an init computed here.
+  flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                 "--xla_force_host_platform_device_count=8"]))
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "_toy.py"), "--workdir",
                   str(tmp_path), "--equivalence_out", str(out)],
                  check=True, env=env, cwd=ROOT, timeout=300)
