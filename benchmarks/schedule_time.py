@@ -29,6 +29,7 @@ over ``--test_pairs``, eval and cache-build costs scaled per pair from the gener
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import re
@@ -89,7 +90,6 @@ def _config_arg(staged: bool) -> str:
 def _load_config(staged: bool):
   """The run's config as the CLI builds it (variants + the --extra overrides)."""
   from ml_collections import config_flags
-  import ast
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
   fv([sys.argv[0], f"--config={_config_arg(staged)}"])

@@ -134,12 +134,7 @@ def check_config_matches(config, workdir: str) -> None:
     return
   with open(path) as f:
     stored = json.load(f)["config"]
-  a = guards._drop(guards.with_added(guards._flatten(stored), ADDED_CONFIG_KEYS),
-                  MUTABLE_CONFIG_KEYS)
-  b = guards._drop(guards.with_added(guards._flatten(guards.config_to_dict(config)),
-                                     ADDED_CONFIG_KEYS), MUTABLE_CONFIG_KEYS)
-  diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
-          for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+  diff = guards.config_diff(stored, config, MUTABLE_CONFIG_KEYS, ADDED_CONFIG_KEYS)
   if diff:
     raise guards.ConfigMismatchError(
         f"workdir {workdir} was trained with a different config ({path}): "

@@ -115,6 +115,16 @@ def _drop(flat: dict[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
           if not any(k == i or k.startswith(i + ".") for i in ignore)}
 
 
+def config_diff(old: Any, new: Any, ignore: Iterable[str] = (),
+                added: Mapping[str, Any] | None = None) -> list[str]:
+  """``"key: old -> new"`` for each dotted key whose value differs between two configs
+  (dicts or ConfigDicts), outside `ignore`, keys of `added` filled in on both sides."""
+  ignore = tuple(ignore)
+  a, b = (_drop(with_added(_flatten(config_to_dict(c)), added), ignore) for c in (old, new))
+  return [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
+          for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+
+
 def config_fingerprint(config: Any, ignore: Iterable[str] = ()) -> str:
   """sha256 (hex, 16 chars) of the canonical JSON of `config`, minus `ignore`d dotted keys."""
   flat = _drop(_flatten(config_to_dict(config)), ignore)
@@ -171,10 +181,7 @@ def compare_workdir_config(workdir: str | os.PathLike, config: Any, *,
   old_cfg = old.get("config", {}) if isinstance(old, dict) else {}
   if config_fingerprint(old_cfg, ignore) == fp:
     return fp, []
-  a = _drop(with_added(_flatten(old_cfg), added), ignore)
-  b = _drop(with_added(_flatten(new), added), ignore)
-  diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
-          for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+  diff = config_diff(old_cfg, new, ignore, added)
   if not diff:
     return fp, None
   shown = "; ".join(diff[:20]) + (f"; ... ({len(diff)} in all)" if len(diff) > 20 else "")
@@ -191,8 +198,7 @@ def _stored_differs(path: str, new: dict, ignore: tuple, added) -> bool:
       old = json.load(f).get("config", {})
   except (OSError, ValueError, AttributeError):
     return True
-  return (_drop(with_added(_flatten(old), added), ignore)
-          != _drop(with_added(_flatten(new), added), ignore))
+  return bool(config_diff(old, new, ignore, added))
 
 
 def store_workdir_config(workdir: str | os.PathLike, config: Any, *,
