@@ -99,3 +99,17 @@ def profile_calls(fn, calls: int, name: str) -> dict:
     return trace_summary.profile(fn, calls, tempfile.mkdtemp(prefix=f"trace_{name}_"))
   except ValueError as e:
     return {"error": str(e)}
+
+
+def jax_mode(mode: str):
+  """A JAX mode string of the encoder benchmarks, 'bf16-auto+erfc' -> ('bf16', 'auto',
+  {'erfc'}), and sets the model switches its options name ('+erfc': `jax.nn.gelu`'s erfc
+  form of the exact GELU instead of the erf form; `sam.common.GELU_ERFC`)."""
+  from fusionsam_jax.models.sam import common as sam_common
+  prec, _, rest = mode.partition("-")
+  impl, *opts = (rest or "xla").split("+")
+  unknown = set(opts) - {"erfc"}
+  if unknown:
+    raise ValueError(f"mode {mode!r}: unknown option(s) {sorted(unknown)}; known: erfc")
+  sam_common.GELU_ERFC = "erfc" in opts
+  return prec, impl, set(opts)

@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from benchmarks.common import (define_number_list, define_profile_calls,  # noqa: E402
-                               environment, flag_namespace, profile_calls, write_json)
+                               environment, flag_namespace, jax_mode, profile_calls,
+                               write_json)
 from fusionsam_jax.cli_common import run_cli  # noqa: E402
 
 
@@ -115,7 +116,7 @@ def bench_jax(args, results, save, size, modes):
       a.size for a in jax.tree_util.tree_leaves(params["image_encoder"])))
   for mode in modes:
     dtype = jnp.bfloat16 if mode.startswith("bf16") else jnp.float32
-    impl = mode.split("-", 1)[1] if "-" in mode else "xla"
+    _, impl, _ = jax_mode(mode)
     model = Sam2(cfg, dtype=dtype, attn_impl=impl)
     p = jax.tree.map(lambda a: a.astype(dtype), params)
     prec = "highest" if dtype == jnp.float32 else "default"

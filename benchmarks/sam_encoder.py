@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (define_number_list, define_profile_calls,  # noqa: E402
-                               environment, flag_namespace, profile_calls, write_json)
+                               environment, flag_namespace, jax_mode, profile_calls,
+                               write_json)
 from fusionsam_jax.cli_common import run_cli  # noqa: E402
 
 TFLOP_PER_IMAGE = 5.96
@@ -59,7 +60,7 @@ def bench_jax(args, results, save):
   ref_out = {}
   for mode in args.jax_modes:
     dtype = jnp.bfloat16 if mode.startswith("bf16") else jnp.float32
-    impl = mode.split("-", 1)[1] if "-" in mode else "xla"
+    _, impl, _ = jax_mode(mode)
     model = make_image_encoder(cfg, dtype=dtype, attn_impl=impl)
     p = jax.tree.map(lambda a: a.astype(dtype), params)
     prec = "highest" if dtype == jnp.float32 else "default"

@@ -258,6 +258,13 @@ def main(argv):
       r["stages"] = stage_stats(work)
     r["cache_build_s"] = _log_number(log, r"Embedding cache ready \(([0-9.]+) s\)")
     r["cache"] = cache_meta(work)
+    # The whole run's compilation (the train CLI's last line): every program, not only steps.
+    r["compilation"] = {k: _log_number(log, rf"compilation: .*?{pat} ([0-9.]+)")
+                        for k, pat in (("total_s", r"programs,"), ("trace_s", r"tracing"),
+                                       ("lower_s", r"lowering"),
+                                       ("backend_s", r"cache load"),
+                                       ("cache_read_s", r"cache reads"))}
+    r["compilation"]["programs"] = _log_number(log, r"compilation: ([0-9]+) programs")
     r["data_workers"] = _log_number(log, r"input pipeline: ([0-9]+) grain worker")
     r["host_cores"] = _log_number(log, r"grain worker\(s\) on ([0-9]+) core")
     res["runs"][name] = r
@@ -274,6 +281,7 @@ def main(argv):
           # The first step less its wait for the first batch (loader start-up).
           "compile_s": None if first is None else first - wait0,
           "first_step_s": first, "first_data_wait_s": wait0,
+          "first_step_compile": s.get("first_step_compile"),
           "step_ms": s.get("loop_step_ms"),
           "data_wait_ms_per_step": s.get("data_wait_ms"),
           "eval_s": s.get("eval_s"),
@@ -282,6 +290,7 @@ def main(argv):
   warm = {st: v.get("compile_s") for st, v in summary.get("warm", {}).items()}
   res["warm_compile_s"] = warm
   res["warm_compile_total_s"] = sum(v for v in warm.values() if v) if warm else None
+  res["warm_compilation_whole_run"] = (res["runs"].get("warm") or {}).get("compilation")
   joint = (res["runs"].get("joint") or {}).get("stages") or {}
   staged = dict(joint)
   st_run = res["runs"].get("staged") or {}

@@ -65,6 +65,9 @@ def stage_stats(workdir: str) -> dict:
         if steady else None,
         "first_step_s": events.get("first_step_s"), "peak_bytes": events.get("peak_bytes"),
         "first_data_wait_s": events.get("first_data_wait_s"),
+        # Of the first step: tracing, lowering, XLA compile or cache load (the loop's event).
+        "first_step_compile": {k[len("compile_"):]: v for k, v in events.items()
+                               if k.startswith("compile_")} or None,
         "eval_s": [r["eval_s"] for r in rows
                    if r.get("split") == f"{stage}/event" and "eval_s" in r],
         "steps": train[-1]["step"] if train else 0,

@@ -38,6 +38,9 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
   from fusionsam_jax.sam_checkpoint import CheckpointError
   from fusionsam_jax.errors import WorkdirError
   from fusionsam_jax.training.checkpointing import CheckpointMismatchError, CheckpointRestoreError
+  from fusionsam_jax.jit_utils import CompileClock
+  clock = CompileClock()
+  compiled_before = clock.snapshot()
   try:
     result = experiment.train(config, workdir, allow_config_change=allow_config_change,
                               progress=progress, step_hook=step_hook)
@@ -65,6 +68,12 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
       f"{k} " + ("skipped" if v["skipped"] else "%.0f s" % v["seconds"])
       for k, v in result.stages.items())
   print(f"done in {result.seconds:.1f} s ({stages})", flush=True)
+  c = CompileClock.since(compiled_before, clock.snapshot())
+  print(f"compilation: {c['programs']:.0f} programs, "
+        f"{c['trace_s'] + c['lower_s'] + c['backend_s']:.1f} s (tracing {c['trace_s']:.1f}, "
+        f"lowering {c['lower_s']:.1f}, XLA compile or cache load {c['backend_s']:.1f}, of "
+        f"which cache reads {c['cache_read_s']:.1f}; {c['cache_hits']:.0f} of "
+        f"{c['cache_requests']:.0f} from the persistent cache)", flush=True)
   return 0
 
 

@@ -50,6 +50,28 @@ def test_train_runs_all_stages_and_evaluates(trained):
   assert [d for d in os.listdir(work / "embedding_cache") if d.startswith("train-")]
 
 
+def test_compile_time_is_reported_per_stage_and_per_run(trained):
+  """The first step's event row splits its time (tracing, lowering, XLA compile or cache
+  load) and the CLI's last line sums the whole run's compilation (issue 14 item 3)."""
+  import re
+  rows = [json.loads(line) for line in open(trained["work"] / "metrics.jsonl")]
+  first_programs = 0
+  for stage in ("tokenizer", "fusion", "segmentation"):
+    (ev,) = [r for r in rows if r["split"] == f"{stage}/event" and "first_step_s" in r]
+    parts = ev["compile_trace_s"] + ev["compile_lower_s"] + ev["compile_backend_s"]
+    assert ev["compile_programs"] >= 1 and ev["compile_trace_s"] > 0, ev
+    assert ev["compile_backend_s"] > 0 and ev["compile_cache_read_s"] <= ev["compile_backend_s"]
+    assert 0 < parts <= ev["first_step_s"] + 1e-3, ev        # parts of a wall-clock span
+    assert ev["compile_cache_hits"] <= ev["compile_cache_requests"] <= ev["compile_programs"]
+    first_programs += ev["compile_programs"]
+  m = re.search(r"compilation: (\d+) programs, ([0-9.]+) s \(tracing ([0-9.]+), lowering "
+                r"([0-9.]+), XLA compile or cache load ([0-9.]+)", trained["stdout"])
+  assert m, trained["stdout"][-2000:]
+  programs, total, *parts = (float(x) for x in m.groups())
+  assert programs >= first_programs                       # the steps and everything else
+  assert total == pytest.approx(sum(parts), abs=0.2)
+
+
 def _eval_latest(work):
   """The evaluate result of the fixture's run at its latest checkpoint (made once)."""
   from fusionsam_jax import evaluate as ev

@@ -45,6 +45,8 @@ import numpy as np
 import flax.linen as nn
 from einops import rearrange
 
+from fusionsam_jax.models.sam.common import gelu
+
 Array = jax.Array
 
 
@@ -279,7 +281,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = nn.gelu(nn.Dense(self.hidden, name="fc1")(x), approximate=False)
+    x = gelu(nn.Dense(self.hidden, name="fc1")(x))
     return nn.Dense(self.out, name="fc2")(x)
 
 

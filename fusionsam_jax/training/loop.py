@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fusionsam_jax.jit_utils import CompileClock
 from fusionsam_jax.training import guards
 from fusionsam_jax.training import mesh as mesh_lib
 from fusionsam_jax.training.checkpointing import StageCheckpointer
@@ -237,6 +238,8 @@ def run_stage(
   pending: list[tuple[int, Any]] = []
   interval_sums: dict[str, float] = {}
   interval_n = 0
+  clock = CompileClock()
+  compiled_before = clock.snapshot()
   t_mark, pairs, steps_t = time.perf_counter(), 0, 0
   wait_mark = 0.0
   last_eval: dict = {}
@@ -255,9 +258,13 @@ def run_stage(
       if step == start + 1:
         # The first step of a run compiles: its time is an event, not throughput.
         jax.block_until_ready(metrics)
-        # first_data_wait_s: of that, waiting for the first batch (loader start-up).
+        # first_data_wait_s: of that, waiting for the first batch (loader start-up);
+        # compile_*: of that, JAX's tracing, lowering and XLA compile or persistent-cache
+        # load (cache_read_s: reading cached executables), summed over the programs built.
+        compiled = CompileClock.since(compiled_before, clock.snapshot())
         writer.write_scalars(step, {"first_step_s": time.perf_counter() - t_mark,
-                                    "first_data_wait_s": batches.wait_s},
+                                    "first_data_wait_s": batches.wait_s,
+                                    **{f"compile_{k}": v for k, v in compiled.items()}},
                              split=f"{name}/event")
         t_mark, pairs, steps_t = time.perf_counter(), 0, 0
         wait_mark = batches.wait_s
