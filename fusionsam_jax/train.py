@@ -26,7 +26,8 @@ from ml_collections import config_flags
 
 from fusionsam_jax.cli_common import (DEFAULT_COMPILATION_CACHE, EXIT_CONFIG, EXIT_ERROR,
                                       EXIT_NONFINITE, EXIT_USAGE, enable_compilation_cache,
-                                      one_line, parse_flags_or_exit, quiet_logs)
+                                      one_line, parse_flags_or_exit, quiet_logs,
+                                      reexec_with_huge_pages)
 
 
 def run(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
@@ -125,5 +126,6 @@ def main(argv, f) -> int:
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()
   _FLAGS = define_flags()
   app.run(lambda argv: sys.exit(main(argv, _FLAGS)), flags_parser=parse_flags_or_exit)
