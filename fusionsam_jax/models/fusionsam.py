@@ -251,15 +251,26 @@ class FusionSAM(nn.Module):
     return self(images, emb)
 
 
+def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) float64 weights of ``jax.image.resize(..., "linear", antialias=False)``
+  along one axis: its triangle kernel at half-pixel centres, weights renormalised where the
+  kernel leaves the input, rows outside [-0.5, n_in - 0.5] zero (`compute_weight_mat`)."""
+  sample = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5               # (n_out,)
+  w = np.maximum(0.0, 1.0 - np.abs(sample[:, None] - np.arange(n_in)[None, :]))
+  total = w.sum(axis=1, keepdims=True)
+  w = np.where(np.abs(total) > 1000 * np.finfo(np.float32).eps,
+               w / np.where(total != 0, total, 1.0), 0.0)
+  return np.where(((sample >= -0.5) & (sample <= n_in - 0.5))[:, None], w, 0.0)
+
+
 def postprocess_matrix(n_low: int, frame: int, content: int, out: int) -> np.ndarray:
   """(out, n_low) float32 matrix of SAM's postprocess along one axis: bilinear resize
   n_low -> frame, keep the first `content` rows, bilinear resize content -> out (both
-  `jax.image.resize(..., "linear", antialias=False)`, as `Sam.postprocess_masks`)."""
-  with jax.ensure_compile_time_eval():
-    eye = jnp.eye(n_low, dtype=jnp.float32)  # column j: the j-th unit low-res row
-    x = jax.image.resize(eye, (frame, n_low), "linear", antialias=False)[:content]
-    x = jax.image.resize(x, (out, n_low), "linear", antialias=False)
-    return np.asarray(x)
+  `jax.image.resize(..., "linear", antialias=False)`, as `Sam.postprocess_masks`).
+  Computed in numpy (float64): built op by op in JAX it compiled ~25 tiny programs per
+  call when a step was first traced."""
+  m = linear_resize_matrix(content, out) @ linear_resize_matrix(n_low, frame)[:content]
+  return m.astype(np.float32)
 
 
 def postprocess_masks(masks, frame: int, content: Tuple[int, int], out_hw: Tuple[int, int]):
@@ -453,7 +464,8 @@ def _take(own, loaded, where: str):
     if np.shape(own) != np.shape(loaded):
       raise CheckpointError(f"SAM weights: {where} has shape {tuple(np.shape(loaded))}, the "
                             f"model expects {tuple(np.shape(own))}")
-    return jnp.asarray(loaded)
+    # device_put, not jnp.asarray: that compiles a program per distinct shape for numpy input.
+    return jax.device_put(loaded)
   if not isinstance(loaded, Mapping):
     raise CheckpointError(f"SAM weights: {where} is a leaf, the model expects a subtree")
   missing = sorted(set(own) - set(loaded))

@@ -36,7 +36,13 @@ class TrainState:
     if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
       rng = jax.random.key_data(rng)
     return cls(step=jnp.asarray(step, jnp.int32), params=params,
-               opt_state=optimizer.init(params), rng=jnp.asarray(rng, jnp.uint32))
+               opt_state=init_optimizer(optimizer, params), rng=jnp.asarray(rng, jnp.uint32))
+
+
+def init_optimizer(optimizer: optax.GradientTransformation, params: PyTree) -> PyTree:
+  """``optimizer.init(params)`` as one compiled program (op by op it compiled a few small
+  programs per parameter shape at every start: the flattening, the zero moments)."""
+  return jax.jit(optimizer.init)(params)
 
 
 def count_params(params: PyTree, mask: PyTree | None = None) -> int:
