@@ -22,7 +22,8 @@ import time
 # Kernel classes, first match wins (names as CUDA / cuBLAS / cuDNN / XLA call them).
 _CLASSES = (
     ("attention", re.compile(r"flash|fmha|cudnn.*attn|attention|sdpa", re.I)),
-    ("convolution", re.compile(r"conv|implicit_gemm|xmma_fprop|dgrad|wgrad", re.I)),
+    # "conv" but not XLA's "*_convert_*" fusions (dtype casts).
+    ("convolution", re.compile(r"conv(?!ert)|implicit_gemm|xmma_fprop|dgrad|wgrad", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|cublas|xmma|sm90_|matmul|dot", re.I)),
     ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset|concatenate|slice|pad",
                                   re.I)),

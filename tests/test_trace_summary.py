@@ -44,3 +44,14 @@ def test_a_trace_without_device_kernels_is_refused(tmp_path):
              {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 5, "name": "op"}])
   with pytest.raises(ValueError, match="no device kernels"):
     T.summarize(str(p), steps=1)
+
+
+@pytest.mark.parametrize("name,cls", [
+    ("loop_convert_fusion_43", "other fusion"),        # a dtype cast, not a convolution
+    ("sm80_xmma_fprop_implicit_gemm_indexed_bf16bf16", "convolution"),
+    ("convolution_fusion_2", "convolution"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
+    ("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_bias_NNT", "matmul"),
+    ("input_slice_transpose_fusion_27", "copy/transpose")])
+def test_kernel_classes_of_names_seen_in_h200_profiles(name, cls):
+  assert T.kernel_class(name) == cls
