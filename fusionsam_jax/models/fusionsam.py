@@ -251,25 +251,16 @@ class FusionSAM(nn.Module):
     return self(images, emb)
 
 
-def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) float64 weights of ``jax.image.resize(..., "linear", antialias=False)``
-  along one axis: its triangle kernel at half-pixel centres, weights renormalised where the
-  kernel leaves the input, rows outside [-0.5, n_in - 0.5] zero (`compute_weight_mat`)."""
-  sample = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5               # (n_out,)
-  w = np.maximum(0.0, 1.0 - np.abs(sample[:, None] - np.arange(n_in)[None, :]))
-  total = w.sum(axis=1, keepdims=True)
-  w = np.where(np.abs(total) > 1000 * np.finfo(np.float32).eps,
-               w / np.where(total != 0, total, 1.0), 0.0)
-  return np.where(((sample >= -0.5) & (sample <= n_in - 0.5))[:, None], w, 0.0)
-
-
 def postprocess_matrix(n_low: int, frame: int, content: int, out: int) -> np.ndarray:
   """(out, n_low) float32 matrix of SAM's postprocess along one axis: bilinear resize
   n_low -> frame, keep the first `content` rows, bilinear resize content -> out (both
   `jax.image.resize(..., "linear", antialias=False)`, as `Sam.postprocess_masks`).
-  Computed in numpy (float64): built op by op in JAX it compiled ~25 tiny programs per
-  call when a step was first traced."""
-  m = linear_resize_matrix(content, out) @ linear_resize_matrix(n_low, frame)[:content]
+  Composed in numpy from `interp.bilinear_matrix` (PyTorch's bilinear, align_corners=False,
+  which is also jax's "linear" without antialiasing): built op by op in JAX it compiled ~25
+  tiny programs per call when a step was first traced."""
+  from fusionsam_jax.models.sam2.interp import bilinear_matrix
+  m = (bilinear_matrix(out, content).astype(np.float64)
+       @ bilinear_matrix(frame, n_low)[:content].astype(np.float64))
   return m.astype(np.float32)
 
 
