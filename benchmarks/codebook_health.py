@@ -9,6 +9,9 @@ checks FMP's global cuDNN attention against the XLA path on the same params.
         --variants 8:1:0.8,8:r0.25:0.8 --out codebook_relative_h100.json
     # CPU, small: 32 x 48 scenes, batch 32
     python benchmarks/codebook_health.py --size 32,48 --batch 32 --num_train 96 --steps 30
+    # + MAGVIT-v2's entropy penalty (weight 0.1, temperature 0.01):
+    python benchmarks/codebook_health.py --steps 1000 --every 100 --nocudnn_check \
+        --variants 8:r0.25:0.8:0.9:e0.1 --out codebook_entropy_h200.json
 """
 
 import json
@@ -32,8 +35,10 @@ K = 1024
 
 
 def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, decay=None,
-        relative=False, code_ema=None):
+        relative=False, code_ema=None, entropy=0.0, temperature=0.01):
   kw = dict(l2_normalize=True, lookup_dim=lookup_dim, usage_decay=decay) if remedy else {}
+  if entropy:
+    kw.update(entropy_weight=entropy, entropy_temperature=temperature)
   tok = LatentTokenizer(in_channels=3, latent_dim=64, num_codes=K, ch=64, num_res_blocks=2,
                         max_groups=32, **kw)
   params = tok.init(jax.random.PRNGKey(0), train[:1])["params"]
@@ -53,24 +58,30 @@ def run(remedy, train, held, steps, batch, every, lookup_dim=8, threshold=1.0, d
                                      relative=relative, code_ema=code_ema)
     return params, opt
 
-  enc = jax.jit(lambda p, x: tok.apply({"params": p}, x, method=LatentTokenizer.encode)[
-      "indices"])
+  @jax.jit
+  def enc(p, x):   # held-out codes and reconstruction error (Eq. 5's l2)
+    out = tok.apply({"params": p}, x)
+    return out["indices"], jnp.mean(jnp.square(out["recon"] - x))
   rows, rng, t0 = [], np.random.default_rng(0), time.perf_counter()
   for i in range(1, steps + 1):
     x = train[rng.choice(len(train), batch, replace=False)]
     params, opt = step(params, opt, x, jax.random.PRNGKey(i))
     if i % every == 0 or i == 1:
-      idx = np.concatenate([np.asarray(enc(params, held[j:j + 4])) for j in
-                            range(0, len(held), 4)])
+      got = [jax.device_get(enc(params, held[j:j + 4])) for j in range(0, len(held), 4)]
+      idx = np.concatenate([g[0] for g in got])
       u = losses.codebook_usage(idx, K)
       rows.append({"step": i, "perplexity": float(u["perplexity"]),
-                   "dead_fraction": float(u["dead_fraction"])})
+                   "dead_fraction": float(u["dead_fraction"]),
+                   "held_rec_l2": float(np.mean([g[1] for g in got]))})
       print(json.dumps({"remedy": remedy, "lookup_dim": lookup_dim, "threshold": threshold,
                         "relative": relative, "decay": decay, "code_ema": code_ema,
+                        "entropy": entropy, "temperature": temperature,
                         **rows[-1]}), flush=True)
   thr = f"{threshold:g}x mean use" if relative else f"{threshold:g}"
   name = (f"cosine+lookup{lookup_dim}+restart<{thr},ema{decay}"
           + (f"+code_ema{code_ema:g}" if code_ema is not None else "") if remedy else "vqgan")
+  if entropy:
+    name += f"+entropy{entropy:g}@T{temperature:g}"
   return {"remedy": name, "rows": rows,
           "seconds": time.perf_counter() - t0}
 
@@ -97,8 +108,9 @@ def _define(fv):
       "out": flags.DEFINE_string("out", "", "JSON output (empty: print only)", **d),
       "variants": flags.DEFINE_string(
           "variants", "vqgan,8:1", "comma-separated: vqgan or LOOKUP_DIM:RESTART_THRESHOLD"
-          "[:USAGE_DECAY[:CODE_EMA]]; THRESHOLD rX: X times the mean use per code "
-          "(relative)", **d),
+          "[:USAGE_DECAY[:CODE_EMA]][:eWEIGHT[:tTEMPERATURE]]; THRESHOLD rX: X times the "
+          "mean use per code (relative); eW: MAGVIT-v2's entropy penalty with weight W "
+          "(temperature tT, default 0.01)", **d),
       "cudnn_check": flags.DEFINE_bool("cudnn_check", True, "also check FMP's global cuDNN "
                                        "attention against XLA (--nocudnn_check: skip)", **d),
       "size": flags.DEFINE_string("size", "480,640", "H,W of the generated scenes (latents "
@@ -133,12 +145,17 @@ def _run(f, _) -> int:
     if v == "vqgan":
       res["runs"].append(run(False, train, held, a.steps, a.batch, a.every))
     else:
-      ld, thr, *rest = v.split(":")
+      parts = v.split(":")
+      ent = [float(p[1:]) for p in parts if p.startswith("e")]
+      temp = [float(p[1:]) for p in parts if p.startswith("t")]
+      parts = [p for p in parts if p[0] not in "et"]
+      ld, thr, *rest = parts
       rel = thr.startswith("r")   # r0.25: a fraction of the mean use per code (N / K)
       dec = float(rest[0]) if rest else None
       ema = float(rest[1]) if len(rest) > 1 else None   # EMA codebook update decay
       res["runs"].append(run(True, train, held, a.steps, a.batch, a.every, int(ld),
-                             float(thr.lstrip("r")), dec, rel, ema))
+                             float(thr.lstrip("r")), dec, rel, ema,
+                             ent[0] if ent else 0.0, temp[0] if temp else 0.01))
     if a.out:   # after each variant: a run cut short keeps what it measured
       write_json(a.out, res)
   if a.out:

@@ -48,7 +48,8 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   # Jukebox / SoundStream). VQGAN's plain 1024-code book collapsed to ~5 used codes.
   m.tokenizer = ml_collections.ConfigDict(dict(
       latent_dim=64, num_codes=1024, ch=64, num_res_blocks=2, beta=0.25, max_groups=32,
-      l2_normalize=True, lookup_dim=8, usage_decay=0.8))
+      l2_normalize=True, lookup_dim=8, usage_decay=0.8, entropy_weight=0.1,
+      entropy_temperature=0.01))
   m.fusion = "fmp"                   # "fmp" | "concat" (ablation B)
   # Self-attention in shifted 8 x 8 windows (SwinFusion); the cross-domain (Eq. 9-10) and
   # complementary (Eq. 11-12) units attend over the whole latent map (Sec. 3.2.3's long-range
@@ -121,7 +122,9 @@ def stages_config(epochs: float, *, lr: float = 1e-4,
       # Threshold relative: a share of the mean use per code (batch vectors / K); 0.25 and
       # the EMA code step below were the best remedies measured at 480 x 640 on the H200
       # (benchmarks/results/codebook_remedies_h200.json, docs/design.md).
-      restart_dead_codes=True, restart_threshold=0.25, restart_threshold_relative=True))
+      restart_dead_codes=True, restart_threshold=0.25, restart_threshold_relative=True,
+      # At the stage's end: codebook perplexity / dead codes and reconstruction over val.
+      eval_codebook=True))
   s.tokenizer.disc_start = config_dict.placeholder(int)   # steps; None: the fraction
   # VQ-VAE's EMA codebook step (decay) in the restart pass; None: off (gradient updates only).
   s.tokenizer.code_ema = config_dict.FieldReference(0.9, field_type=float)

@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "segmentation_loss",
@@ -250,12 +251,21 @@ def codebook_usage(indices, codebook_size: int):
   # codes collapse onto a few entries; float32 counts are exact below 2**24 per batch.
   counts = jnp.sum(jax.nn.one_hot(jnp.where(ok, idx, -1), k, dtype=jnp.float32),
                    axis=0).astype(jnp.int32)
-  total = jnp.maximum(jnp.sum(counts), 1)
-  p = counts.astype(jnp.float32) / total.astype(jnp.float32)
-  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-  dead = jnp.sum(counts == 0).astype(jnp.int32)
-  return {"perplexity": jnp.exp(entropy), "dead_codes": dead,
-          "dead_fraction": dead.astype(jnp.float32) / k, "counts": counts}
+  return usage_from_counts(counts)
+
+
+def usage_from_counts(counts):
+  """`codebook_usage`'s statistics from per-code use counts ``(K,)`` (e.g. summed over
+  many batches). numpy counts are summarised in numpy (no device programs), others in
+  jax.numpy."""
+  xp = np if isinstance(counts, np.ndarray) else jnp
+  k = counts.shape[0]
+  total = xp.maximum(xp.sum(counts), 1)
+  p = counts.astype(xp.float32) / total.astype(xp.float32)
+  entropy = -xp.sum(xp.where(p > 0, p * xp.log(xp.where(p > 0, p, 1.0)), 0.0))
+  dead = xp.sum(counts == 0).astype(xp.int32)
+  return {"perplexity": xp.exp(entropy), "dead_codes": dead,
+          "dead_fraction": dead.astype(xp.float32) / k, "counts": counts}
 
 
 REC_LOSSES = ("l2", "l1")

@@ -72,6 +72,34 @@ def test_compile_time_is_reported_per_stage_and_per_run(trained):
   assert total == pytest.approx(sum(parts), abs=0.2)
 
 
+def test_tokenizer_stage_reports_codebook_use_on_val(trained):
+  """The tokenizer stage's end-of-stage val row (issue 12 item 5): perplexity, dead codes
+  and reconstruction error per modality, recomputed here from the raw val PNGs, the run's
+  tokenizers and numpy."""
+  import jax
+  from fusionsam_jax import experiment
+  from fusionsam_jax.models.fusionsam import FusionSAM
+  from _cli_helpers import tiny_config
+  rows = [json.loads(line) for line in open(trained["work"] / "metrics.jsonl")]
+  (val,) = [r for r in rows if r["split"] == "tokenizer/val"]
+  config = tiny_config(trained["data"])
+  params, _, _ = experiment.restore_params(config, str(trained["work"]), "latest")
+  raw = _raw_dir(trained["data"])
+  names = open(raw / "val.txt").read().split()
+  rgbt = np.stack([np.asarray(Image.open(raw / "images" / f"{n}.png")) for n in names])
+  model = experiment.factory.build_model(config)
+  k = config.model.tokenizer.num_codes
+  for m, x in (("rgb", rgbt[..., :3]), ("thermal", rgbt[..., 3:])):
+    x = x.astype(np.float32) / 255.0
+    out = jax.device_get(model.apply({"params": params}, x, m, method=FusionSAM.tokenizer))
+    p = np.bincount(np.asarray(out["indices"]).reshape(-1), minlength=k) / out["indices"].size
+    perp = np.exp(-np.sum(p[p > 0] * np.log(p[p > 0])))
+    assert val[f"{m}/val_perplexity"] == pytest.approx(perp, rel=1e-4), m
+    assert val[f"{m}/val_dead_codes"] == pytest.approx(np.mean(p == 0)), m
+    rec = np.mean(np.abs(np.asarray(out["recon"]) - x))     # the demo's Eq. 5 is l1
+    assert val[f"{m}/val_rec"] == pytest.approx(rec, rel=1e-4), m
+
+
 def _eval_latest(work):
   """The evaluate result of the fixture's run at its latest checkpoint (made once)."""
   from fusionsam_jax import evaluate as ev

@@ -184,6 +184,12 @@ class VectorQuantizer(nn.Module):
                       only by the restart, so it is checkpointed with the codebook); it
                       starts at 0, so the first step restarts every code the batch used
                       fewer than threshold / (1 - decay) times: a data-driven init.
+    ``entropy_weight`` entropy penalty (MAGVIT-v2: Yu et al. 2024, "Language Model Beats
+                      Diffusion", the LFQ entropy loss, here on VQ distances): with
+                      soft assignments q = softmax(-d / ``entropy_temperature``) over the
+                      codes, ``entropy_weight * (mean_n H(q_n) - H(mean_n q_n))``: each
+                      vector confident of one code, the batch spread over all of them.
+                      Added to ``vq_loss``; gradients reach the codes and the encoder.
 
   Codebook ``C`` is a (K, d_c) parameter named ``codebook`` (init uniform(-1/K, 1/K) as in
   VQGAN). For each latent vector the nearest entry by squared Euclidean distance is chosen
@@ -197,7 +203,9 @@ class VectorQuantizer(nn.Module):
       indices           (B, h, w) int32
       codebook_loss     ()  mean ||sg[z] - c||^2   (gradient to the codebook only)
       commitment_loss   ()  beta * mean ||z - sg[c]||^2   (gradient to the encoder only)
+      entropy_loss      ()  the entropy penalty (0 when ``entropy_weight`` is 0)
       vq_loss           ()  codebook_loss + commitment_loss (Eq. 6 for one modality)
+                            + entropy_loss
   Means are over all elements (B * h * w * d_c), as VQGAN does.
   """
 
@@ -207,6 +215,8 @@ class VectorQuantizer(nn.Module):
   l2_normalize: bool = False
   lookup_dim: Optional[int] = None   # None: search in d_c (no projections)
   usage_decay: Optional[float] = None  # EMA decay of code use (dead-code restart state)
+  entropy_weight: float = 0.0
+  entropy_temperature: float = 0.01
 
   def setup(self):
     k = self.num_codes
@@ -256,14 +266,30 @@ class VectorQuantizer(nn.Module):
     z_q = (z + jax.lax.stop_gradient(c - z)).astype(compute_dtype)    # straight-through
     if self.lookup_dim:
       z_q = self.proj_out(z_q)
+    entropy_loss = jnp.zeros((), jnp.float32)
+    if self.entropy_weight:
+      entropy_loss = self.entropy_weight * entropy_penalty(d, self.entropy_temperature)
     return dict(z=z, z_q=z_q, indices=indices, codebook_loss=codebook_loss,
-                commitment_loss=commitment_loss,
-                vq_loss=codebook_loss + commitment_loss)
+                commitment_loss=commitment_loss, entropy_loss=entropy_loss,
+                vq_loss=codebook_loss + commitment_loss + entropy_loss)
 
   def lookup(self, indices: Array) -> Array:
     """(B, h, w) int -> codes (B, h, w, d_c)."""
     c = jnp.take(self._codes(), indices, axis=0)
     return self.proj_out(c) if self.lookup_dim else c
+
+
+def entropy_penalty(dist: Array, temperature: float) -> Array:
+  """MAGVIT-v2's entropy penalty from squared distances ``dist`` (..., K) to the codes:
+  q = softmax(-dist / temperature) per vector; returns mean_n H(q_n) - H(mean_n q_n)
+  (nats). Its minimum, -log K, is reached when every vector is sure of one code and the
+  codes are used equally."""
+  logq = jax.nn.log_softmax(-dist.reshape(-1, dist.shape[-1]) / temperature, axis=-1)
+  q = jnp.exp(logq)                                                   # (N, K)
+  per_vector = -jnp.mean(jnp.sum(q * logq, axis=-1))
+  mean_q = jnp.mean(q, axis=0)
+  batch = -jnp.sum(mean_q * jnp.log(jnp.maximum(mean_q, 1e-30)))
+  return per_vector - batch
 
 
 def _uniform_init(limit: float):
@@ -300,6 +326,8 @@ class LatentTokenizer(nn.Module):
   l2_normalize: bool = False
   lookup_dim: Optional[int] = None
   usage_decay: Optional[float] = None
+  entropy_weight: float = 0.0
+  entropy_temperature: float = 0.01
   max_groups: int = 32
 
   def setup(self):
@@ -309,7 +337,9 @@ class LatentTokenizer(nn.Module):
     self.quantizer = VectorQuantizer(num_codes=self.num_codes, code_dim=self.latent_dim,
                                      beta=self.beta, l2_normalize=self.l2_normalize,
                                      lookup_dim=self.lookup_dim,
-                                     usage_decay=self.usage_decay)
+                                     usage_decay=self.usage_decay,
+                                     entropy_weight=self.entropy_weight,
+                                     entropy_temperature=self.entropy_temperature)
     self.decoder = Decoder(out_channels=self.in_channels, ch=self.ch, ch_mult=self.ch_mult,
                            num_res_blocks=self.num_res_blocks, scale=self.scale,
                            max_groups=self.max_groups)

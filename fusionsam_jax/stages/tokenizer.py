@@ -146,6 +146,7 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
       total = total + nll + out["vq_loss"] + w_disc * lam * g_adv
       usage = losses.codebook_usage(out["indices"], num_codes)
       aux.update({f"{m}/rec": rec, f"{m}/codebook": out["codebook_loss"],
+                  f"{m}/entropy": out["entropy_loss"],
                   f"{m}/commitment": out["commitment_loss"], f"{m}/g_adv": g_adv,
                   f"{m}/adaptive_weight": lam, f"{m}/perplexity": usage["perplexity"],
                   f"{m}/dead_codes": usage["dead_fraction"]})
@@ -198,6 +199,53 @@ def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
   return fn
 
 
+def codebook_eval(model: FusionSAM, config, spec):
+  """``fn(params) -> metrics`` over the val split at full resolution: per modality the
+  codebook's perplexity and dead-code fraction over every real pixel's code (the latent
+  positions of padding are not counted) and the reconstruction error (Eq. 5, ``rec_loss``,
+  over real pixels). Keys ``<m>/val_perplexity``, ``<m>/val_dead_codes``, ``<m>/val_rec``."""
+  mods = tuple(config.model.modalities)
+  num_codes = int(dict(config.model.get("tokenizer", {})).get("num_codes", 1024))
+  scale = int(config.model.scale)
+  l1 = config.train.stages[NAME].get("rec_loss", "l2") == "l1"
+
+  @jax.jit
+  def encode(params, batch):
+    images = inputs_from_batch(batch, mods)
+    valid = batch["valid"]                                            # (B, H, W)
+    out = {}
+    for m in mods:
+      o = model.apply({"params": params}, images[m], m, method=FusionSAM.tokenizer)
+      keep = valid[:, ::scale, ::scale]                               # (B, h, w)
+      err = o["recon"].astype(jnp.float32) - images[m]
+      err = jnp.abs(err) if l1 else jnp.square(err)
+      w = valid[..., None].astype(jnp.float32)
+      out[m] = (jnp.where(keep, o["indices"], -1),
+                jnp.sum(err * w), jnp.sum(w) * images[m].shape[-1])
+    return out
+
+  def fn(params):
+    from fusionsam_jax.data.spec import eval_iterable
+    counts = {m: np.zeros(num_codes, np.int64) for m in mods}
+    err = {m: [0.0, 0.0] for m in mods}
+    for batch in eval_iterable(config, spec.source(str(config.eval.val_split))):
+      out = jax.device_get(encode(params, {k: batch[k] for k in (*mods, "valid")}))
+      for m, (idx, e, n) in out.items():
+        idx = np.asarray(idx).reshape(-1)
+        counts[m] += np.bincount(idx[idx >= 0], minlength=num_codes)
+        err[m][0] += float(e)
+        err[m][1] += float(n)
+    res = {}
+    for m in mods:
+      u = losses.usage_from_counts(counts[m].astype(np.int32))
+      res[f"{m}/val_perplexity"] = float(u["perplexity"])
+      res[f"{m}/val_dead_codes"] = float(u["dead_fraction"])
+      res[f"{m}/val_rec"] = err[m][0] / max(err[m][1], 1.0)
+    return res
+
+  return fn
+
+
 def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage | None:
   """The tokenizer stage, or None when there is nothing to train (ablation A)."""
   config, model = ctx.config, ctx.model
@@ -237,6 +285,9 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
           post_update=codebook_restart_fn(model, config.model, sc)),
       iterator=lambda params: train_iterator(config, ctx.spec, NAME),
       model_params=lambda state: state.params["generator"],
+      # At the stage's end: codebook use and reconstruction error over val.
+      eval_fn=(codebook_eval(model, config, ctx.spec)
+               if sc.get("eval_codebook", True) else None),
       notes=(f"discriminator from step {start}" if disc_on
              else "no adversarial term (disc_weight 0)",))
 
