@@ -137,6 +137,7 @@ def stages_config(epochs: float, *, lr: float = 1e-4,
       vq_weight=1.0))      # the tokenizers' Eq. 6 terms (joint mode)
   for name in STAGE_NAMES:
     s[name].num_steps = config_dict.placeholder(int)
+    s[name].lr_schedule = "constant"   # the paper's; "cosine": lr -> 0 over the stage
     _stage_overrides(s[name])
   return s
 

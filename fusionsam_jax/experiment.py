@@ -193,7 +193,7 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
         it = iter(())
       else:
         say(f"== stage '{name}': {stage.num_steps} steps (batch {stage.batch_size}), lr "
-            f"{stage.lr}, trains {count_params(trained) / 1e6:.3f} M of "
+            f"{common.describe_lr(stage.lr)}, trains {count_params(trained) / 1e6:.3f} M of "
             f"{count_params(params) / 1e6:.2f} M params ({', '.join(stage.trainable)})"
             + "".join(f"; {n}" for n in stage.notes))
         state = stage.init_state(trained)

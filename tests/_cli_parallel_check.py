@@ -31,7 +31,7 @@ def main(out_path):
   with jax.default_matmul_precision("highest"):
     for n in (1, jax.device_count()):
       mesh = T.make_mesh(jax.devices()[:n])
-      tx = C.stage_optimizer(cfg, "segmentation")
+      tx = C.stage_optimizer(cfg, "segmentation", float(cfg.train.stages.segmentation.lr))
       loss_fn = S.loss_fn(model, cfg.model, cfg.train.stages.segmentation,
                           cfg.train.stages.fusion)
       step = C.make_train_step(loss_fn, tx, mesh)

@@ -52,7 +52,7 @@ class Stage:
   name: str
   num_steps: int
   batch_size: int
-  lr: float
+  lr: float | optax.Schedule
   trainable: tuple[str, ...]
   reads: tuple[str, ...]
   init_state: Callable[[PyTree], TrainState]
@@ -240,10 +240,34 @@ def stage_key(config, stage: str) -> jax.Array:
   return jax.random.PRNGKey(int(config.seed) * 1000 + offsets[stage])
 
 
-def stage_optimizer(config, stage: str, lr=None) -> optax.GradientTransformation:
-  """The stage's Adam (``lr``: the stage's, or a given float / schedule)."""
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def stage_lr(config, stage: str, num_steps: int) -> float | optax.Schedule:
+  """The stage's learning rate: ``lr`` (``lr_schedule`` "constant", the paper's), or
+  "cosine": from ``lr`` to 0 over the stage's `num_steps` (SGDR's annealing without
+  restarts, Loshchilov & Hutter 2017)."""
   sc = config.train.stages[stage]
-  return make_optimizer(float(sc.lr) if lr is None else lr, float(sc.weight_decay),
+  kind = sc.get("lr_schedule", "constant")
+  if kind == "constant":
+    return float(sc.lr)
+  if kind == "cosine":
+    return optax.cosine_decay_schedule(float(sc.lr), max(1, int(num_steps)))
+  raise ValueError(f"train.stages.{stage}.lr_schedule is {kind!r}; expected one of "
+                   f"{', '.join(LR_SCHEDULES)}")
+
+
+def describe_lr(lr: float | optax.Schedule) -> str:
+  """``0.002`` or ``0.002 -> 0 (cosine)`` for a stage's header line."""
+  if callable(lr):
+    return f"{float(lr(0)):g} -> 0 (cosine)"
+  return f"{lr:g}"
+
+
+def stage_optimizer(config, stage: str, lr) -> optax.GradientTransformation:
+  """The stage's Adam with learning rate ``lr`` (a float or schedule, e.g. `stage_lr`)."""
+  sc = config.train.stages[stage]
+  return make_optimizer(lr, float(sc.weight_decay),
                         clip=float(config.train.get("grad_clip", 0.0) or 0.0) or None)
 
 

@@ -52,11 +52,13 @@ def loss_fn(model, model_cfg, stage_cfg):
 def make(ctx: common.Context) -> common.Stage:
   config, model = ctx.config, ctx.model
   sc = config.train.stages[NAME]
-  tx = common.stage_optimizer(config, NAME)
+  num_steps = stage_steps(config, NAME, ctx.train_size)
+  lr = common.stage_lr(config, NAME, num_steps)
+  tx = common.stage_optimizer(config, NAME, lr)
   key = common.stage_key(config, NAME)
   return common.Stage(
-      name=NAME, num_steps=stage_steps(config, NAME, ctx.train_size),
-      batch_size=stage_batch_size(config, NAME), lr=float(sc.lr),
+      name=NAME, num_steps=num_steps,
+      batch_size=stage_batch_size(config, NAME), lr=lr,
       trainable=trainable(config.model), reads=fusion_path(config.model),
       init_state=lambda params: common.new_state(params, tx, key),
       train_step=common.make_train_step(loss_fn(model, config.model, sc), tx, ctx.mesh),

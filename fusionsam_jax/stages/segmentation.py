@@ -101,7 +101,9 @@ def make(ctx: common.Context, evaluator=None, *, use_cache: bool | None = None) 
   sc = config.train.stages[NAME]
   if use_cache is None:
     use_cache = embedding_cache.cache_enabled(config)[0] and not joint(config.model)
-  tx = common.stage_optimizer(config, NAME)
+  num_steps = stage_steps(config, NAME, ctx.train_size)
+  lr = common.stage_lr(config, NAME, num_steps)
+  tx = common.stage_optimizer(config, NAME, lr)
   key = common.stage_key(config, NAME)
   val_split = str(config.eval.val_split)
   state = {"val": None}
@@ -125,8 +127,8 @@ def make(ctx: common.Context, evaluator=None, *, use_cache: bool | None = None) 
     return evaluator(params, state["val"]())
 
   return common.Stage(
-      name=NAME, num_steps=stage_steps(config, NAME, ctx.train_size),
-      batch_size=stage_batch_size(config, NAME), lr=float(sc.lr),
+      name=NAME, num_steps=num_steps,
+      batch_size=stage_batch_size(config, NAME), lr=lr,
       trainable=trainable(config.model), reads=reads(config.model, use_cache),
       init_state=lambda params: common.new_state(params, tx, key),
       train_step=common.make_train_step(

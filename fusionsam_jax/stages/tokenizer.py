@@ -255,7 +255,8 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
   sc = config.train.stages[NAME]
   num_steps = stage_steps(config, NAME, ctx.train_size)
   start = disc_start(config, num_steps)
-  g_tx = common.stage_optimizer(config, NAME)
+  lr = common.stage_lr(config, NAME, num_steps)
+  g_tx = common.stage_optimizer(config, NAME, lr)
   # The discriminator's learning rate is 0 before it starts: Adam with L2 decay would
   # otherwise shrink its untrained weights towards 0 for the whole warm-up.
   d_tx = common.stage_optimizer(config, NAME, lr=losses.disc_lr_schedule(float(sc.lr), start))
@@ -279,7 +280,7 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
   g_loss, d_loss = losses_fn(model, config.model, sc, start, perceptual)
   return common.Stage(
       name=NAME, num_steps=num_steps, batch_size=stage_batch_size(config, NAME),
-      lr=float(sc.lr), trainable=names, reads=names, init_state=init_state,
+      lr=lr, trainable=names, reads=names, init_state=init_state,
       train_step=common.make_gan_train_step(
           g_loss, d_loss, g_tx, d_tx, ctx.mesh,
           post_update=codebook_restart_fn(model, config.model, sc)),
