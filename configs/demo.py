@@ -87,6 +87,9 @@ def get_config(arg=None):
   t.stages.tokenizer.disc_weight = 0.0
   t.stages.tokenizer.rec_loss = "l1"           # Eq. 5 as the demo was tuned with
   t.stages.tokenizer.restart_dead_codes = False  # demo as tuned (cosine 16-d codebook)
+  # No val pass at the tokenizer stage's end (codebook use, reconstruction): seconds of the
+  # demo's budget. The paper configs and the :tiny variant run it.
+  t.stages.tokenizer.eval_codebook = False
   c.eval.batch_size = 8
   c.eval.pad_multiple = 16
   return config_lib.apply_variants(c, arg)

@@ -195,7 +195,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   m = c.model
   m.tokenizer = ml_collections.ConfigDict(dict(
       latent_dim=8, num_codes=64, ch=16, num_res_blocks=1, beta=0.25, max_groups=1,
-      l2_normalize=True, lookup_dim=4, usage_decay=0.8))
+      l2_normalize=True, lookup_dim=4, usage_decay=0.8, entropy_weight=0.1))
   m.fmp = ml_collections.ConfigDict(dict(
       num_heads=2, depth_self=1, window_size=8, attention="window", cross_attention="global",
       mlp_ratio=2.0))
@@ -224,6 +224,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     t.stages[s].num_steps = 4
     t.stages[s].lr = 1e-3
   t.stages.tokenizer.disc_start = 2
+  t.stages.tokenizer.eval_codebook = True    # (the demo turns it off)
   c.eval.batch_size = 2
 
 

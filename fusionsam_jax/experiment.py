@@ -144,6 +144,7 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
   mesh = mesh_lib.make_mesh()
   for st in S.STAGES:
     mesh_lib.check_global_batch(D.stage_batch_size(config, st), mesh)
+    common.stage_lr(config, st, 1)   # raises on an unknown lr_schedule before any work
   mesh_lib.check_global_batch(int(config.eval.batch_size), mesh)
   sam_path = factory.sam_weights_path(config)
   W.record_sam_weights(workdir, sam_path)

@@ -241,6 +241,18 @@ def test_evaluate_without_checkpoint_fails(tmp_path):
   assert "no segmentation-stage checkpoint" in r.stderr and "fusionsam_jax.train" in r.stderr
 
 
+def test_unknown_lr_schedule_is_refused_before_any_work(tmp_path, capsys):
+  from fusionsam_jax import train
+  from _cli_helpers import tiny_config
+  c = tiny_config(tmp_path / "data")
+  c.train.stages.segmentation.lr_schedule = "linear"
+  assert train.run(c, str(tmp_path / "w"), progress=False) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == ("error: train.stages.segmentation.lr_schedule is 'linear'; expected one "
+                     "of constant, cosine"), err
+  assert not (tmp_path / "data").exists() and not (tmp_path / "w" / "config.json").exists()
+
+
 def test_missing_dataset_and_sam_weights_messages(tmp_path, capsys):
   from fusionsam_jax import train
   import importlib.util

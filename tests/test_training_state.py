@@ -139,3 +139,20 @@ def test_gan_step_updates_both_groups_with_own_optimizer_state():
   for g in ("generator", "discriminator"):
     assert not np.array_equal(np.asarray(state.params[g]["w"]), before[g]["w"])
   assert int(state.step) == 1
+
+
+def test_stage_lr_schedules():
+  """``lr_schedule``: "constant" is the stage's lr; "cosine" anneals it to 0 over the stage
+  (lr / 2 x (1 + cos(pi t / T)), written out here); anything else is refused by name."""
+  import math
+  import ml_collections
+  cfg = ml_collections.ConfigDict({"train": {"stages": {"fusion": {"lr": 2e-3}}}})
+  assert C.stage_lr(cfg, "fusion", 100) == 2e-3
+  cfg.train.stages.fusion.lr_schedule = "cosine"
+  lr = C.stage_lr(cfg, "fusion", 100)
+  for t in (0, 1, 37, 50, 99, 100):
+    assert float(lr(t)) == pytest.approx(1e-3 * (1 + math.cos(math.pi * t / 100)), abs=1e-9)
+  assert C.describe_lr(lr) == "0.002 -> 0 (cosine)" and C.describe_lr(2e-3) == "0.002"
+  cfg.train.stages.fusion.lr_schedule = "linear"
+  with pytest.raises(ValueError, match="train.stages.fusion.lr_schedule is 'linear'"):
+    C.stage_lr(cfg, "fusion", 100)
