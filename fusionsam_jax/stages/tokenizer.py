@@ -3,8 +3,10 @@
 Loss per modality: Eq. 5 reconstruction + Eq. 6 codebook / commitment + Eq. 7 perceptual
 (VGG16 features from a user file; off otherwise, said once) + Eq. 8 adversarial (PatchGAN,
 hinge, VQGAN's adaptive weight, from ``disc_start`` on; with ``disc_weight`` 0 the
-discriminator is never run). State: ``{"generator":
-{tokenizer_<m>}, "discriminator": {m: PatchGAN}}``; nothing else is read.
+discriminator is never run); in the paper configs also the codebook's entropy penalty
+(``vq_loss``, `lstg.entropy_penalty`). State: ``{"generator": {tokenizer_<m>},
+"discriminator": {m: PatchGAN}}``; nothing else is read. At the stage's end a val pass
+reports each codebook's use and the reconstruction error (`codebook_eval`).
 """
 
 from __future__ import annotations
