@@ -78,6 +78,7 @@ def test_tokenizer_stage_reports_codebook_use_on_val(trained):
   tokenizers and numpy."""
   import jax
   from fusionsam_jax import experiment
+  from fusionsam_jax.models import factory
   from fusionsam_jax.models.fusionsam import FusionSAM
   from _cli_helpers import tiny_config
   rows = [json.loads(line) for line in open(trained["work"] / "metrics.jsonl")]
@@ -87,7 +88,7 @@ def test_tokenizer_stage_reports_codebook_use_on_val(trained):
   raw = _raw_dir(trained["data"])
   names = open(raw / "val.txt").read().split()
   rgbt = np.stack([np.asarray(Image.open(raw / "images" / f"{n}.png")) for n in names])
-  model = experiment.factory.build_model(config)
+  model = factory.build_model(config)
   k = config.model.tokenizer.num_codes
   for m, x in (("rgb", rgbt[..., :3]), ("thermal", rgbt[..., 3:])):
     x = x.astype(np.float32) / 255.0

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionsam_jax import losses
-from fusionsam_jax.data.spec import stage_batch_size, stage_crop_size, stage_steps, train_iterator
+from fusionsam_jax.data.spec import (eval_iterable, stage_batch_size, stage_crop_size,
+                                     stage_steps, train_iterator)
 from fusionsam_jax.errors import SetupError
 from fusionsam_jax.jit_utils import run_once
 from fusionsam_jax.models import factory
@@ -227,7 +228,6 @@ def codebook_eval(model: FusionSAM, config, spec):
     return out
 
   def fn(params):
-    from fusionsam_jax.data.spec import eval_iterable
     counts = {m: np.zeros(num_codes, np.int64) for m in mods}
     err = {m: [0.0, 0.0] for m in mods}
     for batch in eval_iterable(config, spec.source(str(config.eval.val_split))):
@@ -239,7 +239,7 @@ def codebook_eval(model: FusionSAM, config, spec):
         err[m][1] += float(n)
     res = {}
     for m in mods:
-      u = losses.usage_from_counts(counts[m].astype(np.int32))
+      u = losses.usage_from_counts(counts[m])
       res[f"{m}/val_perplexity"] = float(u["perplexity"])
       res[f"{m}/val_dead_codes"] = float(u["dead_fraction"])
       res[f"{m}/val_rec"] = err[m][0] / max(err[m][1], 1.0)
