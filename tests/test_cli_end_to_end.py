@@ -72,6 +72,22 @@ def test_compile_time_is_reported_per_stage_and_per_run(trained):
   assert total == pytest.approx(sum(parts), abs=0.2)
 
 
+def test_evaluation_after_training_equals_a_fresh_restore(trained):
+  """The train CLI evaluates the best checkpoint restored into its trained params; the
+  evaluate CLI restores it into a fresh seeded init: the same numbers."""
+  from fusionsam_jax import evaluate as ev
+  work = trained["work"]
+  after = json.load(open(work / "eval_test_best.json"))
+  os.rename(work / "eval_test_best.json", work / "eval_test_best.train.json")
+  try:
+    assert ev.run(None, str(work), "best", "test") == 0
+    fresh = json.load(open(work / "eval_test_best.json"))
+  finally:
+    os.replace(work / "eval_test_best.train.json", work / "eval_test_best.json")
+  assert fresh["step"] == after["step"] and fresh["num_images"] == after["num_images"]
+  assert fresh["confusion_matrix"] == after["confusion_matrix"]
+
+
 def test_tokenizer_stage_reports_codebook_use_on_val(trained):
   """The tokenizer stage's end-of-stage val row (issue 12 item 5): perplexity, dead codes
   and reconstruction error per modality, recomputed here from the raw val PNGs, the run's
