@@ -38,6 +38,28 @@ def test_eight_devices_match_one_device(tmp_path):
     np.testing.assert_array_equal(eight[f"param['encoder']['{k}']"], init["encoder"][k])
 
 
+def test_tokenizer_val_pass_on_eight_devices_counts_the_whole_split(tmp_path):
+  """The val pass after the tokenizer stage splits each batch over the mesh and sums the
+  code counts and errors over all devices: 8 devices give what 1 device gives."""
+  import json
+  out = tmp_path / "cb.json"
+  flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                 "--xla_force_host_platform_device_count=8"]))
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(__file__)]))
+  subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
+                                               "_codebook_eval_check.py"),
+                  str(tmp_path / "data"), str(out)], check=True, env=env, cwd=ROOT, timeout=300)
+  r = json.load(open(out))
+  assert r["n_devices"] == 8 and r["val_images"] > 8           # more than one batch
+  eight, one = r["8"], r["1"]
+  assert set(eight) == set(one) == {f"{m}/val_{k}" for m in ("rgb", "thermal")
+                                    for k in ("perplexity", "dead_codes", "rec")}
+  for k in one:
+    assert eight[k] == pytest.approx(one[k], rel=1e-5), k
+  assert one["rgb/val_perplexity"] > 2 and one["thermal/val_perplexity"] > 2  # not one code
+
+
 def test_shard_batch_errors_and_placement():
   mesh = T.make_mesh(jax.devices()[:1])
   b = T.shard_batch({"x": np.zeros((4, 3), np.float32), "y": np.zeros((4,), np.int32)}, mesh)

@@ -28,6 +28,7 @@ from fusionsam_jax.models.functional import inputs_from_batch
 from fusionsam_jax.models.fusionsam import FusionSAM, init_discriminators, make_discriminator
 from fusionsam_jax.models.precision import cast_floating
 from fusionsam_jax.stages import common
+from fusionsam_jax.training import mesh as mesh_lib
 from fusionsam_jax.training.state import TrainState, init_optimizer
 
 NAME = "tokenizer"
@@ -202,17 +203,18 @@ def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
   return fn
 
 
-def codebook_eval(model: FusionSAM, config, spec):
+def codebook_eval(model: FusionSAM, config, spec, mesh):
   """``fn(params) -> metrics`` over the val split at full resolution: per modality the
   codebook's perplexity and dead-code fraction over every real pixel's code (the latent
   positions of padding are not counted) and the reconstruction error (Eq. 5, ``rec_loss``,
-  over real pixels). Keys ``<m>/val_perplexity``, ``<m>/val_dead_codes``, ``<m>/val_rec``."""
+  over real pixels). Keys ``<m>/val_perplexity``, ``<m>/val_dead_codes``, ``<m>/val_rec``.
+  The batches are split over `mesh` (each process loads its share of val) and the counts
+  and sums come back replicated: every process sees the whole split's numbers."""
   mods = tuple(config.model.modalities)
   num_codes = int(dict(config.model.get("tokenizer", {})).get("num_codes", 1024))
   scale = int(config.model.scale)
   l1 = config.train.stages[NAME].get("rec_loss", "l2") == "l1"
 
-  @jax.jit
   def encode(params, batch):
     images = inputs_from_batch(batch, mods)
     valid = batch["valid"]                                            # (B, H, W)
@@ -220,21 +222,28 @@ def codebook_eval(model: FusionSAM, config, spec):
     for m in mods:
       o = model.apply({"params": params}, images[m], m, method=FusionSAM.tokenizer)
       keep = valid[:, ::scale, ::scale]                               # (B, h, w)
+      # Code use over real latent positions: padding goes to an extra, dropped bin.
+      idx = jnp.where(keep, o["indices"], num_codes).reshape(-1)
+      counts = jax.ops.segment_sum(jnp.ones_like(idx), idx, num_segments=num_codes + 1)
       err = o["recon"].astype(jnp.float32) - images[m]
       err = jnp.abs(err) if l1 else jnp.square(err)
       w = valid[..., None].astype(jnp.float32)
-      out[m] = (jnp.where(keep, o["indices"], -1),
-                jnp.sum(err * w), jnp.sum(w) * images[m].shape[-1])
+      out[m] = (counts[:num_codes], jnp.sum(err * w), jnp.sum(w) * images[m].shape[-1])
     return out
+
+  repl = mesh_lib.replicated(mesh)
+  encode = jax.jit(encode, in_shardings=(repl, mesh_lib.data_sharding(mesh)),
+                   out_shardings=repl)
 
   def fn(params):
     counts = {m: np.zeros(num_codes, np.int64) for m in mods}
     err = {m: [0.0, 0.0] for m in mods}
+    params = jax.device_put(params, repl)
     for batch in eval_iterable(config, spec.source(str(config.eval.val_split))):
-      out = jax.device_get(encode(params, {k: batch[k] for k in (*mods, "valid")}))
-      for m, (idx, e, n) in out.items():
-        idx = np.asarray(idx).reshape(-1)
-        counts[m] += np.bincount(idx[idx >= 0], minlength=num_codes)
+      local = {k: np.asarray(batch[k]) for k in (*mods, "valid")}
+      out = jax.device_get(encode(params, mesh_lib.shard_batch(local, mesh)))
+      for m, (c, e, n) in out.items():
+        counts[m] += np.asarray(c, np.int64)
         err[m][0] += float(e)
         err[m][1] += float(n)
     res = {}
@@ -289,7 +298,7 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
       iterator=lambda params: train_iterator(config, ctx.spec, NAME),
       model_params=lambda state: state.params["generator"],
       # At the stage's end: codebook use and reconstruction error over val.
-      eval_fn=(codebook_eval(model, config, ctx.spec)
+      eval_fn=(codebook_eval(model, config, ctx.spec, ctx.mesh)
                if sc.get("eval_codebook", True) else None),
       notes=(f"discriminator from step {start}" if disc_on
              else "no adversarial term (disc_weight 0)",))
