@@ -38,26 +38,48 @@ def test_eight_devices_match_one_device(tmp_path):
     np.testing.assert_array_equal(eight[f"param['encoder']['{k}']"], init["encoder"][k])
 
 
-def test_tokenizer_val_pass_on_eight_devices_counts_the_whole_split(tmp_path):
+def test_tokenizer_val_pass_counts_the_whole_split_on_any_mesh(tmp_path):
   """The val pass after the tokenizer stage splits each batch over the mesh and sums the
-  code counts and errors over all devices: 8 devices give what 1 device gives."""
+  code counts and errors over all devices: 8 devices of one process, and 2 processes (CPU
+  collectives over gloo) that each load half of val, give what 1 device gives for the
+  whole split, in every process. One process alone on its half differs (what the pass
+  reported on each host before it ran on the mesh)."""
   import json
-  out = tmp_path / "cb.json"
+  import socket
+  script = os.path.join(os.path.dirname(__file__), "_codebook_eval_check.py")
+  path = os.pathsep.join([ROOT, os.path.dirname(__file__)])
+  data = tmp_path / "data"
   flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
                                  "--xla_force_host_platform_device_count=8"]))
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(__file__)]))
-  subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
-                                               "_codebook_eval_check.py"),
-                  str(tmp_path / "data"), str(out)], check=True, env=env, cwd=ROOT, timeout=300)
-  r = json.load(open(out))
+  subprocess.run([sys.executable, script, str(data), str(tmp_path / "one.json")], check=True,
+                 env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=path),
+                 cwd=ROOT, timeout=300)
+  r = json.load(open(tmp_path / "one.json"))
   assert r["n_devices"] == 8 and r["val_images"] > 8           # more than one batch
-  eight, one = r["8"], r["1"]
-  assert set(eight) == set(one) == {f"{m}/val_{k}" for m in ("rgb", "thermal")
-                                    for k in ("perplexity", "dead_codes", "rec")}
-  for k in one:
-    assert eight[k] == pytest.approx(one[k], rel=1e-5), k
+  one = r["1"]
+  assert set(one) == {f"{m}/val_{k}" for m in ("rgb", "thermal")
+                      for k in ("perplexity", "dead_codes", "rec")}
   assert one["rgb/val_perplexity"] > 2 and one["thermal/val_perplexity"] > 2  # not one code
+  results = {"8 devices": r["8"]}
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      [sys.executable, script, str(data), str(tmp_path / f"p{i}.json")], cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path,
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i))) for i in range(2)]
+  assert [p.wait(timeout=300) for p in procs] == [0, 0]
+  local = []
+  for i in range(2):
+    p = json.load(open(tmp_path / f"p{i}.json"))
+    assert p["n_processes"] == 2 and p["n_devices"] == 2
+    results[f"process {i} of 2"] = p["global"]
+    local.append(p["local"])
+  for name, res in results.items():
+    for k in one:
+      assert res[k] == pytest.approx(one[k], rel=1e-5), (name, k)
+  assert any(loc[k] != pytest.approx(one[k], rel=1e-3) for loc in local for k in one)
 
 
 def test_shard_batch_errors_and_placement():
