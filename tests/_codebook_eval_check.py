@@ -1,13 +1,14 @@
-"""The tokenizer stage's val pass (`stages.tokenizer.codebook_eval`) on several meshes, same
-params and data; writes the results to the JSON file named by argv[2] (argv[1]: data dir).
+"""The tokenizer stage's val pass (`stages.tokenizer.codebook_eval`) on a tiny generated set
+with fixed random tokenizers.
 
-With --xla_force_host_platform_device_count=8: on an 8-device mesh and on a 1-device mesh.
-Launched as one of several processes (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID; CPU collectives over gloo): on the mesh of every process's devices, each
-process loading its share of val ("global"), and on this process's first device alone
-("local")."""
+`setup(data_dir)` and `val_pass(setup, mesh)` are imported by the test (one process, one
+device). Run as a script, one of several processes (JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID; CPU collectives over gloo), it writes to the JSON file
+argv[2] the pass on the mesh of every process's devices, each process loading its share of
+val ("global"), and on this process's device alone ("local")."""
 
 import json
+import os
 import sys
 
 import jax
@@ -21,11 +22,7 @@ from fusionsam_jax.stages import tokenizer
 from fusionsam_jax.training import mesh as mesh_lib
 
 
-def main(data_dir: str, out: str) -> None:
-  import os
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    assert mesh_lib.maybe_initialize_distributed()
+def setup(data_dir: str) -> dict:
   config = tiny_config(data_dir)
   config.generate.num = 40                 # ~10 val images: two batches of 8, one padded
   config.eval.batch_size = 8
@@ -35,20 +32,25 @@ def main(data_dir: str, out: str) -> None:
   for i, (m, c) in enumerate((("rgb", 3), ("thermal", 1))):
     x = np.random.default_rng(i).uniform(size=(1, 96, 128, c)).astype(np.float32)
     params.update(model.init(jax.random.PRNGKey(i), x, m, method=FusionSAM.tokenizer)["params"])
-  res = {}
-  if jax.process_count() > 1:
-    meshes = {"global": mesh_lib.make_mesh(),
-              "local": mesh_lib.make_mesh(jax.local_devices()[:1])}
-  else:
-    meshes = {str(n): mesh_lib.make_mesh(jax.devices()[:n]) for n in (8, 1)}
-  for name, mesh in meshes.items():
-    res[name] = tokenizer.codebook_eval(model, config, spec, mesh)(params)
-  res["n_devices"] = jax.device_count()
-  res["n_processes"] = jax.process_count()
-  res["val_images"] = spec.split_size("val")
+  return dict(config=config, spec=spec, model=model, params=params)
+
+
+def val_pass(s: dict, mesh) -> dict:
+  return tokenizer.codebook_eval(s["model"], s["config"], s["spec"], mesh)(s["params"])
+
+
+def main(data_dir: str, out: str) -> None:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  assert mesh_lib.maybe_initialize_distributed()
+  s = setup(data_dir)
+  res = {"global": val_pass(s, mesh_lib.make_mesh()),
+         "local": val_pass(s, mesh_lib.make_mesh(jax.local_devices()[:1])),
+         "n_devices": jax.device_count(), "n_processes": jax.process_count(),
+         "val_images": s["spec"].split_size("val")}
   with open(out, "w") as f:
     json.dump(res, f)
 
 
 if __name__ == "__main__":
+  assert os.environ.get("JAX_COORDINATOR_ADDRESS"), "run as one of several processes"
   main(sys.argv[1], sys.argv[2])
