@@ -63,7 +63,11 @@ def test_tokenizer_val_pass_counts_the_whole_split_in_every_process(tmp_path):
       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path,
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(i))) for i in range(2)]
-  assert [p.wait(timeout=300) for p in procs] == [0, 0]
+  try:
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+  finally:
+    for p in procs:
+      p.kill()                                   # no-op for a process that has exited
   local = []
   for i in range(2):
     r = json.load(open(tmp_path / f"p{i}.json"))
