@@ -250,13 +250,13 @@ def parse_checkpoint_arg(value: str | int) -> str | int:
 
 def restore_params(config, workdir: str, which: str | int = "best", *,
                    ctx: common.Context | None = None,
-                   base: PyTree | None = None) -> tuple[PyTree, int, str]:
+                   base_params: PyTree | None = None) -> tuple[PyTree, int, str]:
   """A trained run's full params: the SAM weights (checked against the workdir's record),
   the seeded init, each stage's final params and checkpoint `which` ("best" by val mIoU,
   "latest" or a step) of the segmentation stage. Returns (params, step, what).
 
-  `base`: this run's params to restore into instead of a new init (the trainer's, at its
-  end); their untrained parts must be the seeded init / SAM weights, as in training."""
+  `base_params`: this run's params to restore into instead of a new init (the trainer's,
+  at its end); their untrained parts must be the seeded init / SAM weights, as in training."""
   workdir = os.fspath(workdir)
   seg_dir = W.stage_dir(workdir, "segmentation")
   if not (os.path.isdir(seg_dir) and any(d.isdigit() for d in os.listdir(seg_dir))):
@@ -266,7 +266,8 @@ def restore_params(config, workdir: str, which: str | int = "best", *,
   sam_path = factory.sam_weights_path(config)
   W.check_sam_weights(workdir, sam_path)
   ctx = ctx or context(config, workdir, data=False, progress=False)
-  params = factory.init_params(config, ctx.model) if base is None else base
+  params = (factory.init_params(config, ctx.model) if base_params is None
+            else base_params)
   step, what = 0, which
   for name in S.STAGES:
     stage = build_stage(ctx, name, **({"with_perceptual": False} if name == "tokenizer" else {}))
@@ -306,12 +307,13 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
              print_table: bool = True, base_params: PyTree | None = None) -> dict:
   """Evaluates a run at full resolution on `split`; prints the IoU table (and SOD metrics
   for saliency), writes ``workdir/eval_<split>_<which>.json``. `base_params`: see
-  `restore_params`'s `base`."""
+  `restore_params`."""
   from fusionsam_jax.data.info import get_info
   from fusionsam_jax.metrics.miou import format_iou_table, write_json_atomic
   workdir = os.fspath(workdir)
   ctx = ctx or context(config, workdir, progress=False)
-  params, step, what = restore_params(config, workdir, which, ctx=ctx, base=base_params)
+  params, step, what = restore_params(config, workdir, which, ctx=ctx,
+                                      base_params=base_params)
   info = get_info(ctx.spec.name)
   evaluator = evaluator or E.Evaluator(ctx.model, config, ctx.mesh)
   t0 = time.perf_counter()

@@ -238,7 +238,7 @@ def codebook_eval(model: FusionSAM, config, spec, mesh):
   def fn(params):
     counts = {m: np.zeros(num_codes, np.int64) for m in mods}
     err = {m: [0.0, 0.0] for m in mods}
-    params = jax.device_put(params, repl)
+    params = jax.device_put(common.select(params, trainable(config.model)), repl)  # tokenizers
     for batch in eval_iterable(config, spec.source(str(config.eval.val_split))):
       local = {k: np.asarray(batch[k]) for k in (*mods, "valid")}
       out = jax.device_get(encode(params, mesh_lib.shard_batch(local, mesh)))
