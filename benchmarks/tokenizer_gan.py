@@ -5,14 +5,14 @@ stage (the fusion and segmentation stages are not run), then the stage's ``metri
 read before and after ``disc_start``.
 
     python benchmarks/tokenizer_gan.py --steps 1600 \
-        --out benchmarks/results/tokenizer_gan_h200.json
+        --out benchmarks/results/tokenizer_gan_1600_h200.json
     python benchmarks/tokenizer_gan.py --variant tiny --height 96 --width 128 --scenes 16 \
         --steps 40 --log_every 5 --window 10                                  # CPU smoke
 
-Reports per modality: the reconstruction loss (Eq. 5, with the perceptual term of the SAM
-encoder's early blocks, Eq. 7) over windows before and after the discriminator starts, its
-largest value after the start, the generator's adversarial term and adaptive weight, the
-discriminator's loss / gradient norm (non-zero once it trains), codebook perplexity and dead
+Reports per modality: the reconstruction loss (Eq. 5 as logged; the perceptual term of the
+SAM encoder's early blocks, Eq. 7, is in the loss but not in this number) over windows before
+and after the discriminator starts, its largest value after the start, the generator's
+adversarial term and adaptive weight, the discriminator's loss / gradient norm (non-zero once it trains), codebook perplexity and dead
 codes in the last training rows and in the stage's val pass. Needs `segment_anything`.
 """
 
