@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.train_runs import (make_pth, open_scratch, run, stage_stats,  # noqa: E402
-                                   tiny_pth)
+                                   tiny_pth, user_path_commands)
 
 _OUT = flags.DEFINE_string("out", None, "JSON output")
 _SCRATCH = flags.DEFINE_string("scratch", "runs/e2e", "scratch folder (deleted first)")
@@ -79,12 +79,8 @@ def main(argv):
                 "--config.train.log_every=5", "--noprogress",
                 f"--config.eval.after_training={_TEST_EVAL.value}"]
   cmds = {
-      "convert": [py, "tools/convert_sam_weights.py", "--checkpoint", pth, "--output", ckpt],
-      "generate": [py, "-m", "fusionsam_jax.data.generate", "--layout", "mfnet", "--out", raw,
-                   "--num", str(_SCENES.value), "--height", str(_H.value), "--width",
-                   str(_W.value)],
-      "prepare": [py, "-m", "fusionsam_jax.data.prepare", "--dataset", "mfnet", "--manual_dir",
-                  raw, "--data_dir", data, "--noprogress"],
+      **user_path_commands(py, pth, scratch, scenes=_SCENES.value, height=_H.value,
+                           width=_W.value),
       "train": [py, "-m", "fusionsam_jax.train", *train_args],
       "evaluate": [py, "-m", "fusionsam_jax.evaluate", f"--workdir={work}"],
       "predict": [py, "-m", "fusionsam_jax.predict", "--workdir", work, "--input_dir", raw,

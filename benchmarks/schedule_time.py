@@ -49,7 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.train_runs import (make_pth, open_scratch, run, stage_stats,  # noqa: E402
-                                   tiny_pth)
+                                   tiny_pth, user_path_commands)
 
 STAGES = ("tokenizer", "fusion", "segmentation")
 
@@ -202,19 +202,14 @@ def main(argv):
   if _OWN_ENV:
     env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
   py = sys.executable
-  ckpt, raw, data = (os.path.join(scratch, x) for x in ("ckpt", "raw", "data"))
+  ckpt, data = (os.path.join(scratch, x) for x in ("ckpt", "data"))
   cache = os.path.join(scratch, "jax_cache")
   pth = os.path.join(scratch, f"sam_{_VARIANT.value}_random.pth")
   if not only or "setup" in only:
     res["make_pth_s"] = (tiny_pth(pth) if _VARIANT.value == "tiny"
                          else make_pth(_VARIANT.value, pth))
-    for name, cmd in {
-        "convert": [py, "tools/convert_sam_weights.py", "--checkpoint", pth, "--output", ckpt],
-        "generate": [py, "-m", "fusionsam_jax.data.generate", "--layout", "mfnet", "--out",
-                     raw, "--num", str(_SCENES.value), "--height", str(_H.value), "--width",
-                     str(_W.value)],
-        "prepare": [py, "-m", "fusionsam_jax.data.prepare", "--dataset", "mfnet",
-                    "--manual-dir", raw, "--data-dir", data, "--no-progress"]}.items():
+    for name, cmd in user_path_commands(py, pth, scratch, scenes=_SCENES.value,
+                                        height=_H.value, width=_W.value).items():
       res["commands"][name] = run(cmd, os.path.join(scratch, f"{name}.log"), env, left())
       write_json(partial, res)
       if res["commands"][name]["returncode"] != 0:

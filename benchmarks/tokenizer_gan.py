@@ -31,7 +31,8 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
-from benchmarks.train_runs import make_pth, open_scratch, run, tiny_pth  # noqa: E402
+from benchmarks.train_runs import (make_pth, open_scratch, run, tiny_pth,  # noqa: E402
+                                   user_path_commands)
 
 _OUT = flags.DEFINE_string("out", None, "JSON output (the stage's metrics.jsonl is copied "
                            "beside it as <out>_metrics.jsonl)")
@@ -124,16 +125,10 @@ def main(argv):
   pth = os.path.join(scratch, f"sam_{_VARIANT.value}_random.pth")
   res["make_pth_s"] = (tiny_pth(pth) if _VARIANT.value == "tiny"
                        else make_pth(_VARIANT.value, pth))
-  ckpt, raw, data, work = (os.path.join(scratch, x) for x in ("ckpt", "raw", "data", "run"))
+  ckpt, data, work = (os.path.join(scratch, x) for x in ("ckpt", "data", "run"))
   py = sys.executable
-  cmds = {
-      "convert": [py, "tools/convert_sam_weights.py", "--checkpoint", pth, "--output", ckpt],
-      "generate": [py, "-m", "fusionsam_jax.data.generate", "--layout", "mfnet", "--out", raw,
-                   "--num", str(_SCENES.value), "--height", str(_H.value), "--width",
-                   str(_W.value)],
-      "prepare": [py, "-m", "fusionsam_jax.data.prepare", "--dataset", "mfnet", "--manual_dir",
-                  raw, "--data_dir", data, "--noprogress"],
-  }
+  cmds = user_path_commands(py, pth, scratch, scenes=_SCENES.value, height=_H.value,
+                            width=_W.value)
   for name, cmd in cmds.items():
     res["commands"][name] = run(cmd, os.path.join(scratch, f"{name}.log"), env)
     if res["commands"][name]["returncode"] != 0:

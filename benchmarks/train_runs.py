@@ -35,6 +35,21 @@ def tiny_pth(path: str) -> float:
   return time.perf_counter() - t0
 
 
+def user_path_commands(py: str, pth: str, scratch: str, *, scenes: int, height: int,
+                       width: int) -> dict:
+  """The user's path from an official SAM ``.pth`` to a prepared dataset, as commands (name ->
+  argv, in order): the converter into SCRATCH/ckpt, `scenes` generated MFNet-layout scenes
+  into SCRATCH/raw, TFDS prepare into SCRATCH/data."""
+  ckpt, raw, data = (os.path.join(scratch, x) for x in ("ckpt", "raw", "data"))
+  return {
+      "convert": [py, "tools/convert_sam_weights.py", "--checkpoint", pth, "--output", ckpt],
+      "generate": [py, "-m", "fusionsam_jax.data.generate", "--layout", "mfnet", "--out", raw,
+                   "--num", str(scenes), "--height", str(height), "--width", str(width)],
+      "prepare": [py, "-m", "fusionsam_jax.data.prepare", "--dataset", "mfnet", "--manual_dir",
+                  raw, "--data_dir", data, "--noprogress"],
+  }
+
+
 def run(cmd, log, env=None, timeout=None):
   t0 = time.perf_counter()
   with open(log, "w") as f:
