@@ -12,8 +12,10 @@ read before and after ``disc_start``.
 Reports per modality: the reconstruction loss (Eq. 5 as logged; the perceptual term of the
 SAM encoder's early blocks, Eq. 7, is in the loss but not in this number) over windows before
 and after the discriminator starts, its largest value after the start, the generator's
-adversarial term and adaptive weight, the discriminator's loss / gradient norm (non-zero once it trains), codebook perplexity and dead
-codes in the last training rows and in the stage's val pass. Needs `segment_anything`.
+adversarial term and adaptive weight, the discriminator's loss / gradient norm (non-zero once
+it trains), codebook perplexity and dead codes in the last training rows and in the stage's
+val pass. Needs `segment_anything`. ``--extra train.stages.tokenizer.disc_weight=0.08``
+changes one config value (JSON values).
 """
 
 from __future__ import annotations
@@ -64,14 +66,12 @@ def _config(data: str, ckpt: str):
   c.train.log_every = _LOG_EVERY.value
   c.train.stages.tokenizer.num_steps = _STEPS.value
   c.eval.after_training = False
-  for kv in _EXTRA.value:
-    key, value = kv.split("=", 1)
-    *path, last = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[last] = type(node[last])(json.loads(value)) if node[last] is not None else (
-        json.loads(value))
+  # Values as JSON (numbers, true/false, lists); locked, ml_collections refuses a key that
+  # does not exist and a value of another type.
+  c.lock()
+  c.update_from_flattened_dict({k: json.loads(v) for k, v in
+                                (kv.split("=", 1) for kv in _EXTRA.value)})
+  c.unlock()
   return c
 
 
