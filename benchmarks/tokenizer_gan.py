@@ -6,21 +6,24 @@ read before and after ``disc_start``.
 
     python benchmarks/tokenizer_gan.py --steps 1600 \
         --out benchmarks/results/tokenizer_gan_1600_h200.json
-    python benchmarks/tokenizer_gan.py --variant tiny --height 96 --width 128 --scenes 16 \
-        --steps 40 --log_every 5 --window 10                                  # CPU smoke
+    python benchmarks/tokenizer_gan.py --steps 1600 \
+        --config.train.stages.tokenizer.disc_weight=0.08
+    python benchmarks/tokenizer_gan.py --config configs/mfnet.py:tiny --height 96 \
+        --width 128 --scenes 16 --steps 40 --log_every 5 --window 10          # CPU smoke
 
 Reports per modality: the reconstruction loss (Eq. 5 as logged; the perceptual term of the
 SAM encoder's early blocks, Eq. 7, is in the loss but not in this number) over windows before
 and after the discriminator starts, its largest value after the start, the generator's
 adversarial term and adaptive weight, the discriminator's loss / gradient norm (non-zero once
 it trains), codebook perplexity and dead codes in the last training rows and in the stage's
-val pass. Needs `segment_anything`. ``--extra train.stages.tokenizer.disc_weight=0.08``
-changes one config value (JSON values).
+val pass. Needs `segment_anything`. The config and its ``--config.X=Y`` overrides are the
+train CLI's; the random ``.pth`` is of the config's ``model.sam_variant``. (The committed
+``tokenizer_gan_1600_dw008_h200.json`` was run with an earlier ``--extra
+train.stages.tokenizer.disc_weight=0.08`` flag, the same override.)
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -29,24 +32,26 @@ import sys
 import time
 
 from absl import app, flags
+from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.train_runs import (make_pth, open_scratch, run, tiny_pth,  # noqa: E402
                                    user_path_commands)
+from fusionsam_jax.cli_common import parse_flags_or_exit  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "JSON output (the stage's metrics.jsonl is copied "
                            "beside it as <out>_metrics.jsonl)")
 _SCRATCH = flags.DEFINE_string("scratch", "runs/tokenizer_gan", "scratch folder (deleted first)")
-_VARIANT = flags.DEFINE_string("variant", "vit_h", "SAM variant of the random .pth")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(ROOT, "configs", "mfnet.py"), "experiment config, as for train")
 _SCENES = flags.DEFINE_integer("scenes", 80, "generated scenes (about half train)")
 _H = flags.DEFINE_integer("height", 480, "scene height")
 _W = flags.DEFINE_integer("width", 640, "scene width")
 _STEPS = flags.DEFINE_integer("steps", 1600, "tokenizer steps")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 20, "metrics rows every this many steps")
 _WINDOW = flags.DEFINE_integer("window", 200, "steps averaged before / after disc_start")
-_EXTRA = flags.DEFINE_list("extra", [], "more X=Y config overrides (dotted keys)")
 
 
 class _StageDone(Exception):
@@ -54,11 +59,8 @@ class _StageDone(Exception):
 
 
 def _config(data: str, ckpt: str):
-  spec = importlib.util.spec_from_file_location("mfnet_config",
-                                                os.path.join(ROOT, "configs", "mfnet.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny" if _VARIANT.value == "tiny" else None)
+  from fusionsam_jax.config_lib import normalize_overrides
+  c = normalize_overrides(_CONFIG.value)
   c.data_dir = data
   c.model.sam_checkpoint = ckpt
   c.model.allow_random_sam = False
@@ -66,12 +68,6 @@ def _config(data: str, ckpt: str):
   c.train.log_every = _LOG_EVERY.value
   c.train.stages.tokenizer.num_steps = _STEPS.value
   c.eval.after_training = False
-  # Values as JSON (numbers, true/false, lists); locked, ml_collections refuses a key that
-  # does not exist and a value of another type.
-  c.lock()
-  c.update_from_flattened_dict({k: json.loads(v) for k, v in
-                                (kv.split("=", 1) for kv in _EXTRA.value)})
-  c.unlock()
   return c
 
 
@@ -97,10 +93,11 @@ def summarize(rows: list[dict], disc_start: int, window: int, modalities) -> dic
                          "last": _mean(last, "d_grad_norm")}}
   for m in modalities:
     k = f"{m}/rec"
+    peak = max(post, key=lambda r: r[k], default=None)
     out[m] = {
         "rec": {"before": _mean(before, k), "after": _mean(after, k), "last": _mean(last, k),
-                "max_after_start": max((r[k] for r in post), default=None),
-                "max_after_start_step": max(post, key=lambda r: r[k])["step"] if post else None},
+                "max_after_start": peak and peak[k],
+                "max_after_start_step": peak and peak["step"]},
         "g_adv": {"after": _mean(after, f"{m}/g_adv"), "last": _mean(last, f"{m}/g_adv")},
         "adaptive_weight": {"after": _mean(after, f"{m}/adaptive_weight"),
                             "last": _mean(last, f"{m}/adaptive_weight")},
@@ -122,10 +119,11 @@ def main(argv):
   res = {"benchmark": "tokenizer stage of configs/mfnet.py with the GAN phase, full size",
          "environment": environment(), "commands": {}}
   t_all = time.perf_counter()
-  pth = os.path.join(scratch, f"sam_{_VARIANT.value}_random.pth")
-  res["make_pth_s"] = (tiny_pth(pth) if _VARIANT.value == "tiny"
-                       else make_pth(_VARIANT.value, pth))
   ckpt, data, work = (os.path.join(scratch, x) for x in ("ckpt", "data", "run"))
+  config = _config(data, ckpt)
+  variant = config.model.sam_variant
+  pth = os.path.join(scratch, f"sam_{variant}_random.pth")
+  res["make_pth_s"] = tiny_pth(pth) if variant == "tiny" else make_pth(variant, pth)
   py = sys.executable
   cmds = user_path_commands(py, pth, scratch, scenes=_SCENES.value, height=_H.value,
                             width=_W.value)
@@ -137,7 +135,6 @@ def main(argv):
 
   from fusionsam_jax import experiment
   from fusionsam_jax.stages import tokenizer as tok_stage
-  config = _config(data, ckpt)
   res["config"] = json.loads(config.to_json_best_effort())
 
   def hook(stage, step):
@@ -164,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags_or_exit)
