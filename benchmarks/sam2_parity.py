@@ -51,7 +51,7 @@ def _run(f, _):
   import sam2_reference as ref
   from fusionsam_jax.models.sam2.checkpoint import load_sam2_checkpoint
   from fusionsam_jax.models.sam2.sam2 import Sam2, Sam2Features
-  from fusionsam_jax.sam2_predictor import Sam2ImagePredictor
+  from fusionsam_jax.models.sam2.predictor import Sam2ImagePredictor
 
   torch.backends.cuda.matmul.allow_tf32 = False
   torch.backends.cudnn.allow_tf32 = False

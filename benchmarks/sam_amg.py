@@ -164,7 +164,7 @@ def _run(f, _) -> int:
   from fusionsam_jax.models.sam.amg import SamAutomaticMaskGenerator
   from fusionsam_jax.models.sam.predictor import LoadedSam
   from fusionsam_jax.models.sam.sam import SAM_PRESETS
-  from fusionsam_jax.sam_checkpoint import convert_state_dict
+  from fusionsam_jax.models.sam.checkpoint import convert_state_dict
 
   if args.variant not in SAM_PRESETS:
     print(f"error: --variant {args.variant!r}: expected one of {', '.join(SAM_PRESETS)}",

@@ -44,7 +44,7 @@ def _run(f, _):
   import torch
   import sam_reference as ref
   from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
-  from fusionsam_jax.sam_checkpoint import load_sam_checkpoint
+  from fusionsam_jax.models.sam.checkpoint import load_sam_checkpoint
 
   torch.backends.cuda.matmul.allow_tf32 = False
   torch.backends.cudnn.allow_tf32 = False

@@ -258,7 +258,7 @@ def main(argv, f) -> int:
   from fusionsam_jax import training as T
   from fusionsam_jax.config_lib import normalize_overrides
   from fusionsam_jax.data import DatasetError
-  from fusionsam_jax.sam_checkpoint import CheckpointError
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError
   config = normalize_overrides(f["config"].value)
   names = f["variants"].value
   if names:

@@ -41,7 +41,7 @@ def run(workdir: str, split: str | None = None, checkpoint: str = "best",
   from fusionsam_jax.evaluators import sam_zero_shot as Z
   from fusionsam_jax.metrics.miou import format_iou_table, write_json_atomic
   from fusionsam_jax.models.sam.predictor import SamPredictor
-  from fusionsam_jax.sam2_predictor import Sam2ImagePredictor
+  from fusionsam_jax.models.sam2.predictor import Sam2ImagePredictor
 
   from fusionsam_jax import workdir as W
   config = W.load_config(workdir)

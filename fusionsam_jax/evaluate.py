@@ -50,7 +50,7 @@ def run(config, workdir: str, checkpoint: str = "best", split: str | None = None
   from fusionsam_jax import training as T
   from fusionsam_jax.data import DatasetError
   from fusionsam_jax.cli_common import EXIT_CONFIG, EXIT_ERROR
-  from fusionsam_jax.sam_checkpoint import CheckpointError
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError
   try:
     which = experiment.parse_checkpoint_arg(checkpoint)
     if config is None:

@@ -335,7 +335,7 @@ def _main(f, rest) -> int:
     raise UsageError("--split needs --input_dir")
   from fusionsam_jax import experiment, workdir as W
   from fusionsam_jax.cli_common import quiet_logs
-  from fusionsam_jax.sam_checkpoint import CheckpointError
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError
   from fusionsam_jax.data import DatasetError
   quiet_logs()
   workdir, out_dir, progress = f["workdir"].value, f["out"].value, f["progress"].value

@@ -36,7 +36,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
   from fusionsam_jax import experiment
   from fusionsam_jax import training as T
   from fusionsam_jax.data import DatasetError
-  from fusionsam_jax.sam_checkpoint import CheckpointError
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError
   from fusionsam_jax.errors import WorkdirError
   from fusionsam_jax.training.checkpointing import CheckpointMismatchError, CheckpointRestoreError
   from fusionsam_jax.jit_utils import CompileClock

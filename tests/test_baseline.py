@@ -16,8 +16,8 @@ from fusionsam_jax import baseline
 from fusionsam_jax.data.generate import generate_scene
 from fusionsam_jax.evaluators import sam_zero_shot as Z
 from fusionsam_jax.models.sam.sam import SAM_PRESETS
-from fusionsam_jax.predictor import SamPredictor
-from fusionsam_jax.sam_checkpoint import convert_state_dict, save_sam_checkpoint
+from fusionsam_jax.models.sam.predictor import SamPredictor
+from fusionsam_jax.models.sam.checkpoint import convert_state_dict, save_sam_checkpoint
 import sam_reference as ref
 
 
@@ -87,7 +87,7 @@ def sam2s(tmp_path_factory):
   pytest.importorskip("sam2")
   pytest.importorskip("hydra")
   import sam2_reference as ref2
-  from fusionsam_jax.sam2_predictor import Sam2ImagePredictor
+  from fusionsam_jax.models.sam2.predictor import Sam2ImagePredictor
   tmp = tmp_path_factory.mktemp("sam2")
   tm, _ = ref2.converted_random(tmp, "tiny", seed=5)
   _, predictor_mod = ref2.official()

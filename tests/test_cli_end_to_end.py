@@ -357,7 +357,7 @@ def test_zero_shot_baseline_on_the_trained_run(trained, tmp_path, capsys):
   import jax
   from fusionsam_jax import baseline
   from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
-  from fusionsam_jax.sam_checkpoint import save_sam_checkpoint
+  from fusionsam_jax.models.sam.checkpoint import save_sam_checkpoint
   ckpt = tmp_path / "sam_tiny"
   save_sam_checkpoint(str(ckpt), SAM_PRESETS["tiny"],
                       Sam(SAM_PRESETS["tiny"]).init_params(jax.random.PRNGKey(0)))

@@ -147,7 +147,7 @@ def test_baseline_cli_prints_the_sam2_column(trained, sam2_ckpt, tmp_path):
   FusionSAM's and fill the JSON's ``sam2`` slot. (SAM 2's masks against Meta's
   SAM2ImagePredictor: tests/test_baseline.py.)"""
   from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
-  from fusionsam_jax.sam_checkpoint import save_sam_checkpoint
+  from fusionsam_jax.models.sam.checkpoint import save_sam_checkpoint
   work, _ = trained
   _, ckpt, _ = sam2_ckpt
   sam = tmp_path / "sam_tiny"

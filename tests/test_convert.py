@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fusionsam_jax.models.sam.sam import SAM_PRESETS
-from fusionsam_jax.sam_checkpoint import (FORMAT, infer_config, load_sam_checkpoint,
+from fusionsam_jax.models.sam.checkpoint import (FORMAT, infer_config, load_sam_checkpoint,
                                           read_sam_meta, write_params_dir)
 import sam_reference as ref
 
@@ -156,7 +156,7 @@ def test_existing_output_needs_overwrite(tiny_pth, tmp_path):
 
 
 def _refused(pth, out, *needles):
-  from fusionsam_jax.sam_checkpoint import CheckpointError, convert_file
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError, convert_file
   with pytest.raises(CheckpointError) as e:
     convert_file(str(pth), str(out), overwrite=True)
   for n in needles:
@@ -238,7 +238,7 @@ def test_converted_modes_follow_umask_and_orphans_are_cleaned(tmp_path):
 ])
 def test_bad_tensors_are_refused_by_name(value, needles, tmp_path):
   """Issue 17, defects 9/10: these were cast to float32 silently, or crashed with a traceback."""
-  from fusionsam_jax.sam_checkpoint import CheckpointError, load_torch_state_dict
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError, load_torch_state_dict
   path = tmp_path / "bad.pth"
   torch.save(value(), path)
   with pytest.raises(CheckpointError) as e:
@@ -253,7 +253,7 @@ def test_wrong_rank_tensor_is_refused(tiny_pth, tmp_path):
   pth, sam = tiny_pth
   sd = {k: v.numpy() for k, v in sam.state_dict().items()}
   sd["image_encoder.patch_embed.proj.weight"] = np.ones(8, np.float32)
-  from fusionsam_jax.sam_checkpoint import CheckpointError
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError
   with pytest.raises(CheckpointError, match="patch_embed.proj.weight.*expected a 4-D"):
     infer_config(sd, "x.pth")
 
@@ -261,7 +261,7 @@ def test_wrong_rank_tensor_is_refused(tiny_pth, tmp_path):
 def test_unreadable_files_get_the_right_reason(tmp_path):
   """Random bytes are not 'a pickle needing code execution'; a symlink loop is not 'no such
   file' (issue 17, defect 11)."""
-  from fusionsam_jax.sam_checkpoint import CheckpointError, load_torch_state_dict
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError, load_torch_state_dict
   rand = tmp_path / "rand.pth"
   rand.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
   with pytest.raises(CheckpointError) as e:

@@ -133,7 +133,7 @@ def test_load_sam_weights(built, tmp_path):
   """Converted SAM weights land in the SAM-derived parts; the d_c-channel dense prompt conv
   responds to a constant map exactly as SAM's 1-channel conv does."""
   from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
-  from fusionsam_jax.sam_checkpoint import save_sam_checkpoint
+  from fusionsam_jax.models.sam.checkpoint import save_sam_checkpoint
   cfg, model, params = built
   sam_cfg = SAM_PRESETS["tiny"]
   sam_params = Sam(sam_cfg).init_params(jax.random.PRNGKey(7))
@@ -150,7 +150,7 @@ def test_load_sam_weights(built, tmp_path):
                        method=lambda m, *a: m.prompt_encoder(*a))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   # A SAM checkpoint of another size is refused with a clear error.
-  from fusionsam_jax.sam_checkpoint import CheckpointError
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError
   other = build_model(tiny_cfg(sam_variant="vit_b"))
   abstract = jax.eval_shape(lambda: init_params(other, jax.random.PRNGKey(0), (32, 48)))
   with pytest.raises(CheckpointError, match="sam_variant"):
@@ -262,7 +262,7 @@ def test_fast_init_matches_flax_init():
 
 def test_load_sam_weights_into_abstract_encoder(built, tmp_path):
   from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
-  from fusionsam_jax.sam_checkpoint import save_sam_checkpoint
+  from fusionsam_jax.models.sam.checkpoint import save_sam_checkpoint
   cfg, model, params = built
   sam_params = Sam(SAM_PRESETS["tiny"]).init_params(jax.random.PRNGKey(7))
   save_sam_checkpoint(str(tmp_path / "sam"), SAM_PRESETS["tiny"], sam_params)

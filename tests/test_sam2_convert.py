@@ -187,7 +187,7 @@ def test_existing_output_needs_overwrite(tiny_pt, tmp_path, capsys):
   inp.write_bytes(pt.read_bytes())
   _fails(capsys, _args(inp, out, "--overwrite"), "holds the input")
   assert sorted(os.listdir(out)) == ["keep.txt", "model.pt"]
-  from fusionsam_jax.sam_checkpoint import write_params_dir
+  from fusionsam_jax.models.sam.checkpoint import write_params_dir
   sam1 = tmp_path / "sam1"
   write_params_dir(str(sam1), {"w": np.zeros(2, np.float32)}, {"format": "fusionsam_jax.sam/1"})
   _fails(capsys, _args(pt, sam1, "--overwrite"), "sam_meta.json")

@@ -19,7 +19,7 @@ pytest.importorskip("hydra")
 import sam2_reference as ref
 from fusionsam_jax.models.sam2.checkpoint import load_sam2_checkpoint, read_sam2_meta
 from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2, Sam2Features
-from fusionsam_jax.sam2_predictor import Sam2ImagePredictor
+from fusionsam_jax.models.sam2.predictor import Sam2ImagePredictor
 
 TOL = 1e-4
 # Unoptimised XLA CPU code: about half the compile time, same float32 arithmetic.

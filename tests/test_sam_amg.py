@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from fusionsam_jax.models.sam.amg import SamAutomaticMaskGenerator, coco_encode_rle, nms
 from fusionsam_jax.models.sam.predictor import LoadedSam
 from fusionsam_jax.models.sam.sam import SAM_PRESETS
-from fusionsam_jax.sam_checkpoint import convert_state_dict
+from fusionsam_jax.models.sam.checkpoint import convert_state_dict
 import sam_reference as ref
 
 CFG = SAM_PRESETS["tiny"]

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 from fusionsam_jax.models.sam.build import build_sam_vit_b, load_sam, sam_model_registry
 from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
-from fusionsam_jax.sam_checkpoint import CheckpointError
+from fusionsam_jax.models.sam.checkpoint import CheckpointError
 import sam_reference as ref
 
 TOL = 1e-4

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
 from fusionsam_jax.models.sam.predictor import SamPredictor
-from fusionsam_jax.sam_checkpoint import load_sam_checkpoint
+from fusionsam_jax.models.sam.checkpoint import load_sam_checkpoint
 import sam_reference as ref
 
 TOL = 1e-4

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from fusionsam_jax.models.sam.sam import SAM_PRESETS
 from fusionsam_jax.models.sam_perceptual import SamPerceptualLoss, sam_input
-from fusionsam_jax.sam_checkpoint import convert_state_dict, save_sam_checkpoint
+from fusionsam_jax.models.sam.checkpoint import convert_state_dict, save_sam_checkpoint
 import sam_reference as ref
 
 

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from fusionsam_jax.models.sam.predictor import LoadedSam, SamPredictor
 from fusionsam_jax.models.sam.sam import SAM_PRESETS
-from fusionsam_jax.sam_checkpoint import convert_state_dict
+from fusionsam_jax.models.sam.checkpoint import convert_state_dict
 import sam_reference as ref
 
 TOL = 1e-4

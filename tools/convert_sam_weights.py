@@ -19,7 +19,7 @@ def define_flags(fv) -> dict:
 
 def _main(f, _) -> int:
   from fusionsam_jax.cli_common import run_converter
-  from fusionsam_jax.sam_checkpoint import CheckpointError, convert_file
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError, convert_file
   from fusionsam_jax.models.sam.sam import preset_name
   return run_converter(f, convert_file, CheckpointError, preset_name)
 

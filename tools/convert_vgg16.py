@@ -47,7 +47,7 @@ def read_state_dict(path: str) -> dict:
   if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
     raise ValueError(f"{path} does not hold a state dict of tensors "
                      f"(found {type(obj).__name__})")
-  from fusionsam_jax.sam_checkpoint import CheckpointError, tensor_to_numpy
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError, tensor_to_numpy
   sd = {}
   for k, v in obj.items():
     if isinstance(k, str) and k.startswith("features."):

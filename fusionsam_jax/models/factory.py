@@ -55,7 +55,7 @@ def sam_weights_path(config) -> str | None:
   """The converted SAM checkpoint directory of the config (None: random SAM allowed).
   Raises `SamWeightsMissingError` with the conversion command when it is missing. With a
   SAM 2 backbone: ``model.sam2_checkpoint`` (`sam2_weights_path`)."""
-  from fusionsam_jax.sam_checkpoint import META_FILE
+  from fusionsam_jax.models.sam.checkpoint import META_FILE
   m = config.model
   if backbone(config) != "sam":
     return sam2_weights_path(config)

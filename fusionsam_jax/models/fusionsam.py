@@ -450,7 +450,7 @@ def _take(own, loaded, where: str):
   build): SAM subtrees the model never uses (e.g. the prompt encoder's padding-point
   embedding) are left out rather than grafted in. Raises CheckpointError when a leaf the
   model has is missing in `loaded` or has another shape."""
-  from fusionsam_jax.sam_checkpoint import CheckpointError
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError
   if not isinstance(own, Mapping):
     if np.shape(own) != np.shape(loaded):
       raise CheckpointError(f"SAM weights: {where} has shape {tuple(np.shape(loaded))}, the "
@@ -472,7 +472,7 @@ def converted_sam_parts(ckpt_dir: str):
   sam_mask_decoder's conv_s0 / conv_s1 + no_mem_embed (`Sam2FeatureEncoder`)."""
   import os
   from fusionsam_jax.models.sam2 import checkpoint as sam2_checkpoint
-  from fusionsam_jax.sam_checkpoint import load_sam_checkpoint
+  from fusionsam_jax.models.sam.checkpoint import load_sam_checkpoint
   if not os.path.isfile(os.path.join(ckpt_dir, sam2_checkpoint.META_FILE)):
     return load_sam_checkpoint(ckpt_dir)
   cfg, p = sam2_checkpoint.load_sam2_checkpoint(ckpt_dir)
@@ -495,7 +495,7 @@ def load_sam_weights(params, sam_ckpt_dir: str, model_cfg=None):
   start from SAM's mask token / MLP (i mod num_mask_tokens). Raises CheckpointError if the
   sizes don't fit.
   """
-  from fusionsam_jax.sam_checkpoint import CheckpointError
+  from fusionsam_jax.models.sam.checkpoint import CheckpointError
 
   cfg, sam = converted_sam_parts(sam_ckpt_dir)
   if jax.tree.map(np.shape, sam["image_encoder"]) != jax.tree.map(np.shape, params["image_encoder"]):

@@ -145,7 +145,7 @@ class SamPerceptualLoss(_EarlyBlocksLoss):
 
   @classmethod
   def from_checkpoint(cls, ckpt_dir: str, **kwargs) -> "SamPerceptualLoss":
-    from fusionsam_jax.sam_checkpoint import load_sam_checkpoint
+    from fusionsam_jax.models.sam.checkpoint import load_sam_checkpoint
     cfg, params = load_sam_checkpoint(ckpt_dir)
     return cls(cfg, params["image_encoder"], **kwargs)
 

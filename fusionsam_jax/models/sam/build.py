@@ -18,9 +18,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from fusionsam_jax.models.sam.predictor import LoadedSam
-from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam, SamConfig, preset_name
-from fusionsam_jax.sam_checkpoint import CheckpointError, load_any
+from fusionsam_jax.models.sam.sam import SAM_PRESETS, LoadedSam, Sam, SamConfig, preset_name
+from fusionsam_jax.models.sam.checkpoint import CheckpointError, load_any
 
 
 def load_sam(checkpoint: str, encoder_dtype=jnp.float32, attn_impl: str = "xla") -> LoadedSam:

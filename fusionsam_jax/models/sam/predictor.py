@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionsam_jax.models.sam.sam import PIXEL_MEAN, PIXEL_STD, Sam, SamConfig
+from fusionsam_jax.models.sam.build import load_sam
+from fusionsam_jax.models.sam.sam import PIXEL_MEAN, PIXEL_STD, LoadedSam, Sam, SamConfig
 from fusionsam_jax.models.sam.transforms import (ResizeLongestSide, bilinear_taps,
                                                  postprocess_masks_padded, size_bucket)
 
@@ -45,28 +46,6 @@ def _pow2_bucket(n: int, minimum: int) -> int:
   while b < n:
     b *= 2
   return b
-
-
-class LoadedSam:
-  """What `sam_model_registry[...]` returns: a config and its params (the `Sam` module of
-  the official API). `SamPredictor` and `SamAutomaticMaskGenerator` take it."""
-
-  mask_threshold = 0.0
-  image_format = "RGB"
-
-  def __init__(self, config: SamConfig, params, encoder_dtype=jnp.float32,
-               attn_impl: str = "xla"):
-    self.config = config
-    self.params = params
-    self.encoder_dtype = encoder_dtype
-    self.attn_impl = attn_impl
-
-  @property
-  def module(self) -> Sam:
-    return Sam(self.config, encoder_dtype=self.encoder_dtype, attn_impl=self.attn_impl)
-
-  def __repr__(self):
-    return f"LoadedSam({self.config})"
 
 
 def _encode_impl(module, params, canvas, input_sizes):
@@ -120,7 +99,6 @@ class SamPredictor:
   @classmethod
   def from_checkpoint(cls, checkpoint: str, **kwargs) -> "SamPredictor":
     """A converted directory, an official .pth or a Hugging Face model.safetensors."""
-    from fusionsam_jax.models.sam.build import load_sam
     return cls(load_sam(checkpoint), **kwargs)
 
   # ---- images ---------------------------------------------------------------------------

@@ -159,3 +159,25 @@ class Sam(nn.Module):
     masks = jnp.zeros((1, 4 * self.config.image_embedding_size,
                        4 * self.config.image_embedding_size, 1), jnp.float32)
     return self.init(rng, images, coords, labels, boxes, masks)["params"]
+
+
+class LoadedSam:
+  """What `sam_model_registry[...]` returns: a config and its params (the `Sam` module of
+  the official API). `SamPredictor` and `SamAutomaticMaskGenerator` take it."""
+
+  mask_threshold = 0.0
+  image_format = "RGB"
+
+  def __init__(self, config: SamConfig, params, encoder_dtype=jnp.float32,
+               attn_impl: str = "xla"):
+    self.config = config
+    self.params = params
+    self.encoder_dtype = encoder_dtype
+    self.attn_impl = attn_impl
+
+  @property
+  def module(self) -> Sam:
+    return Sam(self.config, encoder_dtype=self.encoder_dtype, attn_impl=self.attn_impl)
+
+  def __repr__(self):
+    return f"LoadedSam({self.config})"

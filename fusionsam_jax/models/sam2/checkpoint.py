@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2, Sam2Config, preset_name
-from fusionsam_jax.sam_checkpoint import (CheckpointError, _flax_path, check_output_dir,
+from fusionsam_jax.models.sam.checkpoint import (CheckpointError, _flax_path, check_output_dir,
                                           load_torch_state_dict, read_converted_meta,
                                           restore_params_dir,
                                           write_params_dir, sha256sum)
