@@ -126,7 +126,7 @@ def run_variant(config, name: str, workdir: str, *, progress: bool = True,
   import json
   from fusionsam_jax import experiment
   from fusionsam_jax import workdir as W
-  from fusionsam_jax.metrics.miou import write_json_atomic
+  from fusionsam_jax.fsutil import atomic_write_json
   path = os.path.join(workdir, RESULT_FILE)
   if os.path.isfile(path):
     W.check_config_matches(config, workdir)
@@ -143,7 +143,7 @@ def run_variant(config, name: str, workdir: str, *, progress: bool = True,
   if summary is None:
     summary = experiment.evaluate(config, workdir, "best", str(config.eval.split))
   rec = _record(name, config, workdir, summary, result, time.perf_counter() - t0)
-  write_json_atomic(rec, path)
+  atomic_write_json(rec, path)
   rec["reused"] = False
   return rec
 
@@ -190,7 +190,8 @@ def run(config, workdir_root: str, variants: list[str] | None = None, *,
   """Runs the study; returns the JSON record (also written to
   ``workdir_root/ablation.json``). Raises on errors."""
   from fusionsam_jax.data.info import get_info
-  from fusionsam_jax.metrics.miou import format_iou_table, write_json_atomic
+  from fusionsam_jax.fsutil import atomic_write, atomic_write_json
+  from fusionsam_jax.metrics.miou import format_iou_table
   workdir_root = os.path.abspath(os.fspath(workdir_root))
   names = variants or variant_names(config)
   configs = {n: variant_config(config, n) for n in names}    # fails early on a bad name
@@ -210,13 +211,10 @@ def run(config, workdir_root: str, variants: list[str] | None = None, *,
       "environment": environment(),
       "variants": {r["variant"]: r for r in records}}
   json_path = os.path.join(workdir_root, "ablation.json")
-  write_json_atomic(record, json_path)
+  atomic_write_json(record, json_path)
   md_path = os.path.join(workdir_root, "ablation.md")
   text = markdown(records, class_names, split)
-  tmp = md_path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, md_path)
+  atomic_write(md_path, text)
   png = plot(records, os.path.join(workdir_root, "ablation.png"),
              f"{config.dataset} {split}: ablation (Fig. 7b)")
   print(f"\nAblation (Fig. 7b), {config.dataset} {split} split, best checkpoint by val mIoU:")

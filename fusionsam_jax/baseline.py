@@ -39,7 +39,8 @@ def run(workdir: str, split: str | None = None, checkpoint: str = "best",
   from fusionsam_jax.data.info import get_info
   from fusionsam_jax.errors import SamWeightsMissingError
   from fusionsam_jax.evaluators import sam_zero_shot as Z
-  from fusionsam_jax.metrics.miou import format_iou_table, write_json_atomic
+  from fusionsam_jax.fsutil import atomic_write_json
+  from fusionsam_jax.metrics.miou import format_iou_table
   from fusionsam_jax.models.sam.predictor import SamPredictor
   from fusionsam_jax.models.sam2.predictor import Sam2ImagePredictor
 
@@ -102,7 +103,7 @@ def run(workdir: str, split: str | None = None, checkpoint: str = "best",
   if cms2 is None:
     print("SAM 2: not run (no SAM 2 weights: pass --sam2_checkpoint)")
   out = out or os.path.join(workdir, f"baseline_{split}.json")
-  write_json_atomic(record, out)
+  atomic_write_json(record, out)
   print(f"wrote {out}")
   return record
 

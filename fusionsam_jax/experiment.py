@@ -309,7 +309,8 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
   for saliency), writes ``workdir/eval_<split>_<which>.json``. `base_params`: see
   `restore_params`."""
   from fusionsam_jax.data.info import get_info
-  from fusionsam_jax.metrics.miou import format_iou_table, write_json_atomic
+  from fusionsam_jax.fsutil import atomic_write_json
+  from fusionsam_jax.metrics.miou import format_iou_table
   workdir = os.fspath(workdir)
   ctx = ctx or context(config, workdir, progress=False)
   params, step, what = restore_params(config, workdir, which, ctx=ctx,
@@ -326,7 +327,7 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
   tag = what if isinstance(which, str) else str(which)
   path = os.path.join(workdir, f"eval_{split}_{tag}.json")
   if jax.process_index() == 0:
-    write_json_atomic(summary, path)
+    atomic_write_json(summary, path)
   if print_table:
     cm = r["cm"]
     say(f"\n{ctx.spec.name} {split} split, {r['num_images']} images, checkpoint {what} "

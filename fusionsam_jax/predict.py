@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
 import numpy as np
+
+from fusionsam_jax.fsutil import atomic_file
 
 
 class InputError(ValueError):
@@ -161,16 +162,8 @@ def samples_from_dir(root: str, dataset: str, modalities: tuple[str, ...],
 
 def _write_png_atomic(path: str, arr: np.ndarray) -> None:
   from fusionsam_jax.data.io import write_png
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
-  os.close(fd)
-  try:
+  with atomic_file(path) as tmp:
     write_png(tmp, arr)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 class Predictor:

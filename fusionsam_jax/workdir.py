@@ -21,6 +21,7 @@ import os
 import jax
 
 from fusionsam_jax import config_lib, locking
+from fusionsam_jax.fsutil import atomic_write
 from fusionsam_jax.errors import (SamWeightsChangedError, SamWeightsMissingError, SetupError,
                                   WorkdirError)
 from fusionsam_jax.training import checkpointing, guards
@@ -73,7 +74,7 @@ def open_workdir(workdir: str) -> str:
 #: Temporary names of the workdir's writers (atomic writes, embedding-cache builds, Orbax
 #: saves): anything matching in the workdir while its lock is held is an orphan of a killed run.
 _ORPHANS = (
-    lambda n: ".tmp-" in n,                                   # atomic_write_text, write_json_atomic
+    lambda n: ".tmp-" in n,                                   # fsutil.atomic_file
     lambda n: n.startswith(".write-test-"),                   # open_workdir's probe
     lambda n: n.startswith((".train-", ".val-")),             # embedding-cache builds
     lambda n: ".orbax-checkpoint-tmp" in n,                   # Orbax saves in progress
@@ -177,7 +178,7 @@ def record_sam_weights(workdir: str, path: str | None) -> None:
         "path": os.path.abspath(path), "sha256": sam_digest(path), "random": False,
         "files": _stat_signature(path)}
     if jax.process_index() == 0:
-      checkpointing.atomic_write_text(rec_path, json.dumps(rec, indent=1))
+      atomic_write(rec_path, json.dumps(rec, indent=1))
     return
   check_sam_weights(workdir, path)
 

@@ -35,10 +35,11 @@ import html
 import json
 import math
 import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from fusionsam_jax.fsutil import atomic_file, atomic_write
 
 __all__ = ["write_report", "select_samples", "paper_row_for", "read_curves", "error_map",
            "ReportError"]
@@ -166,18 +167,8 @@ def save_figure(fig, path: str) -> str:
   """Writes a matplotlib `fig` as a PNG at `path` (temp file + rename, mode 0644)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   FigureCanvasAgg(fig)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
-  os.close(fd)
-  try:
+  with atomic_file(path) as tmp:
     fig.savefig(tmp, format="png")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
   return path
 
 
@@ -449,11 +440,7 @@ def write_report(out_dir, *, result: Mapping, metrics_jsonl=None,
             f"<p class='note'>written {stamp} by fusionsam_jax.evaluators.report</p>",
             "</body></html>"]
   html_path = os.path.join(out_dir, "report.html")
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=out_dir)
-  with os.fdopen(fd, "w") as f:
-    f.write("\n".join(parts))
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, html_path)
+  atomic_write(html_path, "\n".join(parts))
   paths["report"] = html_path
   return paths
 

@@ -30,10 +30,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from fusionsam_jax.fsutil import atomic_write_json
 
 __all__ = [
     "ConfusionMatrix",
@@ -46,7 +47,6 @@ __all__ = [
     "matched_png_names",
     "read_name_list",
     "evaluate_label_dirs",
-    "write_json_atomic",
     "main",
 ]
 
@@ -554,23 +554,6 @@ def evaluate_label_dirs(pred_dir, gt_dir, num_classes: int, ignore_index: int | 
   return cm
 
 
-def write_json_atomic(obj, path) -> None:
-  """Writes JSON through a temp file in the target folder and ``os.replace``."""
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, allow_nan=False)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def define_flags(fv) -> dict:
   from absl import flags
   d = dict(flag_values=fv)
@@ -625,7 +608,7 @@ def _main(f, _) -> int:
                              paper_row=dataset is not None, markdown=f["markdown"].value))
     print(f"images: {cm.num_updates}")
     if f["json"].value:
-      write_json_atomic(summary, f["json"].value)
+      atomic_write_json(summary, f["json"].value)
   except (ValueError, FileNotFoundError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

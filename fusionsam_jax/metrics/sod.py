@@ -47,7 +47,8 @@ import sys
 
 import numpy as np
 
-from fusionsam_jax.metrics.miou import matched_png_names, prediction_dir, write_json_atomic
+from fusionsam_jax.fsutil import atomic_write_json
+from fusionsam_jax.metrics.miou import matched_png_names, prediction_dir
 
 __all__ = [
     "EPS",
@@ -399,7 +400,7 @@ def _main(f, _) -> int:
       out["num_images"] = res["num_images"]
       if curves:
         out["curves"] = {k: v.tolist() for k, v in res["curves"].items()}
-      write_json_atomic(out, f["json"].value)
+      atomic_write_json(out, f["json"].value)
   except (ValueError, FileNotFoundError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from fusionsam_jax.fsutil import atomic_file
+
 Array = jax.Array
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -122,18 +124,9 @@ def save_vgg16_params(params: Mapping, path: str) -> None:
   flat = {f"{n}/{p}": np.asarray(params[n][p], np.float32)
           for n in expected_param_shapes() for p in ("kernel", "bias")}
   flat["__format__"] = np.asarray(FORMAT_TAG)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  try:
+  with atomic_file(path) as tmp:
     with open(tmp, "wb") as f:
       np.savez(f, **flat)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _validate_params(params: Mapping, where: str) -> None:

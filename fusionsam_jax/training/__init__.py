@@ -7,7 +7,6 @@ from fusionsam_jax.training.checkpointing import (
   CheckpointRestoreError,
   Restored,
   StageCheckpointer,
-  atomic_write_text,
 )
 from fusionsam_jax.training.guards import (
   ConfigMismatchError,
@@ -30,7 +29,7 @@ from fusionsam_jax.training.mesh import (
 from fusionsam_jax.training.state import TrainState, count_params, learning_rate_at
 
 __all__ = [
-  "CheckpointRestoreError", "Restored", "StageCheckpointer", "atomic_write_text",
+  "CheckpointRestoreError", "Restored", "StageCheckpointer",
   "ConfigMismatchError", "NonFiniteLossError", "check_finite", "check_workdir_config",
   "config_fingerprint", "MetricWriter", "read_metrics_jsonl", "DevicePrefetch", "StageResult",
   "run_stage", "DATA_AXIS", "check_global_batch", "data_sharding", "make_mesh",

@@ -36,6 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from fusionsam_jax.fsutil import atomic_write
 from fusionsam_jax.training import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
@@ -461,17 +462,5 @@ class StageCheckpointer:
     """Waits for pending saves, then writes the completion marker atomically."""
     self.wait()
     if jax.process_index() == 0:
-      atomic_write_text(self.stage_done_path,
+      atomic_write(self.stage_done_path,
                         json.dumps({"stage": self.stage, **dict(info)}, indent=2))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to `path` via a temporary file, fsync and rename."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)

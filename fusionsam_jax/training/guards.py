@@ -13,6 +13,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fusionsam_jax.fsutil import atomic_write
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
@@ -207,7 +209,6 @@ def store_workdir_config(workdir: str | os.PathLike, config: Any, *,
   """Writes ``workdir/config.json`` (atomically); an existing one that differs (beyond keys
   of `added` at their old-behaviour values) is kept as ``config.<unix time>.json``. Only
   process 0 writes."""
-  from fusionsam_jax.training.checkpointing import atomic_write_text  # noqa: PLC0415
   import jax  # noqa: PLC0415
 
   ignore = tuple(ignore)
@@ -222,4 +223,4 @@ def store_workdir_config(workdir: str | os.PathLike, config: Any, *,
     import shutil  # noqa: PLC0415
     # A copy, not a move: a run killed here still has a config.json.
     shutil.copy2(path, os.path.join(os.fspath(workdir), f"config.{int(time.time())}.json"))
-  atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
+  atomic_write(path, json.dumps(record, indent=2, sort_keys=True))

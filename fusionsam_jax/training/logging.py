@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fusionsam_jax.fsutil import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -92,10 +94,7 @@ class MetricWriter:
           continue
         kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-      tmp = f"{self.jsonl_path}.tmp-{os.getpid()}"
-      with open(tmp, "w") as fh:
-        fh.writelines(kept)
-      os.replace(tmp, self.jsonl_path)
+      atomic_write(self.jsonl_path, "".join(kept))
     return dropped
 
   def write_images(self, step: int, images: Mapping[str, Any], split: str = "train") -> None:
