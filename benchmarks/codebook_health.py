@@ -121,7 +121,7 @@ def _define(fv):
 
 
 def main(argv=None) -> int:
-  from fusionsam_jax.cli_common import run_cli
+  from fusionsam_jax.cli.driver import run_cli
   return run_cli(_define, _run, argv, prog="benchmarks/codebook_health.py", doc=__doc__)
 
 

@@ -75,7 +75,7 @@ def define_number_list(fv, name, default, help, kind=int, length=None, min_lengt
 
 
 def flag_namespace(holders):
-  """{name: FlagHolder} (what a `define` of `fusionsam_jax.cli_common.run_cli` returns) as an
+  """{name: FlagHolder} (what a `define` of `fusionsam_jax.cli.driver.run_cli` returns) as an
   object with one attribute per flag value (``args.batches``)."""
   import types
   return types.SimpleNamespace(**{name: h.value for name, h in holders.items()})

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, flag_namespace, write_json  # noqa: E402
-from fusionsam_jax.cli_common import run_cli  # noqa: E402
+from fusionsam_jax.cli.driver import run_cli  # noqa: E402
 
 
 def timeit(fn, *args, iters=10):

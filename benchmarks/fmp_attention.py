@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import flag_namespace  # noqa: E402
-from fusionsam_jax.cli_common import run_cli  # noqa: E402
+from fusionsam_jax.cli.driver import run_cli  # noqa: E402
 from fusionsam_jax.models.fmp import FusionMaskPrompting  # noqa: E402
 from fusionsam_jax.models.precision import cast_floating  # noqa: E402
 

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import define_number_list, flag_namespace  # noqa: E402
-from fusionsam_jax.cli_common import run_cli  # noqa: E402
+from fusionsam_jax.cli.driver import run_cli  # noqa: E402
 from fusionsam_jax.data import generate, pipeline, prepare  # noqa: E402
 from fusionsam_jax.data.sources import load_source  # noqa: E402
 

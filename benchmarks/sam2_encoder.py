@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from benchmarks.common import (define_number_list, define_profile_calls,  # noqa: E402
                                environment, flag_namespace, jax_mode, profile_calls,
                                write_json)
-from fusionsam_jax.cli_common import run_cli  # noqa: E402
+from fusionsam_jax.cli.driver import run_cli  # noqa: E402
 
 
 def _median_ms(fn, sync, iters, warmup):

@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.train_runs import (make_pth, open_scratch, run, tiny_pth,  # noqa: E402
                                    user_path_commands)
-from fusionsam_jax.cli_common import parse_flags_or_exit  # noqa: E402
+from fusionsam_jax.cli.driver import parse_flags_or_exit  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "JSON output (the stage's metrics.jsonl is copied "
                            "beside it as <out>_metrics.jsonl)")

@@ -137,7 +137,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if _ONE.value:
-    from fusionsam_jax.cli_common import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
+    from fusionsam_jax.cli.driver import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
     enable_compilation_cache(DEFAULT_COMPILATION_CACHE if _CACHE.value == "default"
                              else _CACHE.value)
     print("RESULT " + json.dumps(time_stage(config, _WORKDIR.value, _ONE.value, _STEPS.value)),

@@ -34,7 +34,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from fusionsam_jax.cli_common import (DEFAULT_COMPILATION_CACHE, EXIT_CONFIG, EXIT_ERROR,
+from fusionsam_jax.cli.driver import (DEFAULT_COMPILATION_CACHE, EXIT_CONFIG, EXIT_ERROR,
                                       EXIT_NONFINITE, EXIT_USAGE, enable_compilation_cache,
                                       parse_flags_or_exit, quiet_logs)
 

@@ -39,7 +39,7 @@ import sys
 
 import numpy as np
 
-from fusionsam_jax.fsutil import atomic_file
+from fusionsam_jax.inference import OUTPUT_DIRS, Predictor, overlay, write_outputs  # noqa: F401
 
 
 class InputError(ValueError):
@@ -160,109 +160,6 @@ def samples_from_dir(root: str, dataset: str, modalities: tuple[str, ...],
   return samples_from_files(files, modalities, grey_policy, source=f"--input_dir {root}")
 
 
-def _write_png_atomic(path: str, arr: np.ndarray) -> None:
-  from fusionsam_jax.data.io import write_png
-  with atomic_file(path) as tmp:
-    write_png(tmp, arr)
-
-
-class Predictor:
-  """A trained run, ready to segment samples: ``Predictor(workdir)(element) -> outputs``."""
-
-  def __init__(self, workdir: str, checkpoint: str | int = "best", config=None):
-    import jax
-    from fusionsam_jax import experiment, workdir as W
-    from fusionsam_jax.data.info import get_info
-    from fusionsam_jax.models.functional import predict_fn
-    self.config = config if config is not None else W.load_config(workdir)
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    ctx = experiment.context(self.config, workdir, mesh=mesh, data=False, progress=False)
-    self.model = ctx.model
-    self.params, self.step, self.which = experiment.restore_params(
-        self.config, workdir, checkpoint, ctx=ctx)
-    self.info = get_info(self.config.dataset)
-    self.modalities = tuple(self.config.model.modalities)
-    self.pad_multiple = int(self.config.eval.pad_multiple)
-    self._predict = jax.jit(predict_fn(self.model))
-
-  def __call__(self, element: dict) -> dict:
-    """element: modality -> uint8 (H, W, C). Returns pred (H, W) int32, fused (H, W, 3)
-    uint8, prob (H, W) float (saliency) -- cropped to the input size."""
-    import jax
-    h, w = element[self.modalities[0]].shape[:2]
-    m = self.pad_multiple
-    th, tw = -(-h // m) * m, -(-w // m) * m
-    batch = {}
-    for k in self.modalities:
-      a = np.asarray(element[k])
-      a = a[..., None] if a.ndim == 2 else a
-      batch[k] = np.pad(a, [(0, th - h), (0, tw - w), (0, 0)])[None]
-    out = jax.device_get(self._predict(self.params, batch))
-    res = {"pred": np.asarray(out["pred"])[0, :h, :w].astype(np.int32),
-           "fused": np.round(np.clip(np.asarray(out["fused"])[0, :h, :w], 0, 1) * 255
-                             ).astype(np.uint8)}
-    if self.config.model.task == "saliency":
-      logits = np.asarray(out["logits"], np.float32)[0, :h, :w]
-      e = np.exp(logits - logits.max(-1, keepdims=True))
-      res["prob"] = (e / e.sum(-1, keepdims=True))[..., 1]
-    return res
-
-  def write(self, name: str, element: dict, out_dir: str) -> list[str]:
-    """Segments `element` and writes its outputs (`write_outputs`); returns the paths."""
-    return write_outputs(out_dir, name, self(element), element, self.info.palette)
-
-
-#: Output sub-folders of `predict`, each holding ``<name>.png`` (the ground truth's name).
-OUTPUT_DIRS = ("labels", "color", "overlay", "fused", "saliency")
-
-
-def overlay(base: np.ndarray, pred: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
-  """The palette colours of `pred` blended over `base` (uint8 (H, W, 3)) with weight
-  `alpha`; class 0 (unlabeled / background) is left unblended, so the scene stays visible."""
-  from fusionsam_jax.data.io import to_rgb
-  base = to_rgb(np.asarray(base), "overlay base")
-  lut = np.zeros((256, 3), np.uint8)
-  lut[:len(palette)] = np.asarray(palette, np.uint8)
-  pred = np.asarray(pred)
-  color = lut[pred.astype(np.uint8)].astype(np.float32)
-  mixed = np.round((1 - alpha) * base.astype(np.float32) + alpha * color).astype(np.uint8)
-  return np.where((pred == 0)[..., None], base, mixed)
-
-
-def write_outputs(out_dir: str, name: str, res: dict, element: dict, palette) -> list[str]:
-  """Writes one sample's outputs, each atomically, as ``OUT/<kind>/<name>.png``:
-
-  * ``labels/``: class ids (single channel, 0..K-1): the ground truth's format and name, so
-    ``python -m fusionsam_jax.metrics.miou --pred_dir OUT/labels --gt_dir GT`` reads them;
-  * ``color/``: the prediction in the dataset's palette;
-  * ``overlay/``: the palette colours blended over the RGB input (or the fused image), class 0
-    left unblended;
-  * ``fused/``: the fused image (RGB);
-  * ``saliency/`` (saliency task): the salient-class probability x 255, for
-    ``python -m fusionsam_jax.metrics.sod --pred_dir OUT/saliency``.
-
-  `res` is `Predictor.__call__`'s result (pred, fused [, prob]).
-  """
-  pred = np.asarray(res["pred"])
-  if pred.min(initial=0) < 0 or pred.max(initial=0) > 255:
-    raise ValueError(f"{name}: class ids outside 0..255 cannot be written as 8-bit PNG")
-  lut = np.zeros((256, 3), np.uint8)
-  lut[:len(palette)] = np.asarray(palette, np.uint8)
-  base = element["rgb"] if "rgb" in element else res["fused"]
-  files = {"labels": pred.astype(np.uint8), "color": lut[pred.astype(np.uint8)],
-           "overlay": overlay(base, pred, palette), "fused": res["fused"]}
-  if "prob" in res:
-    files["saliency"] = np.round(np.clip(res["prob"], 0, 1) * 255).astype(np.uint8)
-  paths = []
-  for kind, arr in files.items():
-    d = os.path.join(out_dir, kind)
-    os.makedirs(d, exist_ok=True)
-    p = os.path.join(d, f"{name}.png")
-    _write_png_atomic(p, arr)
-    paths.append(p)
-  return paths
-
-
 def check_out_dir(out_dir: str) -> None:
   """Raises InputError unless `out_dir` is a folder or can be made one: not an existing file
   (nor under one), and its nearest existing ancestor is writable."""
@@ -317,7 +214,7 @@ def define_flags(fv) -> dict:
 
 
 def _main(f, rest) -> int:
-  from fusionsam_jax.cli_common import UsageError
+  from fusionsam_jax.cli.driver import UsageError
   inputs = list(f["inputs"].value)
   if rest and not inputs:
     raise UsageError(f"unexpected arguments: {' '.join(rest)}")
@@ -327,7 +224,7 @@ def _main(f, rest) -> int:
   if f["split"].value and not f["input_dir"].value:
     raise UsageError("--split needs --input_dir")
   from fusionsam_jax import experiment, workdir as W
-  from fusionsam_jax.cli_common import quiet_logs
+  from fusionsam_jax.cli.driver import quiet_logs
   from fusionsam_jax.models.sam.checkpoint import CheckpointError
   from fusionsam_jax.data import DatasetError
   quiet_logs()
@@ -365,7 +262,7 @@ def _main(f, rest) -> int:
 
 def main(argv=None) -> int:
   """``python -m fusionsam_jax.predict``; `argv` without the program name."""
-  from fusionsam_jax.cli_common import run_cli
+  from fusionsam_jax.cli.driver import run_cli
   return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.predict",
                  doc=__doc__, required=("workdir", "out"), positional=True)
 

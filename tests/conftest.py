@@ -16,7 +16,7 @@ os.environ["XLA_FLAGS"] = " ".join(filter(None, [
 
 import jax  # noqa: E402
 
-from fusionsam_jax.cli_common import backfill_cache_atimes
+from fusionsam_jax.cli.driver import backfill_cache_atimes
 
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       ".pytest_jax_cache")

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fusionsam_jax import baseline
+from fusionsam_jax.cli import baseline
 from fusionsam_jax.data.generate import generate_scene
 from fusionsam_jax.evaluators import sam_zero_shot as Z
 from fusionsam_jax.models.sam.sam import SAM_PRESETS
@@ -160,11 +160,9 @@ def test_class_map_and_scores(sams):
 
 
 def test_cli_errors_in_one_line(tmp_path, capsys):
-  f = {k: types.SimpleNamespace(value=v) for k, v in dict(
-      workdir=str(tmp_path / "none"), split=None, checkpoint="best", prompt="box+point",
-      min_area=1, sam_checkpoint=None, out=None, sam2_checkpoint=None).items()}
-  assert baseline.main(["baseline"], f) == 1
+  assert baseline.main(["--workdir", str(tmp_path / "none")]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error:") and "config.json" in err[0]
-  f["workdir"].value = None
-  assert baseline.main(["baseline"], f) == 2
+  assert baseline.main([]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--workdir is required" in err[0]

@@ -1,5 +1,5 @@
 """The benchmark scripts' absl flags: every command that the docs show for a script on
-`fusionsam_jax.cli_common.run_cli` (its docstring, README.md, docs/*.md) parses with that
+`fusionsam_jax.cli.driver.run_cli` (its docstring, README.md, docs/*.md) parses with that
 script's flags, and comma-separated number lists parse as documented. Nothing is run."""
 
 import glob
@@ -11,7 +11,7 @@ import shlex
 import pytest
 from absl import flags
 
-from fusionsam_jax.cli_common import EXIT_USAGE
+from fusionsam_jax.cli.driver import EXIT_USAGE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {}

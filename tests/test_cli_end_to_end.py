@@ -75,7 +75,7 @@ def test_compile_time_is_reported_per_stage_and_per_run(trained):
 def test_evaluation_after_training_equals_a_fresh_restore(trained):
   """The train CLI evaluates the best checkpoint restored into its trained params; the
   evaluate CLI restores it into a fresh seeded init: the same numbers."""
-  from fusionsam_jax import evaluate as ev
+  from fusionsam_jax.cli import evaluate as ev
   work = trained["work"]
   after = json.load(open(work / "eval_test_best.json"))
   os.rename(work / "eval_test_best.json", work / "eval_test_best.train.json")
@@ -119,7 +119,7 @@ def test_tokenizer_stage_reports_codebook_use_on_val(trained):
 
 def _eval_latest(work):
   """The evaluate result of the fixture's run at its latest checkpoint (made once)."""
-  from fusionsam_jax import evaluate as ev
+  from fusionsam_jax.cli import evaluate as ev
   path = work / "eval_test_latest.json"
   if not path.exists():
     assert ev.run(None, str(work), "latest", "test") == 0
@@ -127,7 +127,7 @@ def _eval_latest(work):
 
 
 def test_predict_outputs_chain_into_metric_cli(trained, capsys):
-  from fusionsam_jax import evaluate as ev
+  from fusionsam_jax.cli import evaluate as ev
   from fusionsam_jax import predict
   from fusionsam_jax.data.info import MFNET
   from fusionsam_jax.data.io import read_image
@@ -179,7 +179,7 @@ def test_cudnn_bf16_workdir_runs_on_cpu(trained, tmp_path):
   and evaluates on this CPU: XLA attention instead, said once; --encoder_dtype float32 gives
   the numbers of the float32 / XLA run it was trained as."""
   import shutil
-  from fusionsam_jax import evaluate as ev
+  from fusionsam_jax.cli import evaluate as ev
   work = trained["work"]
   ref = _eval_latest(work)
   gpu = tmp_path / "gpu_run"
@@ -243,7 +243,7 @@ def test_rerun_skips_completed_stages(trained, capsys):
 
 
 def test_different_config_in_workdir_is_refused(trained, capsys):
-  from fusionsam_jax import train
+  from fusionsam_jax.cli import train
   cfg = tiny_config(trained["data"])
   cfg.train.stages.segmentation.lr = 0.5
   assert train.run(cfg, str(trained["work"]), progress=False) == 4
@@ -259,7 +259,7 @@ def test_evaluate_without_checkpoint_fails(tmp_path):
 
 
 def test_unknown_lr_schedule_is_refused_before_any_work(tmp_path, capsys):
-  from fusionsam_jax import train
+  from fusionsam_jax.cli import train
   from _cli_helpers import tiny_config
   c = tiny_config(tmp_path / "data")
   c.train.stages.segmentation.lr_schedule = "linear"
@@ -271,7 +271,7 @@ def test_unknown_lr_schedule_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_missing_dataset_and_sam_weights_messages(tmp_path, capsys):
-  from fusionsam_jax import train
+  from fusionsam_jax.cli import train
   import importlib.util
   spec = importlib.util.spec_from_file_location(
       "mfnet_cfg", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
@@ -296,7 +296,7 @@ def test_missing_dataset_and_sam_weights_messages(tmp_path, capsys):
 def test_nonfinite_loss_stops_with_step_and_term(trained, tmp_path, capsys):
   import shutil
   import jax.numpy as jnp
-  from fusionsam_jax import train
+  from fusionsam_jax.cli import train
 
   def inject_nan(stage, step_fn):  # a fusion loss term turns NaN at update 2
     if stage != "fusion":
@@ -355,7 +355,7 @@ def test_zero_shot_baseline_on_the_trained_run(trained, tmp_path, capsys):
   """Fig. 7a: `python -m fusionsam_jax.baseline` on the run (a random tiny SAM checkpoint:
   the demo has no official weights), table + JSON with the oracle note and a SAM 2 slot."""
   import jax
-  from fusionsam_jax import baseline
+  from fusionsam_jax.cli import baseline
   from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam
   from fusionsam_jax.models.sam.checkpoint import save_sam_checkpoint
   ckpt = tmp_path / "sam_tiny"
@@ -416,7 +416,7 @@ def test_corrupt_final_checkpoint_of_a_finished_stage_is_moved_aside_and_retrain
   the checkpoint goes to checkpoints/tokenizer_corrupt (said in one line), the stage is
   trained again in the same run, the later stages are kept, and the run's params are
   bitwise those of the uninterrupted run. An orphan of a killed run is removed, said."""
-  from fusionsam_jax import train
+  from fusionsam_jax.cli import train
   work = _copy_run(trained, tmp_path / "w", cache=True)
   _truncate_arrays(work / "checkpoints" / "tokenizer" / "4")
   (work / "config.json.tmp-4242").write_text("{")
@@ -444,7 +444,7 @@ def test_failed_config_change_leaves_the_workdir_as_it_was(trained, tmp_path, ca
   """--allow_config_change with a model the checkpoints do not fit: exit 4, one line
   naming the stage and param; config.json untouched, no checkpoint quarantined (also
   those of an unfinished stage)."""
-  from fusionsam_jax import train
+  from fusionsam_jax.cli import train
   work = _copy_run(trained, tmp_path / "w")
   (work / "checkpoints" / "segmentation" / "STAGE_DONE.json").unlink()  # unfinished stage
   before = (work / "config.json").read_bytes()

@@ -41,7 +41,7 @@ def _define(fv):
 
 
 def _cli(argv, **kw):
-  from fusionsam_jax.cli_common import run_cli
+  from fusionsam_jax.cli.driver import run_cli
   seen = {}
 
   def body(f, rest):

@@ -1,5 +1,5 @@
 """The train CLI re-runs itself once with glibc's huge-page tunable where the kernel gives
-transparent huge pages on request (`cli_common.reexec_with_huge_pages`)."""
+transparent huge pages on request (`driver.reexec_with_huge_pages`)."""
 
 import os
 import platform
@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from fusionsam_jax import cli_common
+from fusionsam_jax.cli import driver
 
 
 @pytest.fixture
 def calls(tmp_path, monkeypatch):
   thp = tmp_path / "enabled"
   thp.write_text("always [madvise] never\n")
-  monkeypatch.setattr(cli_common, "THP_ENABLED", str(thp))
+  monkeypatch.setattr(driver, "THP_ENABLED", str(thp))
   monkeypatch.setattr(sys, "platform", "linux")
   monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
   monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "fusionsam_jax.train", "--x=1"],
@@ -27,7 +27,7 @@ def calls(tmp_path, monkeypatch):
 
 
 def test_reexec_adds_the_tunable_and_keeps_the_command(calls):
-  cli_common.reexec_with_huge_pages()
+  driver.reexec_with_huge_pages()
   [(path, argv, env)] = calls["seen"]
   assert path == sys.executable
   assert argv == [sys.executable, "-m", "fusionsam_jax.train", "--x=1"]
@@ -36,7 +36,7 @@ def test_reexec_adds_the_tunable_and_keeps_the_command(calls):
 
 def test_reexec_appends_to_existing_tunables(calls, monkeypatch):
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-  cli_common.reexec_with_huge_pages()
+  driver.reexec_with_huge_pages()
   assert calls["seen"][0][2]["GLIBC_TUNABLES"] == (
       "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
 
@@ -58,5 +58,5 @@ def test_no_reexec(calls, monkeypatch, case):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
   elif case == "no_thp_file":
     calls["thp"].unlink()
-  cli_common.reexec_with_huge_pages()
+  driver.reexec_with_huge_pages()
   assert calls["seen"] == []

@@ -1,10 +1,10 @@
-"""The CLIs' persistent compilation cache with a size limit (cli_common): JAX's own LRU cache
+"""The CLIs' persistent compilation cache with a size limit (cli.driver): JAX's own LRU cache
 then reads an access-time file for every entry on each write, so entries written without a
 limit (no access-time file) must be given one first."""
 
 import pytest
 
-from fusionsam_jax.cli_common import backfill_cache_atimes
+from fusionsam_jax.cli.driver import backfill_cache_atimes
 
 
 def test_backfilled_cache_accepts_writes_with_eviction_on(tmp_path):

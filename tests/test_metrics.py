@@ -14,6 +14,8 @@ from PIL import Image
 
 from fusionsam_jax.metrics import miou as miou_mod
 from fusionsam_jax.metrics import sod as sod_mod
+from fusionsam_jax.cli import miou as miou_cli
+from fusionsam_jax.cli import sod as sod_cli
 from fusionsam_jax.metrics.miou import ConfusionMatrix, confusion_matrix, format_iou_table
 from fusionsam_jax.metrics.sod import SODMetrics
 
@@ -174,7 +176,7 @@ def label_dirs(tmp_path):
 def test_miou_cli(label_dirs, capsys):
   root, preds, labels = label_dirs
   out = root / "res" / "miou.json"
-  rc = miou_mod.main(["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"),
+  rc = miou_cli.main(["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"),
                       "--num_classes", "4", "--json", str(out),
                       "--class_names", "bg,car,person,bike"])
   assert rc == 0
@@ -197,24 +199,24 @@ def test_miou_cli_errors(label_dirs, capsys):
   args = ["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"), "--num_classes", "4"]
   # size mismatch: a prediction is not resized, the file is named
   _save(root / "pred" / "00001.png", np.zeros((26, 35)))
-  assert miou_mod.main(args) != 0
+  assert miou_cli.main(args) != 0
   assert "00001.png" in capsys.readouterr().err
   # missing prediction
   os.remove(root / "pred" / "00001.png")
-  assert miou_mod.main(args) != 0
+  assert miou_cli.main(args) != 0
   assert "00001.png" in capsys.readouterr().err
   # extra prediction
   _save(root / "pred" / "00001.png", np.zeros((25, 35)))
   _save(root / "pred" / "extra.png", np.zeros((25, 35)))
-  assert miou_mod.main(args) != 0
+  assert miou_cli.main(args) != 0
   assert "extra.png" in capsys.readouterr().err
   os.remove(root / "pred" / "extra.png")
   # label value beyond num_classes
-  assert miou_mod.main(args[:-1] + ["3"]) != 0
+  assert miou_cli.main(args[:-1] + ["3"]) != 0
   assert "wrong num_classes" in capsys.readouterr().err
   # colour label images are refused
   _save(root / "gt" / "00002.png", np.zeros((30, 40, 3)), mode="RGB")
-  assert miou_mod.main(args) != 0
+  assert miou_cli.main(args) != 0
   assert "00002.png" in capsys.readouterr().err
 
 
@@ -338,7 +340,7 @@ def test_sod_normalized_input_and_corner_case():
 def test_sod_cli(tmp_path, capsys):
   out = tmp_path / "sod.json"
   args = ["--pred_dir", str(GOLDEN / "preds"), "--gt_dir", str(GOLDEN / "masks")]
-  assert sod_mod.main(args + ["--json", str(out)]) == 0
+  assert sod_cli.main(args + ["--json", str(out)]) == 0
   res = json.loads(out.read_text())
   ref, _ = _pysod_results(_golden_pairs()[1])
   for k in sod_mod.RESULT_KEYS:
@@ -350,7 +352,7 @@ def test_sod_cli(tmp_path, capsys):
   (tmp_path / "g").mkdir()
   _save(tmp_path / "p" / "a.png", np.zeros((10, 12)))
   _save(tmp_path / "g" / "a.png", np.zeros((12, 10)))
-  assert sod_mod.main(["--pred_dir", str(tmp_path / "p"), "--gt_dir", str(tmp_path / "g")]) != 0
+  assert sod_cli.main(["--pred_dir", str(tmp_path / "p"), "--gt_dir", str(tmp_path / "g")]) != 0
   assert "a.png" in capsys.readouterr().err
 
 
@@ -393,22 +395,22 @@ def test_palette_pngs_are_read_as_class_ids_or_refused(tmp_path, capsys):
   args = ["--pred_dir", str(tmp_path / "p"), "--gt_dir", str(tmp_path / "gt"),
           "--num_classes", "9", "--json", str(tmp_path / "r.json")]
   # without the dataset palette: refused, the file named
-  assert miou_mod.main(args) == 1
+  assert miou_cli.main(args) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "p/a.png" in err[0] and "palette" in err[0], err
   # with it, the colours are mapped to their class ids: the true confusion matrix
-  assert miou_mod.main(args + ["--dataset", "mfnet"]) == 0
+  assert miou_cli.main(args + ["--dataset", "mfnet"]) == 0
   assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == ref.matrix.tolist()
   # a palette that is the dataset's own (index i = class i) or a grey ramp: indices are ids
   _palette_png(tmp_path / "p" / "a.png", pred, pal)
-  assert miou_mod.main(args + ["--dataset", "mfnet"]) == 0
+  assert miou_cli.main(args + ["--dataset", "mfnet"]) == 0
   assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == ref.matrix.tolist()
   _palette_png(tmp_path / "p" / "a.png", pred, [(i, i, i) for i in range(9)])
-  assert miou_mod.main(args) == 0
+  assert miou_cli.main(args) == 0
   assert json.loads((tmp_path / "r.json").read_text())["confusion_matrix"] == ref.matrix.tolist()
   # --palette_indices: counted as they are
   _palette_png(tmp_path / "p" / "a.png", perm[pred], colours)
-  assert miou_mod.main(args + ["--palette_indices"]) == 0
+  assert miou_cli.main(args + ["--palette_indices"]) == 0
   capsys.readouterr()
   bad = ConfusionMatrix(9)
   bad.update(perm[pred], gt)
@@ -422,7 +424,7 @@ def test_bad_ground_truth_value_names_the_ground_truth(label_dirs, capsys):
   gt[0, 0] = 7
   name = sorted(os.listdir(root / "gt"))[0]
   _save(root / "gt" / name, gt)
-  assert miou_mod.main(["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"),
+  assert miou_cli.main(["--pred_dir", str(root / "pred"), "--gt_dir", str(root / "gt"),
                         "--num_classes", "4"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and str(root / "gt" / name) in err[0], err
@@ -436,6 +438,6 @@ def test_bad_split_list_is_one_line_naming_it(label_dirs, capsys):
   lst = root / "list.txt"
   for content, needle in ((b"00000\n\xff\n", "not UTF-8"), (b"../pred/00000\n", "out of")):
     lst.write_bytes(content)
-    assert miou_mod.main(args + ["--split_list", str(lst)]) == 1
+    assert miou_cli.main(args + ["--split_list", str(lst)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(lst) in err[0] and needle in err[0], err

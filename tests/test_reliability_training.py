@@ -127,7 +127,7 @@ def test_train_usage_errors_are_one_line_exit_2(tmp_path, args, expect):
 def test_unwritable_workdir_is_a_usage_error(tmp_path, monkeypatch, capsys):
   """A read-only workdir (simulated: EROFS at the first write; root ignores file modes) ->
   exit 2, one line; a real read-only folder when not root."""
-  from fusionsam_jax import train
+  from fusionsam_jax.cli import train
   from fusionsam_jax import workdir as W
   cfg = tiny_config(tmp_path / "data")
   ro = tmp_path / "ro"

@@ -13,25 +13,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fusionsam_jax.cli import driver, convert_sam2  # noqa: E402
 
-def define_flags(fv) -> dict:
-  from fusionsam_jax.cli_common import converter_flags
-  return converter_flags(fv, "SAM 2 .pt", "auto|hiera_t|hiera_s|hiera_b+|hiera_l")
-
-
-def _main(f, _) -> int:
-  from fusionsam_jax.cli_common import run_converter
-  from fusionsam_jax.models.sam2.checkpoint import CheckpointError, convert_file
-  from fusionsam_jax.models.sam2.sam2 import preset_name
-  return run_converter(f, convert_file, CheckpointError, preset_name)
-
-
-def main(argv=None) -> int:
-  from fusionsam_jax.cli_common import run_cli
-  return run_cli(define_flags, _main, argv, prog="python tools/convert_sam2_weights.py",
-                 doc=__doc__, required=("checkpoint", "output"))
-
+main = convert_sam2.main
 
 if __name__ == "__main__":
-  from fusionsam_jax.cli_common import exit_now
-  exit_now(main())
+  driver.main(convert_sam2)

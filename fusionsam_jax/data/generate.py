@@ -525,7 +525,7 @@ def _main(f, _) -> int:
 
 def main(argv=None) -> int:
   """``python -m fusionsam_jax.data.generate``; `argv` without the program name."""
-  from fusionsam_jax.cli_common import run_cli
+  from fusionsam_jax.cli.driver import run_cli
   return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.data.generate",
                  doc="Write a generated multimodal scene set in an official dataset layout.",
                  required=("layout", "out"))

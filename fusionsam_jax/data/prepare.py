@@ -150,7 +150,7 @@ def _main(f, _) -> int:
 
 def main(argv=None) -> int:
   """``python -m fusionsam_jax.data.prepare``; `argv` without the program name."""
-  from fusionsam_jax.cli_common import run_cli
+  from fusionsam_jax.cli.driver import run_cli
   return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.data.prepare",
                  doc="Validate a manually downloaded (or generated) dataset and write it as "
                      "TFDS ArrayRecord files.", required=("dataset", "manual_dir", "data_dir"))

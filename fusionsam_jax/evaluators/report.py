@@ -474,29 +474,25 @@ def report_dir_for(result_path: str) -> str:
   return os.path.join(d, f"report_{stem}")
 
 
-def write_evaluation_report(config, workdir: str, result: Mapping, *,
+def write_evaluation_report(config, workdir: str, result: Mapping, *, predictor=None,
                             checkpoint: str | int = "best", num_samples: int = 4,
-                            seed: int = 0, predictor=None, out_dir: str | None = None
-                            ) -> dict[str, str]:
+                            seed: int = 0, out_dir: str | None = None) -> dict[str, str]:
   """The report of one `experiment.evaluate` result, next to its JSON (``result["path"]``):
   ``WORKDIR/report_<split>_<ckpt>/report.html``. The qualitative samples are a fixed,
-  seeded choice (`select_samples`) of the split, predicted with `predictor` (default: a
-  `fusionsam_jax.predict.Predictor` of `checkpoint`; pass the evaluation's own to skip a
-  second restore and compile)."""
-  from fusionsam_jax import experiment
+  seeded choice (`select_samples`) of the split, segmented with `predictor` (an
+  `inference.Predictor` of the run's `checkpoint`; needed when `num_samples` > 0)."""
   from fusionsam_jax.data.info import get_info
+  from fusionsam_jax.data.spec import ensure_data
   workdir = os.fspath(workdir)
   info = get_info(config.dataset)
   samples = []
   if num_samples > 0:
-    from fusionsam_jax.data.spec import ensure_data
     spec = ensure_data(config, say=lambda m: None)
     source = spec.source(result.get("split", config.eval.split))
     idx = select_samples(len(source), num_samples, seed)
     if idx:
       if predictor is None:
-        from fusionsam_jax.predict import Predictor
-        predictor = Predictor(workdir, checkpoint, config=config)
+        raise ValueError("write_evaluation_report: samples need a predictor")
       samples = samples_from_source(source, idx, predictor, tuple(config.model.modalities))
   if out_dir is None:
     out_dir = report_dir_for(result["path"]) if result.get("path") else os.path.join(
@@ -506,66 +502,6 @@ def write_evaluation_report(config, workdir: str, result: Mapping, *,
                       else None, samples=samples, palette=info.palette)
 
 
-# -- CLI ---------------------------------------------------------------------------------------
-
-
-def _checkpoint_of(result: Mapping) -> str | int:
-  """The checkpoint an evaluation JSON names: "best", "latest" or "step N" -> N."""
-  c = str(result.get("checkpoint", "best"))
-  return int(c.split()[-1]) if c.startswith("step ") else c
-
-
-def define_flags(fv=None) -> dict:
-  """The flags, on `fv` (absl FlagValues; None: the global ones)."""
-  from absl import flags
-  d = {} if fv is None else dict(flag_values=fv)
-  return {
-      "workdir": flags.DEFINE_string("workdir", None, "training run folder", **d),
-      "result": flags.DEFINE_string("result", "eval_test_best.json",
-                                    "evaluation JSON (relative to --workdir, or a path)", **d),
-      "out": flags.DEFINE_string("out", None, "output folder (None: report_<split>_<ckpt> "
-                                 "next to the JSON)", **d),
-      "samples": flags.DEFINE_integer("samples", 4, "images in the qualitative grid", **d),
-      "seed": flags.DEFINE_integer("seed", 0, "seed of the choice of images", **d),
-  }
-
-
-def main(argv, f) -> int:
-  """Re-draws the report of an existing evaluation JSON (no re-evaluation)."""
-  import sys
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
-    return 2
-  if not f["workdir"].value:
-    print("error: --workdir is required", file=sys.stderr)
-    return 2
-  from fusionsam_jax import experiment
-  from fusionsam_jax.cli_common import quiet_logs
-  from fusionsam_jax.data import DatasetError
-  quiet_logs()
-  workdir = f["workdir"].value
-  path = f["result"].value
-  if not os.path.isabs(path) and not os.path.exists(path):
-    path = os.path.join(workdir, path)
-  try:
-    with open(path) as fh:
-      result = dict(json.load(fh), path=path)
-    from fusionsam_jax import workdir as W
-    config = W.load_config(workdir)
-    paths = write_evaluation_report(config, workdir, result,
-                                    checkpoint=_checkpoint_of(result),
-                                    num_samples=f["samples"].value, seed=f["seed"].value,
-                                    out_dir=f["out"].value)
-  except (OSError, ValueError, experiment.SetupError, DatasetError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {paths['report']}")
-  return 0
-
-
-if __name__ == "__main__":
-  import sys as _sys
-  from fusionsam_jax.cli_common import run_cli
-  _sys.exit(run_cli(define_flags, lambda f, rest: main(["report"] + rest, f),
-                    prog="python -m fusionsam_jax.evaluators.report", doc=__doc__,
-                    positional=True))
+if __name__ == "__main__":   # python -m fusionsam_jax.evaluators.report
+  from fusionsam_jax.cli import driver, report
+  driver.main(report)

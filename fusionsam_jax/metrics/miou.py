@@ -29,12 +29,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from fusionsam_jax.fsutil import atomic_write_json
 
 __all__ = [
     "ConfusionMatrix",
@@ -180,7 +178,7 @@ class ConfusionMatrix:
 
   def summary(self, class_names: Sequence[str] | None = None) -> dict:
     """JSON-ready dict (nan written as ``None``)."""
-    names = _class_names(class_names, self.num_classes)
+    names = class_names_for(class_names, self.num_classes)
     iou = self.iou()
     return {
         "num_classes": self.num_classes,
@@ -200,7 +198,7 @@ def _nan_to_none(v):
   return None if math.isnan(v) else v
 
 
-def _class_names(class_names, num_classes):
+def class_names_for(class_names, num_classes):
   if class_names is None:
     return [str(i) for i in range(num_classes)]
   names = [str(n) for n in class_names]
@@ -284,7 +282,7 @@ def format_iou_table(
   if len(sizes) != 1 or len(next(iter(sizes))) != 1:
     raise ValueError(f"every row must be a 1-D per-class IoU of one length, got {sizes}")
   num_classes = next(iter(sizes))[0]
-  names = _class_names(class_names, num_classes)
+  names = class_names_for(class_names, num_classes)
   shown = list(names) if columns is None else [str(c) for c in columns]
   missing = [c for c in shown if c not in names]
   if missing:
@@ -333,7 +331,7 @@ def paper_table_rows(
   from fusionsam_jax.data.info import paper_table
 
   cm = ConfusionMatrix.from_matrix(summary["confusion_matrix"])
-  names = _class_names(summary.get("class_names"), cm.num_classes)
+  names = class_names_for(summary.get("class_names"), cm.num_classes)
   name = dataset if dataset is not None else summary.get("dataset")
   table = None if name is None else paper_table(str(name))
   if table is not None and any(c not in names for c, _ in table.columns):
@@ -554,75 +552,6 @@ def evaluate_label_dirs(pred_dir, gt_dir, num_classes: int, ignore_index: int | 
   return cm
 
 
-def define_flags(fv) -> dict:
-  from absl import flags
-  d = dict(flag_values=fv)
-  return {
-      "pred_dir": flags.DEFINE_string(
-          "pred_dir", None, "predicted class-id PNGs (or a predict output folder: its labels/)",
-          **d),
-      "gt_dir": flags.DEFINE_string("gt_dir", None, "ground-truth class-id PNGs, same names",
-                                    **d),
-      "num_classes": flags.DEFINE_integer("num_classes", None, "number of classes C",
-                                          lower_bound=1, **d),
-      "ignore_index": flags.DEFINE_integer("ignore_index", 255, "label value not counted", **d),
-      "class_names": flags.DEFINE_string("class_names", None, "comma-separated, one per class",
-                                         **d),
-      "json": flags.DEFINE_string("json", None, "write the results here (atomically)", **d),
-      "split_list": flags.DEFINE_string(
-          "split_list", None, "only the ground truth named in this file (one name a line, e.g. "
-          "MFNet/test.txt)", **d),
-      "dataset": flags.DEFINE_string(
-          "dataset", None, "mfnet | fmb: print the paper's Table 1 / 2 columns and its row", **d),
-      "markdown": flags.DEFINE_bool("markdown", False, "print a Markdown table", **d),
-      "palette_indices": flags.DEFINE_bool(
-          "palette_indices", False, "count the indices of palette PNGs as class ids whatever "
-          "their palette (default: only a grey-ramp or the dataset's palette says so; colours "
-          "of the --dataset palette are mapped to their ids; others are refused)", **d),
-  }
-
-
-def _main(f, _) -> int:
-  num_classes, dataset = f["num_classes"].value, f["dataset"].value
-  try:
-    names = None if f["class_names"].value is None else [
-        s.strip() for s in f["class_names"].value.split(",")]
-    if names is not None:
-      _class_names(names, num_classes)
-    if names is None and dataset:
-      from fusionsam_jax.data.info import get_info
-      info = get_info(dataset)
-      if info.num_classes == num_classes:
-        names = list(info.class_names)
-    listed = None if f["split_list"].value is None else read_name_list(f["split_list"].value)
-    palette = None
-    if dataset:
-      from fusionsam_jax.data.info import get_info
-      palette = get_info(dataset).palette
-    cm = evaluate_label_dirs(prediction_dir(f["pred_dir"].value), f["gt_dir"].value,
-                             num_classes, f["ignore_index"].value, listed, palette=palette,
-                             palette_indices=f["palette_indices"].value)
-    summary = cm.summary(names)
-    summary["num_images"] = cm.num_updates
-    print(format_paper_table(summary, dataset=dataset, method="predictions",
-                             paper_row=dataset is not None, markdown=f["markdown"].value))
-    print(f"images: {cm.num_updates}")
-    if f["json"].value:
-      atomic_write_json(summary, f["json"].value)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
-
-
-def main(argv=None) -> int:
-  """``python -m fusionsam_jax.metrics.miou``; `argv` without the program name."""
-  from fusionsam_jax.cli_common import run_cli
-  return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.metrics.miou",
-                 doc="mIoU of predicted label PNGs against ground-truth label PNGs (files "
-                     "matched by name; one confusion matrix over all images).",
-                 required=("pred_dir", "gt_dir", "num_classes"))
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":   # python -m fusionsam_jax.metrics.miou
+  from fusionsam_jax.cli import driver, miou
+  driver.main(miou)

@@ -43,11 +43,9 @@ CLI::
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
-from fusionsam_jax.fsutil import atomic_write_json
 from fusionsam_jax.metrics.miou import matched_png_names, prediction_dir
 
 __all__ = [
@@ -376,45 +374,6 @@ def evaluate_sod_dirs(pred_dir, gt_dir, alpha: float = 0.5, beta2: float = 0.3) 
   return acc
 
 
-def define_flags(fv) -> dict:
-  from absl import flags
-  d = dict(flag_values=fv)
-  return {
-      "pred_dir": flags.DEFINE_string(
-          "pred_dir", None, "saliency PNGs (or a predict output folder: its saliency/)", **d),
-      "gt_dir": flags.DEFINE_string("gt_dir", None, "ground-truth mask PNGs, same names", **d),
-      "json": flags.DEFINE_string("json", None, "write the results here (atomically)", **d),
-      "curves": flags.DEFINE_bool("curves", False, "also write the 256-threshold curves "
-                                  "(ascending t) to the JSON", **d),
-  }
-
-
-def _main(f, _) -> int:
-  curves = f["curves"].value
-  try:
-    acc = evaluate_sod_dirs(prediction_dir(f["pred_dir"].value, "saliency"), f["gt_dir"].value)
-    res = acc.results(curves=curves)
-    print("  ".join(f"{k} {res[k]:.4f}" for k in RESULT_KEYS) + f"  images {res['num_images']}")
-    if f["json"].value:
-      out = {k: res[k] for k in RESULT_KEYS}
-      out["num_images"] = res["num_images"]
-      if curves:
-        out["curves"] = {k: v.tolist() for k, v in res["curves"].items()}
-      atomic_write_json(out, f["json"].value)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
-
-
-def main(argv=None) -> int:
-  """``python -m fusionsam_jax.metrics.sod``; `argv` without the program name."""
-  from fusionsam_jax.cli_common import run_cli
-  return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.metrics.sod",
-                 doc="S-measure, MAE, E-measure, F-measure (adaptive/mean/max) of saliency PNGs "
-                     "against GT PNGs (matched by filename), as PySODMetrics computes them.",
-                 required=("pred_dir", "gt_dir"))
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":   # python -m fusionsam_jax.metrics.sod
+  from fusionsam_jax.cli import driver, sod
+  driver.main(sod)

@@ -31,6 +31,7 @@ import numpy as np
 import flax.linen as nn
 
 from fusionsam_jax.fsutil import atomic_file
+from fusionsam_jax.models.sam.checkpoint import CheckpointError, tensor_to_numpy
 
 Array = jax.Array
 
@@ -226,3 +227,42 @@ class PerceptualLoss:
     obj = object.__new__(cls)
     obj.params = children[0]
     return obj
+
+
+def read_torch_state_dict(path: str) -> dict:
+  """Load ``path`` with torch (weights only) -> {key: float32 numpy array}. Raises."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  try:
+    import torch
+  except ImportError:
+    raise RuntimeError("PyTorch is needed to read .pth files: pip install torch "
+                       "(the 'convert' extra)") from None
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for bad / truncated files
+    full = str(e)
+    msg = full.splitlines()[0] if full else type(e).__name__
+    if "Weights only load failed" in msg and "GLOBAL" in full:
+      msg = "not a plain tensor checkpoint; refusing to unpickle arbitrary objects"
+    elif "Weights only load failed" in msg:
+      msg = "unpickling failed: not a PyTorch file"
+    elif len(msg) > 160:
+      msg = msg[:157] + "..."
+    raise ValueError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
+  if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    obj = obj["state_dict"]
+  if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
+    raise ValueError(f"{path} does not hold a state dict of tensors "
+                     f"(found {type(obj).__name__})")
+  sd = {}
+  for k, v in obj.items():
+    if isinstance(k, str) and k.startswith("features."):
+      try:   # NaN / Inf, int / bool / complex, sparse, empty: refused naming the key
+        sd[k] = tensor_to_numpy(torch, path, k, v)
+      except CheckpointError as e:
+        raise ValueError(str(e)) from None
+  if not sd:
+    raise ValueError(f"{path} has no 'features.*' tensors: not a torchvision VGG16 "
+                     f"state dict (first keys: {', '.join(list(obj)[:3])})")
+  return sd

@@ -1,4 +1,16 @@
-"""Shared bits of the command-line tools (no flag definitions here)."""
+"""The one driver of every command-line tool: absl flags, one-line errors, exit statuses.
+
+Every command (`fusionsam_jax.cli.COMMANDS`) is a module with ``define(fv) -> {name:
+FlagHolder}`` and ``body(f, args) -> exit status``; `run_cli` parses its flags on a private
+``absl.flags.FlagValues`` (``--config FILE[:variants]`` and ``--config.KEY=VALUE`` through
+ml_collections' `config_flags` where a command takes a config), prints usage errors as one
+line (exit 2) and turns the library's exceptions into one line and an exit status
+(`exit_status`): the library raises, this module prints.
+
+Exit statuses: 0 done; 1 bad input or setup (missing dataset or weights, no checkpoint, a
+damaged file, a full disk); 2 usage (a flag, config file, variant or key that does not exist,
+a workdir that cannot be used); 3 a non-finite loss; 4 a workdir made by another config.
+"""
 
 from __future__ import annotations
 
@@ -165,8 +177,7 @@ def run_cli(define, body, argv=None, *, prog: str, doc: str | None = None,
     except flags.Error as e:
       raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     except Exception as e:  # noqa: BLE001 -- a config flag's loader / overrides raise anything
-      msg = str(e).splitlines()[0] if str(e) else ""
-      raise UsageError(f"bad command line ({type(e).__name__}: {msg})") from None
+      raise UsageError(_config_error(e, argv)) from None
     if rest and not positional:
       raise UsageError(f"unexpected arguments: {' '.join(rest)}")
     missing = [n for n in required if holders[n].value in (None, "", [])]
@@ -177,6 +188,21 @@ def run_cli(define, body, argv=None, *, prog: str, doc: str | None = None,
   except UsageError as e:
     print(f"error: {e} (see --help)", file=sys.stderr)
     return EXIT_USAGE
+  except Exception as e:  # noqa: BLE001 -- the library's errors: one line (bugs re-raised)
+    return print_error(e)
+
+
+def _config_error(e: BaseException, argv: list[str]) -> str:
+  """A config file / ``--config.KEY`` failure as one line naming the flag and the key."""
+  msg = one_line(e)
+  if isinstance(e, (AttributeError, KeyError)):
+    key = str(e).strip("'\" ")
+    given = [a.split("=")[0] for a in argv
+             if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+    if given:
+      return (f"{', '.join(given)}: unknown config key {key!r} (see the config file for the "
+              "keys it has)")
+  return f"bad command line ({type(e).__name__}: {msg})"
 
 
 class captured_stderr:
@@ -231,27 +257,6 @@ def one_line(e: BaseException) -> str:
   return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
-def parse_flags_or_exit(argv: list[str]) -> list[str]:
-  """absl's flag parsing (``app.run(..., flags_parser=parse_flags_or_exit)``) with every
-  failure as one line on stderr and exit status 2 (usage): a bad value, an unknown flag, a
-  config file that does not load, an unknown config variant or ``--config.KEY``."""
-  import sys
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # noqa: BLE001 -- anything raised while parsing is a usage error
-    msg = one_line(e)
-    if isinstance(e, (AttributeError, KeyError)):
-      key = str(e).strip("'\" ")
-      given = [a.split("=")[0] for a in argv[1:]
-               if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-      if given:
-        msg = (f"{', '.join(given)}: unknown config key {key!r} (see the config file for "
-               "the keys it has)")
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
-
-
 def converter_flags(fv, what: str, variants: str) -> dict:
   """The flags of a weight converter CLI (tools/convert_*_weights.py)."""
   from absl import flags
@@ -299,3 +304,97 @@ def run_converter(f, convert_file, error_type, preset_name) -> int:
     return 1
   print(f"converted {ckpt} ({preset_name(cfg) or 'custom'}) -> {out}")
   return 0
+
+
+def os_error_line(e: OSError) -> str:
+  """An OSError as one line that says what to do (a full disk: free space, re-run)."""
+  import errno
+  if e.errno == errno.ENOSPC:
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"no space left on the device{where}; free some space (or move --workdir), then "
+            "re-run the same command: it resumes")
+  return str(e)
+
+
+def exit_status(e: BaseException) -> int | None:
+  """The exit status of a library exception a user can act on (None: a bug, re-raised).
+
+  One table for every command: config mismatches 4, non-finite losses 3, unusable workdirs
+  and usage errors 2, everything the user can fix (setup, data, checkpoints, values, files)
+  1."""
+  from fusionsam_jax.errors import SetupError, WorkdirError
+  from fusionsam_jax.training.checkpointing import CheckpointRestoreError
+  from fusionsam_jax.training.guards import ConfigMismatchError, NonFiniteLossError
+  if isinstance(e, UsageError):
+    return EXIT_USAGE
+  if isinstance(e, (ConfigMismatchError,)):
+    return EXIT_CONFIG
+  if isinstance(e, NonFiniteLossError):
+    return EXIT_NONFINITE
+  if isinstance(e, WorkdirError):
+    return EXIT_USAGE
+  if isinstance(e, (SetupError, CheckpointRestoreError, ValueError, OSError)):
+    from fusionsam_jax.training.checkpointing import CheckpointMismatchError
+    return EXIT_CONFIG if isinstance(e, CheckpointMismatchError) else EXIT_ERROR
+  return None
+
+
+def print_error(e: BaseException) -> int:
+  """Prints `e` as one ``error: ...`` line on stderr; returns its `exit_status` (re-raises
+  what is not a user error)."""
+  import sys
+  rc = exit_status(e)
+  if rc is None:
+    raise e
+  msg = os_error_line(e) if isinstance(e, OSError) else one_line(e)
+  print(f"error: {msg}", file=sys.stderr, flush=True)
+  return rc
+
+
+def config_flag(fv, help_string: str = "experiment config file (configs/*.py[:variant,...])"):
+  """``--config FILE[:variants]`` with ``--config.KEY=VALUE`` overrides, on `fv`."""
+  from ml_collections import config_flags
+  return config_flags.DEFINE_config_file("config", None, help_string, flag_values=fv)
+
+
+def loaded_config(holder):
+  """The config a `config_flag` holds, overrides normalised (`config_lib.normalize_overrides`;
+  None when not given). A config file that does not load raises `UsageError`."""
+  from fusionsam_jax.config_lib import normalize_overrides
+  try:
+    config = holder.value
+    if config is not None:
+      config.keys()   # ml_collections defers a loader's error to the first access
+  except Exception as e:  # noqa: BLE001 -- a config file's loader raises anything
+    raise UsageError(f"--config: {one_line(e)}") from None
+  return None if config is None else normalize_overrides(config)
+
+
+def run(module, argv=None) -> int:
+  """Runs command `module` (its `define`, `body`, docstring) on `argv` (None: the process's
+  arguments); returns its exit status."""
+  prog = f"python -m {getattr(module, 'ALIAS', module.__name__)}"
+  return run_cli(module.define, module.body, argv, prog=prog, doc=module.__doc__,
+                 required=getattr(module, "REQUIRED", ()),
+                 positional=getattr(module, "POSITIONAL", False))
+
+
+def main(module, argv=None) -> None:
+  """`run` as a program: exits with the command's status. A command marked ``HEAVY``
+  (it compiles) re-executes once with huge pages first (`reexec_with_huge_pages`); one
+  marked ``EXIT_NOW`` ends without interpreter shutdown after a failure (`exit_now`)."""
+  import sys
+  if getattr(module, "HEAVY", False):
+    reexec_with_huge_pages()
+  rc = run(module, argv)
+  if getattr(module, "EXIT_NOW", False):
+    exit_now(rc)
+  sys.exit(rc)
+
+
+def compilation_cache_flag(fv):
+  """``--compilation_cache DIR`` ('' = off), for the commands that compile."""
+  from absl import flags
+  return flags.DEFINE_string(
+      "compilation_cache", DEFAULT_COMPILATION_CACHE, "JAX persistent compilation cache "
+      "folder ('' = off): a second run loads its compiled programs", flag_values=fv)

@@ -1,0 +1,94 @@
+r"""Train FusionSAM: tokenizers -> fusion -> segmentation, each stage resumable.
+
+    python -m fusionsam_jax.train --config configs/mfnet.py --workdir runs/mfnet
+    python -m fusionsam_jax.train --config configs/demo.py --workdir runs/demo
+    python -m fusionsam_jax.train --config configs/mfnet.py:tiny --workdir /tmp/smoke \
+        --config.train.batch_size=8
+
+Re-running the same command resumes: complete stages are skipped, an interrupted stage
+continues from its latest checkpoint (params, optimizer state, step, RNG, data-iterator
+position). Logs: ``WORKDIR/metrics.jsonl`` and TensorBoard (``tensorboard --logdir
+WORKDIR/tensorboard``). When training ends, the best checkpoint (by val mIoU) is evaluated on
+``config.eval.split`` (default test) and the IoU table is printed.
+
+Exit status: 0 done; 1 bad input / setup (missing dataset or SAM weights, the workdir in use
+by another run, disk full, ...); 2 usage (a flag, config file, variant or key that does not
+exist; a workdir that is a file or not writable); 3 non-finite loss (the message names the step and the loss term; nothing after the last good
+checkpoint is kept); 4 the workdir was made by a different config.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from fusionsam_jax.cli import driver
+
+ALIAS = "fusionsam_jax.train"
+HEAVY = True
+
+
+def run(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
+        step_hook=None) -> int:
+  """Trains; returns the exit status (prints errors). `step_hook`: see `experiment.train`."""
+  from fusionsam_jax import experiment
+  from fusionsam_jax.jit_utils import CompileClock
+  from fusionsam_jax.training.guards import NonFiniteLossError
+  clock = CompileClock()
+  compiled_before = clock.snapshot()
+  try:
+    result = experiment.train(config, workdir, allow_config_change=allow_config_change,
+                              progress=progress, step_hook=step_hook)
+  except NonFiniteLossError as e:
+    # The learning rate is part of the workdir's config: changing it needs the flag.
+    lr = f"--config.train.stages.{getattr(e, 'stage', None) or '<stage>'}.lr"
+    return driver.print_error(NonFiniteLossError(
+        f"training stopped: {e}. Check the data, or resume from that checkpoint with a lower "
+        f"learning rate: the same command with {lr}=<lower> --allow_config_change."))
+  except Exception as e:  # noqa: BLE001 -- the library's errors: one line (bugs re-raised)
+    return driver.print_error(e)
+  stages = ", ".join(
+      f"{k} " + ("skipped" if v["skipped"] else "%.0f s" % v["seconds"])
+      for k, v in result.stages.items())
+  print(f"done in {result.seconds:.1f} s ({stages})", flush=True)
+  c = CompileClock.since(compiled_before, clock.snapshot())
+  print(f"compilation: {c['programs']:.0f} programs, "
+        f"{c['trace_s'] + c['lower_s'] + c['backend_s']:.1f} s (tracing {c['trace_s']:.1f}, "
+        f"lowering {c['lower_s']:.1f}, XLA compile or cache load {c['backend_s']:.1f}, of "
+        f"which cache reads {c['cache_read_s']:.1f}; {c['cache_hits']:.0f} of "
+        f"{c['cache_requests']:.0f} from the persistent cache)", flush=True)
+  return 0
+
+
+def define(fv) -> dict:
+  return {
+      "config": driver.config_flag(fv),
+      "workdir": flags.DEFINE_string("workdir", None, "run folder: checkpoints, logs, caches",
+                                     flag_values=fv),
+      "allow_config_change": flags.DEFINE_bool(
+          "allow_config_change", False, "continue in a workdir made with a different config "
+          "(the old config.json is kept as config.<time>.json)", flag_values=fv),
+      "progress": flags.DEFINE_bool("progress", True, "tqdm progress bars", flag_values=fv),
+      "compilation_cache": driver.compilation_cache_flag(fv),
+  }
+
+
+REQUIRED = ("config", "workdir")
+
+
+def body(f, args) -> int:
+  config = driver.loaded_config(f["config"])
+  driver.quiet_logs()
+  driver.enable_compilation_cache(f["compilation_cache"].value)
+  return run(config, f["workdir"].value, allow_config_change=f["allow_config_change"].value,
+             progress=f["progress"].value)
+
+
+def main(argv=None) -> int:
+  """The command on `argv` (without the program name); returns its exit status."""
+  import sys
+  return driver.run(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+  import sys
+  driver.main(sys.modules[__name__])
