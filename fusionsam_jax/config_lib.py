@@ -377,5 +377,22 @@ def override_model(config, *, attn_impl: str | None = None,
   return config
 
 
-def iter_stage_names(config) -> Iterable[str]:
-  return [s for s in STAGE_NAMES if s in config.train.stages]
+#: Config keys holding file-system paths. A run stores them absolute, so a run folder does
+#: not depend on the directory a later command runs from.
+PATH_KEYS = ("data_dir", "model.sam_checkpoint", "model.sam2_checkpoint", "perceptual_weights")
+
+
+def with_absolute_paths(config) -> ml_collections.ConfigDict:
+  """A copy of `config` with the relative paths of `PATH_KEYS` made absolute (empty and
+  absent ones unchanged)."""
+  import os
+  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  for key in PATH_KEYS:
+    node = d
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node.get(p) if isinstance(node, Mapping) else None
+    if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf] \
+        and node[leaf].lower() != "none":
+      node[leaf] = os.path.abspath(os.path.expanduser(node[leaf]))
+  return config_from_dict(d)

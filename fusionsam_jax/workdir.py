@@ -113,7 +113,9 @@ def check_config(workdir: str, config, *, allow_change: bool = False
 
 
 def store_config(workdir: str, config) -> None:
-  """Writes ``config.json`` (the old one, if any, is kept as ``config.<time>.json``)."""
+  """Writes ``config.json`` (the old one, if any, is kept as ``config.<time>.json``), with
+  its paths absolute (`config_lib.with_absolute_paths`)."""
+  config = config_lib.with_absolute_paths(config)
   guards.store_workdir_config(workdir, config, ignore=MUTABLE_CONFIG_KEYS,
                               added=ADDED_CONFIG_KEYS)
 

@@ -17,6 +17,7 @@ from fusionsam_jax.data.spec import strip_batch
 from fusionsam_jax.metrics.miou import ConfusionMatrix, confusion_matrix
 from fusionsam_jax.models.functional import predict_fn
 from fusionsam_jax.training import mesh as mesh_lib
+from fusionsam_jax.training.logging import progress_bar
 
 
 class Evaluator:
@@ -54,8 +55,8 @@ class Evaluator:
     n_images = 0
     params = jax.device_put(params, mesh_lib.replicated(self.mesh))
     if progress and jax.process_index() == 0:
-      from tqdm.auto import tqdm
-      batches = tqdm(batches, desc=progress, unit="batch", dynamic_ncols=True, leave=False)
+      batches = progress_bar(batches, desc=progress, unit="batch", dynamic_ncols=True,
+                             leave=False)
     for i, batch in enumerate(batches):
       if max_batches is not None and i >= max_batches:
         break

@@ -140,10 +140,7 @@ class ConfusionMatrix:
     """Adds the counts of another accumulator (same C)."""
     self.add(other.matrix)
 
-# -- derived quantities
-  @property
-  def true_positives(self) -> np.ndarray:
-    return np.diag(self.matrix).astype(np.int64)
+  # -- derived quantities
 
   def iou(self) -> np.ndarray:
     """Per-class IoU, float64 ``(C,)``; ``nan`` where TP + FP + FN == 0."""

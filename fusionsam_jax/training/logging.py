@@ -6,10 +6,12 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Mapping
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fusionsam_jax.fsutil import atomic_write
 
@@ -69,7 +71,9 @@ class MetricWriter:
       if f is None:
         continue
       row[k] = f if math.isfinite(f) else str(f)
-      if self._tb is not None:
+      # One-point timing events (compile times, first step) stay in metrics.jsonl only:
+      # in TensorBoard they would be cards of one point each, sorted before the losses.
+      if self._tb is not None and not split.endswith("/event"):
         self._tb.add_scalar(f"{split}/{k}", f, int(step))
     with open(self.jsonl_path, "a") as fh:
       fh.write(json.dumps(row) + "\n")
@@ -146,3 +150,11 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
       except json.JSONDecodeError:
         continue
   return rows
+
+
+def progress_bar(iterable=None, **kwargs):
+  """A tqdm bar on an interactive stderr; elsewhere (a log file, a pipe, CI) `iterable`
+  itself, or with none a bar that draws nothing: logs get one line per eval, not bars."""
+  if not sys.stderr.isatty():
+    return iterable if iterable is not None else tqdm(disable=True, **kwargs)
+  return tqdm(iterable, **kwargs) if iterable is not None else tqdm(**kwargs)

@@ -23,7 +23,7 @@ from fusionsam_jax.jit_utils import CompileClock
 from fusionsam_jax.training import guards
 from fusionsam_jax.training import mesh as mesh_lib
 from fusionsam_jax.training.checkpointing import StageCheckpointer
-from fusionsam_jax.training.logging import MetricWriter
+from fusionsam_jax.training.logging import MetricWriter, progress_bar
 from fusionsam_jax.training.state import TrainState, learning_rate_at
 
 log = logging.getLogger(__name__)
@@ -231,9 +231,8 @@ def run_stage(
     writer.write_scalars(start, {"resumed_from_step": start}, split=f"{name}/event")
   pbar = None
   if progress and primary:
-    from tqdm.auto import tqdm  # noqa: PLC0415
-    pbar = tqdm(total=num_steps, initial=start, desc=name, dynamic_ncols=True,
-                unit="step")
+    pbar = progress_bar(total=num_steps, initial=start, desc=name, dynamic_ncols=True,
+                        unit="step")
 
   pending: list[tuple[int, Any]] = []
   interval_sums: dict[str, float] = {}
