@@ -26,6 +26,7 @@ steps).
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, Mapping
 
 import ml_collections
@@ -385,7 +386,6 @@ PATH_KEYS = ("data_dir", "model.sam_checkpoint", "model.sam2_checkpoint", "perce
 def with_absolute_paths(config) -> ml_collections.ConfigDict:
   """A copy of `config` with the relative paths of `PATH_KEYS` made absolute (empty and
   absent ones unchanged)."""
-  import os
   d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   for key in PATH_KEYS:
     node = d

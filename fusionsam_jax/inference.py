@@ -33,16 +33,29 @@ class Predictor:
   """A trained run, ready to segment samples: ``Predictor(workdir)(element) -> outputs``."""
 
   def __init__(self, workdir: str, checkpoint: str | int = "best", config=None):
-    self.config = config if config is not None else W.load_config(workdir)
+    """Restores `checkpoint` ("best" by val mIoU, "latest" or a step) of the run in
+    `workdir`, with its stored config (or `config`, checked against it)."""
+    config = W.load_config(workdir) if config is None else config
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    ctx = experiment.context(self.config, workdir, mesh=mesh, data=False, progress=False)
-    self.model = ctx.model
-    self.params, self.step, self.which = experiment.restore_params(
-        self.config, workdir, checkpoint, ctx=ctx)
-    self.info = get_info(self.config.dataset)
-    self.modalities = tuple(self.config.model.modalities)
-    self.pad_multiple = int(self.config.eval.pad_multiple)
-    self._predict = jax.jit(predict_fn(self.model))
+    ctx = experiment.context(config, workdir, mesh=mesh, data=False, progress=False)
+    params, step, which = experiment.restore_params(config, workdir, checkpoint, ctx=ctx)
+    self._setup(config, ctx.model, params, step, which)
+
+  @classmethod
+  def from_params(cls, config, model, params, step: int = 0, which: str = "params"
+                  ) -> "Predictor":
+    """A predictor of params already in memory (the trainer's, after its evaluation)."""
+    self = cls.__new__(cls)
+    self._setup(config, model, params, step, which)
+    return self
+
+  def _setup(self, config, model, params, step, which) -> None:
+    self.config, self.model, self.params = config, model, params
+    self.step, self.which = step, which
+    self.info = get_info(config.dataset)
+    self.modalities = tuple(config.model.modalities)
+    self.pad_multiple = int(config.eval.pad_multiple)
+    self._predict = jax.jit(predict_fn(model))
 
   def __call__(self, element: dict, *, probabilities: bool = False) -> dict:
     """element: modality -> uint8 (H, W, C) (a grey modality may be (H, W)). Returns pred

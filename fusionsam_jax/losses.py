@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,7 +180,6 @@ def fusion_loss(fused, sources: Sequence, weights: Mapping[str, float] | None = 
     ``(total, {"ssim", "intensity", "gradient", "ssim_src0", "ssim_src1", ...})`` — the
     unweighted terms, and the SSIM of ``Y_f`` with each source.
   """
-  import dm_pix
 
   fused = jnp.asarray(fused, jnp.float32)
   if fused.ndim != 4 or fused.shape[-1] != 3:

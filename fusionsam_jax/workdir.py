@@ -22,8 +22,8 @@ import jax
 
 from fusionsam_jax import config_lib, locking
 from fusionsam_jax.fsutil import atomic_write
-from fusionsam_jax.errors import (SamWeightsChangedError, SamWeightsMissingError, SetupError,
-                                  WorkdirError)
+from fusionsam_jax.errors import (NoCheckpointError, SamWeightsChangedError,
+                                  SamWeightsMissingError, SetupError, WorkdirError)
 from fusionsam_jax.training import checkpointing, guards
 
 #: Config keys that may change between runs in one workdir: durations, cadences, evaluation
@@ -145,6 +145,30 @@ def check_config_matches(config, workdir: str) -> None:
         "stored one is used).")
 
 
+def config_for_evaluation(config, workdir: str):
+  """The config to evaluate / predict `workdir` with when the user also passed `config`:
+  the stored one (so paths and settings are the run's own), with the given config's
+  ``eval.*`` settings. Raises `ConfigMismatchError` naming the keys when `config` is another
+  run's (beyond `MUTABLE_CONFIG_KEYS`). A path of the given config (data_dir, SAM weights)
+  replaces the stored one only where the stored path no longer exists (moved data)."""
+  check_config_matches(config, workdir)
+  stored = load_config(workdir)
+  given = config.to_dict()
+  merged = stored.to_dict()
+  merged["eval"] = dict(given.get("eval", merged.get("eval", {})))
+  for key in config_lib.PATH_KEYS:
+    *parents, leaf = key.split(".")
+    src, dst = given, merged
+    for p in parents:
+      src, dst = (src or {}).get(p), (dst or {}).get(p)
+    if not isinstance(src, dict) or not isinstance(dst, dict):
+      continue
+    old, new = dst.get(leaf), src.get(leaf)
+    if new and new != old and not (old and os.path.exists(old)) and os.path.exists(new):
+      dst[leaf] = os.path.abspath(new)
+  return config_lib.config_from_dict(merged)
+
+
 # -- the SAM weights a run was trained with -----------------------------------------------------
 
 
@@ -217,6 +241,32 @@ def check_sam_weights(workdir: str, path: str | None) -> None:
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
+
+
+def parse_checkpoint_arg(value: str | int) -> str | int:
+  """``best`` / ``latest`` / a step number (``--checkpoint``); raises ValueError."""
+  if isinstance(value, int):
+    return value
+  v = str(value).strip()
+  if v in ("best", "latest"):
+    return v
+  try:
+    return int(v)
+  except ValueError:
+    raise ValueError(f"--checkpoint {value!r}: expected best, latest or a step number") from None
+
+
+def check_checkpoint_arg(workdir: str, which: str | int) -> None:
+  """Raises `NoCheckpointError` when `which` is a step the segmentation stage of `workdir`
+  has no checkpoint of (listing the steps it has), before anything heavy is built."""
+  if isinstance(which, str):
+    return
+  seg = stage_dir(workdir, "segmentation")
+  steps = sorted(int(d) for d in os.listdir(seg) if d.isdigit()) if os.path.isdir(seg) else []
+  if which not in steps:
+    have = ", ".join(map(str, steps)) if steps else "none"
+    raise NoCheckpointError(f"--checkpoint {which}: {seg} has no checkpoint of step {which} "
+                            f"(it has: {have}; or use best / latest)")
 
 
 def stage_dir(workdir: str, stage: str) -> str:

@@ -46,15 +46,22 @@ def run(config, workdir: str, checkpoint: str = "best", split: str | None = None
   (attn_impl, encoder_dtype), applied after the config check. `report`: also write
   `evaluators.report` next to each JSON. `markdown`: print the paper-column table as
   Markdown."""
-  from fusionsam_jax import config_lib, experiment, workdir as W
+  from fusionsam_jax import config_lib, workdir as W
+  from fusionsam_jax.data import paths, spec as D
   try:
-    which = experiment.parse_checkpoint_arg(checkpoint)
+    which = W.parse_checkpoint_arg(checkpoint)
     if config is None:
       config = W.load_config(workdir)
     else:
-      W.check_config_matches(config, workdir)
+      config = W.config_for_evaluation(config, workdir)
     config_lib.override_model(config, **(model_overrides or {}))
     splits = [s.strip() for s in (split or config.eval.split).split(",") if s.strip()]
+    # Checked before JAX builds anything: a typo answers in seconds.
+    W.check_checkpoint_arg(workdir, which)
+    where = D.data_spec(config)
+    for s in splits:
+      paths.check_split(where.name, where.data_dir, s)
+    from fusionsam_jax import experiment
     cache: dict = {}
     for s in splits:
       summary = experiment.evaluate(config, workdir, which, s)

@@ -39,7 +39,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fusionsam_jax.data.info import get_info, paper_table
+from fusionsam_jax.data.spec import ensure_data
 from fusionsam_jax.fsutil import atomic_file, atomic_write
+from fusionsam_jax.metrics.miou import ConfusionMatrix, paper_table_rows
 
 __all__ = ["write_report", "select_samples", "paper_row_for", "read_curves", "error_map",
            "ReportError"]
@@ -69,7 +72,6 @@ def select_samples(num_images: int, k: int = 4, seed: int = 0) -> list[int]:
 def paper_row_for(result: Mapping):
   """The paper's table (`fusionsam_jax.data.info.PaperTable`) to draw next to `result`, or
   None: only for a real (not generated) MFNet / FMB result on the paper's split."""
-  from fusionsam_jax.data.info import paper_table
   name = result.get("dataset")
   if not name or result.get("generated", False):
     return None
@@ -337,7 +339,6 @@ thead{background:#f2f2f2} img{max-width:100%;height:auto;border:1px solid #eee}
 
 
 def _class_rows(result: Mapping) -> tuple[list[str], list[list[str]]]:
-  from fusionsam_jax.metrics.miou import ConfusionMatrix
   cm = ConfusionMatrix.from_matrix(result["confusion_matrix"])
   names = list(result.get("class_names") or [str(i) for i in range(cm.num_classes)])
   iou, acc = cm.iou(), cm.class_accuracy()
@@ -371,7 +372,6 @@ def write_report(out_dir, *, result: Mapping, metrics_jsonl=None,
   Returns ``{name: path}`` of what was written (``report`` is the HTML). Raises
   `ReportError` (a ValueError) on unusable inputs.
   """
-  from fusionsam_jax.metrics.miou import ConfusionMatrix, paper_table_rows
   if "confusion_matrix" not in result:
     raise ReportError("result has no confusion_matrix")
   cm = ConfusionMatrix.from_matrix(result["confusion_matrix"])
@@ -481,8 +481,6 @@ def write_evaluation_report(config, workdir: str, result: Mapping, *, predictor=
   ``WORKDIR/report_<split>_<ckpt>/report.html``. The qualitative samples are a fixed,
   seeded choice (`select_samples`) of the split, segmented with `predictor` (an
   `inference.Predictor` of the run's `checkpoint`; needed when `num_samples` > 0)."""
-  from fusionsam_jax.data.info import get_info
-  from fusionsam_jax.data.spec import ensure_data
   workdir = os.fspath(workdir)
   info = get_info(config.dataset)
   samples = []

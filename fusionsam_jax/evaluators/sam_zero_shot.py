@@ -24,9 +24,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+import jax
 import numpy as np
+from scipy import ndimage
 
 from fusionsam_jax.metrics.miou import ConfusionMatrix
+from fusionsam_jax.models import functional as F
 
 ORACLE_NOTE = ("ORACLE prompts: one box + one centre point per connected component of each "
                "ground-truth class (SAM is told where every object is; FusionSAM is not)")
@@ -46,7 +49,6 @@ def component_prompts(label: np.ndarray, *, background: Optional[int] = 0,
                       ignore_index: int = 255, min_area: int = 1) -> list[ComponentPrompt]:
   """ORACLE prompts of one (H, W) label map (see the module docstring), largest first
   (ties: lower class first, then row-major order of the component)."""
-  from scipy import ndimage
   label = np.asarray(label)
   if label.ndim != 2:
     raise ValueError(f"label must be (H, W), got {label.shape}")
@@ -149,9 +151,7 @@ def summary(cms: Optional[dict], class_names: Sequence[str], *, prompt: str, spl
 def fused_examples(config, model, params, batches) -> Iterator[dict]:
   """{"fused", "rgb", "label"} per image of eval-loader `batches`, the fused image from the
   run's frozen fusion path (`models.functional.frozen_fusion`)."""
-  import jax
 
-  from fusionsam_jax.models import functional as F
   fuse = jax.jit(lambda p, b: F.frozen_fusion(
       model, p, F.inputs_from_batch(b, model.modalities))["fused"])
   mods = tuple(model.modalities)

@@ -13,8 +13,10 @@ from typing import Callable, Iterable, Mapping
 import jax
 import numpy as np
 
+from fusionsam_jax.data.info import get_info
 from fusionsam_jax.data.spec import strip_batch
-from fusionsam_jax.metrics.miou import ConfusionMatrix, confusion_matrix
+from fusionsam_jax.metrics.miou import confusion_matrix, ConfusionMatrix
+from fusionsam_jax.metrics.sod import SODMetrics
 from fusionsam_jax.models.functional import predict_fn
 from fusionsam_jax.training import mesh as mesh_lib
 from fusionsam_jax.training.logging import progress_bar
@@ -50,7 +52,6 @@ class Evaluator:
     cm = ConfusionMatrix(self.num_classes, ignore_index=255)
     sod = None
     if self.saliency:
-      from fusionsam_jax.metrics.sod import SODMetrics
       sod = SODMetrics()
     n_images = 0
     params = jax.device_put(params, mesh_lib.replicated(self.mesh))
@@ -106,7 +107,6 @@ def image_tiles(config, batch, evaluator: Evaluator) -> Callable:
   The whole eval `batch` goes through `evaluator`'s jitted eval step, which the final
   evaluation compiles anyway for batches of this shape (one compilation fewer than a
   separate batch-of-two predict: ~7 s for the tiny demo on 2 CPU cores)."""
-  from fusionsam_jax.data.info import get_info
   info = get_info(config.dataset)
   full = strip_batch(batch)
   local = {k: np.asarray(v)[:2] for k, v in full.items()}

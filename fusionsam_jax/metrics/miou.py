@@ -31,7 +31,13 @@ import math
 import os
 from typing import Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+
+from fusionsam_jax.data.info import paper_table
+from fusionsam_jax.data.layouts import read_split_list
 
 
 __all__ = [
@@ -218,8 +224,6 @@ def confusion_matrix(pred, label, num_classes: int, ignore_index: int | None = 2
   O(pixels * C). int32 counts: accumulate batches on the host in int64
   (:meth:`ConfusionMatrix.add`) for whole test sets.
   """
-  import jax
-  import jax.numpy as jnp
 
   c = int(num_classes)
   pred = jnp.asarray(pred).astype(jnp.int32).reshape(-1)
@@ -325,7 +329,6 @@ def paper_table_rows(
     decimals: int = 1,
 ) -> tuple[list[str], list[list[str]]]:
   """Header and rows of :func:`format_paper_table` (cells as strings), e.g. for HTML."""
-  from fusionsam_jax.data.info import paper_table
 
   cm = ConfusionMatrix.from_matrix(summary["confusion_matrix"])
   names = class_names_for(summary.get("class_names"), cm.num_classes)
@@ -406,7 +409,6 @@ def load_label_png(path, palette: Sequence[Sequence[int]] | None = None,
   indices need not be class ids: counted as they are they gave 5.7% for 65.7%). Colour
   images (RGB/RGBA/LA) are refused: colour-coded masks must be mapped to ids first.
   """
-  from PIL import Image
 
   path = os.fspath(path)
   try:
@@ -468,7 +470,6 @@ def read_name_list(path) -> list[str]:
   """Names of a split list (one per line, e.g. MFNet's ``test.txt``) as ``<name>.png``;
   read as ``prepare`` reads it (`data.layouts.read_split_list`: UTF-8, no empty or repeated
   entry, no entry reaching out of the folder with ``..`` or an absolute path)."""
-  from fusionsam_jax.data.layouts import read_split_list
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such split list")

@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
 
 from fusionsam_jax.metrics.miou import matched_png_names, prediction_dir
 
@@ -340,7 +341,6 @@ def load_grey_png(path) -> np.ndarray:
   are refused. (OpenCV's ``IMREAD_GRAYSCALE``, used by many SOD scripts, may differ by
   one grey level on colour inputs; grey inputs are identical.)
   """
-  from PIL import Image
 
   path = os.fspath(path)
   try:

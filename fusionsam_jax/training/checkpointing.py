@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterable, Mapping
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from fusionsam_jax.fsutil import atomic_write
@@ -397,7 +399,6 @@ class StageCheckpointer:
     """How checkpoint `step`'s state differs from `template` in param names and shapes
     ([]: it fits; None: its metadata cannot be read, i.e. it is corrupt)."""
     try:
-      from etils import epath  # noqa: PLC0415 -- Orbax's path type
       md = ocp.PyTreeCheckpointHandler().metadata(
           epath.Path(os.path.join(self.directory, str(step), STATE)))
       tree = getattr(md, "tree", md)
@@ -435,7 +436,6 @@ class StageCheckpointer:
           self.say(f"checkpoint {s} of stage '{self.stage}' is unusable ({reason[:200]}); "
                    f"moved it to {dest}")
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("fusionsam_quarantine")
     self._mngr.reload()
 

@@ -8,9 +8,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from fusionsam_jax.fsutil import atomic_write
@@ -209,7 +211,6 @@ def store_workdir_config(workdir: str | os.PathLike, config: Any, *,
   """Writes ``workdir/config.json`` (atomically); an existing one that differs (beyond keys
   of `added` at their old-behaviour values) is kept as ``config.<unix time>.json``. Only
   process 0 writes."""
-  import jax  # noqa: PLC0415
 
   ignore = tuple(ignore)
   new = config_to_dict(config)
@@ -220,7 +221,6 @@ def store_workdir_config(workdir: str | os.PathLike, config: Any, *,
     return
   if os.path.exists(path) and _stored_differs(path, new, ignore, added):
     log.warning("config of workdir %s changed (allowed); the old one is kept", workdir)
-    import shutil  # noqa: PLC0415
     # A copy, not a move: a run killed here still has a config.json.
     shutil.copy2(path, os.path.join(os.fspath(workdir), f"config.{int(time.time())}.json"))
   atomic_write(path, json.dumps(record, indent=2, sort_keys=True))

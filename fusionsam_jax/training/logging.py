@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -19,7 +20,6 @@ log = logging.getLogger(__name__)
 
 
 def _is_primary() -> bool:
-  import jax  # noqa: PLC0415
   return jax.process_index() == 0
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -20,11 +22,10 @@ import numpy as np
 import optax
 
 from fusionsam_jax.jit_utils import CompileClock
-from fusionsam_jax.training import guards
-from fusionsam_jax.training import mesh as mesh_lib
+from fusionsam_jax.training import guards, mesh as mesh_lib
 from fusionsam_jax.training.checkpointing import StageCheckpointer
 from fusionsam_jax.training.logging import MetricWriter, progress_bar
-from fusionsam_jax.training.state import TrainState, learning_rate_at
+from fusionsam_jax.training.state import learning_rate_at, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ class DevicePrefetch:
   _END = object()
 
   def __init__(self, it: Iterator, shard_fn: Callable, size: int = 2):
-    import queue
-    import threading
     self._it, self._shard = it, shard_fn
     self._q: "queue.Queue" = queue.Queue(maxsize=max(1, size))
     self._state = it.get_state() if hasattr(it, "get_state") else None
