@@ -152,6 +152,8 @@ def config_for_evaluation(config, workdir: str):
   run's (beyond `MUTABLE_CONFIG_KEYS`). A path of the given config (data_dir, SAM weights)
   replaces the stored one only where the stored path no longer exists (moved data)."""
   check_config_matches(config, workdir)
+  if not os.path.isfile(os.path.join(os.fspath(workdir), CONFIG_FILE)):
+    return config   # nothing stored: what needs a trained run says so
   stored = load_config(workdir)
   given = config.to_dict()
   merged = stored.to_dict()
@@ -257,12 +259,17 @@ def parse_checkpoint_arg(value: str | int) -> str | int:
 
 
 def check_checkpoint_arg(workdir: str, which: str | int) -> None:
-  """Raises `NoCheckpointError` when `which` is a step the segmentation stage of `workdir`
-  has no checkpoint of (listing the steps it has), before anything heavy is built."""
-  if isinstance(which, str):
-    return
+  """Raises `NoCheckpointError` when the segmentation stage of `workdir` has no checkpoint,
+  or `which` is a step it has none of (listing the steps it has): checked before anything
+  heavy is built."""
   seg = stage_dir(workdir, "segmentation")
   steps = sorted(int(d) for d in os.listdir(seg) if d.isdigit()) if os.path.isdir(seg) else []
+  if not steps:
+    raise NoCheckpointError(
+        f"no segmentation-stage checkpoint in {seg}: train first with `python -m "
+        f"fusionsam_jax.train --config CONFIG --workdir {workdir}`")
+  if isinstance(which, str):
+    return
   if which not in steps:
     have = ", ".join(map(str, steps)) if steps else "none"
     raise NoCheckpointError(f"--checkpoint {which}: {seg} has no checkpoint of step {which} "
