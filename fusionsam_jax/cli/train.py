@@ -19,6 +19,8 @@ checkpoint is kept); 4 the workdir was made by a different config.
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
 
 from fusionsam_jax.cli import driver
@@ -41,9 +43,10 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
   except NonFiniteLossError as e:
     # The learning rate is part of the workdir's config: changing it needs the flag.
     lr = f"--config.train.stages.{getattr(e, 'stage', None) or '<stage>'}.lr"
-    return driver.print_error(NonFiniteLossError(
-        f"training stopped: {e}. Check the data, or resume from that checkpoint with a lower "
-        f"learning rate: the same command with {lr}=<lower> --allow_config_change."))
+    print(f"error: training stopped: {e}. Check the data, or resume from that checkpoint "
+          f"with a lower learning rate: the same command with {lr}=<lower> "
+          "--allow_config_change.", file=sys.stderr, flush=True)
+    return driver.EXIT_NONFINITE
   except Exception as e:  # noqa: BLE001 -- the library's errors: one line (bugs re-raised)
     return driver.print_error(e)
   stages = ", ".join(
@@ -85,10 +88,8 @@ def body(f, args) -> int:
 
 def main(argv=None) -> int:
   """The command on `argv` (without the program name); returns its exit status."""
-  import sys
   return driver.run(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-  import sys
   driver.main(sys.modules[__name__])
