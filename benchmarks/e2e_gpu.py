@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.train_runs import (make_pth, open_scratch, run, stage_stats,  # noqa: E402
-                                   tiny_pth, user_path_commands)
+                                   steps_overrides, tiny_pth, user_path_commands)
 
 _OUT = flags.DEFINE_string("out", None, "JSON output")
 _SCRATCH = flags.DEFINE_string("scratch", "runs/e2e", "scratch folder (deleted first)")
@@ -34,7 +34,8 @@ _VARIANT = flags.DEFINE_string("variant", "vit_h", "SAM variant of the random .p
 _SCENES = flags.DEFINE_integer("scenes", 80, "generated scenes (about half train)")
 _H = flags.DEFINE_integer("height", 480, "scene height")
 _W = flags.DEFINE_integer("width", 640, "scene width")
-_STEPS = flags.DEFINE_list("steps", ["30", "30", "60"], "tokenizer, fusion, segmentation steps")
+_STEPS = flags.DEFINE_list("steps", ["30", "30", "60"], "steps per stage, in training order "
+                            "(tokenizer, fusion, segmentation)")
 _EXTRA = flags.DEFINE_list("extra", [], "more --config.X=Y overrides for train / benchmark")
 _BENCH_STEPS = flags.DEFINE_integer("bench_steps", 10, "steps per timed benchmark run")
 _ONLY = flags.DEFINE_list("only", [], "run only these commands (make_pth, convert, generate, "
@@ -70,12 +71,10 @@ def main(argv):
             f"{_W.value})", "--config.model.allow_random_sam=False", *[
                 f"--config.{e}" for e in _EXTRA.value]]
   train_args = [*common, f"--workdir={work}",
-                f"--config.train.stages.tokenizer.num_steps={steps[0]}",
-                f"--config.train.stages.fusion.num_steps={steps[1]}",
-                f"--config.train.stages.segmentation.num_steps={steps[2]}",
+                *steps_overrides(steps),
                 f"--config.train.stages.tokenizer.disc_start={steps[0] // 3}",
-                f"--config.train.eval_every={max(1, steps[2] // 2)}",
-                f"--config.train.checkpoint_every={max(1, steps[2] // 2)}",
+                f"--config.train.eval_every={max(1, steps[-1] // 2)}",
+                f"--config.train.checkpoint_every={max(1, steps[-1] // 2)}",
                 "--config.train.log_every=5", "--noprogress",
                 f"--config.eval.after_training={_TEST_EVAL.value}"]
   cmds = {

@@ -48,10 +48,9 @@ from absl import app, flags  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
-from benchmarks.train_runs import (make_pth, open_scratch, run, stage_stats,  # noqa: E402
-                                   tiny_pth, user_path_commands)
-
-STAGES = ("tokenizer", "fusion", "segmentation")
+from benchmarks.train_runs import (make_pth, open_scratch, run, stage_names,  # noqa: E402
+                                   stage_stats, steps_overrides, tiny_pth,
+                                   user_path_commands)
 
 _OUT = flags.DEFINE_string("out", None, "JSON output")
 _SCRATCH = flags.DEFINE_string("scratch", "runs/schedule_time", "scratch folder (deleted "
@@ -62,10 +61,11 @@ _SCENES = flags.DEFINE_integer("scenes", 48, "generated scenes (about half train
                                "val)")
 _H = flags.DEFINE_integer("height", 480, "scene height")
 _W = flags.DEFINE_integer("width", 640, "scene width")
-_STEPS = flags.DEFINE_list("steps", ["30", "30", "30"], "joint run: tokenizer, fusion, "
-                           "segmentation steps")
+_STEPS = flags.DEFINE_list("steps", ["30", "30", "30"], "joint run: steps per stage, in "
+                           "training order (tokenizer, fusion, segmentation)")
 _WARM = flags.DEFINE_integer("warm_steps", 3, "warm run: steps per stage (> disc_start)")
-_STAGED = flags.DEFINE_integer("staged_steps", 30, "staged run: segmentation steps")
+_STAGED = flags.DEFINE_integer("staged_steps", 30, "staged run: steps of the last "
+                               "(segmentation) stage")
 _DISC = flags.DEFINE_integer("disc_start", 2, "tokenizer disc_start of every run")
 _LOG = flags.DEFINE_integer("log_every", 5, "log rows every N steps")
 _EVALS = flags.DEFINE_integer("evals", 2, "evaluations per segmentation stage")
@@ -157,7 +157,9 @@ def project(config, stats: dict, *, epochs: float, train_pairs: int, val_pairs: 
   staged run's `cache_meta` (None: no embedding cache)."""
   from fusionsam_jax.data import spec as D
   out, total = {}, 0.0
-  for stage in STAGES:
+  names = stage_names()
+  final = names[-1]   # the stage that validates and reads the embedding cache
+  for stage in names:
     s = stats.get(stage) or {}
     if not s.get("loop_step_ms"):
       continue
@@ -167,14 +169,14 @@ def project(config, stats: dict, *, epochs: float, train_pairs: int, val_pairs: 
          "compile_cold_s": s.get("first_step_s") or 0.0,
          "compile_warm_s": warm_compile.get(stage)}
     evals = s.get("eval_s") or []
-    if stage == "segmentation" and evals:
+    if stage == final and evals:
       # Per val pair, from the evaluations after the first (which compiles).
       per_pair = statistics.median(evals[1:] or evals) / max(1, gen_sizes["val"])
       every = D.steps_per_epoch(train_pairs, bs) * float(config.train.eval_every_epochs)
       n = int(math.ceil(steps / max(1, every)))
       p.update(eval_s_per_pair=per_pair, evals=n, eval_s=n * per_pair * val_pairs,
                test_eval_s=(per_pair * test_pairs) if config.eval.after_training else 0.0)
-    if stage == "segmentation" and cache:
+    if stage == final and cache:
       views = max(1, int(config.train.embedding_cache.num_views))
       p["cache_build_s"] = cache_projection(cache, train_views=train_pairs * views,
                                             val_pairs=val_pairs)
@@ -216,28 +218,29 @@ def main(argv):
         raise SystemExit(f"{name} failed; see {scratch}/{name}.log")
   gen_sizes = split_sizes(data)
   res["generated_pairs"] = gen_sizes
-  t_steps, f_steps, s_steps = (int(s) for s in _STEPS.value)
+  names = stage_names()
+  final = names[-1]
+  joint_steps = tuple(int(s) for s in _STEPS.value)
 
   def train_cmd(name, staged, steps, evals):
-    seg = steps[2]
+    seg = steps[-1]
     every = max(1, seg // max(1, evals))
     return [py, "-m", "fusionsam_jax.train", f"--config={_config_arg(staged)}",
             f"--workdir={os.path.join(scratch, name)}", f"--compilation_cache={cache}",
             f"--config.data_dir={data}", f"--config.model.sam_checkpoint={ckpt}",
             "--config.model.allow_random_sam=False",
             f"--config.train.crop_size=({_H.value},{_W.value})",
-            f"--config.train.stages.tokenizer.num_steps={steps[0]}",
-            f"--config.train.stages.fusion.num_steps={steps[1]}",
-            f"--config.train.stages.segmentation.num_steps={seg}",
+            *steps_overrides(steps),
             f"--config.train.stages.tokenizer.disc_start={_DISC.value}",
             f"--config.train.eval_every={every}", f"--config.train.checkpoint_every={seg}",
             f"--config.train.log_every={_LOG.value}", "--config.eval.after_training=False",
             "--noprogress", *[f"--config.{e}" for e in _EXTRA.value]]
 
-  # name: (staged variant, steps per stage, evaluations in the segmentation stage)
-  runs = {"joint": (False, (t_steps, f_steps, s_steps), _EVALS.value),
-          "warm": (False, (_WARM.value,) * 3, 1),
-          "staged": (True, (_WARM.value, _WARM.value, _STAGED.value), _EVALS.value)}
+  # name: (staged variant, steps per stage, evaluations in the final stage)
+  warm_steps = (_WARM.value,) * len(names)
+  runs = {"joint": (False, joint_steps, _EVALS.value),
+          "warm": (False, warm_steps, 1),
+          "staged": (True, warm_steps[:-1] + (_STAGED.value,), _EVALS.value)}
   for name, (staged, steps, evals) in runs.items():
     if only and name not in only:
       continue
@@ -289,22 +292,22 @@ def main(argv):
   joint = (res["runs"].get("joint") or {}).get("stages") or {}
   staged = dict(joint)
   st_run = res["runs"].get("staged") or {}
-  if (st_run.get("stages") or {}).get("segmentation", {}).get("steps"):
-    staged["segmentation"] = st_run["stages"]["segmentation"]
+  if (st_run.get("stages") or {}).get(final, {}).get("steps"):
+    staged[final] = st_run["stages"][final]
   kw = dict(epochs=_EPOCHS.value, train_pairs=_TRAIN.value, val_pairs=_VAL.value,
             test_pairs=_TEST.value, gen_sizes=gen_sizes)
   # The warm run is the joint config: its segmentation compile is not the staged one's.
-  warm_staged = {k: v for k, v in warm.items() if k != "segmentation"}
+  warm_staged = {k: v for k, v in warm.items() if k != final}
   res["projection"] = {
       "joint": project(_load_config(False), joint, cache=None, warm_compile=warm, **kw),
       # Without its own segmentation numbers the staged projection would be the joint one.
       "staged": project(_load_config(True), staged, cache=st_run.get("cache") or None,
                         warm_compile=warm_staged, **kw)
-      if staged.get("segmentation") is not joint.get("segmentation") else
+      if staged.get(final) is not joint.get(final) else
       {"not_measured": "the staged run has no segmentation stage numbers "
                        f"(returncode {st_run.get('returncode', 'not run')})"}}
   res["settings"] = {"variant": _VARIANT.value, "scenes": _SCENES.value,
-                     "size": [_H.value, _W.value], "steps": [t_steps, f_steps, s_steps],
+                     "size": [_H.value, _W.value], "steps": list(joint_steps),
                      "warm_steps": _WARM.value, "staged_steps": _STAGED.value,
                      "disc_start": _DISC.value, "extra": _EXTRA.value,
                      "projection": {"epochs": _EPOCHS.value, "train_pairs": _TRAIN.value,

@@ -27,7 +27,8 @@ from benchmarks.common import environment, write_json  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config, as for train")
 _DATA = flags.DEFINE_string("data_dir", None, "a prepared dataset of the config's layout")
-_STAGES = flags.DEFINE_list("stages", ["tokenizer", "fusion", "segmentation"], "stages")
+_STAGES = flags.DEFINE_list("stages", [], "stages (default: every stage of "
+                            "fusionsam_jax.stages.registry, in order)")
 _OUT = flags.DEFINE_string("out", None, "JSON output")
 
 
@@ -52,9 +53,9 @@ def main(argv):
   ctx = experiment.context(config, None, progress=False)
   params = factory.abstract_params(config, ctx.model)
   res = {}
-  for name in _STAGES.value:
-    kw = {"with_perceptual": False} if name == "tokenizer" else {}
-    stage = experiment.build_stage(ctx, name, **kw)
+  from fusionsam_jax.stages import registry
+  for name in _STAGES.value or registry.NAMES:
+    stage = experiment.build_stage(ctx, name, perceptual=False)
     if stage is None:
       continue
     state = stage.abstract_state(params)

@@ -64,11 +64,25 @@ def run(cmd, log, env=None, timeout=None):
           "log_tail": open(log).read()[-1500:]}
 
 
+def stage_names() -> tuple[str, ...]:
+  """The training stages in order (`fusionsam_jax.stages.registry`)."""
+  from fusionsam_jax.stages import registry
+  return registry.NAMES
+
+
+def steps_overrides(steps) -> list[str]:
+  """``--config.train.stages.<stage>.num_steps=N`` for one count per stage, in order."""
+  names = stage_names()
+  if len(steps) != len(names):
+    raise SystemExit(f"{len(steps)} step counts for {len(names)} stages ({', '.join(names)})")
+  return [f"--config.train.stages.{n}.num_steps={int(s)}" for n, s in zip(names, steps)]
+
+
 def stage_stats(workdir: str) -> dict:
   from fusionsam_jax.workdir import dir_bytes
   rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
   out = {}
-  for stage in ("tokenizer", "fusion", "segmentation"):
+  for stage in stage_names():
     train = [r for r in rows if r.get("split") == f"{stage}/train"]
     events = {k: v for r in rows if r.get("split") == f"{stage}/event" for k, v in r.items()}
     steady = train[1:-1] or train[1:] or train

@@ -43,7 +43,8 @@ from benchmarks.common import environment, write_json  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config, as for train")
 _WORKDIR = flags.DEFINE_string("workdir", None, "scratch workdir (embedding cache)")
-_STAGES = flags.DEFINE_list("stages", ["tokenizer", "fusion", "segmentation"], "stages")
+_STAGES = flags.DEFINE_list("stages", [], "stages to time (default: every stage of "
+                            "fusionsam_jax.stages.registry, in order)")
 _STEPS = flags.DEFINE_integer("steps", 20, "steps per timed run")
 _OUT = flags.DEFINE_string("out", None, "JSON output")
 _BACKBONES = flags.DEFINE_list("backbones", [], "model.backbone values to time, e.g. "
@@ -77,8 +78,7 @@ def time_stage(config, workdir: str, name: str, steps: int) -> dict:
   ctx = experiment.context(config, workdir, progress=False)
   phase("params")
   params = factory.init_params(config, ctx.model)
-  stage = experiment.build_stage(ctx, name, **({"with_perceptual": True}
-                                                if name == "tokenizer" else {}))
+  stage = experiment.build_stage(ctx, name)
   if stage is None:
     return {"skipped": "nothing to train"}
   state = stage.init_state(common.select(params, stage.trainable))
@@ -146,9 +146,11 @@ def main(argv):
   results = {}
   passthrough = [a for a in sys.argv[1:]
                  if not a.startswith(("--out", "--stages", "--backbones", "--workdir"))]
-  runs = [(name, None) for name in _STAGES.value]
+  from benchmarks.train_runs import stage_names
+  names = _STAGES.value or list(stage_names())
+  runs = [(name, None) for name in names]
   if _BACKBONES.value:
-    runs = [(name, b) for b in _BACKBONES.value for name in _STAGES.value]
+    runs = [(name, b) for b in _BACKBONES.value for name in names]
   for name, backbone in runs:
     t0 = time.perf_counter()
     run_dir = _WORKDIR.value if backbone is None else os.path.join(_WORKDIR.value, backbone)

@@ -27,14 +27,10 @@ steps).
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import ml_collections
 from ml_collections import config_dict
-
-#: Stages in training order (fusionsam_jax.stages.STAGES).
-STAGE_NAMES = ("tokenizer", "fusion", "segmentation")
-
 
 def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) -> ml_collections.ConfigDict:
   """The paper-scale model (ViT-H SAM, bf16 encoder with cuDNN attention)."""
@@ -136,10 +132,11 @@ def stages_config(epochs: float, *, lr: float = 1e-4,
       num_epochs=epochs, lr=lr, weight_decay=weight_decay, dice_weight=1.0,
       fusion_weight=1.0,   # Eq. 1's f_f next to f_s (joint mode)
       vq_weight=1.0))      # the tokenizers' Eq. 6 terms (joint mode)
-  for name in STAGE_NAMES:
-    s[name].num_steps = config_dict.placeholder(int)
-    s[name].lr_schedule = "constant"   # the paper's; "cosine": lr -> 0 over the stage
-    _stage_overrides(s[name])
+  # One entry per stage of `fusionsam_jax.stages.registry` (checked when a run starts).
+  for sc in s.values():
+    sc.num_steps = config_dict.placeholder(int)
+    sc.lr_schedule = "constant"   # the paper's; "cosine": lr -> 0 over the stage
+    _stage_overrides(sc)
   return s
 
 
@@ -221,9 +218,9 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   t.image_every = 0
   t.embedding_cache.num_views = 1
   t.embedding_cache.dtype = "float32"
-  for s in STAGE_NAMES:
-    t.stages[s].num_steps = 4
-    t.stages[s].lr = 1e-3
+  for sc in t.stages.values():
+    sc.num_steps = 4
+    sc.lr = 1e-3
   t.stages.tokenizer.disc_start = 2
   t.stages.tokenizer.eval_codebook = True    # (the demo turns it off)
   c.eval.batch_size = 2
@@ -376,6 +373,7 @@ def override_model(config, *, attn_impl: str | None = None,
                        f"{', '.join(ENCODER_DTYPES)}")
     config.model.encoder_dtype = encoder_dtype
   return config
+
 
 
 #: Config keys holding file-system paths. A run stores them absolute, so a run folder does

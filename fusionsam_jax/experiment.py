@@ -19,19 +19,16 @@ from typing import Any, Callable
 
 import jax
 
-from fusionsam_jax import stages as S
 from fusionsam_jax import workdir as W
 from fusionsam_jax.data import spec as D
 from fusionsam_jax.errors import NoCheckpointError, SetupError  # noqa: F401 (re-exported)
 from fusionsam_jax.evaluators import segmentation as E
 from fusionsam_jax.models import factory
-from fusionsam_jax.stages import common, fusion, segmentation, tokenizer
+from fusionsam_jax.stages import common, registry
 from fusionsam_jax.training import checkpointing, loop, mesh as mesh_lib
 from fusionsam_jax.training.state import count_params
 
 PyTree = Any
-_BUILDERS = {"tokenizer": tokenizer.make, "fusion": fusion.make,
-             "segmentation": segmentation.make}
 
 
 def say(msg: str) -> None:
@@ -52,13 +49,11 @@ def context(config, workdir: str | None = None, *, mesh=None, model=None,
                         say=say, progress=progress)
 
 
-def build_stage(ctx: common.Context, name: str, *, evaluator: E.Evaluator | None = None,
-                **kw) -> common.Stage | None:
-  """The named stage (None: nothing to train). The segmentation stage validates with
-  `evaluator` when given."""
-  if name == "segmentation":
-    return segmentation.make(ctx, evaluator.val_metrics if evaluator else None, **kw)
-  return _BUILDERS[name](ctx, **kw)
+def build_stage(ctx: common.Context, name: str, **options) -> common.Stage | None:
+  """The named stage (`stages.registry`; None: nothing to train). `options` set fields of
+  the context for it (``evaluator``: validate the stage where it validates;
+  ``perceptual``, ``use_cache``: see `common.Context`)."""
+  return registry.build(dataclasses.replace(ctx, **options), name)
 
 
 def _restore_trained(ckpt, stage: common.Stage, params: PyTree, which, mesh):
@@ -103,8 +98,9 @@ def _check_checkpoints_fit(ctx: common.Context, workdir: str, params: PyTree,
   """Raises `ConfigMismatchError` when a stage's newest checkpoint holds other params (names,
   shapes) than the config's model: a config change that the run cannot continue from."""
   from fusionsam_jax.training.guards import ConfigMismatchError
-  for name in S.STAGES:
-    stage = build_stage(ctx, name, evaluator=evaluator)
+  for spec in registry.REGISTRY:
+    name = spec.name
+    stage = spec.build(dataclasses.replace(ctx, evaluator=evaluator))
     if stage is None:
       continue
     with W.stage_checkpointer(ctx.config, workdir, name, best_k=stage.best_k,
@@ -140,9 +136,10 @@ def _final_checkpoint_usable(ckpt, stage: common.Stage, params: PyTree, mesh) ->
 
 def _train_locked(config, workdir: str, allow_config_change: bool, progress: bool,
                   step_hook: Callable | None, t_start: float) -> TrainResult:
+  registry.check_config(config)
   fp, config_diff = W.check_config(workdir, config, allow_change=allow_config_change)
   mesh = mesh_lib.make_mesh()
-  for st in S.STAGES:
+  for st in registry.NAMES:
     mesh_lib.check_global_batch(D.stage_batch_size(config, st), mesh)
     common.stage_lr(config, st, 1)   # raises on an unknown lr_schedule before any work
   mesh_lib.check_global_batch(int(config.eval.batch_size), mesh)
@@ -171,15 +168,15 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
   if config_diff != []:
     W.store_config(workdir, config)
   image_every = int(config.train.image_every)
-  tiles = recon = None
+  first_val = tiles = None
   if image_every > 0:
     first_val = next(iter(D.eval_iterable(config, ctx.spec.source(config.eval.val_split))))
     tiles = E.image_tiles(config, first_val, evaluator)
-    recon = tokenizer.reconstruction_images(ctx.model, m.modalities, first_val)
   results: dict[str, dict] = {}
-  for name in S.STAGES:
+  for spec in registry.REGISTRY:
+    name = spec.name
     t0 = time.perf_counter()
-    stage = build_stage(ctx, name, evaluator=evaluator)
+    stage = spec.build(dataclasses.replace(ctx, evaluator=evaluator))
     if stage is None or stage.num_steps <= 0:
       say(f"== stage '{name}': {'nothing to train' if stage is None else 'num_steps is 0'};"
           " skipped")
@@ -205,14 +202,17 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
         return common.merge(params, stage.model_params(st))
 
       step_fn = step_hook(name, stage.train_step) if step_hook else stage.train_step
+      # TensorBoard images: the stage's own (`Stage.images`), else the evaluator's tiles.
+      images = None
+      if first_val is not None:
+        images = stage.images(first_val) if stage.images is not None else tiles
       res = loop.run_stage(
           name=name, state=state, train_step=step_fn, data_iter=it, frozen=frozen,
           num_steps=stage.num_steps, mesh=mesh, checkpointer=ckpt, workdir=workdir,
           eval_fn=(lambda st, stage=stage: stage.eval_fn(full(st))) if stage.eval_fn else None,
           eval_every=stage.eval_every, log_every=int(config.train.log_every),
-          image_fn=None if tiles is None else (
-              (lambda st, step: recon(full(st))) if name == "tokenizer"
-              else (lambda st, step: tiles(full(st)))),
+          image_fn=None if images is None else (
+              lambda st, step, images=images: images(full(st))),
           image_every=image_every, learning_rate=stage.lr, progress=progress,
           shard_fn=lambda b: mesh_lib.shard_batch(D.strip_batch(b), mesh),
           prefetch=D.device_prefetch(config))
@@ -253,15 +253,16 @@ def restore_params(config, workdir: str, which: str | int = "best", *,
                    base_params: PyTree | None = None) -> tuple[PyTree, int, str]:
   """A trained run's full params: the SAM weights (checked against the workdir's record),
   the seeded init, each stage's final params and checkpoint `which` ("best" by val mIoU,
-  "latest" or a step) of the segmentation stage. Returns (params, step, what).
+  "latest" or a step) of the final stage (`stages.registry.final`). Returns (params, step, what).
 
   `base_params`: this run's params to restore into instead of a new init (the trainer's,
   at its end); their untrained parts must be the seeded init / SAM weights, as in training."""
   workdir = os.fspath(workdir)
-  seg_dir = W.stage_dir(workdir, "segmentation")
-  if not (os.path.isdir(seg_dir) and any(d.isdigit() for d in os.listdir(seg_dir))):
+  final = registry.final().name
+  final_dir = W.stage_dir(workdir, final)
+  if not (os.path.isdir(final_dir) and any(d.isdigit() for d in os.listdir(final_dir))):
     raise NoCheckpointError(
-        f"no segmentation-stage checkpoint in {seg_dir}: train first with `python -m "
+        f"no {final}-stage checkpoint in {final_dir}: train first with `python -m "
         f"fusionsam_jax.train --config CONFIG --workdir {workdir}`")
   sam_path = factory.sam_weights_path(config)
   W.check_sam_weights(workdir, sam_path)
@@ -269,11 +270,14 @@ def restore_params(config, workdir: str, which: str | int = "best", *,
   params = (factory.init_params(config, ctx.model) if base_params is None
             else base_params)
   step, what = 0, which
-  for name in S.STAGES:
-    stage = build_stage(ctx, name, **({"with_perceptual": False} if name == "tokenizer" else {}))
+  # Only the params are restored: no feature network, no validation.
+  rctx = dataclasses.replace(ctx, perceptual=False, evaluator=None)
+  for spec in registry.REGISTRY:
+    name = spec.name
+    stage = spec.build(rctx)
     if stage is None:
       continue
-    last = name == "segmentation"
+    last = name == final
     with W.stage_checkpointer(config, workdir, name, best_k=stage.best_k,
                               read_only=True) as ckpt:
       if not last and not ckpt.all_steps():

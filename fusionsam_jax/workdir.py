@@ -28,9 +28,9 @@ from fusionsam_jax.training import checkpointing, guards
 
 #: Config keys that may change between runs in one workdir: durations, cadences, evaluation
 #: settings, where the data and the (identical, sha256-checked) SAM weights are.
+#: ("*" stands for any one key: every stage's durations.)
 MUTABLE_CONFIG_KEYS = (
-    *(f"train.stages.{s}.num_steps" for s in config_lib.STAGE_NAMES),
-    *(f"train.stages.{s}.num_epochs" for s in config_lib.STAGE_NAMES),
+    "train.stages.*.num_steps", "train.stages.*.num_epochs",
     "train.log_every", "train.image_every", "train.worker_count", "train.device_prefetch",
     "train.checkpoint_every",
     "train.eval_every", "train.eval_every_epochs", "train.keep_latest", "train.best_k", "eval",

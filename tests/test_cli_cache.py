@@ -78,7 +78,7 @@ def test_cache_hit_miss_rebuild(setup, tmp_path):
   p2[seg_name] = jax.tree.map(lambda x: x + 1.0, params[seg_name])
   assert _build(setup, tmp_path, p2)[0].hit
   # ... an upstream (fusion / tokenizer) param does: rebuild, old folder removed.
-  up = [k for k in EC.embed_param_names(params) if k != "image_encoder"][0]
+  up = [k for k in EC.embed_param_names(cfg.model) if k != "image_encoder"][0]
   p3 = dict(params)
   p3[up] = jax.tree.map(lambda x: x * 1.5 + 0.01, params[up])
   c3, msgs = _build(setup, tmp_path, p3)

@@ -142,6 +142,29 @@ def test_config_guard(tmp_path):
   assert T.check_workdir_config(tmp_path, bad, ignore=("train.num_steps",)) == fp2
 
 
+def test_config_guard_wildcard_matches_one_key_part(tmp_path):
+  """``*`` in an ignored key stands for any one part: the fingerprint equals the one with
+  every key spelled out (workdirs keep their fingerprint), and only those keys may change."""
+  stages = {s: {"num_steps": 4, "lr": 1e-3} for s in ("tokenizer", "fusion", "segmentation")}
+  cfg = {"train": {"stages": stages, "num_steps": 9}}
+  pattern = ("train.stages.*.num_steps",)
+  spelled = tuple(f"train.stages.{s}.num_steps" for s in stages)
+  assert T.config_fingerprint(cfg, pattern) == T.config_fingerprint(cfg, spelled)
+  assert T.config_fingerprint(cfg, pattern) != T.config_fingerprint(cfg)
+  fp = T.check_workdir_config(tmp_path, cfg, ignore=pattern)
+  longer = json.loads(json.dumps(cfg))
+  longer["train"]["stages"]["fusion"]["num_steps"] = 40
+  assert T.check_workdir_config(tmp_path, longer, ignore=pattern) == fp
+  for key in ("lr", None):    # another stage key, and a num_steps outside the stages
+    bad = json.loads(json.dumps(cfg))
+    if key:
+      bad["train"]["stages"]["fusion"][key] = 0.5
+    else:
+      bad["train"]["num_steps"] = 10
+    with pytest.raises(T.ConfigMismatchError):
+      T.check_workdir_config(tmp_path, bad, ignore=pattern)
+
+
 def test_config_guard_reads_added_keys_at_their_old_value(tmp_path):
   """A workdir made before a config key existed (model.backbone) resumes with the key at the
   value that reproduces the old behaviour, and only then."""

@@ -1,7 +1,7 @@
 """Where a config's data lives and the iterators the stages and evaluators read.
 
     spec = ensure_data(config)              # generates + prepares a generated set on first use
-    it = train_iterator(config, spec, "fusion")
+    it = train_iterator(config, spec, "fusion", seed_offset=2)
     for batch in eval_iterable(config, spec.source("val")): ...
 
 Durations: a stage runs ``num_epochs`` passes over the prepared train split unless
@@ -20,9 +20,6 @@ from typing import Any, Callable, Mapping
 import jax
 
 from fusionsam_jax.errors import DataMissingError
-
-#: Seed offsets of the stages' training iterators (distinct shuffles per stage).
-STAGE_SEED_OFFSET = {"tokenizer": 1, "fusion": 2, "segmentation": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,15 +180,16 @@ def device_prefetch(config, cpus: int | None = None) -> int:
   return max(2, min(8, worker_count(config, cpus)))
 
 
-def train_iterator(config, spec: DataSpec, stage: str):
+def train_iterator(config, spec: DataSpec, stage: str, seed_offset: int):
   """An endless, shuffled, augmented iterator over the train split at the stage's batch and
-  crop size (per-process batch); has grain's `get_state` / `set_state`."""
+  crop size (per-process batch), shuffled with ``config.seed + seed_offset`` (the stage's
+  `StageSpec.rng_offset`); has grain's `get_state` / `set_state`."""
   from fusionsam_jax.data.pipeline import train_loader
   per_process = stage_batch_size(config, stage) // jax.process_count()
   loader = train_loader(
       spec.source("train"), batch_size=per_process, crop_size=stage_crop_size(config, stage),
       scale_range=tuple(config.train.scale_range), flip_prob=float(config.train.flip_prob),
-      seed=int(config.seed) + STAGE_SEED_OFFSET[stage],
+      seed=int(config.seed) + int(seed_offset),
       worker_count=worker_count(config), modalities=tuple(config.model.modalities))
   return iter(loader)
 

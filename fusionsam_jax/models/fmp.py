@@ -45,6 +45,7 @@ import numpy as np
 import flax.linen as nn
 from einops import rearrange
 
+from fusionsam_jax.models.layout import FusionModule, register_fusion
 from fusionsam_jax.models.sam.common import gelu
 
 Array = jax.Array
@@ -509,3 +510,16 @@ class ConcatFusion(nn.Module):
     _check_latents(latents, min_m=1)  # one latent: the single-modality variants
     out = self.out_dim or latents[0].shape[-1]
     return dict(fusion=nn.Conv(out, (1, 1), name="conv")(jnp.concatenate(latents, -1)))
+
+
+def _make_fmp(model) -> FusionMaskPrompting:
+  kwargs = dict(model.fusion_kwargs)
+  # FMP's global attention takes the model's kernel choice (cuDNN flash on GPU).
+  kwargs.setdefault("attn_impl", "cudnn" if model.attn_impl.startswith("cudnn") else "xla")
+  return FusionMaskPrompting(**kwargs)
+
+
+# model.fusion = "fmp" (options: config.model.fmp; one modality: "concat") | "concat".
+register_fusion(FusionModule("fmp", "fmp", _make_fmp, min_modalities=2, fallback="concat",
+                             options="fmp"))
+register_fusion(FusionModule("concat", "concat_fusion", lambda model: ConcatFusion()))

@@ -12,14 +12,6 @@ import jax.numpy as jnp
 from fusionsam_jax.models.fusionsam import FusionSAM
 from fusionsam_jax.models.precision import cast_floating
 
-#: Top-level params of the fusion path (everything upstream of the SAM image encoder).
-FUSION_PATH = ("tokenizer_", "patch_embed_", "fmp", "concat_fusion", "fused_decoder")
-
-
-def is_fusion_path(name: str) -> bool:
-  return name.startswith(FUSION_PATH)
-
-
 def inputs_from_batch(batch: Mapping[str, Any], modalities) -> Dict[str, jax.Array]:
   """uint8 images -> float32 in [0, 1], one entry per modality."""
   return {m: jnp.asarray(batch[m]).astype(jnp.float32) / 255.0 for m in modalities}
@@ -30,10 +22,13 @@ def latents(model: FusionSAM, params, images):
   return model.apply({"params": params}, images, method=FusionSAM.tokenize)
 
 
-def cast_fusion_path(params, dtype):
-  """`params` with the fusion path's float leaves in `dtype` (`precision.cast_floating`:
-  the codebooks stay float32); the other top-level params unchanged."""
-  return {k: (cast_floating(v, dtype) if is_fusion_path(k) else v) for k, v in params.items()}
+def cast_fusion_path(model: FusionSAM, params, dtype):
+  """`params` with the float leaves of the fusion path (``model.layout.fusion_path``:
+  everything upstream of the SAM image encoder) in `dtype` (`precision.cast_floating`: the
+  codebooks stay float32); the other top-level params unchanged. `params` may hold a part
+  of the model's top-level params."""
+  path = set(model.layout.fusion_path)
+  return {k: (cast_floating(v, dtype) if k in path else v) for k, v in params.items()}
 
 
 def fusion_forward(model: FusionSAM, params, images, dtype="float32", *,
@@ -46,7 +41,7 @@ def fusion_forward(model: FusionSAM, params, images, dtype="float32", *,
   `train_tokenizers` False: the latents are under stop-gradient.
   """
   dt = jnp.dtype(dtype)
-  p = cast_fusion_path(params, dt)
+  p = cast_fusion_path(model, params, dt)
   xs = {m: x.astype(dt) for m, x in images.items()}
   if with_vq:
     z, vq = model.apply({"params": p}, xs, method=FusionSAM.tokenize_vq)

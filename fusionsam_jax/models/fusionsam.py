@@ -1,9 +1,10 @@
 """FusionSAM assembled: LSTG tokenizers -> FMP -> fused image -> frozen SAM encoder, and
 fusion prompts -> semantic mask decoder (paper Fig. 2; docs/design.md).
 
-Parameter tree (top level):
+Parameter tree (top level; the roles are declared once in `models.layout.ParamLayout`):
   tokenizer_<m>   LatentTokenizer per modality m        (ablation A: patch_embed_<m>)
-  fmp             FusionMaskPrompting                   (ablation B / 1 modality: concat_fusion)
+  fmp             the fusion module of ``model.fusion`` (`layout.FUSIONS`): FMP under
+                  ``fmp``; ablation B / 1 modality: ConcatFusion under ``concat_fusion``
   fused_decoder   FusedImageDecoder -> fused RGB image
   image_encoder   SAM ViT (frozen; SAM's names), or with a SAM 2 backbone (`sam2` set,
                   ``model.backbone="sam2_*"``) `Sam2FeatureEncoder`: Hiera trunk + FPN neck +
@@ -33,8 +34,10 @@ import numpy as np
 from fusionsam_jax.jit_utils import run_once
 from fusionsam_jax.losses import rgb_to_y
 from fusionsam_jax.models.discriminator import PatchGANDiscriminator
-from fusionsam_jax.models.fmp import ConcatFusion, FusionMaskPrompting
+from fusionsam_jax.models import fmp as _fmp  # noqa: F401 (registers "fmp" and "concat")
 from fusionsam_jax.models.fused_decoder import FusedImageDecoder, PatchEmbedTokenizer
+from fusionsam_jax.models.layout import (ParamLayout, fusion_module, patch_embed_key,
+                                         tokenizer_key)
 from fusionsam_jax.models.lstg import LatentTokenizer
 from fusionsam_jax.models.precision import check_train_dtype
 from fusionsam_jax.models.prompts import FusionPointPromptEncoder, dense_prompt_input
@@ -61,8 +64,8 @@ class FusionSAM(nn.Module):
   scale: int = 4
   tokenizer_kind: str = "lstg"  # "lstg" | "patch" (ablation A)
   tokenizer_kwargs: Tuple[Tuple[str, Any], ...] = ()
-  fusion: str = "fmp"  # "fmp" | "concat" (ablation B; always for one modality)
-  fmp_kwargs: Tuple[Tuple[str, Any], ...] = ()
+  fusion: str = "fmp"  # a `layout.FUSIONS` name: "fmp" | "concat" (ablation B) | ...
+  fusion_kwargs: Tuple[Tuple[str, Any], ...] = ()  # its options (`FusionModule.options`)
   fused_decoder_kwargs: Tuple[Tuple[str, Any], ...] = ()
   encoder_dtype: str = "float32"
   # Compute dtype of the frozen fusion path (tokenizers, fusion, fused decoder) in the
@@ -77,29 +80,23 @@ class FusionSAM(nn.Module):
   train_sam_encoder: bool = False
   sam2: Optional[Sam2Config] = None  # a SAM 2 backbone (model.backbone="sam2_*")
 
+  @property
+  def layout(self) -> ParamLayout:
+    """Role -> top-level param keys of this model (`models.layout`)."""
+    return ParamLayout.build(self.modalities, self.tokenizer_kind, self.fusion)
+
   def setup(self):
     tk = dict(self.tokenizer_kwargs)
     self.latent_dim = tk.get("latent_dim", 16)
+    lay = self.layout
     for m in self.modalities:
       if m not in CHANNELS:
         raise ValueError(f"unknown modality {m!r}; expected one of {sorted(CHANNELS)}")
-      if self.tokenizer_kind == "lstg":
-        setattr(self, f"tokenizer_{m}",
-                LatentTokenizer(in_channels=CHANNELS[m], scale=self.scale, **tk))
-      elif self.tokenizer_kind == "patch":
-        setattr(self, f"patch_embed_{m}",
-                PatchEmbedTokenizer(latent_dim=self.latent_dim, scale=self.scale))
-      else:
-        raise ValueError(f"tokenizer_kind must be 'lstg' or 'patch', got {self.tokenizer_kind!r}")
-    if self.fusion == "fmp" and len(self.modalities) >= 2:
-      fk = dict(self.fmp_kwargs)
-      # FMP's global attention takes the model's kernel choice (cuDNN flash on GPU).
-      fk.setdefault("attn_impl", "cudnn" if self.attn_impl.startswith("cudnn") else "xla")
-      self.fmp = FusionMaskPrompting(**fk)
-    elif self.fusion in ("fmp", "concat"):
-      self.concat_fusion = ConcatFusion()
-    else:
-      raise ValueError(f"fusion must be 'fmp' or 'concat', got {self.fusion!r}")
+    for m, key in zip(self.modalities, lay.tokenizers):
+      setattr(self, key, LatentTokenizer(in_channels=CHANNELS[m], scale=self.scale, **tk))
+    for key in lay.patch_embeds:
+      setattr(self, key, PatchEmbedTokenizer(latent_dim=self.latent_dim, scale=self.scale))
+    setattr(self, lay.fusion, lay.fusion_spec.make(self))
     if self.fused_color not in ("decoder", "visible_chroma"):
       raise ValueError(f"fused_color must be 'decoder' or 'visible_chroma', got "
                        f"{self.fused_color!r}")
@@ -115,16 +112,16 @@ class FusionSAM(nn.Module):
   # --- stage 1: tokenizers -------------------------------------------------------------
   def tokenizer(self, x, modality: str):
     """LSTG forward for one modality: dict(z, z_q, indices, recon, loss terms)."""
-    return getattr(self, f"tokenizer_{modality}")(x)
+    return getattr(self, tokenizer_key(modality))(x)
 
   def tokenize(self, images: Mapping[str, Any]) -> Dict[str, Any]:
     """{m: (B, H, W, C_m)} -> {m: z_q (B, h, w, d_c)} (patch embeddings for ablation A)."""
     out = {}
     for m in self.modalities:
       if self.tokenizer_kind == "lstg":
-        out[m] = getattr(self, f"tokenizer_{m}").encode(images[m])["z_q"]
+        out[m] = getattr(self, tokenizer_key(m)).encode(images[m])["z_q"]
       else:
-        out[m] = getattr(self, f"patch_embed_{m}")(images[m])
+        out[m] = getattr(self, patch_embed_key(m))(images[m])
     return out
 
   def tokenize_vq(self, images: Mapping[str, Any]):
@@ -133,10 +130,10 @@ class FusionSAM(nn.Module):
     out, vq = {}, {}
     for m in self.modalities:
       if self.tokenizer_kind == "lstg":
-        q = getattr(self, f"tokenizer_{m}").encode(images[m])
+        q = getattr(self, tokenizer_key(m)).encode(images[m])
         out[m], vq[m] = q["z_q"], q["vq_loss"]
       else:
-        out[m], vq[m] = getattr(self, f"patch_embed_{m}")(images[m]), jnp.zeros(())
+        out[m], vq[m] = getattr(self, patch_embed_key(m))(images[m]), jnp.zeros(())
     return out, vq
 
   # --- stage 2: fusion -----------------------------------------------------------------
@@ -152,10 +149,7 @@ class FusionSAM(nn.Module):
     RGB input) the decoder's own RGB output is used.
     """
     zs = [latents[m] for m in self.modalities]
-    if hasattr(self, "fmp") and len(zs) >= 2:
-      fusion = self.fmp(zs)["fusion"]
-    else:
-      fusion = self.concat_fusion(zs)["fusion"]
+    fusion = getattr(self, self.layout.fusion)(zs)["fusion"]              # (B, h, w, d_c)
     fused = self.fused_decoder(fusion)                                     # (B, H, W, 3)
     if self.fused_color == "visible_chroma" and "rgb" in self.modalities:
       if images is None:
@@ -310,20 +304,29 @@ def build_model(model_cfg, sam_config: Optional[SamConfig] = None) -> FusionSAM:
   SAM size (`sam_config`, ``sam_variant``) is not used."""
   g = model_cfg.get
   sam2 = sam2_backbone_config(g("backbone", "sam") or "sam")
+  modalities = tuple(g("modalities"))
+  fusion = fusion_module(g("fusion", "fmp"), len(modalities))
   if sam2 is not None:
     sam_config = sam_heads_config(sam2)
   return FusionSAM(
-      modalities=tuple(g("modalities")), num_classes=int(g("num_classes")),
+      modalities=modalities, num_classes=int(g("num_classes")),
       sam=sam_config or sam_config_from(model_cfg), sam2=sam2, scale=int(g("scale", 4)),
       tokenizer_kind=g("tokenizer_kind", "lstg"),
       tokenizer_kwargs=_frozen(g("tokenizer", {}) or {}), fusion=g("fusion", "fmp"),
-      fmp_kwargs=_frozen(g("fmp", {}) or {}),
+      fusion_kwargs=_frozen((g(fusion.options, {}) or {}) if fusion.options else {}),
       fused_decoder_kwargs=_frozen(g("fused_decoder", {}) or {}),
       encoder_dtype=g("encoder_dtype", "float32"), fusion_dtype=g("fusion_dtype", "float32"),
       train_dtype=str(check_train_dtype(g("train_dtype", "float32") or "float32")),
       attn_impl=g("attn_impl", "xla"),
       num_points=int(g("num_points", 8)), fused_color=g("fused_color", "decoder"),
       train_sam_encoder=bool(g("train_sam_encoder", False)))
+
+
+def param_layout(model_cfg) -> ParamLayout:
+  """The `ParamLayout` of `config.model` (a ConfigDict or dict)."""
+  g = model_cfg.get
+  return ParamLayout.build(tuple(g("modalities")), g("tokenizer_kind", "lstg") or "lstg",
+                           g("fusion", "fmp") or "fmp")
 
 
 def dummy_images(model: FusionSAM, image_hw: Tuple[int, int], batch: int = 1):

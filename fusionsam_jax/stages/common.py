@@ -22,10 +22,34 @@ from fusionsam_jax.training.state import TrainState
 PyTree = Any
 
 
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """A training stage, declared once (`stages.registry.REGISTRY`, in training order).
+
+  name: the stage's name (``config.train.stages.<name>``, ``checkpoints/<name>``, metrics
+  ``<name>/...``); make(ctx) -> `Stage` or None (nothing to train), with ``ctx.stage`` this
+  spec; rng_offset: the stage's PRNG key is ``PRNGKey(seed * 1000 + rng_offset)`` and its
+  training iterator shuffles with ``seed + rng_offset``.
+  """
+  name: str
+  make: Callable[["Context"], "Stage | None"]
+  rng_offset: int
+
+  def build(self, ctx: "Context") -> "Stage | None":
+    """The stage for `ctx` (None: nothing to train)."""
+    return self.make(dataclasses.replace(ctx, stage=self))
+
+
 @dataclasses.dataclass
 class Context:
   """What building a stage needs. `spec`: the data (`data.spec.DataSpec`); `train_size`:
-  examples in its train split (durations in epochs become steps with it)."""
+  examples in its train split (durations in epochs become steps with it).
+
+  Options every stage's ``make(ctx)`` may read: `evaluator` (an
+  `evaluators.segmentation.Evaluator` validating the stage, or None: no validation);
+  `perceptual` (build the Eq. 7 feature network; False when only restoring params);
+  `use_cache` (the embedding cache: None, the config decides). `stage`: the `StageSpec`
+  being built (set by `StageSpec.build`)."""
   config: Any
   model: Any
   mesh: jax.sharding.Mesh
@@ -34,6 +58,17 @@ class Context:
   workdir: str | None = None
   say: Callable[[str], None] = print
   progress: bool = True
+  evaluator: Any = None
+  perceptual: bool = True
+  use_cache: bool | None = None
+  stage: StageSpec | None = None
+
+  def stage_spec(self) -> StageSpec:
+    """`stage`; raises ValueError when the context was not made by `StageSpec.build`."""
+    if self.stage is None:
+      raise ValueError("a stage is built through its StageSpec: stages.registry.build(ctx, "
+                       "name) or spec.build(ctx)")
+    return self.stage
 
 
 @dataclasses.dataclass
@@ -47,7 +82,8 @@ class Stage:
     trained model params in a state (a subtree of the model's tree); iterator(params) ->
     the endless host batch iterator (params: the full model params, e.g. for the embedding
     cache); eval_fn(params) -> metrics (val), or None; best_k: checkpoints kept by
-    ``val_miou``.
+    ``val_miou``; images(first val batch) -> fn(model params) -> {tag: (N, H, W, 3)}:
+    the stage's TensorBoard images (None: the evaluator's fused image / prediction tiles).
   """
   name: str
   num_steps: int
@@ -63,6 +99,7 @@ class Stage:
   eval_every: int = 0
   best_k: int = 0
   notes: tuple[str, ...] = ()
+  images: Callable[[Mapping], Callable[[PyTree], Mapping]] | None = None
 
   def frozen(self, params: PyTree) -> PyTree:
     """The frozen params the step reads: ``reads`` minus what the stage trains."""
@@ -234,10 +271,9 @@ def make_gan_train_step(g_loss_fn: Callable, d_loss_fn: Callable,
                  donate_argnums=(0,))
 
 
-def stage_key(config, stage: str) -> jax.Array:
+def stage_key(config, stage: StageSpec) -> jax.Array:
   """The stage's PRNG key (seed-derived; the step folds in the step number)."""
-  offsets = {"tokenizer": 1, "fusion": 2, "segmentation": 3}
-  return jax.random.PRNGKey(int(config.seed) * 1000 + offsets[stage])
+  return jax.random.PRNGKey(int(config.seed) * 1000 + int(stage.rng_offset))
 
 
 LR_SCHEDULES = ("constant", "cosine")

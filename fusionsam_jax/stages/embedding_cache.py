@@ -25,7 +25,7 @@ cached as the eval loader yields them (full resolution, padded, ``valid`` masks)
 
 **Key.** A cache is valid for exactly what it was computed from; its key is a hash of:
 the params of the tokenizers / patch embeddings, the fusion module, the fused-image decoder
-and the SAM image encoder (every leaf's bytes); the prepared split's files (or, for an
+and the SAM image encoder (every leaf's bytes; ``ParamLayout.embedding_inputs``); the prepared split's files (or, for an
 in-memory source, every element); the view settings (crop size, scale range, number of views,
 seed); the model settings that change the embedding (modalities, sizes, SAM variant, encoder
 dtype, attention implementation); and the storage dtype. A different key means a rebuild;
@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionsam_jax import training as T
+from fusionsam_jax.models.fusionsam import param_layout
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,22 @@ MODEL_KEYS = ("modalities", "scale", "tokenizer_kind", "tokenizer", "fusion", "f
               "fusion_dtype", "attn_impl", "backbone")
 
 
+def model_keys(model_cfg) -> tuple[str, ...]:
+  """The ``config.model`` entries in the key: `MODEL_KEYS` + the fusion module's options
+  entry (`layout.FusionModule.options`)."""
+  opts = param_layout(model_cfg).fusion_spec.options
+  return MODEL_KEYS + ((opts,) if opts and opts not in MODEL_KEYS else ())
+
+
 # --------------------------------------------------------------------------------------------
 # Hashing
 # --------------------------------------------------------------------------------------------
 
 
-def embed_param_names(params: Mapping) -> list[str]:
-  """The top-level param names the SAM embedding depends on."""
-  return sorted(k for k in params
-                if k.startswith(("tokenizer_", "patch_embed_"))
-                or k in ("fmp", "concat_fusion", "fused_decoder", "image_encoder"))
+def embed_param_names(model_cfg) -> list[str]:
+  """The top-level param names the SAM embedding depends on
+  (``ParamLayout.embedding_inputs``: the fusion path + the image encoder)."""
+  return sorted(param_layout(model_cfg).embedding_inputs)
 
 
 def hash_params(params: Mapping, names: Iterable[str] | None = None) -> str:
@@ -130,10 +137,11 @@ def cache_key(config, params: Mapping, data_fingerprint: str, split: str) -> tup
   desc = {
       "format": FORMAT,
       "split": split,
-      "params": hash_params(params, embed_param_names(params)),
+      "params": hash_params(params, embed_param_names(config.model)),
       "data": data_fingerprint,
       # (backbone "sam", the default, is left out: keys of runs made before it existed hold)
-      "model": {k: config_to_dict(config.model[k]) for k in MODEL_KEYS if k in config.model
+      "model": {k: config_to_dict(config.model[k]) for k in model_keys(config.model)
+                if k in config.model
                 and not (k == "backbone" and config.model[k] == "sam")},
       "dtype": str(c.dtype),
   }
@@ -230,16 +238,17 @@ class Cache:
   def train_source(self) -> TrainCacheSource:
     return TrainCacheSource(self.train_dir, self.modalities)
 
-  def train_loader(self, config):
-    """Shuffled (per-epoch, seeded), repeating, batched loader over the cached views."""
+  def train_loader(self, config, stage: str, seed_offset: int):
+    """Shuffled (per-epoch, seeded with ``config.seed + seed_offset``), repeating loader over
+    the cached views in batches of `stage`'s size."""
     import grain.python as grain
     from fusionsam_jax.data.pipeline import process_shard_options
     src = self.train_source()
     shard = process_shard_options(drop_remainder=True)
     from fusionsam_jax.data.spec import stage_batch_size
-    per_process = stage_batch_size(config, "segmentation") // jax.process_count()
+    per_process = stage_batch_size(config, stage) // jax.process_count()
     sampler = grain.IndexSampler(num_records=len(src), shard_options=shard, shuffle=True,
-                                 num_epochs=None, seed=int(config.seed) + 3)
+                                 num_epochs=None, seed=int(config.seed) + int(seed_offset))
     return grain.DataLoader(data_source=src, sampler=sampler,
                             operations=[grain.Batch(per_process, drop_remainder=True)],
                             worker_count=0, shard_options=shard)

@@ -9,27 +9,21 @@ from __future__ import annotations
 from fusionsam_jax import losses
 from fusionsam_jax.data.spec import stage_batch_size, stage_steps, train_iterator
 from fusionsam_jax.models import functional as F
+from fusionsam_jax.models.fusionsam import param_layout
 from fusionsam_jax.stages import common
 
 NAME = "fusion"
 
 
-def fusion_module(model_cfg) -> str:
-  single = len(tuple(model_cfg.modalities)) < 2
-  return "concat_fusion" if single or model_cfg.get("fusion", "fmp") == "concat" else "fmp"
-
-
 def trainable(model_cfg) -> tuple[str, ...]:
-  patch = model_cfg.get("tokenizer_kind", "lstg") == "patch"
-  extra = tuple(f"patch_embed_{m}" for m in model_cfg.modalities) if patch else ()
-  return (fusion_module(model_cfg),) + extra + ("fused_decoder",)
+  """The fusion module, the patch embeddings (ablation A) and the fused-image decoder
+  (``ParamLayout.fusion_trainable``)."""
+  return param_layout(model_cfg).fusion_trainable
 
 
 def fusion_path(model_cfg) -> tuple[str, ...]:
-  """Every top-level param upstream of the SAM encoder (tokenizers + the fusion stage's)."""
-  toks = () if model_cfg.get("tokenizer_kind", "lstg") == "patch" else tuple(
-      f"tokenizer_{m}" for m in model_cfg.modalities)
-  return toks + trainable(model_cfg)
+  """Every top-level param upstream of the SAM encoder (``ParamLayout.fusion_path``)."""
+  return param_layout(model_cfg).fusion_path
 
 
 def fusion_weights(stage_cfg):
@@ -50,16 +44,16 @@ def loss_fn(model, model_cfg, stage_cfg):
 
 
 def make(ctx: common.Context) -> common.Stage:
-  config, model = ctx.config, ctx.model
+  config, model, spec = ctx.config, ctx.model, ctx.stage_spec()
   sc = config.train.stages[NAME]
   num_steps = stage_steps(config, NAME, ctx.train_size)
   lr = common.stage_lr(config, NAME, num_steps)
   tx = common.stage_optimizer(config, NAME, lr)
-  key = common.stage_key(config, NAME)
+  key = common.stage_key(config, spec)
   return common.Stage(
       name=NAME, num_steps=num_steps,
       batch_size=stage_batch_size(config, NAME), lr=lr,
       trainable=trainable(config.model), reads=fusion_path(config.model),
       init_state=lambda params: common.new_state(params, tx, key),
       train_step=common.make_train_step(loss_fn(model, config.model, sc), tx, ctx.mesh),
-      iterator=lambda params: train_iterator(config, ctx.spec, NAME))
+      iterator=lambda params: train_iterator(config, ctx.spec, NAME, spec.rng_offset))

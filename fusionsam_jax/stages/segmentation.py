@@ -23,16 +23,11 @@ from fusionsam_jax import losses
 from fusionsam_jax.data.spec import (eval_every_steps, eval_iterable, stage_batch_size,
                                      stage_steps, train_iterator)
 from fusionsam_jax.models import functional as F
-from fusionsam_jax.models.fusionsam import FusionSAM
+from fusionsam_jax.models.fusionsam import FusionSAM, param_layout
 from fusionsam_jax.stages import common, embedding_cache
 from fusionsam_jax.stages import fusion as fusion_stage
-from fusionsam_jax.stages import tokenizer as tokenizer_stage
 
 NAME = "segmentation"
-#: Prompt-encoder parts that train: the dense-prompt stack and the foreground point
-#: embedding (SAM's random-Fourier matrix stays fixed; no_mask_embed is unused).
-PROMPT_TRAINABLE = ("prompt_encoder/mask_downscaling", "prompt_encoder/point_embeddings_1")
-DECODER = ("point_prompt", "mask_decoder") + PROMPT_TRAINABLE
 
 
 def joint(model_cfg) -> bool:
@@ -40,16 +35,19 @@ def joint(model_cfg) -> bool:
 
 
 def trainable(model_cfg) -> tuple[str, ...]:
+  """The prompt encoders' trained parts and the mask decoder (``ParamLayout.head_trainable``);
+  jointly (Eq. 1) also the whole fusion path."""
+  lay = param_layout(model_cfg)
   if not joint(model_cfg):
-    return DECODER
-  return tokenizer_stage.trainable(model_cfg) + fusion_stage.trainable(model_cfg) + DECODER
+    return lay.head_trainable
+  return lay.fusion_path + lay.head_trainable
 
 
 def reads(model_cfg, cached: bool) -> tuple[str, ...]:
-  head = ("prompt_encoder", "point_prompt", "mask_decoder")
-  if cached:
-    return head
-  return head + fusion_stage.fusion_path(model_cfg) + ("image_encoder",)
+  """Prompt encoders and mask decoder; without the cache also the fusion path and the image
+  encoder (``ParamLayout.embedding_inputs``)."""
+  lay = param_layout(model_cfg)
+  return lay.head if cached else lay.head + lay.embedding_inputs
 
 
 def loss_fn(model: FusionSAM, model_cfg, stage_cfg, fusion_cfg):
@@ -94,17 +92,20 @@ def loss_fn(model: FusionSAM, model_cfg, stage_cfg, fusion_cfg):
   return fn
 
 
-def make(ctx: common.Context, evaluator=None, *, use_cache: bool | None = None) -> common.Stage:
-  """`evaluator(params, batches) -> {"val_miou", ...}` validates the stage (None: no val).
-  `use_cache` None: the config decides (`embedding_cache.cache_enabled`)."""
-  config, model = ctx.config, ctx.model
+def make(ctx: common.Context) -> common.Stage:
+  """``ctx.evaluator`` (its ``val_metrics(params, batches) -> {"val_miou", ...}``) validates
+  the stage (None: no val). ``ctx.use_cache`` None: the config decides
+  (`embedding_cache.cache_enabled`)."""
+  config, model, spec = ctx.config, ctx.model, ctx.stage_spec()
+  evaluator = ctx.evaluator.val_metrics if ctx.evaluator is not None else None
+  use_cache = ctx.use_cache
   sc = config.train.stages[NAME]
   if use_cache is None:
     use_cache = embedding_cache.cache_enabled(config)[0] and not joint(config.model)
   num_steps = stage_steps(config, NAME, ctx.train_size)
   lr = common.stage_lr(config, NAME, num_steps)
   tx = common.stage_optimizer(config, NAME, lr)
-  key = common.stage_key(config, NAME)
+  key = common.stage_key(config, spec)
   val_split = str(config.eval.val_split)
   state = {"val": None}
 
@@ -117,9 +118,9 @@ def make(ctx: common.Context, evaluator=None, *, use_cache: bool | None = None) 
                                           say=ctx.say)
     if cache is None:
       state["val"] = lambda: eval_iterable(config, val_source)
-      return train_iterator(config, ctx.spec, NAME)
+      return train_iterator(config, ctx.spec, NAME, spec.rng_offset)
     state["val"] = cache.val_batches
-    return iter(cache.train_loader(config))
+    return iter(cache.train_loader(config, NAME, spec.rng_offset))
 
   def eval_fn(params):
     if state["val"] is None:  # evaluated before training (a resumed, complete stage)

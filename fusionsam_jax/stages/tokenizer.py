@@ -25,7 +25,9 @@ from fusionsam_jax.jit_utils import run_once
 from fusionsam_jax.models import factory
 from fusionsam_jax.models import functional as F
 from fusionsam_jax.models.functional import inputs_from_batch
-from fusionsam_jax.models.fusionsam import FusionSAM, init_discriminators, make_discriminator
+from fusionsam_jax.models.fusionsam import (FusionSAM, init_discriminators, make_discriminator,
+                                            param_layout)
+from fusionsam_jax.models.layout import tokenizer_key
 from fusionsam_jax.models.precision import cast_floating
 from fusionsam_jax.stages import common
 from fusionsam_jax.training import mesh as mesh_lib
@@ -35,9 +37,8 @@ NAME = "tokenizer"
 
 
 def trainable(model_cfg) -> tuple[str, ...]:
-  if model_cfg.get("tokenizer_kind", "lstg") == "patch":
-    return ()
-  return tuple(f"tokenizer_{m}" for m in model_cfg.modalities)
+  """The LSTG tokenizers (``ParamLayout.tokenizers``; none with patch embeddings)."""
+  return param_layout(model_cfg).tokenizers
 
 
 def disc_start(config, num_steps: int) -> int:
@@ -98,7 +99,7 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
   dt = jnp.dtype(model.train_dtype)
 
   def tokenize(g, x, m):
-    out = model.apply({"params": F.cast_fusion_path(g, dt)}, x.astype(dt), m,
+    out = model.apply({"params": F.cast_fusion_path(model, g, dt)}, x.astype(dt), m,
                       method=FusionSAM.tokenizer)
     return dict(out, recon=out["recon"].astype(jnp.float32))
 
@@ -133,13 +134,13 @@ def losses_fn(model: FusionSAM, model_cfg, stage_cfg, start: int, perceptual=Non
       if disc_w > 0:
         # VQGAN's adaptive weight: gradient norms w.r.t. the decoder's last layer.
         gs = jax.lax.stop_gradient(g)
-        kernel = gs[f"tokenizer_{m}"]["decoder"]["conv_out"]["kernel"]
+        kernel = gs[tokenizer_key(m)]["decoder"]["conv_out"]["kernel"]
 
         def recon_of(kern, m=m, x=x):
-          tok = dict(gs[f"tokenizer_{m}"])
+          tok = dict(gs[tokenizer_key(m)])
           tok["decoder"] = dict(tok["decoder"], conv_out=dict(tok["decoder"]["conv_out"],
                                                               kernel=kern))
-          return tokenize(dict(gs, **{f"tokenizer_{m}": tok}), x, m)["recon"]
+          return tokenize(dict(gs, **{tokenizer_key(m): tok}), x, m)["recon"]
 
         r0, pullback = jax.vjp(recon_of, kernel)
         g_nll = pullback(jax.grad(lambda r: nll_of(r)[0])(r0))[0]
@@ -193,8 +194,8 @@ def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
     images = inputs_from_batch(batch, mods)
     g, aux = dict(g), {}
     for i, m in enumerate(mods):
-      g[f"tokenizer_{m}"], n = restart_dead_codes(
-          toks[m], g[f"tokenizer_{m}"], images[m], jax.random.fold_in(rng, i), threshold=thr,
+      g[tokenizer_key(m)], n = restart_dead_codes(
+          toks[m], g[tokenizer_key(m)], images[m], jax.random.fold_in(rng, i), threshold=thr,
           relative=relative, code_ema=None if code_ema is None else float(code_ema),
           compute_dtype=jnp.dtype(model.train_dtype))
       aux[f"{m}/restarted_codes"] = n.astype(jnp.float32)
@@ -257,9 +258,10 @@ def codebook_eval(model: FusionSAM, config, spec, mesh):
   return fn
 
 
-def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage | None:
-  """The tokenizer stage, or None when there is nothing to train (ablation A)."""
-  config, model = ctx.config, ctx.model
+def make(ctx: common.Context) -> common.Stage | None:
+  """The tokenizer stage, or None when there is nothing to train (ablation A). The Eq. 7
+  feature network is built when ``ctx.perceptual``."""
+  config, model, spec = ctx.config, ctx.model, ctx.stage_spec()
   names = trainable(config.model)
   if not names:
     return None
@@ -271,7 +273,7 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
   # The discriminator's learning rate is 0 before it starts: Adam with L2 decay would
   # otherwise shrink its untrained weights towards 0 for the whole warm-up.
   d_tx = common.stage_optimizer(config, NAME, lr=losses.disc_lr_schedule(float(sc.lr), start))
-  key = common.stage_key(config, NAME)
+  key = common.stage_key(config, spec)
   hw = stage_crop_size(config, NAME)
 
   disc_on = float(sc.get("disc_weight", 0.8)) > 0
@@ -287,7 +289,7 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
                       rng=jax.random.key_data(key) if jnp.issubdtype(
                           key.dtype, jax.dtypes.prng_key) else key)
 
-  perceptual = perceptual_loss(config, ctx.say) if with_perceptual else None
+  perceptual = perceptual_loss(config, ctx.say) if ctx.perceptual else None
   g_loss, d_loss = losses_fn(model, config.model, sc, start, perceptual)
   return common.Stage(
       name=NAME, num_steps=num_steps, batch_size=stage_batch_size(config, NAME),
@@ -295,13 +297,14 @@ def make(ctx: common.Context, *, with_perceptual: bool = True) -> common.Stage |
       train_step=common.make_gan_train_step(
           g_loss, d_loss, g_tx, d_tx, ctx.mesh,
           post_update=codebook_restart_fn(model, config.model, sc)),
-      iterator=lambda params: train_iterator(config, ctx.spec, NAME),
+      iterator=lambda params: train_iterator(config, ctx.spec, NAME, spec.rng_offset),
       model_params=lambda state: state.params["generator"],
       # At the stage's end: codebook use and reconstruction error over val.
       eval_fn=(codebook_eval(model, config, ctx.spec, ctx.mesh)
                if sc.get("eval_codebook", True) else None),
       notes=(f"discriminator from step {start}" if disc_on
-             else "no adversarial term (disc_weight 0)",))
+             else "no adversarial term (disc_weight 0)",),
+      images=lambda batch: reconstruction_images(model, config.model.modalities, batch))
 
 
 def reconstruction_images(model: FusionSAM, modalities, batch):

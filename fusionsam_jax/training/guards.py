@@ -113,10 +113,18 @@ def with_added(flat: dict[str, Any], added: Mapping[str, Any] | None) -> dict[st
   return {**dict(added or {}), **flat}
 
 
+def _ignored(key: str, pattern: str) -> bool:
+  """Whether dotted `key` is `pattern` or below it; a ``*`` part of `pattern` matches any
+  one part of `key`."""
+  if "*" not in pattern:
+    return key == pattern or key.startswith(pattern + ".")
+  kp, pp = key.split("."), pattern.split(".")
+  return len(kp) >= len(pp) and all(p in ("*", k) for k, p in zip(kp, pp))
+
+
 def _drop(flat: dict[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
   ignore = tuple(ignore)
-  return {k: v for k, v in flat.items()
-          if not any(k == i or k.startswith(i + ".") for i in ignore)}
+  return {k: v for k, v in flat.items() if not any(_ignored(k, i) for i in ignore)}
 
 
 def config_diff(old: Any, new: Any, ignore: Iterable[str] = (),
