@@ -72,7 +72,8 @@ class TrainResult:
 
 
 def train(config, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
-          step_hook: Callable | None = None) -> TrainResult:
+          step_hook: Callable | None = None,
+          on_evaluation: Callable | None = None) -> TrainResult:
   """Runs every stage (each resumable, skipped when complete), then evaluates the best
   checkpoint on ``config.eval.split`` when ``config.eval.after_training``.
 
@@ -84,13 +85,15 @@ def train(config, workdir: str, *, allow_config_change: bool = False, progress: 
   the existing checkpoints against a changed config).
 
   `step_hook(stage_name, train_step) -> train_step` wraps a stage's step (instrumentation,
-  e.g. tests that inject a NaN)."""
+  e.g. tests that inject a NaN). `on_evaluation(summary, params, model)` is called with the
+  final evaluation and the params it evaluated (the CLI draws the report with them)."""
   t_start = time.perf_counter()
   mesh_lib.maybe_initialize_distributed()
   workdir = W.open_workdir(workdir)
   with W.lock(workdir, say=say):
     W.remove_orphans(workdir, say=say)
-    return _train_locked(config, workdir, allow_config_change, progress, step_hook, t_start)
+    return _train_locked(config, workdir, allow_config_change, progress, step_hook, t_start,
+                         on_evaluation)
 
 
 def _check_checkpoints_fit(ctx: common.Context, workdir: str, params: PyTree,
@@ -135,7 +138,8 @@ def _final_checkpoint_usable(ckpt, stage: common.Stage, params: PyTree, mesh) ->
 
 
 def _train_locked(config, workdir: str, allow_config_change: bool, progress: bool,
-                  step_hook: Callable | None, t_start: float) -> TrainResult:
+                  step_hook: Callable | None, t_start: float,
+                  on_evaluation: Callable | None = None) -> TrainResult:
   registry.check_config(config)
   fp, config_diff = W.check_config(workdir, config, allow_change=allow_config_change)
   mesh = mesh_lib.make_mesh()
@@ -223,7 +227,7 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
     if res.skipped:
       say(f"== stage '{name}' already complete ({res.restored_step} steps); skipped")
     else:
-      extra = f"; val {res.last_eval}" if res.last_eval else ""
+      extra = f"; val {describe_metrics(res.last_eval)}" if res.last_eval else ""
       say(f"== stage '{name}' done in {dt:.1f} s{extra}")
   evaluation = None
   if config.eval.get("after_training", False):
@@ -231,21 +235,12 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
     # SAM weights) that a fresh `restore_params` would build again (a second init: ~6 s of
     # the CPU demo; loading ViT-H again on a GPU host).
     evaluation = evaluate(config, workdir, "best", config.eval.split, ctx=ctx,
-                          evaluator=evaluator, base_params=params)
+                          evaluator=evaluator, base_params=params, keep_params=True)
+    if on_evaluation is not None:
+      on_evaluation(evaluation, evaluation.pop("params"), ctx.model)
+    evaluation.pop("params", None)
   del params
   return TrainResult(results, evaluation, time.perf_counter() - t_start)
-
-
-def parse_checkpoint_arg(value: str | int) -> str | int:
-  if isinstance(value, int):
-    return value
-  v = str(value).strip()
-  if v in ("best", "latest"):
-    return v
-  try:
-    return int(v)
-  except ValueError:
-    raise ValueError(f"--checkpoint {value!r}: expected best, latest or a step number") from None
 
 
 def restore_params(config, workdir: str, which: str | int = "best", *,
@@ -308,10 +303,11 @@ def restore_params(config, workdir: str, which: str | int = "best", *,
 
 def evaluate(config, workdir: str, which: str | int = "best", split: str = "test", *,
              ctx: common.Context | None = None, evaluator: E.Evaluator | None = None,
-             print_table: bool = True, base_params: PyTree | None = None) -> dict:
+             print_table: bool = True, base_params: PyTree | None = None,
+             keep_params: bool = False) -> dict:
   """Evaluates a run at full resolution on `split`; prints the IoU table (and SOD metrics
   for saliency), writes ``workdir/eval_<split>_<which>.json``. `base_params`: see
-  `restore_params`."""
+  `restore_params`; `keep_params`: the evaluated params go into the result (``params``)."""
   from fusionsam_jax.data.info import get_info
   from fusionsam_jax.fsutil import atomic_write_json
   from fusionsam_jax.metrics.miou import format_iou_table
@@ -323,7 +319,7 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
   evaluator = evaluator or E.Evaluator(ctx.model, config, ctx.mesh)
   t0 = time.perf_counter()
   r = evaluator.run(params, D.eval_iterable(config, ctx.spec.source(split)),
-                    progress=f"evaluate {split}" if print_table else None)
+                    progress=f"evaluate {split}" if print_table and ctx.progress else None)
   summary = E.summary(r, info.class_names, split=split, checkpoint=what, step=int(step),
                       dataset=ctx.spec.name, generated=ctx.spec.generated,
                       modalities=list(config.model.modalities),
@@ -345,4 +341,17 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
               **summary["sod"]))
     say(f"wrote {path}")
   summary["path"] = path
+  if keep_params:
+    summary["params"] = params
   return summary
+
+
+def describe_metrics(metrics) -> str:
+  """``{"val_miou": 0.7611, "pixel_acc": 0.93}`` -> ``mIoU 76.11%, pixel_acc 0.93``."""
+  parts = []
+  for k, v in metrics.items():
+    if k.endswith("miou"):
+      parts.insert(0, f"mIoU {float(v) * 100:.2f}%")
+    elif isinstance(v, (int, float)):
+      parts.append(f"{k.removeprefix('val_')} {float(v):.4g}")
+  return ", ".join(parts)

@@ -73,7 +73,7 @@ def run(workdir: str, split: str | None = None, checkpoint: str = "best",
   from fusionsam_jax.data.spec import eval_iterable
   ctx = experiment.context(config, workdir, progress=False)
   params, _, _ = experiment.restore_params(config, workdir,
-                                           experiment.parse_checkpoint_arg(checkpoint), ctx=ctx)
+                                           W.parse_checkpoint_arg(checkpoint), ctx=ctx)
   examples = list(Z.fused_examples(config, ctx.model, params,
                                    eval_iterable(config, ctx.spec.source(split))))
   cms = cms2 = None

@@ -37,9 +37,20 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
   from fusionsam_jax.training.guards import NonFiniteLossError
   clock = CompileClock()
   compiled_before = clock.snapshot()
+  reports: list[str] = []
+
+  def report(summary, params, model):
+    """The final evaluation's report.html, drawn with the params in memory."""
+    from fusionsam_jax.evaluators.report import write_evaluation_report
+    from fusionsam_jax.inference import Predictor
+    predictor = Predictor.from_params(config, model, params, summary.get("step", 0), "best")
+    paths = write_evaluation_report(config, workdir, summary, predictor=predictor)
+    reports.append(paths["report"])
+
   try:
     result = experiment.train(config, workdir, allow_config_change=allow_config_change,
-                              progress=progress, step_hook=step_hook)
+                              progress=progress, step_hook=step_hook,
+                              on_evaluation=report if config.eval.get("report", True) else None)
   except NonFiniteLossError as e:
     # The learning rate is part of the workdir's config: changing it needs the flag.
     lr = f"--config.train.stages.{getattr(e, 'stage', None) or '<stage>'}.lr"
@@ -53,6 +64,11 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
       f"{k} " + ("skipped" if v["skipped"] else "%.0f s" % v["seconds"])
       for k, v in result.stages.items())
   print(f"done in {result.seconds:.1f} s ({stages})", flush=True)
+  if result.evaluation:
+    print(summary_line(workdir, result.evaluation), flush=True)
+  for path in reports:
+    print(f"report: {path}", flush=True)
+  print(next_steps(workdir, config), flush=True)
   c = CompileClock.since(compiled_before, clock.snapshot())
   print(f"compilation: {c['programs']:.0f} programs, "
         f"{c['trace_s'] + c['lower_s'] + c['backend_s']:.1f} s (tracing {c['trace_s']:.1f}, "
@@ -60,6 +76,40 @@ def run(config, workdir: str, *, allow_config_change: bool = False, progress: bo
         f"which cache reads {c['cache_read_s']:.1f}; {c['cache_hits']:.0f} of "
         f"{c['cache_requests']:.0f} from the persistent cache)", flush=True)
   return 0
+
+
+def summary_line(workdir: str, evaluation: dict) -> str:
+  """``best val mIoU 76.1 at step 1100; test mIoU 75.7`` (the val figure from metrics.jsonl)."""
+  import json
+  import os
+  step = evaluation.get("step")
+  val = None
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if isinstance(row, dict) and row.get("step") == step and "val_miou" in row:
+          val = row["val_miou"]
+  except OSError:
+    pass
+  head = (f"best val mIoU {float(val) * 100:.1f} at step {step}" if isinstance(val, (int, float))
+          else f"checkpoint {evaluation.get('checkpoint')} (step {step})")
+  miou = evaluation.get("miou")
+  return (f"{head}; {evaluation.get('split', 'test')} mIoU "
+          + ("-" if miou is None else f"{float(miou) * 100:.1f}"))
+
+
+def next_steps(workdir: str, config) -> str:
+  """The commands a user runs next on the finished run."""
+  return "\n".join([
+      "next:",
+      f"  tensorboard --logdir {workdir}/tensorboard",
+      f"  python -m fusionsam_jax.evaluate --workdir {workdir} --split val",
+      f"  python -m fusionsam_jax.predict --workdir {workdir} --split test --out "
+      f"{workdir}/predictions"])
 
 
 def define(fv) -> dict:
