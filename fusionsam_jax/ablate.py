@@ -189,7 +189,7 @@ def run(config, workdir_root: str, variants: list[str] | None = None, *,
         progress: bool = True, command: str | None = None) -> dict:
   """Runs the study; returns the JSON record (also written to
   ``workdir_root/ablation.json``). Raises on errors."""
-  from fusionsam_jax.data.info import get_info
+  from fusionsam_jax.data.datasets import get as get_info
   from fusionsam_jax.fsutil import atomic_write, atomic_write_json
   from fusionsam_jax.metrics.miou import format_iou_table
   workdir_root = os.path.abspath(os.fspath(workdir_root))

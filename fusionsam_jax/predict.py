@@ -1,12 +1,23 @@
 r"""Segment new images with a trained FusionSAM run; writes PNGs.
 
-    # one sample: the modality images in the config's order (rgb, thermal [, ...])
-    python -m fusionsam_jax.predict --workdir runs/mfnet --inputs rgb.png thermal.png --out out/
-    # several samples: repeat the groups; an MFNet 4-channel PNG (RGB + thermal) is one sample
+    # one sample: one file per modality of the run (rgb, thermal [, depth])
+    python -m fusionsam_jax.predict --workdir runs/mfnet --rgb a.png --thermal a_t.png --out out/
+    # several: repeat the flags; files are paired by NAME (x.png with x.png), never by order
+    python -m fusionsam_jax.predict --workdir runs/mfnet --rgb rgb/a.png --rgb rgb/b.png \
+        --thermal ir/a.png --thermal ir/b.png --out out/
+    # one folder per modality, paired by file name
+    python -m fusionsam_jax.predict --workdir runs/mfnet --rgb_dir rgb/ --thermal_dir ir/ --out out/
+    # whole samples in one file each: MFNet 4-channel PNGs (RGB + thermal), or the images of
+    # a one-modality run
     python -m fusionsam_jax.predict --workdir runs/mfnet --inputs 00001D.png 00002N.png --out out/
     # a folder in the dataset's layout (MFNet: images/; FMB: Visible/ Infrared/;
-    # VDT-2048: V/ D/ T/), optionally restricted to a split (split list or split folder)
+    # VDT-2048: V/ D/ T/; custom: rgb/ thermal/ ...), optionally one split (list or folder)
     python -m fusionsam_jax.predict --workdir runs/mfnet --input_dir MFNet --split test --out out/
+
+A name missing for one modality, a folder without the layout (the message shows the expected
+tree), a colour image given as thermal / depth, or a grey image given as RGB are refused
+before the model is loaded. (``--grey_policy luma`` converts colour thermal / depth images to
+luma instead: only for data known to be grey stored in colour.)
 
 The config stored in the workdir says which modalities, classes and palette to use; the
 segmentation stage's checkpoint (``--checkpoint best`` by val mIoU, ``latest`` or a step)
@@ -22,7 +33,7 @@ OUT gets (each written atomically):
 
 The metric CLIs read these folders directly:
 ``python -m fusionsam_jax.metrics.miou --pred_dir OUT/labels --gt_dir MFNet/labels
---split_list MFNet/test.txt --num_classes 9`` (``--pred_dir OUT`` works too),
+--split_list MFNet/test.txt --dataset mfnet`` (``--pred_dir OUT`` works too),
 ``python -m fusionsam_jax.metrics.sod --pred_dir OUT/saliency --gt_dir VDT-2048/Test/GT``.
 
 Images are processed at their own resolution (padded at the bottom/right to a multiple of
@@ -39,25 +50,26 @@ import sys
 
 import numpy as np
 
+from fusionsam_jax.data.datasets import get as get_info
+from fusionsam_jax.data.datasets.base import as_modality, image_table
+from fusionsam_jax.data.io import IMAGE_SUFFIXES, DatasetError, read_image
 from fusionsam_jax.fsutil import atomic_file
 
 
+#: Modalities with their own input flags (--rgb, --rgb_dir, ...).
+MODALITIES = ("rgb", "thermal", "depth")
+
+
 class InputError(ValueError):
-  """Unusable --inputs / --input_dir."""
+  """Unusable inputs (files, folders, names)."""
 
 
 def _read(path: str) -> np.ndarray:
-  from fusionsam_jax.data.io import read_image
   return read_image(path)
 
 
-def _as_modality(arr: np.ndarray, modality: str, path: str, grey_policy: str) -> np.ndarray:
-  from fusionsam_jax.data.io import to_grey, to_rgb
-  if modality == "rgb":
-    if arr.shape[-1] == 1:
-      raise InputError(f"{path}: expected an RGB image for modality 'rgb', got 1 channel")
-    return to_rgb(arr, path)
-  return to_grey(arr, path, grey_policy)
+def _stem(path: str) -> str:
+  return os.path.splitext(os.path.basename(path))[0]
 
 
 def _is_mfnet_combined(arr: np.ndarray) -> bool:
@@ -65,99 +77,137 @@ def _is_mfnet_combined(arr: np.ndarray) -> bool:
   return arr.ndim == 3 and arr.shape[-1] == 4 and not np.all(arr[..., 3] == 255)
 
 
+def _check_unique(names_files: list[tuple[str, str]], source: str) -> None:
+  first: dict[str, str] = {}
+  for name, f in names_files:
+    if name in first:
+      raise InputError(
+          f"{source}: {first[name]} and {f} are both named {name!r}: their outputs "
+          f"(OUT/labels/{name}.png, ...) would overwrite each other; give inputs distinct "
+          "file names")
+    first[name] = f
+
+
+def _load(files: dict[str, str], modalities, grey_policy: str, source: str) -> dict:
+  """modality -> checked array of one sample's files (modality -> path)."""
+  el = {m: as_modality(_read(files[m]), m, files[m], grey_policy) for m in modalities}
+  shapes = {m: a.shape[:2] for m, a in el.items()}
+  if len(set(shapes.values())) != 1:
+    raise InputError(f"{source}: the images of sample {_stem(files[modalities[0]])!r} differ "
+                     f"in size: " + ", ".join(f"{files[m]} {shapes[m][1]}x{shapes[m][0]}"
+                                             for m in modalities))
+  return el
+
+
 def samples_from_files(files: list[str], modalities: tuple[str, ...],
                        grey_policy: str = "strict", source: str = "--inputs"
                        ) -> list[tuple[str, dict]]:
-  """Groups `files` into samples: an MFNet 4-channel PNG (RGB + thermal) is one sample when
-  the run's modalities are within (rgb, thermal); otherwise each sample takes one file per
-  modality, in the config's modality order. A sample is named after its first file; two
-  samples of one name (``a/x.png``, ``b/x.png``) would write the same outputs and raise
-  InputError. `source` names the flag in messages."""
-  out = []
-  i = 0
+  """Samples of files that each hold a WHOLE sample (``--inputs``): for a one-modality run
+  its image, for an RGB + thermal run an MFNet 4-channel PNG (RGB + thermal as channel 4).
+  Separate per-modality files are never grouped by their order: a file that is not a whole
+  sample raises InputError pointing at `samples_from_modalities` (``--rgb`` / ``--thermal``
+  ...). A sample is named after its file; two of one name raise InputError. `source` names
+  the flag in messages."""
   mods = tuple(modalities)
-  first_file: dict[str, str] = {}
-  while i < len(files):
-    name = os.path.splitext(os.path.basename(files[i]))[0]
-    if name in first_file:
+  _check_unique([(_stem(f), f) for f in files], source)
+  out = []
+  for f in files:
+    arr = _read(f)
+    if len(mods) == 1:
+      out.append((_stem(f), {mods[0]: as_modality(arr, mods[0], f, grey_policy)}))
+    elif _is_mfnet_combined(arr) and set(mods) <= {"rgb", "thermal"}:
+      parts = {"rgb": np.ascontiguousarray(arr[..., :3]),
+               "thermal": np.ascontiguousarray(arr[..., 3:])}
+      out.append((_stem(f), {m: parts[m] for m in mods}))
+    else:
+      flags = " ".join(f"--{m} PATH" for m in mods)
       raise InputError(
-          f"{source}: {first_file[name]} and {files[i]} are both named {name!r}: their "
-          f"outputs (OUT/labels/{name}.png, ...) would overwrite each other; give inputs "
-          "distinct file names")
-    first_file[name] = files[i]
-    first = _read(files[i])
-    if _is_mfnet_combined(first) and set(mods) <= {"rgb", "thermal"}:
-      parts = {"rgb": np.ascontiguousarray(first[..., :3]),
-               "thermal": np.ascontiguousarray(first[..., 3:])}
-      out.append((name, {m: parts[m] for m in mods}))
-      i += 1
-      continue
-    group = files[i:i + len(mods)]
-    if len(group) < len(mods):
-      raise InputError(
-          f"{source}: {len(files)} files do not group into samples of {len(mods)} "
-          f"({', '.join(mods)}); the last sample starting at {files[i]} is incomplete")
-    el = {}
-    for j, (m, p) in enumerate(zip(mods, group)):
-      el[m] = _as_modality(first if j == 0 else _read(p), m, p, grey_policy)
-    shapes = {m: a.shape[:2] for m, a in el.items()}
-    if len(set(shapes.values())) != 1:
-      raise InputError(f"{source} {group}: images of one sample differ in size: {shapes}")
-    out.append((name, el))
-    i += len(mods)
+          f"{source}: {f} ({arr.shape[-1]} channel(s)) is not a whole {'+'.join(mods)} "
+          f"sample (an MFNet 4-channel PNG); give each modality's files with {flags} (or "
+          f"{' '.join(f'--{m}_dir DIR' for m in mods)}): they are paired by file name")
   return out
 
 
-def samples_from_dir(root: str, dataset: str, modalities: tuple[str, ...],
+def samples_from_modalities(files: dict[str, list[str]], modalities: tuple[str, ...],
+                            grey_policy: str = "strict", source: str = "inputs"
+                            ) -> list[tuple[str, dict]]:
+  """Samples from per-modality file lists (``--rgb A --thermal B``), paired by file name.
+
+  With one file per modality that file pair is the sample (named after the first
+  modality's file, whatever the names); with more, files are matched by name (stem) and any
+  name missing for a modality raises InputError naming it. Order never pairs files."""
+  mods = tuple(modalities)
+  extra = sorted(set(files) - set(mods))
+  missing = [m for m in mods if not files.get(m)]
+  if extra or missing:
+    raise InputError(f"{source}: this run reads {'+'.join(mods)}: "
+                     + (f"missing --{missing[0]}" if missing else f"unexpected --{extra[0]}"))
+  if all(len(files[m]) == 1 for m in mods):
+    group = {m: files[m][0] for m in mods}
+    return [(_stem(group[mods[0]]), _load(group, mods, grey_policy, source))]
+  tables = {}
+  for m in mods:
+    _check_unique([(_stem(f), f) for f in files[m]], f"--{m}")
+    tables[m] = {_stem(f): f for f in files[m]}
+  return _pair(tables, {m: f"--{m}" for m in mods}, mods, grey_policy, source)
+
+
+def _pair(tables: dict[str, dict[str, str]], where: dict[str, str], mods, grey_policy: str,
+          source: str) -> list[tuple[str, dict]]:
+  names = sorted(set().union(*[set(t) for t in tables.values()]))
+  for m in mods:
+    lacking = [n for n in names if n not in tables[m]]
+    if lacking:
+      shown = ", ".join(lacking[:5]) + (f", ... ({len(lacking)} in all)"
+                                        if len(lacking) > 5 else "")
+      raise InputError(f"{source}: no {m} image in {where[m]} for name(s) {shown}: files are "
+                       "paired by name (stem), give every modality the same names")
+  return [(n, _load({m: tables[m][n] for m in mods}, mods, grey_policy, source))
+          for n in names]
+
+
+def samples_from_dirs(dirs: dict[str, str], modalities: tuple[str, ...],
+                      grey_policy: str = "strict") -> list[tuple[str, dict]]:
+  """Samples from one folder per modality (``--rgb_dir A --thermal_dir B``), paired by file
+  name (stem); a name missing in one folder raises InputError naming it."""
+  mods = tuple(modalities)
+  extra = sorted(set(dirs) - set(mods))
+  missing = [m for m in mods if not dirs.get(m)]
+  if extra or missing:
+    raise InputError(f"this run reads {'+'.join(mods)}: "
+                     + (f"missing --{missing[0]}_dir" if missing else
+                        f"unexpected --{extra[0]}_dir"))
+  tables = {}
+  for m in mods:
+    d = dirs[m]
+    if not os.path.isdir(d):
+      raise InputError(f"--{m}_dir {d}: not a folder")
+    try:
+      tables[m] = image_table(d)
+    except DatasetError as e:
+      raise InputError(f"--{m}_dir {d}: {e}") from None
+    if not tables[m]:
+      raise InputError(f"--{m}_dir {d}: no images ({', '.join(IMAGE_SUFFIXES)})")
+  return _pair(tables, {m: dirs[m] for m in mods}, mods, grey_policy,
+               " ".join(f"--{m}_dir {dirs[m]}" for m in mods))
+
+
+def samples_from_dir(root: str, dataset, modalities: tuple[str, ...],
                      split: str | None = None, grey_policy: str = "strict"
                      ) -> list[tuple[str, dict]]:
-  """Samples of a folder in the dataset's layout (labels are not needed)."""
-  from fusionsam_jax.data import layouts
-  from fusionsam_jax.data.info import get_info
-  info = get_info(dataset)
-  layout = layouts.get_layout(info.name)
+  """Samples of a folder in the dataset's layout (labels are not needed), files matched by
+  name. A folder without the layout raises InputError with the expected tree."""
+  spec = get_info(dataset)
   root = os.fspath(root)
+  source = f"--input_dir {root}"
   if not os.path.isdir(root):
-    raise InputError(f"--input_dir {root}: not a folder")
-  if info.name == "mfnet":
-    img_dir = os.path.join(root, "images") if os.path.isdir(os.path.join(root, "images")) \
-        else root
-    names = sorted(os.path.splitext(f)[0] for f in os.listdir(img_dir)
-                   if f.lower().endswith(".png") and not f.startswith("."))
-    if split:
-      lst = os.path.join(root, f"{split}.txt")
-      if not os.path.isfile(lst):
-        raise InputError(f"{lst}: no split list for --split {split}")
-      names = layouts.read_split_list(lst)
-    if not names:
-      raise InputError(f"{img_dir}: no .png images")
-    return samples_from_files([os.path.join(img_dir, f"{n}.png") for n in names], modalities,
-                              grey_policy, source=f"--input_dir {root}")
-  # Folder-per-modality layouts (FMB, VDT-2048).
-  base = root
-  if split:
-    sub = layout.split_dirs.get(split, split)
-    base = os.path.join(root, sub)
-    if not os.path.isdir(base):
-      raise InputError(f"{base}: no folder for --split {split} "
-                       f"(expected one of {sorted(layout.split_dirs.values())})")
-  dirs = {m: os.path.join(base, layout.role_dirs[m]) for m in modalities}
-  for m, d in dirs.items():
-    if not os.path.isdir(d):
-      raise InputError(f"{d}: missing {m} folder (layout of {info.name}: "
-                       f"{', '.join(layout.role_dirs[x] for x in modalities)} under {base})")
-  from fusionsam_jax.data.io import IMAGE_SUFFIXES
-  first = dirs[modalities[0]]
-  stems = sorted(os.path.splitext(f)[0] for f in os.listdir(first)
-                 if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and not f.startswith("."))
-  files = []
-  for s in stems:
-    for m in modalities:
-      cands = [f for f in os.listdir(dirs[m]) if os.path.splitext(f)[0] == s]
-      if not cands:
-        raise InputError(f"{os.path.join(dirs[m], s)}.*: missing {m} image of sample {s}")
-      files.append(os.path.join(dirs[m], cands[0]))
-  return samples_from_files(files, modalities, grey_policy, source=f"--input_dir {root}")
+    raise InputError(f"{source}: not a folder")
+  try:
+    samples = spec.layout.input_samples(root, modalities, split)
+    _check_unique([(s.name, s.files[0][1]) for s in samples], source)
+    return [(s.name, spec.layout.load_inputs(s, modalities, grey_policy)) for s in samples]
+  except DatasetError as e:
+    raise InputError(f"{source}: {e}") from None
 
 
 def _write_png_atomic(path: str, arr: np.ndarray) -> None:
@@ -172,7 +222,6 @@ class Predictor:
   def __init__(self, workdir: str, checkpoint: str | int = "best", config=None):
     import jax
     from fusionsam_jax import experiment, workdir as W
-    from fusionsam_jax.data.info import get_info
     from fusionsam_jax.models.functional import predict_fn
     self.config = config if config is not None else W.load_config(workdir)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
@@ -300,16 +349,24 @@ def define_flags(fv) -> dict:
       "workdir": flags.DEFINE_string("workdir", None, "training run folder (config + "
                                      "checkpoints)", **d),
       "inputs": flags.DEFINE_multi_string(
-          "inputs", [], "image files, one per modality per sample (config order), or MFNet "
-          "4-channel PNGs; the arguments after --inputs are inputs too (--inputs A B C)", **d),
-      "input_dir": flags.DEFINE_string("input_dir", None, "a folder in the dataset's layout",
-                                       **d),
+          "inputs", [], "files that each hold a whole sample: MFNet 4-channel PNGs (RGB + "
+          "thermal), or the images of a one-modality run; the arguments after --inputs are "
+          "inputs too (--inputs A B C)", **d),
+      **{m: flags.DEFINE_multi_string(
+          m, [], f"{m} image(s) (repeat the flag); with the other modalities' files, paired "
+          "by file name", **d) for m in MODALITIES},
+      **{f"{m}_dir": flags.DEFINE_string(
+          f"{m}_dir", None, f"a folder of {m} images, paired with the other modalities' "
+          "folders by file name", **d) for m in MODALITIES},
+      "input_dir": flags.DEFINE_string("input_dir", None, "a folder in the dataset's layout "
+                                       "(its root)", **d),
       "split": flags.DEFINE_string("split", None, "with --input_dir: only this split", **d),
       "out": flags.DEFINE_string("out", None, "output folder", **d),
       "checkpoint": flags.DEFINE_string("checkpoint", "best", "best | latest | STEP", **d),
       "grey_policy": flags.DEFINE_enum("grey_policy", "strict", ["strict", "luma"],
-                                       "thermal/depth images stored in colour: error (strict) "
-                                       "or luma", **d),
+                                       "thermal/depth images with colour channels: refused "
+                                       "(strict), or converted to luma (luma: only for grey "
+                                       "data stored in colour)", **d),
       **define_model_override_flags(fv),
       "progress": flags.DEFINE_bool("progress", None, "progress bar (None: when stderr is a "
                                     "terminal)", **d),
@@ -322,8 +379,15 @@ def _main(f, rest) -> int:
   if rest and not inputs:
     raise UsageError(f"unexpected arguments: {' '.join(rest)}")
   inputs += rest  # --inputs A B C: absl leaves B C as positional arguments
-  if bool(inputs) == bool(f["input_dir"].value):
-    raise UsageError("give exactly one of --inputs and --input_dir")
+  per_file = {m: list(f[m].value) for m in MODALITIES if f[m].value}
+  per_dir = {m: f[f"{m}_dir"].value for m in MODALITIES if f[f"{m}_dir"].value}
+  given = [n for n, v in (("--inputs", inputs), ("--input_dir", f["input_dir"].value),
+                          ("--rgb/--thermal/--depth", per_file),
+                          ("--rgb_dir/--thermal_dir/--depth_dir", per_dir)) if v]
+  if len(given) != 1:
+    raise UsageError("give exactly one of --inputs, --input_dir, --rgb/--thermal/--depth "
+                     "(files) and --rgb_dir/--thermal_dir/--depth_dir (folders)"
+                     + (f"; got {' and '.join(given)}" if given else ""))
   if f["split"].value and not f["input_dir"].value:
     raise UsageError("--split needs --input_dir")
   from fusionsam_jax import experiment, workdir as W
@@ -342,6 +406,11 @@ def _main(f, rest) -> int:
     mods = tuple(config.model.modalities)
     if inputs:
       samples = samples_from_files(inputs, mods, f["grey_policy"].value)
+    elif per_file:
+      samples = samples_from_modalities(per_file, mods, f["grey_policy"].value,
+                                        source=" ".join(f"--{m}" for m in per_file))
+    elif per_dir:
+      samples = samples_from_dirs(per_dir, mods, f["grey_policy"].value)
     else:
       samples = samples_from_dir(f["input_dir"].value, config.dataset, mods, f["split"].value,
                                  f["grey_policy"].value)

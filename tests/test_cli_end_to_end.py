@@ -129,7 +129,7 @@ def _eval_latest(work):
 def test_predict_outputs_chain_into_metric_cli(trained, capsys):
   from fusionsam_jax import evaluate as ev
   from fusionsam_jax import predict
-  from fusionsam_jax.data.info import MFNET
+  from fusionsam_jax.data.datasets.mfnet import SPEC as MFNET
   from fusionsam_jax.data.io import read_image
   work = trained["work"]
   assert ev.run(None, str(work), "latest", "test", markdown=True, report=True) == 0

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from fusionsam_jax.data import generate, prepare
-from fusionsam_jax.data.info import get_info
+from fusionsam_jax.data.datasets import get as get_info
 from fusionsam_jax.data.sources import load_source
 
 H, W = 40, 56

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fusionsam_jax.data import generate
-from fusionsam_jax.data.info import get_info
+from fusionsam_jax.data.datasets import get as get_info
 
 H, W = 48, 64
 

@@ -14,8 +14,7 @@ import sys
 import tempfile
 
 from fusionsam_jax import fsutil
-from fusionsam_jax.data import info as info_lib
-from fusionsam_jax.data import layouts
+from fusionsam_jax.data import datasets
 from fusionsam_jax.data.io import GREY_POLICIES, DatasetError, LayoutError
 from fusionsam_jax.data.paths import dataset_dir, is_prepared  # noqa: F401 (re-exported)
 
@@ -32,8 +31,10 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
   """Validates ``manual_dir`` and writes the dataset; returns the dataset folder.
 
   Args:
-    name: "mfnet", "fmb" or "vdt" (generated sets use the layout they imitate).
-    manual_dir: folder in the official layout (see ``layouts``).
+    name: a registered dataset ("mfnet", "fmb", "vdt", ...; generated sets use the layout
+      they imitate), "custom" (the custom dataset in `manual_dir`: its dataset.json) or
+      ``custom:<folder>``.
+    manual_dir: folder in the dataset's layout (``spec.layout.description``).
     data_dir: output root; the dataset goes to ``data_dir/<name>/<version>``.
     grey_policy: "strict" (grey stored as 3 equal channels is reduced, colour is an error)
       or "luma" (colour converted to luma) for thermal / depth images.
@@ -51,18 +52,18 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
 
   if if_exists not in IF_EXISTS:
     raise ValueError(f"if_exists={if_exists!r}: expected one of {IF_EXISTS}")
-  layout = layouts.get_layout(name)
-  name = layout.info.name
-  final = dataset_dir(name, data_dir)
+  spec = datasets.resolve(name, manual_dir)
+  name = spec.name
+  final = dataset_dir(spec, data_dir)
   if os.path.exists(final):
-    if if_exists == "skip" and is_prepared(name, data_dir):
+    if if_exists == "skip" and is_prepared(spec, data_dir):
       return final
     if if_exists == "error":
       raise FileExistsError(f"{final}: dataset already prepared (use if_exists='skip' "
                             "or 'overwrite', CLI --if_exists)")
 # TFDS's bars have no total (no rate / ETA that means anything): the builder shows its own.
   tfds.disable_progress_bar()
-  plan = layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
+  plan = spec.layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
                          num_threads=num_threads)
   try:
     os.makedirs(data_dir, exist_ok=True)
@@ -77,7 +78,7 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
       # never removes it; keep it inside our temporary folder.
     tempfile.tempdir = tmp
     try:
-      builder = builders.get_builder_cls(name)(
+      builder = builders.get_builder_cls(spec)(
           data_dir=os.path.join(tmp, "data"), file_format="array_record",
           grey_policy=grey_policy, plan=plan, progress=progress)
     finally:
@@ -106,15 +107,15 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
   finally:
     fsutil.rmtree(tmp)
   return final
-  return final
 
 
 def define_flags(fv) -> dict:
   from absl import flags
   return {
-      "dataset": flags.DEFINE_enum("dataset", None, list(info_lib.DATASETS), "which layout",
-                                   flag_values=fv),
-      "manual_dir": flags.DEFINE_string("manual_dir", None, "folder in the official layout",
+      "dataset": flags.DEFINE_string(
+          "dataset", None, f"which dataset: {', '.join(datasets.names())}, or custom (your "
+          "own data: --manual_dir holds its dataset.json, docs/own_data.md)", flag_values=fv),
+      "manual_dir": flags.DEFINE_string("manual_dir", None, "folder in the dataset's layout",
                                         flag_values=fv),
       "data_dir": flags.DEFINE_string("data_dir", None, "output root (DST/<dataset>/<version>)",
                                       flag_values=fv),
@@ -131,7 +132,12 @@ def define_flags(fv) -> dict:
 def _main(f, _) -> int:
   dataset, data_dir = f["dataset"].value, f["data_dir"].value
   try:
-    out = prepare_dataset(dataset, f["manual_dir"].value, data_dir,
+    spec = datasets.resolve(dataset, f["manual_dir"].value)
+  except ValueError as e:    # unknown name, a custom folder without a valid dataset.json
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  try:
+    out = prepare_dataset(spec.key, f["manual_dir"].value, data_dir,
                           grey_policy=f["grey_policy"].value, if_exists=f["if_exists"].value,
                           progress=f["progress"].value)
   except LayoutError as e:
@@ -143,8 +149,8 @@ def _main(f, _) -> int:
   except PrepareWriteError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  counts = ", ".join(f"{s}={n}" for s, n in split_sizes(dataset, data_dir).items())
-  print(f"prepared {dataset} at {out} ({counts})")
+  counts = ", ".join(f"{s}={n}" for s, n in split_sizes(spec.key, data_dir).items())
+  print(f"prepared {spec.name} at {out} ({counts})")
   return 0
 
 
@@ -158,8 +164,8 @@ def main(argv=None) -> int:
 
 def split_sizes(name: str, data_dir) -> dict[str, int]:
   from fusionsam_jax.data.sources import load_source
-  info = info_lib.get_info(name)
-  return {s: len(load_source(name, s, data_dir)) for s in info.splits}
+  spec = datasets.get(name)
+  return {s: len(load_source(spec, s, data_dir)) for s in spec.splits}
 
 
 if __name__ == "__main__":

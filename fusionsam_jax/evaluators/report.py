@@ -67,9 +67,9 @@ def select_samples(num_images: int, k: int = 4, seed: int = 0) -> list[int]:
 
 
 def paper_row_for(result: Mapping):
-  """The paper's table (`fusionsam_jax.data.info.PaperTable`) to draw next to `result`, or
+  """The paper's table (`fusionsam_jax.data.datasets.PaperTable`) to draw next to `result`, or
   None: only for a real (not generated) MFNet / FMB result on the paper's split."""
-  from fusionsam_jax.data.info import paper_table
+  from fusionsam_jax.data.datasets import paper_table
   name = result.get("dataset")
   if not name or result.get("generated", False):
     return None
@@ -364,7 +364,7 @@ def write_report(out_dir, *, result: Mapping, metrics_jsonl=None,
       (uint8 (H, W, 3) or None), ``label`` and ``pred`` (int (H, W), 255 = ignored), for the
       qualitative grid (empty: no grid).
     palette: one RGB colour per class (needed with samples).
-    paper_row: a `fusionsam_jax.data.info.PaperTable` to draw beside this run, None for
+    paper_row: a `fusionsam_jax.data.datasets.PaperTable` to draw beside this run, None for
       none, or "auto" (`paper_row_for(result)`: real MFNet / FMB test splits only).
     title: page title (default from dataset / split / checkpoint).
 
@@ -484,7 +484,7 @@ def write_evaluation_report(config, workdir: str, result: Mapping, *,
   `fusionsam_jax.predict.Predictor` of `checkpoint`; pass the evaluation's own to skip a
   second restore and compile)."""
   from fusionsam_jax import experiment
-  from fusionsam_jax.data.info import get_info
+  from fusionsam_jax.data.datasets import get as get_info
   workdir = os.fspath(workdir)
   info = get_info(config.dataset)
   samples = []

@@ -105,7 +105,7 @@ def image_tiles(config, batch, evaluator: Evaluator) -> Callable:
   The whole eval `batch` goes through `evaluator`'s jitted eval step, which the final
   evaluation compiles anyway for batches of this shape (one compilation fewer than a
   separate batch-of-two predict: ~7 s for the tiny demo on 2 CPU cores)."""
-  from fusionsam_jax.data.info import get_info
+  from fusionsam_jax.data.datasets import get as get_info
   info = get_info(config.dataset)
   full = strip_batch(batch)
   local = {k: np.asarray(v)[:2] for k, v in full.items()}

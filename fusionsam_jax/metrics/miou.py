@@ -330,7 +330,7 @@ def paper_table_rows(
     decimals: int = 1,
 ) -> tuple[list[str], list[list[str]]]:
   """Header and rows of :func:`format_paper_table` (cells as strings), e.g. for HTML."""
-  from fusionsam_jax.data.info import paper_table
+  from fusionsam_jax.data.datasets import paper_table
 
   cm = ConfusionMatrix.from_matrix(summary["confusion_matrix"])
   names = _class_names(summary.get("class_names"), cm.num_classes)
@@ -471,9 +471,9 @@ def _png_names(d) -> list[str]:
 
 def read_name_list(path) -> list[str]:
   """Names of a split list (one per line, e.g. MFNet's ``test.txt``) as ``<name>.png``;
-  read as ``prepare`` reads it (`data.layouts.read_split_list`: UTF-8, no empty or repeated
+  read as ``prepare`` reads it (`data.datasets.read_split_list`: UTF-8, no empty or repeated
   entry, no entry reaching out of the folder with ``..`` or an absolute path)."""
-  from fusionsam_jax.data.layouts import read_split_list
+  from fusionsam_jax.data.datasets import read_split_list
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such split list")
@@ -563,8 +563,8 @@ def define_flags(fv) -> dict:
           **d),
       "gt_dir": flags.DEFINE_string("gt_dir", None, "ground-truth class-id PNGs, same names",
                                     **d),
-      "num_classes": flags.DEFINE_integer("num_classes", None, "number of classes C",
-                                          lower_bound=1, **d),
+      "num_classes": flags.DEFINE_integer("num_classes", None, "number of classes C (default: "
+                                          "--dataset's)", lower_bound=1, **d),
       "ignore_index": flags.DEFINE_integer("ignore_index", 255, "label value not counted", **d),
       "class_names": flags.DEFINE_string("class_names", None, "comma-separated, one per class",
                                          **d),
@@ -573,7 +573,9 @@ def define_flags(fv) -> dict:
           "split_list", None, "only the ground truth named in this file (one name a line, e.g. "
           "MFNet/test.txt)", **d),
       "dataset": flags.DEFINE_string(
-          "dataset", None, "mfnet | fmb: print the paper's Table 1 / 2 columns and its row", **d),
+          "dataset", None, "the dataset's class names, palette and class count (mfnet, fmb, "
+          "vdt, custom:/path/to/data); mfnet | fmb: also the paper's Table 1 / 2 columns and "
+          "row", **d),
       "markdown": flags.DEFINE_bool("markdown", False, "print a Markdown table", **d),
       "palette_indices": flags.DEFINE_bool(
           "palette_indices", False, "count the indices of palette PNGs as class ids whatever "
@@ -584,23 +586,26 @@ def define_flags(fv) -> dict:
 
 def _main(f, _) -> int:
   num_classes, dataset = f["num_classes"].value, f["dataset"].value
+  ignore_index = f["ignore_index"].value
   try:
+    if dataset:
+      from fusionsam_jax.data.datasets import get as get_info
+      spec = get_info(dataset)
+      num_classes = spec.num_classes if num_classes is None else num_classes
+      if not f["ignore_index"].present:
+        ignore_index = spec.ignore_index
+    if num_classes is None:
+      raise ValueError("--num_classes is required without --dataset")
     names = None if f["class_names"].value is None else [
         s.strip() for s in f["class_names"].value.split(",")]
     if names is not None:
       _class_names(names, num_classes)
-    if names is None and dataset:
-      from fusionsam_jax.data.info import get_info
-      info = get_info(dataset)
-      if info.num_classes == num_classes:
-        names = list(info.class_names)
+    if names is None and dataset and spec.num_classes == num_classes:
+      names = list(spec.class_names)
     listed = None if f["split_list"].value is None else read_name_list(f["split_list"].value)
-    palette = None
-    if dataset:
-      from fusionsam_jax.data.info import get_info
-      palette = get_info(dataset).palette
+    palette = spec.palette if dataset else None
     cm = evaluate_label_dirs(prediction_dir(f["pred_dir"].value), f["gt_dir"].value,
-                             num_classes, f["ignore_index"].value, listed, palette=palette,
+                             num_classes, ignore_index, listed, palette=palette,
                              palette_indices=f["palette_indices"].value)
     summary = cm.summary(names)
     summary["num_images"] = cm.num_updates
@@ -621,7 +626,7 @@ def main(argv=None) -> int:
   return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.metrics.miou",
                  doc="mIoU of predicted label PNGs against ground-truth label PNGs (files "
                      "matched by name; one confusion matrix over all images).",
-                 required=("pred_dir", "gt_dir", "num_classes"))
+                 required=("pred_dir", "gt_dir"))
 
 
 if __name__ == "__main__":
