@@ -155,13 +155,16 @@ def samples_from_modalities(files: dict[str, list[str]], modalities: tuple[str, 
 def _pair(tables: dict[str, dict[str, str]], where: dict[str, str], mods, grey_policy: str,
           source: str) -> list[tuple[str, dict]]:
   names = sorted(set().union(*[set(t) for t in tables.values()]))
+  problems = []
   for m in mods:
     lacking = [n for n in names if n not in tables[m]]
     if lacking:
       shown = ", ".join(lacking[:5]) + (f", ... ({len(lacking)} in all)"
                                         if len(lacking) > 5 else "")
-      raise InputError(f"{source}: no {m} image in {where[m]} for name(s) {shown}: files are "
-                       "paired by name (stem), give every modality the same names")
+      problems.append(f"no {m} image in {where[m]} for name(s) {shown}")
+  if problems:
+    raise InputError(f"{source}: {'; '.join(problems)}: files are paired by name (stem), "
+                     "give every modality the same names")
   return [(n, _load({m: tables[m][n] for m in mods}, mods, grey_policy, source))
           for n in names]
 

@@ -199,8 +199,8 @@ def image_table(folder: str) -> dict[str, str]:
       continue
     if stem in table:
       raise SplitListError(os.path.join(folder, fname),
-                           f"duplicated entry: {os.path.basename(table[stem])} has the same "
-                           "name")
+                           f"duplicated entry: {os.path.basename(table[stem])} and {fname} "
+                           f"are both named {stem!r}")
     table[stem] = os.path.join(folder, fname)
   return table
 
