@@ -198,26 +198,30 @@ def test_own_data_walkthrough(tmp_path, capsys):
   np.testing.assert_array_equal(np.asarray(Image.open(out / "color" / names[0])),
                                 np.asarray(default_palette(9), np.uint8)[lab])
 
-  # Files are paired by name: the test images in per-modality folders under other stems'
-  # order, and as per-modality files given in shuffled order, predict the same outputs.
+  # Files are paired by name: the test images in per-modality folders predict what the
+  # layout's root did; per-modality files given in shuffled order make the same samples.
+  from fusionsam_jax import predict
   test = [n[:-4] for n in names]
-  for m, sub in (("rgb", "rgb"), ("thermal", "thermal")):
+  for m in ("rgb", "thermal"):
     os.makedirs(tmp_path / f"{m}_in")
     for n in test:
-      shutil.copy(root / sub / f"{n}.png", tmp_path / f"{m}_in" / f"{n}.png")
+      shutil.copy(root / m / f"{n}.png", tmp_path / f"{m}_in" / f"{n}.png")
   assert _cli("fusionsam_jax.predict", "--workdir", work, "--checkpoint", "latest", "--out",
               tmp_path / "p2", "--rgb_dir", tmp_path / "rgb_in", "--thermal_dir",
               tmp_path / "thermal_in") == 0
-  shuffled = [test[i] for i in (2, 0, 3, 1)]
-  args = [a for n in test for a in ("--rgb", tmp_path / "rgb_in" / f"{n}.png")]
-  args += [a for n in shuffled for a in ("--thermal", tmp_path / "thermal_in" / f"{n}.png")]
-  assert _cli("fusionsam_jax.predict", "--workdir", work, "--checkpoint", "latest", "--out",
-              tmp_path / "p3", *args) == 0
   for n in names:
-    ref = np.asarray(Image.open(out / "labels" / n))
-    for other in ("p2", "p3"):
-      np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / other / "labels" / n)),
-                                    ref, err_msg=f"{other} {n}")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "p2" / "labels" / n)),
+                                  np.asarray(Image.open(out / "labels" / n)), err_msg=n)
+  mods = ("rgb", "thermal")
+  ref = predict.samples_from_dir(root, f"custom:{root}", mods, "test")
+  shuffled = [test[i] for i in (2, 0, 3, 1)]
+  got = predict.samples_from_modalities(
+      {"rgb": [str(tmp_path / "rgb_in" / f"{n}.png") for n in test],
+       "thermal": [str(tmp_path / "thermal_in" / f"{n}.png") for n in shuffled]}, mods)
+  assert [n for n, _ in got] == [n for n, _ in ref] == test
+  for (n, a), (_, b) in zip(got, ref):
+    for m in mods:
+      np.testing.assert_array_equal(a[m], b[m], err_msg=f"{n} {m}")
 
 
 # -- a dataset declared in a test file ---------------------------------------------------------
