@@ -52,7 +52,7 @@ import numpy as np
 
 from fusionsam_jax.data.datasets import get as get_info
 from fusionsam_jax.data.datasets.base import as_modality, image_table
-from fusionsam_jax.data.io import IMAGE_SUFFIXES, DatasetError, read_image
+from fusionsam_jax.data.io import IMAGE_SUFFIXES, DatasetError, read_image, to_rgb, write_png
 from fusionsam_jax.fsutil import atomic_file
 
 
@@ -214,7 +214,6 @@ def samples_from_dir(root: str, dataset, modalities: tuple[str, ...],
 
 
 def _write_png_atomic(path: str, arr: np.ndarray) -> None:
-  from fusionsam_jax.data.io import write_png
   with atomic_file(path) as tmp:
     write_png(tmp, arr)
 
@@ -271,7 +270,6 @@ OUTPUT_DIRS = ("labels", "color", "overlay", "fused", "saliency")
 def overlay(base: np.ndarray, pred: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
   """The palette colours of `pred` blended over `base` (uint8 (H, W, 3)) with weight
   `alpha`; class 0 (unlabeled / background) is left unblended, so the scene stays visible."""
-  from fusionsam_jax.data.io import to_rgb
   base = to_rgb(np.asarray(base), "overlay base")
   lut = np.zeros((256, 3), np.uint8)
   lut[:len(palette)] = np.asarray(palette, np.uint8)
@@ -396,7 +394,6 @@ def _main(f, rest) -> int:
   from fusionsam_jax import experiment, workdir as W
   from fusionsam_jax.cli_common import quiet_logs
   from fusionsam_jax.models.sam.checkpoint import CheckpointError
-  from fusionsam_jax.data import DatasetError
   quiet_logs()
   workdir, out_dir, progress = f["workdir"].value, f["out"].value, f["progress"].value
   try:

@@ -25,8 +25,6 @@ import json
 import os
 import re
 
-import numpy as np
-
 from fusionsam_jax.data.datasets.base import NAME_RE, DatasetSpec, ListLayout
 from fusionsam_jax.data.io import LayoutError
 
