@@ -308,7 +308,7 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
   """Evaluates a run at full resolution on `split`; prints the IoU table (and SOD metrics
   for saliency), writes ``workdir/eval_<split>_<which>.json``. `base_params`: see
   `restore_params`; `keep_params`: the evaluated params go into the result (``params``)."""
-  from fusionsam_jax.data.info import get_info
+  from fusionsam_jax.data.datasets import get as get_info
   from fusionsam_jax.fsutil import atomic_write_json
   from fusionsam_jax.metrics.miou import format_iou_table
   workdir = os.fspath(workdir)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from fusionsam_jax import experiment, workdir as W
-from fusionsam_jax.data.info import get_info
+from fusionsam_jax.data.datasets import get as get_info
 from fusionsam_jax.data.io import to_rgb, write_png
 from fusionsam_jax.fsutil import atomic_file
 from fusionsam_jax.models.functional import predict_fn

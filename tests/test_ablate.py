@@ -27,7 +27,7 @@ def _iou_from_matrix(matrix):
 
 
 def test_variants_compose_like_the_config_argument(tmp_path):
-  from fusionsam_jax import ablate
+  from fusionsam_jax import ablation as ablate
   from fusionsam_jax.training.guards import config_to_dict
   base = tiny_config(tmp_path, "tiny")
   assert ablate.variant_names(base) == ["full", "ablation_a", "ablation_b", "rgb_only",

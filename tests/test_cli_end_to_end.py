@@ -128,8 +128,9 @@ def _eval_latest(work):
 
 def test_predict_outputs_chain_into_metric_cli(trained, capsys):
   from fusionsam_jax.cli import evaluate as ev
-  from fusionsam_jax import predict
-  from fusionsam_jax.data.info import MFNET
+  from fusionsam_jax.cli import predict
+  from fusionsam_jax.data import inputs
+  from fusionsam_jax.data.datasets.mfnet import SPEC as MFNET
   from fusionsam_jax.data.io import read_image
   work = trained["work"]
   assert ev.run(None, str(work), "latest", "test", markdown=True, report=True) == 0
@@ -204,27 +205,33 @@ def test_cudnn_bf16_workdir_runs_on_cpu(trained, tmp_path):
 
 
 def test_predict_input_grouping(trained, tmp_path):
-  from fusionsam_jax import predict
+  from fusionsam_jax.cli import predict
+  from fusionsam_jax.data import inputs
   from fusionsam_jax.data.io import read_image, write_png
   raw = _raw_dir(trained["data"])
   name = sorted(os.listdir(raw / "images"))[0]
   combined = read_image(raw / "images" / name)
   # An MFNet 4-channel PNG is one sample ...
-  (s,) = predict.samples_from_files([str(raw / "images" / name)], ("rgb", "thermal"))
+  (s,) = inputs.samples_from_files([str(raw / "images" / name)], ("rgb", "thermal"))
   assert s[0] == name[:-4] and s[1]["rgb"].shape == (96, 128, 3)
   np.testing.assert_array_equal(s[1]["thermal"][..., 0], combined[..., 3])
-  # ... separate files group by modality, in the config's order.
+  # ... separate files are paired by name (stem), per modality, never by order.
   for s in ("a", "b"):
-    write_png(tmp_path / f"{s}_rgb.png", combined[..., :3])
-    write_png(tmp_path / f"{s}_t.png", combined[..., 3])
-  files = [str(tmp_path / f"{s}_{m}.png") for s in ("a", "b") for m in ("rgb", "t")]
-  out = predict.samples_from_files(files, ("rgb", "thermal"))
+    (tmp_path / "rgb").mkdir(exist_ok=True)
+    (tmp_path / "t").mkdir(exist_ok=True)
+    write_png(tmp_path / "rgb" / f"{s}.png", combined[..., :3])
+    write_png(tmp_path / "t" / f"{s}.png", combined[..., 3])
+  files = {"rgb": [str(tmp_path / "rgb" / f"{s}.png") for s in ("a", "b")],
+           "thermal": [str(tmp_path / "t" / f"{s}.png") for s in ("b", "a")]}
+  out = inputs.samples_from_modalities(files, ("rgb", "thermal"))
   assert len(out) == 2 and out[0][1]["thermal"].shape == (96, 128, 1)
-  assert [n for n, _ in out] == ["a_rgb", "b_rgb"]
-  with pytest.raises(predict.InputError, match="both named 'a_rgb'"):   # one name twice
-    predict.samples_from_files(files[:2] * 2, ("rgb", "thermal"))
-  with pytest.raises(predict.InputError, match="incomplete"):
-    predict.samples_from_files(files[:3], ("rgb", "thermal"))
+  assert [n for n, _ in out] == ["a", "b"]
+  with pytest.raises(inputs.InputError, match="both named 'a'"):   # one name twice
+    inputs.samples_from_modalities(dict(files, rgb=files["rgb"][:1] * 2), ("rgb", "thermal"))
+  with pytest.raises(inputs.InputError, match="no thermal image .* for name.s. b"):
+    inputs.samples_from_modalities(dict(files, thermal=files["thermal"][1:]),
+                                    ("rgb", "thermal"))
+  files = [files["rgb"][0]]
   assert predict.main(["--workdir", str(trained["work"]), "--inputs", files[0],
                        "--out", str(tmp_path / "o")]) == 1   # missing thermal -> exit 1
 

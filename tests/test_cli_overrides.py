@@ -71,8 +71,8 @@ def test_help_shows_defaults_and_no_runpy_warning(module, expect):
 
 
 def test_overlay_leaves_class_zero_unblended():
-  from fusionsam_jax.data.info import MFNET
-  from fusionsam_jax.predict import overlay
+  from fusionsam_jax.data.datasets.mfnet import SPEC as MFNET
+  from fusionsam_jax.inference import overlay
   rng = np.random.default_rng(0)
   base = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
   pred = rng.integers(0, 9, (6, 7))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fusionsam_jax.cli import prepare as prepare_cli
 from fusionsam_jax.data import generate, prepare
-from fusionsam_jax.data.info import get_info
+from fusionsam_jax.data.datasets import get as get_info
 from fusionsam_jax.data.sources import load_source
 
 H, W = 40, 56
@@ -148,7 +149,7 @@ def test_grey_stored_as_rgb_is_reduced(tmp_path):
 def test_cli(tmp_path, capsys):
   src = tmp_path / "src"
   generate.generate_dataset("mfnet", src, 8, seed=0, height=H, width=W)
-  rc = prepare.main(["--dataset", "mfnet", "--manual_dir", str(src), "--data_dir",
+  rc = prepare_cli.main(["--dataset", "mfnet", "--manual_dir", str(src), "--data_dir",
                      str(tmp_path / "dst"), "--noprogress"])
   assert rc == 0
   assert "train=4" in capsys.readouterr().out

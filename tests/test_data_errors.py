@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fusionsam_jax.cli import prepare as prepare_cli
 from fusionsam_jax.data import builders, generate, prepare
 from fusionsam_jax.data.io import (ChannelError, CorruptImageError, DatasetError, LabelRangeError,
                                    LayoutError, MissingFileError, SizeMismatchError,
@@ -141,14 +142,14 @@ def test_layout_error_explains_layout_and_source(tmp_path, layout, remove, where
 
 
 def test_cli_bad_input_exits_non_zero(tmp_path, capsys):
-  rc = prepare.main(["--dataset", "fmb", "--manual_dir", str(tmp_path / "nowhere"),
+  rc = prepare_cli.main(["--dataset", "fmb", "--manual_dir", str(tmp_path / "nowhere"),
                      "--data_dir", str(tmp_path / "dst"), "--noprogress"])
   assert rc != 0
   err = capsys.readouterr().err
   assert "nowhere" in err and "Visible" in err and "SegMiF" in err
   src = _make(tmp_path, "mfnet")
   (src / "labels" / "00001D.png").write_bytes(b"junk")
-  rc = prepare.main(["--dataset", "mfnet", "--manual_dir", str(src),
+  rc = prepare_cli.main(["--dataset", "mfnet", "--manual_dir", str(src),
                      "--data_dir", str(tmp_path / "dst"), "--noprogress"])
   assert rc == 1 and "00001D.png" in capsys.readouterr().err
 
@@ -253,7 +254,7 @@ def test_unwritable_data_dir_and_orphans(tmp_path, capsys):
   killed prepare was never removed."""
   src = _make(tmp_path, "mfnet")
   (tmp_path / "file").write_text("x")
-  rc = prepare.main(["--dataset", "mfnet", "--manual_dir", str(src), "--data_dir",
+  rc = prepare_cli.main(["--dataset", "mfnet", "--manual_dir", str(src), "--data_dir",
                      str(tmp_path / "file" / "dst"), "--noprogress"])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 1 and len(err) == 1 and "cannot write the mfnet dataset" in err[0], err

@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
+from fusionsam_jax.cli import generate as generate_cli
 from fusionsam_jax.data import generate
-from fusionsam_jax.data.info import get_info
+from fusionsam_jax.data.datasets import get as get_info
 
 H, W = 48, 64
 
@@ -111,9 +112,9 @@ def test_vdt_salient_objects_pop_out_somewhere():
 
 
 def test_cli(tmp_path, capsys):
-  rc = generate.main(["--layout", "fmb", "--out", str(tmp_path / "g"), "--num", "5",
+  rc = generate_cli.main(["--layout", "fmb", "--out", str(tmp_path / "g"), "--num", "5",
                       "--seed", "1", "--height", "32", "--width", "40", "--noprogress"])
   assert rc == 0 and "train=3, val=1, test=1" in capsys.readouterr().out
-  rc = generate.main(["--layout", "fmb", "--out", str(tmp_path / "g"), "--num", "5",
+  rc = generate_cli.main(["--layout", "fmb", "--out", str(tmp_path / "g"), "--num", "5",
                       "--noprogress"])
   assert rc == 1 and "exists" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fusionsam_jax import data
-from fusionsam_jax.data.info import get_info
+from fusionsam_jax.data.datasets import get as get_info
 
 
 def test_mfnet_facts():

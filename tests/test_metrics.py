@@ -376,7 +376,7 @@ def _palette_png(path, idx, colours):
 def test_palette_pngs_are_read_as_class_ids_or_refused(tmp_path, capsys):
   """Issue 17, defect 10: palette PNGs whose indices are not class ids (a colour mask saved
   by `quantize`, indices by frequency) were counted as ids: 5.7 % for 65.7 %."""
-  from fusionsam_jax.data.info import MFNET
+  from fusionsam_jax.data.datasets.mfnet import SPEC as MFNET
   pal = [tuple(c) for c in MFNET.palette]
   rng = np.random.default_rng(0)
   gt = rng.integers(0, 9, (12, 16))

@@ -36,7 +36,8 @@ def _pngs(folder, names, channels=3):
 
 
 def _run(capsys, *argv):
-  from fusionsam_jax import predict
+  from fusionsam_jax.cli import predict
+  from fusionsam_jax.data import inputs
   rc = predict.main([str(a) for a in argv])
   err = capsys.readouterr().err.strip().splitlines()
   return rc, err
@@ -67,12 +68,16 @@ def test_same_stem_in_an_input_dir_is_refused(workdir, tmp_path, capsys):
   assert f"--input_dir {root}" in err[0] and "--inputs" not in err[0] and "both named" in err[0]
 
 
-def test_incomplete_group_from_input_dir_names_input_dir(workdir, tmp_path, capsys):
-  from fusionsam_jax import predict
+def test_a_file_that_is_not_a_whole_sample_names_its_source(workdir, tmp_path, capsys):
+  """Separate files are never grouped by order: an RGB file alone is not an RGB + thermal
+  sample; the message names the flag and points at the per-modality flags."""
+  from fusionsam_jax.cli import predict
+  from fusionsam_jax.data import inputs
   files = _pngs(tmp_path / "i", ["a.png"])
-  with pytest.raises(predict.InputError) as e:
-    predict.samples_from_files(files, ("rgb", "thermal"), source=f"--input_dir {tmp_path}")
-  assert str(e.value).startswith(f"--input_dir {tmp_path}:") and "incomplete" in str(e.value)
+  with pytest.raises(inputs.InputError) as e:
+    inputs.samples_from_files(files, ("rgb", "thermal"), source=f"--input_dir {tmp_path}")
+  assert str(e.value).startswith(f"--input_dir {tmp_path}:") and "not a whole" in str(e.value)
+  assert "--rgb PATH --thermal PATH" in str(e.value)
 
 
 def test_out_naming_a_file_is_refused(workdir, tmp_path, capsys):
@@ -90,9 +95,60 @@ def test_out_naming_a_file_is_refused(workdir, tmp_path, capsys):
 def test_usage_errors(workdir, tmp_path, capsys):
   rgb, t = _pngs(tmp_path / "a", ["x.png", "x_t.png"])
   for argv, needle in (
-      (["--out", tmp_path / "o"], "exactly one of --inputs and --input_dir"),
+      (["--out", tmp_path / "o"], "exactly one of --inputs, --input_dir"),
       (["--out", tmp_path / "o", "--inputs", rgb, "--input_dir", tmp_path], "exactly one"),
       (["--out", tmp_path / "o", "--inputs", rgb, "--split", "test"], "--split needs"),
       (["--inputs", rgb], "--out is required")):
     rc, err = _run(capsys, "--workdir", workdir, *argv)
     assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_plain_folder_is_refused_with_the_expected_tree(workdir, tmp_path, capsys):
+  """Issue 31 item 1: a folder of RGB PNGs without the layout was paired two files at a time
+  as (rgb, thermal), exit 0. Now: refused, the message shows MFNet's tree, also with
+  --grey_policy luma; nothing is written."""
+  plain = tmp_path / "plain"
+  _pngs(plain, [f"{i:02d}.png" for i in range(10)])
+  for extra in ([], ["--grey_policy", "luma"]):
+    rc, err = _run(capsys, "--workdir", workdir, "--out", tmp_path / "out", "--input_dir",
+                   plain, *extra)
+    assert rc == 1, err
+    assert err[0].startswith(f"error: --input_dir {plain}: {plain / 'images'}: folder does not "
+                             "exist"), err
+    assert "--rgb_dir" in err[0] and any("ROOT/images/<name>.png" in e for e in err), err
+    assert not any("Traceback" in e for e in err)
+  assert not (tmp_path / "out").exists()
+
+
+def test_colour_thermal_is_refused_naming_the_file(workdir, tmp_path, capsys):
+  rgb, = _pngs(tmp_path / "rgb", ["x.png"])
+  colour, = _pngs(tmp_path / "ir", ["x.png"])       # 3 channels that differ
+  for argv in (["--rgb", rgb, "--thermal", colour],
+               ["--rgb_dir", tmp_path / "rgb", "--thermal_dir", tmp_path / "ir"]):
+    rc, err = _run(capsys, "--workdir", workdir, "--out", tmp_path / "out", *argv)
+    assert rc == 1 and len(err) == 1, err
+    assert colour in err[0] and "expected a grey image" in err[0] and "luma" not in err[0]
+  assert not (tmp_path / "out").exists()
+
+
+def test_unmatched_names_are_refused_naming_them(workdir, tmp_path, capsys):
+  _pngs(tmp_path / "rgb", ["a.png", "b.png", "c.png"])
+  _pngs(tmp_path / "ir", ["a_t.png", "b_t.png"])
+  rc, err = _run(capsys, "--workdir", workdir, "--out", tmp_path / "out", "--rgb_dir",
+                 tmp_path / "rgb", "--thermal_dir", tmp_path / "ir")
+  assert rc == 1 and len(err) == 1, err
+  assert "no thermal image" in err[0] and "a, b, c" in err[0] and str(tmp_path / "ir") in err[0]
+  # Files given per modality: two or more are paired by name too.
+  rgb = _pngs(tmp_path / "r2", ["a.png", "b.png"])
+  ir = _pngs(tmp_path / "i2", ["a_t.png", "c_t.png"], channels=1)
+  os.rename(ir[0], tmp_path / "i2" / "a.png")
+  rc, err = _run(capsys, "--workdir", workdir, "--out", tmp_path / "out", "--rgb", rgb[0],
+                 "--rgb", rgb[1], "--thermal", tmp_path / "i2" / "a.png", "--thermal", ir[1])
+  assert rc == 1 and len(err) == 1 and "c_t" in err[0] and "no rgb image" in err[0], err
+  # A modality the run does not read, or one it lacks.
+  rc, err = _run(capsys, "--workdir", workdir, "--out", tmp_path / "out", "--rgb", rgb[0])
+  assert rc == 1 and "missing --thermal" in err[0], err
+  rc, err = _run(capsys, "--workdir", workdir, "--out", tmp_path / "out", "--rgb", rgb[0],
+                 "--thermal", tmp_path / "i2" / "a.png", "--depth", rgb[1])
+  assert rc == 1 and "unexpected --depth" in err[0], err
+  assert not (tmp_path / "out").exists()

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusionsam_jax.data.info import FMB, MFNET, PAPER_TABLES
+from fusionsam_jax.data.datasets.fmb import SPEC as FMB
+from fusionsam_jax.data.datasets.mfnet import SPEC as MFNET
 from fusionsam_jax.metrics.miou import ConfusionMatrix, format_paper_table
 
+PAPER_TABLES = {s.name: s.paper for s in (MFNET, FMB)}
 C = 9
 
 

@@ -46,7 +46,7 @@ LAYERS = {
     f"{PKG}.sam2_predictor": 2, f"{PKG}.predictor": 5,
     f"{PKG}.training": 3, f"{PKG}.workdir": 3, f"{PKG}.config_lib": 3,
     f"{PKG}.stages": 4, f"{PKG}.evaluators": 4,
-    f"{PKG}.experiment": 5, f"{PKG}.report": 5, f"{PKG}.inference": 5,
+    f"{PKG}.experiment": 5, f"{PKG}.ablation": 5, f"{PKG}.inference": 5,
     f"{PKG}.cli": 6,
     f"{PKG}.train": 6, f"{PKG}.evaluate": 6, f"{PKG}.predict": 6, f"{PKG}.ablate": 6,
     f"{PKG}.baseline": 6, f"{PKG}.__main__": 6,

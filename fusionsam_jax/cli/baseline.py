@@ -42,7 +42,7 @@ def run(workdir: str, split: str | None = None, checkpoint: str = "best",
         out: str | None = None, sam2_checkpoint: str | None = None) -> dict:
   """Runs the baseline; returns the JSON record (also written to `out`). Raises on errors."""
   from fusionsam_jax import experiment
-  from fusionsam_jax.data.info import get_info
+  from fusionsam_jax.data.datasets import get as get_info
   from fusionsam_jax.errors import SamWeightsMissingError
   from fusionsam_jax.evaluators import sam_zero_shot as Z
   from fusionsam_jax.fsutil import atomic_write_json

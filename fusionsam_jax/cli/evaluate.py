@@ -77,7 +77,7 @@ def emit_extras(config, workdir: str, summary: dict, which, *, markdown: bool,
   """What evaluate adds to `experiment.evaluate`'s table: the paper-column table with mAcc
   (Markdown with `markdown`), and the visual report (`report`). `cache` keeps the report's
   predictor between splits (one restore and compile)."""
-  from fusionsam_jax.data.info import paper_table
+  from fusionsam_jax.data.datasets import paper_table
   from fusionsam_jax.metrics.miou import format_paper_table
   label = f"FusionSAM ({'+'.join(config.model.modalities)})"
   table = paper_table(str(summary.get("dataset", config.dataset)))

@@ -39,7 +39,9 @@ def define(fv) -> dict:
           "split_list", None, "only the ground truth named in this file (one name a line, e.g. "
           "MFNet/test.txt)", **d),
       "dataset": flags.DEFINE_string(
-          "dataset", None, "mfnet | fmb: print the paper's Table 1 / 2 columns and its row", **d),
+          "dataset", None, "the dataset's class names, palette and class count (mfnet, fmb, "
+          "vdt, custom:/path/to/data); mfnet | fmb: also the paper's Table 1 / 2 columns and "
+          "row", **d),
       "markdown": flags.DEFINE_bool("markdown", False, "print a Markdown table", **d),
       "palette_indices": flags.DEFINE_bool(
           "palette_indices", False, "count the indices of palette PNGs as class ids whatever "
@@ -49,11 +51,14 @@ def define(fv) -> dict:
 
 
 def body(f, args) -> int:
-  from fusionsam_jax.data.info import get_info
+  from fusionsam_jax.data.datasets import get as get_info
   if args:
     raise driver.UsageError(f"unexpected arguments: {' '.join(args)}")
   num_classes, dataset = f["num_classes"].value, f["dataset"].value
   info = get_info(dataset) if dataset else None
+  ignore_index = f["ignore_index"].value
+  if info is not None and not f["ignore_index"].present:
+    ignore_index = info.ignore_index
   if num_classes is None:
     if info is None:
       raise driver.UsageError("--num_classes is required (or --dataset, which knows it)")
@@ -67,7 +72,7 @@ def body(f, args) -> int:
   listed = (None if f["split_list"].value is None
             else M.read_name_list(f["split_list"].value))
   cm = M.evaluate_label_dirs(M.prediction_dir(f["pred_dir"].value), f["gt_dir"].value,
-                             num_classes, f["ignore_index"].value, listed,
+                             num_classes, ignore_index, listed,
                              palette=None if info is None else info.palette,
                              palette_indices=f["palette_indices"].value)
   summary = cm.summary(names)

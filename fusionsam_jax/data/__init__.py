@@ -1,4 +1,4 @@
-"""Datasets: info, TFDS builders (ArrayRecord, no TensorFlow), grain pipelines, generated scenes.
+"""Datasets: specs, TFDS builders (ArrayRecord, no TensorFlow), grain pipelines, generated scenes.
 
     from fusionsam_jax import data
     data.generate_dataset("mfnet", "gen/mfnet", num=200, seed=0)       # official layout
@@ -7,10 +7,15 @@
     loader = data.train_loader(train, batch_size=8, crop_size=(96, 128))
     batch = next(iter(loader))  # {"rgb", "thermal", "label", "name"} numpy, leading batch dim
 
+Each dataset is one `datasets.DatasetSpec` (classes, palette, modalities, on-disk layout,
+split rules, paper table): ``data.datasets.get("mfnet")``; ``get_info`` is the same function.
+
 Heavier modules (TFDS, grain) are imported on first use of the names that need them.
 """
 
-from fusionsam_jax.data.info import DATASETS, IGNORE_INDEX, DatasetInfo, get_info
+from fusionsam_jax.data import datasets
+from fusionsam_jax.data.datasets import IGNORE_INDEX, DatasetSpec
+from fusionsam_jax.data.datasets import get as get_info
 from fusionsam_jax.data.io import (ChannelError, CorruptImageError, DatasetError, LabelRangeError,
                                    LayoutError, MissingFileError, SizeMismatchError,
                                    SplitListError)
@@ -33,6 +38,6 @@ def __getattr__(name):
   raise AttributeError(f"module 'fusionsam_jax.data' has no attribute {name!r}")
 
 
-__all__ = ["DATASETS", "IGNORE_INDEX", "DatasetInfo", "get_info", "DatasetError", "LayoutError",
+__all__ = ["datasets", "IGNORE_INDEX", "DatasetSpec", "get_info", "DatasetError", "LayoutError",
            "MissingFileError", "CorruptImageError", "ChannelError", "SizeMismatchError",
            "LabelRangeError", "SplitListError", *_LAZY]

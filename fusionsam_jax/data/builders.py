@@ -12,16 +12,15 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fusionsam_jax.data import info as info_lib
-from fusionsam_jax.data import layouts
+from fusionsam_jax.data import datasets
+from fusionsam_jax.data.datasets import MODALITY_CHANNELS, DatasetSpec
+from fusionsam_jax.data.paths import VERSION
 
-from fusionsam_jax.data.paths import VERSION  # noqa: E402
 
-
-def _features(info: info_lib.DatasetInfo) -> tfds.features.FeaturesDict:
+def _features(info: DatasetSpec) -> tfds.features.FeaturesDict:
   zlib = tfds.features.Encoding.ZLIB
   feats = {
-      m: tfds.features.Tensor(shape=(None, None, info_lib.MODALITY_CHANNELS[m]),
+      m: tfds.features.Tensor(shape=(None, None, MODALITY_CHANNELS[m]),
                               dtype=np.uint8, encoding=zlib)
       for m in info.modalities
   }
@@ -31,11 +30,12 @@ def _features(info: info_lib.DatasetInfo) -> tfds.features.FeaturesDict:
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Shared builder: the layout lists and decodes samples; this class only writes them."""
+  """Shared builder: the spec's layout lists and decodes samples; this class only writes
+  them. One subclass per spec (`get_builder_cls`)."""
 
   VERSION = tfds.core.Version(VERSION)
   RELEASE_NOTES = {str(VERSION): "ArrayRecord, zlib-encoded uint8 tensors, sorted-name order."}
-  layout: layouts.Layout
+  spec: DatasetSpec
 
   # Manual-download builders have no URL checksums file. TFDS locates one next to the
   # builder's source via ``code_path``, which (TFDS 4.9.10) needs the optional
@@ -65,7 +65,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     pass
 
   def _info(self) -> tfds.core.DatasetInfo:
-    info = self.layout.info
+    info = self.spec
     return self.dataset_info_from_configs(
         description=f"{info.name}: modalities {', '.join(info.modalities)}; "
                     f"classes {', '.join(info.class_names)}; ignore index "
@@ -77,7 +77,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     plan = self._plan
     if plan is None:
-      plan = self.layout.list_splits(dl_manager.manual_dir)
+      plan = self.spec.layout.list_splits(dl_manager.manual_dir)
     return {split: self._generate_examples(self._with_progress(samples, split))
             for split, samples in plan.items()}
 
@@ -88,7 +88,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def gen():
       import tqdm
-      with tqdm.tqdm(desc=f"Writing {self.layout.info.name} {split}", unit="sample",
+      with tqdm.tqdm(desc=f"Writing {self.spec.name} {split}", unit="sample",
                      total=len(samples)) as bar:
         for s in samples:
           yield s
@@ -97,40 +97,27 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, samples):
     for sample in samples:
-      yield sample.name, self.layout.load(sample, self._grey_policy)
+      yield sample.name, self.spec.layout.load(sample, self._grey_policy)
 
 
-def _instructions(layout: layouts.Layout) -> str:
-  return (f"Download {layout.info.source} and pass its folder as the manual dir. "
-          f"Expected layout:\n{layout.description}\n")
+def _instructions(spec: DatasetSpec) -> str:
+  return (f"Download {spec.source} and pass its folder as the manual dir. "
+          f"Expected layout:\n{spec.layout.description}\n")
 
 
-class Mfnet(_Builder):
-  """MFNet RGB-thermal urban scenes (9 classes); splits train/val/test/test_day/test_night."""
-
-  name = "mfnet"
-  layout = layouts.LAYOUTS["mfnet"]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _instructions(layout)
+_CLASSES: dict[int, type] = {}
 
 
-class Fmb(_Builder):
-  """FMB RGB-infrared scenes (15 classes); val = last 10 % of sorted official train names."""
-
-  name = "fmb"
-  layout = layouts.LAYOUTS["fmb"]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _instructions(layout)
-
-
-class Vdt(_Builder):
-  """VDT-2048 visible-depth-thermal salient objects; val = last 10 % of sorted Train names."""
-
-  name = "vdt"
-  layout = layouts.LAYOUTS["vdt"]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _instructions(layout)
-
-
-BUILDERS = {"mfnet": Mfnet, "fmb": Fmb, "vdt": Vdt}
-
-
-def get_builder_cls(name: str):
-  return BUILDERS[info_lib.get_info(name).name]
+def get_builder_cls(name) -> type:
+  """The TFDS builder class of dataset `name` (a name, ``custom:<folder>`` or a spec),
+  made from its spec on first use."""
+  spec = datasets.get(name)
+  cls = _CLASSES.get(id(spec))
+  if cls is None or cls.spec is not spec:
+    doc = (f"{spec.name}: {'+'.join(spec.modalities)}, {spec.num_classes} classes; splits "
+           f"{'/'.join(spec.splits)}.")
+    cls = type(spec.name.capitalize(), (_Builder,), {
+        "name": spec.name, "spec": spec, "__doc__": doc, "__module__": __name__,
+        "MANUAL_DOWNLOAD_INSTRUCTIONS": _instructions(spec)}, skip_registration=True)
+    _CLASSES[id(spec)] = cls
+  return cls

@@ -27,14 +27,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
 from PIL import Image
 
-from fusionsam_jax.data import info as info_lib
-from fusionsam_jax.data.io import write_png
+from fusionsam_jax.data import datasets
+from fusionsam_jax.data.datasets import DatasetSpec, carve_val
 
 GENERATOR_VERSION = 1
 DEFAULT_SIZE = (96, 128)  # (height, width): small for fast CPU demos; --native for full size
@@ -134,7 +133,8 @@ def _mf_shape(cv: _Canvas, cls: int, rng) -> np.ndarray:
   raise ValueError(cls)
 
 
-def _mfnet_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool) -> dict:
+def _mfnet_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool,
+                 period: int) -> dict:
   cv = _Canvas(h, w, rng)
   horizon = rng.uniform(0.35, 0.45)
   upper = cv.yy < horizon
@@ -151,7 +151,7 @@ def _mfnet_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bo
   label = np.zeros((h, w), np.uint8)
 
   k = int(rng.integers(3, 5))
-  classes = [1 + _rotation("mfnet", index, 8)] + [
+  classes = [1 + _rotation(period, index, 8)] + [
       int(c) for c in rng.permutation(np.arange(1, 9))]
   classes = list(dict.fromkeys(classes))[:k]
   # Paint back to front: larger (far, near the horizon) things first, people last.
@@ -218,7 +218,8 @@ def _fmb_object(cv: _Canvas, cls: int, rng, horizon: float, kerb: float) -> list
   raise ValueError(cls)
 
 
-def _fmb_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool) -> dict:
+def _fmb_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool,
+               period: int) -> dict:
   cv = _Canvas(h, w, rng)
   horizon = rng.uniform(0.22, 0.32)
   kerb = rng.uniform(0.52, 0.6)  # sidewalk from here, road below road_top
@@ -248,7 +249,7 @@ def _fmb_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool
   label = region.copy()
 
   k = int(rng.integers(3, 6))
-  classes = [_FMB_OBJECTS[_rotation("fmb", index, len(_FMB_OBJECTS))]] + [
+  classes = [_FMB_OBJECTS[_rotation(period, index, len(_FMB_OBJECTS))]] + [
       int(c) for c in rng.permutation(np.asarray(_FMB_OBJECTS))]
   classes = list(dict.fromkeys(classes))[:k]
   order = {14: 0, 4: 0, 5: 1, 11: 2, 10: 3, 9: 4, 13: 5, 12: 6, 8: 7}
@@ -280,7 +281,8 @@ def _fmb_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool
 _VDT_SUBSETS = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
 
 
-def _vdt_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool) -> dict:
+def _vdt_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool,
+               period: int) -> dict:
   cv = _Canvas(h, w, rng)
   wall = _jitter(rng, (150, 140, 125), 20)
   light = rng.uniform(0.15, 0.3) if night else rng.uniform(0.75, 1.1)
@@ -316,32 +318,54 @@ def _vdt_scene(rng: np.random.Generator, index: int, h: int, w: int, night: bool
           "thermal": _to_u8(thermal)[..., None], "label": label}
 
 
-_SCENES = {"mfnet": _mfnet_scene, "fmb": _fmb_scene, "vdt": _vdt_scene}
+#: Drawing families: name -> (scene function, class count, modalities drawn). A spec's
+#: `SceneRecipe.scenes` names one; the spec's writer stores what it draws.
+SCENES = {"mfnet": (_mfnet_scene, 9, ("rgb", "thermal")),
+          "fmb": (_fmb_scene, 15, ("rgb", "thermal")),
+          "vdt": (_vdt_scene, 2, ("rgb", "depth", "thermal"))}
+
+
+class GeneratorError(ValueError):
+  """The dataset cannot be generated (no scene recipe, a layout without a writer, classes or
+  modalities the recipe does not draw)."""
+
+
+def _recipe(spec: DatasetSpec):
+  """The spec's recipe and drawing function; raises GeneratorError when it has none."""
+  r = spec.generator
+  if r is None:
+    raise GeneratorError(f"dataset {spec.name!r} has no scene recipe (DatasetSpec.generator): "
+                         "it cannot be generated")
+  if r.scenes not in SCENES:
+    raise GeneratorError(f"dataset {spec.name!r}: unknown scene family {r.scenes!r} "
+                         f"(known: {', '.join(SCENES)})")
+  fn, n_classes, mods = SCENES[r.scenes]
+  if spec.num_classes != n_classes or not set(spec.modalities) <= set(mods):
+    raise GeneratorError(f"dataset {spec.name!r} ({spec.num_classes} classes, "
+                         f"{'+'.join(spec.modalities)}) does not fit the {r.scenes!r} scenes "
+                         f"({n_classes} classes, {'+'.join(mods)})")
+  return r, fn
 
 
 # ------------------------------------------------------------------------------------------
 # Splits and names
 # ------------------------------------------------------------------------------------------
 
-# Split of sample i = pattern[i % len(pattern)]; condition (night) alternates with i, so every
-# split gets day and night frames in equal shares.
-_SPLIT_PATTERN = {
-    "mfnet": ("train", "train", "train", "train", "val", "val", "test", "test"),
-    "fmb": ("train", "train", "train", "train", "test"),
-    "vdt": ("train", "train", "test", "test"),
-}
+# Split of sample i = the recipe's split_pattern[i % len(pattern)]; condition (night)
+# alternates with i, so every split gets day and night frames in equal shares.
 
 
-def _rotation(layout: str, index: int, n: int) -> int:
+def _rotation(period: int, index: int, n: int) -> int:
   """Cycles 0..n-1 over the samples of every split (each image's first object class), so
-  each class appears in every split of a set with a few dozen samples."""
-  p = len(_SPLIT_PATTERN[layout])
-  return (index // p + 2 * (index % p)) % n
+  each class appears in every split of a set with a few dozen samples. `period`: the length
+  of the split pattern."""
+  return (index // period + 2 * (index % period)) % n
 
 
-def sample_name(layout: str, index: int) -> str:
+def sample_name(layout, index: int) -> str:
   night = is_night(index)
-  if layout == "mfnet":
+  r, _ = _recipe(datasets.get(layout))
+  if r.night_suffix:
     return f"{index + 1:05d}{'N' if night else 'D'}"
   return f"{index + 1:05d}"
 
@@ -350,99 +374,81 @@ def is_night(index: int) -> bool:
   return index % 2 == 1
 
 
-def sample_split(layout: str, index: int) -> str:
-  pattern = _SPLIT_PATTERN[layout]
+def sample_split(layout, index: int) -> str:
+  pattern = _recipe(datasets.get(layout))[0].split_pattern
   return pattern[index % len(pattern)]
 
 
-def generate_scene(layout: str, index: int, seed: int, height: int = DEFAULT_SIZE[0],
+def generate_scene(layout, index: int, seed: int, height: int = DEFAULT_SIZE[0],
                    width: int = DEFAULT_SIZE[1]) -> dict:
   """Sample ``index`` of the generated set ``(layout, seed)`` as a pipeline element.
 
-  Returns ``{"rgb": (H, W, 3), "thermal": (H, W, 1), ["depth": (H, W, 1)], "label": (H, W),
-  "name": str}`` (uint8; VDT labels are {0, 1}), exactly what the prepared dataset yields.
+  `layout`: a dataset name or spec with a scene recipe. Returns ``{"rgb": (H, W, 3),
+  "thermal": (H, W, 1), ["depth": (H, W, 1)], "label": (H, W), "name": str}`` (uint8; VDT
+  labels are {0, 1}), exactly what the prepared dataset yields.
   """
-  layout = info_lib.get_info(layout).name
+  spec = datasets.get(layout)
+  r, fn = _recipe(spec)
   rng = np.random.default_rng([int(seed), int(index), GENERATOR_VERSION])
-  el = _SCENES[layout](rng, index, int(height), int(width), is_night(index))
-  el["name"] = sample_name(layout, index)
+  el = fn(rng, index, int(height), int(width), is_night(index), len(r.split_pattern))
+  el = {k: v for k, v in el.items() if k == "label" or k in spec.modalities}
+  el["name"] = sample_name(spec, index)
   return el
 
 
-def generate_elements(layout: str, num: int, seed: int, height: int = DEFAULT_SIZE[0],
+def generate_elements(layout, num: int, seed: int, height: int = DEFAULT_SIZE[0],
                       width: int = DEFAULT_SIZE[1], split: str | None = None) -> list[dict]:
-  """In-memory elements of samples ``0..num-1`` (only those of ``split`` if given; for FMB /
-  VDT "train"/"val" follow the builder's carve, see ``layouts.carve_val``)."""
-  layout = info_lib.get_info(layout).name
+  """In-memory elements of samples ``0..num-1`` (only those of ``split`` if given; "train"
+  / "val" follow the layout's val carve where it has one, see ``datasets.carve_val``)."""
   idx = list(range(num))
   if split is not None:
     idx = split_indices(layout, num)[split]
   return [generate_scene(layout, i, seed, height, width) for i in idx]
 
 
-def split_indices(layout: str, num: int) -> dict[str, list[int]]:
-  """Sample indices of each split of a prepared generated set of ``num`` samples."""
-  from fusionsam_jax.data.layouts import carve_val
-  layout = info_lib.get_info(layout).name
+def split_indices(layout, num: int) -> dict[str, list[int]]:
+  """Sample indices of each split of a prepared generated set of ``num`` samples: the
+  recipe's on-disk splits; val carved from train when the pattern has none; test_day /
+  test_night where the spec has them."""
+  spec = datasets.get(layout)
+  r, _ = _recipe(spec)
   by = {}
   for i in range(num):
-    by.setdefault(sample_split(layout, i), []).append(i)
+    by.setdefault(sample_split(spec, i), []).append(i)
   out = {s: by.get(s, []) for s in ("train", "val", "test")}
-  if layout == "mfnet":
-    out["test_day"] = [i for i in out["test"] if not is_night(i)]
-    out["test_night"] = [i for i in out["test"] if is_night(i)]
-  else:
-    names = {sample_name(layout, i): i for i in out["train"]}
+  if "val" not in r.split_pattern:
+    names = {sample_name(spec, i): i for i in out["train"]}
     train, val = carve_val(list(names))
     out["train"], out["val"] = [names[n] for n in train], [names[n] for n in val]
+  if "test_day" in spec.splits:
+    out["test_day"] = [i for i in out["test"] if not is_night(i)]
+    out["test_night"] = [i for i in out["test"] if is_night(i)]
   return out
 
 
 # ------------------------------------------------------------------------------------------
-# Writing the official layouts
+# Writing through the spec's layout
 # ------------------------------------------------------------------------------------------
 
 
-def _write_sample(layout: str, root: str, el: dict, split: str) -> None:
-  name = el["name"]
-  if layout == "mfnet":
-    write_png(os.path.join(root, "images", f"{name}.png"),
-              np.concatenate([el["rgb"], el["thermal"]], axis=-1))
-    write_png(os.path.join(root, "labels", f"{name}.png"), el["label"])
-  elif layout == "fmb":
-    d = os.path.join(root, split)
-    write_png(os.path.join(d, "Visible", f"{name}.png"), el["rgb"])
-    write_png(os.path.join(d, "Infrared", f"{name}.png"), el["thermal"])
-    write_png(os.path.join(d, "Label", f"{name}.png"), el["label"])
-    write_png(os.path.join(d, "color", f"{name}.png"), info_lib.FMB.colorize(el["label"]))
-  else:
-    d = os.path.join(root, {"train": "Train", "test": "Test"}[split])
-    write_png(os.path.join(d, "V", f"{name}.png"), el["rgb"])
-    write_png(os.path.join(d, "D", f"{name}.png"), el["depth"])
-    write_png(os.path.join(d, "T", f"{name}.png"), el["thermal"])
-    write_png(os.path.join(d, "GT", f"{name}.png"), el["label"] * np.uint8(255))
-
-
-def _folders(layout: str) -> list[str]:
-  if layout == "mfnet":
-    return ["images", "labels"]
-  if layout == "fmb":
-    return [os.path.join(s, r) for s in ("train", "test")
-            for r in ("Visible", "Infrared", "Label", "color")]
-  return [os.path.join(s, r) for s in ("Train", "Test") for r in ("V", "D", "T", "GT")]
-
-
-def generate_dataset(layout: str, out_dir, num: int, seed: int, height: int = DEFAULT_SIZE[0],
+def generate_dataset(layout, out_dir, num: int, seed: int, height: int = DEFAULT_SIZE[0],
                      width: int = DEFAULT_SIZE[1], *, overwrite: bool = False,
                      progress: bool = False) -> dict[str, list[str]]:
-  """Writes ``num`` generated samples in the official layout of ``layout`` to ``out_dir``.
+  """Writes ``num`` generated samples in the layout of dataset ``layout`` to ``out_dir``.
 
-  MFNet gets split lists (train/val/test 50/25/25 % + test_day/test_night by the D/N suffix);
-  FMB (train/test 80/20 %) and VDT-2048 (Train/Test 50/50 %) get their folders, ``val`` is
-  carved from train by the builder. The folder is written under a temporary name and renamed
-  when complete. Returns split -> sample names (as the prepared dataset will have them).
+  The spec's layout writes every sample (``Layout.write_sample``) and its split lists
+  (``Layout.write_splits``): MFNet gets split lists (train/val/test 50/25/25 % +
+  test_day/test_night by the D/N suffix); FMB (train/test 80/20 %) and VDT-2048 (Train/Test
+  50/50 %) get their folders, ``val`` is carved from train by the builder. The folder is
+  written under a temporary name and renamed when complete. Returns split -> sample names
+  (as the prepared dataset will have them). Raises GeneratorError for a dataset that cannot
+  be generated (no recipe, or a layout that cannot write).
   """
-  layout = info_lib.get_info(layout).name
+  spec = datasets.get(layout)
+  _recipe(spec)
+  if not spec.layout.can_write:
+    raise GeneratorError(f"dataset {spec.name!r}: its layout ({type(spec.layout).__name__}) "
+                         "cannot write samples, so it cannot be generated")
   if num < 1:
     raise ValueError(f"num={num}: expected at least 1 sample")
   if height < 16 or width < 16:
@@ -456,23 +462,20 @@ def generate_dataset(layout: str, out_dir, num: int, seed: int, height: int = DE
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}-generating-", dir=parent)
   try:
-    for sub in _folders(layout):
+    for sub in spec.layout.folders():
       os.makedirs(os.path.join(tmp, sub))
     it = range(num)
     if progress:
       import tqdm
-      it = tqdm.tqdm(it, desc=f"Generating {layout}", unit="sample")
+      it = tqdm.tqdm(it, desc=f"Generating {spec.name}", unit="sample")
     for i in it:
-      el = generate_scene(layout, i, seed, height, width)
-      _write_sample(layout, tmp, el, sample_split(layout, i))
-    splits = {s: [sample_name(layout, i) for i in idx]
-              for s, idx in split_indices(layout, num).items()}
-    if layout == "mfnet":
-      for s, names in splits.items():
-        with open(os.path.join(tmp, f"{s}.txt"), "w", encoding="utf-8") as f:
-          f.write("".join(f"{n}\n" for n in names))
+      el = generate_scene(spec, i, seed, height, width)
+      spec.layout.write_sample(tmp, el, sample_split(spec, i))
+    splits = {s: [sample_name(spec, i) for i in idx]
+              for s, idx in split_indices(spec, num).items()}
+    spec.layout.write_splits(tmp, splits)
     meta = {"generator": "fusionsam_jax.data.generate", "generator_version":
-            GENERATOR_VERSION, "layout": layout, "num": num, "seed": seed,
+            GENERATOR_VERSION, "layout": spec.name, "num": num, "seed": seed,
             "height": height, "width": width,
             "split_sizes": {s: len(v) for s, v in splits.items()}}
     with open(os.path.join(tmp, "generated.json"), "w", encoding="utf-8") as f:
@@ -486,50 +489,6 @@ def generate_dataset(layout: str, out_dir, num: int, seed: int, height: int = DE
   return splits
 
 
-def define_flags(fv) -> dict:
-  from absl import flags
-  d = dict(flag_values=fv)
-  return {
-      "layout": flags.DEFINE_enum("layout", None, list(info_lib.DATASETS),
-                                  "dataset layout to imitate", **d),
-      "out": flags.DEFINE_string("out", None, "output folder (must be new or empty)", **d),
-      "num": flags.DEFINE_integer("num", 200, "number of samples (all splits)", lower_bound=1,
-                                  **d),
-      "seed": flags.DEFINE_integer("seed", 0, "random seed", **d),
-      "height": flags.DEFINE_integer("height", DEFAULT_SIZE[0], "image height", lower_bound=1,
-                                     **d),
-      "width": flags.DEFINE_integer("width", DEFAULT_SIZE[1], "image width", lower_bound=1,
-                                    **d),
-      "native": flags.DEFINE_bool("native", False, "use the dataset's native size (overrides "
-                                  "--height/--width)", **d),
-      "overwrite": flags.DEFINE_bool("overwrite", False, "replace a non-empty --out", **d),
-      "progress": flags.DEFINE_bool("progress", True, "progress bar", **d),
-  }
-
-
-def _main(f, _) -> int:
-  layout, out, num = f["layout"].value, f["out"].value, f["num"].value
-  h, w = f["height"].value, f["width"].value
-  if f["native"].value:
-    h, w = info_lib.get_info(layout).native_size
-  try:
-    splits = generate_dataset(layout, out, num, f["seed"].value, h, w,
-                              overwrite=f["overwrite"].value, progress=f["progress"].value)
-  except (ValueError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  sizes = ", ".join(f"{s}={len(v)}" for s, v in splits.items())
-  print(f"wrote {num} {layout} samples ({h}x{w}) to {out}: {sizes}")
-  return 0
-
-
-def main(argv=None) -> int:
-  """``python -m fusionsam_jax.data.generate``; `argv` without the program name."""
-  from fusionsam_jax.cli.driver import run_cli
-  return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.data.generate",
-                 doc="Write a generated multimodal scene set in an official dataset layout.",
-                 required=("layout", "out"))
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":   # python -m fusionsam_jax.data.generate
+  from fusionsam_jax.cli import driver, generate
+  driver.main(generate)

@@ -150,9 +150,8 @@ def to_grey(arr: np.ndarray, path, policy: str = "strict") -> np.ndarray:
   if np.array_equal(r, g) and np.array_equal(r, b):
     return np.ascontiguousarray(arr[..., :1])
   if policy == "strict":
-    raise ChannelError(path, "expected a grey image: it has 3 channels that differ (a colour "
-                             "image); pass grey_policy='luma' (--grey_policy luma) to convert "
-                             "colour to luma")
+    raise ChannelError(path, "expected a grey image (thermal / depth): it has 3 channels that "
+                             "differ (a colour image)")
   luma = (r.astype(np.uint32) * 19595 + g.astype(np.uint32) * 38470
           + b.astype(np.uint32) * 7471 + 0x8000) >> 16
   return luma.astype(np.uint8)[..., None]

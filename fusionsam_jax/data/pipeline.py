@@ -22,7 +22,7 @@ import grain.python as grain
 import numpy as np
 from PIL import Image
 
-from fusionsam_jax.data.info import IGNORE_INDEX, MODALITY_CHANNELS
+from fusionsam_jax.data.datasets import IGNORE_INDEX, MODALITY_CHANNELS
 
 MODALITY_KEYS = tuple(MODALITY_CHANNELS)  # ("rgb", "thermal", "depth")
 _RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC}

@@ -10,12 +10,10 @@ to ``DST/<dataset>/<version>``. A failure at any step leaves nothing under that 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 from fusionsam_jax import fsutil
-from fusionsam_jax.data import info as info_lib
-from fusionsam_jax.data import layouts
+from fusionsam_jax.data import datasets
 from fusionsam_jax.data.io import GREY_POLICIES, DatasetError, LayoutError
 from fusionsam_jax.data.paths import dataset_dir, is_prepared  # noqa: F401 (re-exported)
 
@@ -32,8 +30,10 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
   """Validates ``manual_dir`` and writes the dataset; returns the dataset folder.
 
   Args:
-    name: "mfnet", "fmb" or "vdt" (generated sets use the layout they imitate).
-    manual_dir: folder in the official layout (see ``layouts``).
+    name: a registered dataset ("mfnet", "fmb", "vdt", ...; generated sets use the layout
+      they imitate), "custom" (the custom dataset in `manual_dir`: its dataset.json) or
+      ``custom:<folder>``.
+    manual_dir: folder in the dataset's layout (``spec.layout.description``).
     data_dir: output root; the dataset goes to ``data_dir/<name>/<version>``.
     grey_policy: "strict" (grey stored as 3 equal channels is reduced, colour is an error)
       or "luma" (colour converted to luma) for thermal / depth images.
@@ -51,18 +51,18 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
 
   if if_exists not in IF_EXISTS:
     raise ValueError(f"if_exists={if_exists!r}: expected one of {IF_EXISTS}")
-  layout = layouts.get_layout(name)
-  name = layout.info.name
-  final = dataset_dir(name, data_dir)
+  spec = datasets.resolve(name, manual_dir)
+  name = spec.name
+  final = dataset_dir(spec, data_dir)
   if os.path.exists(final):
-    if if_exists == "skip" and is_prepared(name, data_dir):
+    if if_exists == "skip" and is_prepared(spec, data_dir):
       return final
     if if_exists == "error":
       raise FileExistsError(f"{final}: dataset already prepared (use if_exists='skip' "
                             "or 'overwrite', CLI --if_exists)")
 # TFDS's bars have no total (no rate / ETA that means anything): the builder shows its own.
   tfds.disable_progress_bar()
-  plan = layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
+  plan = spec.layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
                          num_threads=num_threads)
   try:
     os.makedirs(data_dir, exist_ok=True)
@@ -77,7 +77,7 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
       # never removes it; keep it inside our temporary folder.
     tempfile.tempdir = tmp
     try:
-      builder = builders.get_builder_cls(name)(
+      builder = builders.get_builder_cls(spec)(
           data_dir=os.path.join(tmp, "data"), file_format="array_record",
           grey_policy=grey_policy, plan=plan, progress=progress)
     finally:
@@ -106,61 +106,14 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
   finally:
     fsutil.rmtree(tmp)
   return final
-  return final
-
-
-def define_flags(fv) -> dict:
-  from absl import flags
-  return {
-      "dataset": flags.DEFINE_enum("dataset", None, list(info_lib.DATASETS), "which layout",
-                                   flag_values=fv),
-      "manual_dir": flags.DEFINE_string("manual_dir", None, "folder in the official layout",
-                                        flag_values=fv),
-      "data_dir": flags.DEFINE_string("data_dir", None, "output root (DST/<dataset>/<version>)",
-                                      flag_values=fv),
-      "grey_policy": flags.DEFINE_enum(
-          "grey_policy", "strict", list(GREY_POLICIES), "thermal/depth stored in colour: "
-          "'strict' accepts only equal channels, 'luma' converts colour to luma",
-          flag_values=fv),
-      "if_exists": flags.DEFINE_enum("if_exists", "error", list(IF_EXISTS),
-                                     "when DST/<dataset>/<version> exists", flag_values=fv),
-      "progress": flags.DEFINE_bool("progress", True, "progress bars", flag_values=fv),
-  }
-
-
-def _main(f, _) -> int:
-  dataset, data_dir = f["dataset"].value, f["data_dir"].value
-  try:
-    out = prepare_dataset(dataset, f["manual_dir"].value, data_dir,
-                          grey_policy=f["grey_policy"].value, if_exists=f["if_exists"].value,
-                          progress=f["progress"].value)
-  except LayoutError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except (DatasetError, FileExistsError) as e:
-    print(f"error: {e}\nNothing was written.", file=sys.stderr)
-    return 1
-  except PrepareWriteError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  counts = ", ".join(f"{s}={n}" for s, n in split_sizes(dataset, data_dir).items())
-  print(f"prepared {dataset} at {out} ({counts})")
-  return 0
-
-
-def main(argv=None) -> int:
-  """``python -m fusionsam_jax.data.prepare``; `argv` without the program name."""
-  from fusionsam_jax.cli.driver import run_cli
-  return run_cli(define_flags, _main, argv, prog="python -m fusionsam_jax.data.prepare",
-                 doc="Validate a manually downloaded (or generated) dataset and write it as "
-                     "TFDS ArrayRecord files.", required=("dataset", "manual_dir", "data_dir"))
 
 
 def split_sizes(name: str, data_dir) -> dict[str, int]:
   from fusionsam_jax.data.sources import load_source
-  info = info_lib.get_info(name)
-  return {s: len(load_source(name, s, data_dir)) for s in info.splits}
+  spec = datasets.get(name)
+  return {s: len(load_source(spec, s, data_dir)) for s in spec.splits}
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":   # python -m fusionsam_jax.data.prepare
+  from fusionsam_jax.cli import driver, prepare
+  driver.main(prepare)

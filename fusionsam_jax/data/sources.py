@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
-from fusionsam_jax.data import info as info_lib
+from fusionsam_jax.data import datasets
+from fusionsam_jax.data.paths import dataset_dir, is_prepared
 
 
 def load_source(name: str, split: str, data_dir) -> Sequence[dict]:
@@ -18,15 +18,12 @@ def load_source(name: str, split: str, data_dir) -> Sequence[dict]:
   """
   import tensorflow_datasets as tfds
 
-  from fusionsam_jax.data.paths import dataset_dir, is_prepared
-
-  name = info_lib.get_info(name).name
-  if not is_prepared(name, data_dir):
+  spec = datasets.get(name)
+  if not is_prepared(spec, data_dir):
     raise FileNotFoundError(
-        f"{dataset_dir(name, data_dir)}: no prepared {name} dataset; run "
-        f"python -m fusionsam_jax.data.prepare --dataset {name} --manual_dir SRC "
-        f"--data_dir {os.fspath(data_dir)}")
-  builder = tfds.builder_from_directory(dataset_dir(name, data_dir))
+        f"{dataset_dir(spec, data_dir)}: no prepared {spec.name} dataset; run "
+        f"{spec.prepare_command(data_dir, 'SRC')}")
+  builder = tfds.builder_from_directory(dataset_dir(spec, data_dir))
   return builder.as_data_source(split=split)
 
 

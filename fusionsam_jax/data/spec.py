@@ -19,12 +19,14 @@ from typing import Any, Callable, Mapping
 
 import jax
 
+from fusionsam_jax.data import datasets
 from fusionsam_jax.errors import DataMissingError
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """name: dataset name; data_dir: root holding ``<name>/<version>`` (prepared);
+  """name: the dataset's registry key (``datasets.get(name)``: "mfnet", ...,
+  ``custom:<folder>``); data_dir: root holding ``<short name>/<version>`` (prepared);
   generated: a generated scene set (made by this package)."""
   name: str
   data_dir: str
@@ -44,17 +46,15 @@ class DataSpec:
 
 
 def _generate_sig(config) -> tuple[str, tuple[int, int]]:
-  from fusionsam_jax.data.info import get_info
   g = config.generate
   h = g.height if g.height is not None else config.train.crop_size[0]
   w = g.width if g.width is not None else config.train.crop_size[1]
-  return f"{get_info(config.dataset).name}-n{g.num}-s{g.seed}-{h}x{w}", (int(h), int(w))
+  return f"{datasets.get(config.dataset).name}-n{g.num}-s{g.seed}-{h}x{w}", (int(h), int(w))
 
 
 def data_spec(config) -> DataSpec:
   """Where the config's dataset lives (does not check that it exists)."""
-  from fusionsam_jax.data.info import get_info
-  name = get_info(config.dataset).name
+  name = datasets.get(config.dataset).key
   if config.get("generate") is not None:
     sig, _ = _generate_sig(config)
     return DataSpec(name, os.path.join(os.fspath(config.data_dir), "generated", sig), True)
@@ -67,17 +67,16 @@ def ensure_data(config, *, say: Callable[[str], None] = print) -> DataSpec:
   Raises `DataMissingError` (naming the prepare command) for a real dataset that has not
   been prepared.
   """
-  from fusionsam_jax.data import generate, info, paths, prepare
+  from fusionsam_jax.data import generate, paths, prepare
   spec = data_spec(config)
   if paths.is_prepared(spec.name, spec.data_dir):
     return spec
   if not spec.generated:
-    src = info.get_info(spec.name).source
+    ds = datasets.get(spec.name)
     raise DataMissingError(
-        f"dataset '{spec.name}' is not prepared under data_dir={spec.data_dir!r} "
-        f"(expected {spec.dataset_dir}/dataset_info.json). Get {src}, then run "
-        f"`python -m fusionsam_jax.data.prepare --dataset {spec.name} --manual_dir "
-        f"PATH/TO/{spec.name.upper()} --data_dir {spec.data_dir}`, or point "
+        f"dataset '{ds.name}' is not prepared under data_dir={spec.data_dir!r} "
+        f"(expected {spec.dataset_dir}/dataset_info.json). Get {ds.source}, then run "
+        f"`{ds.prepare_command(spec.data_dir)}`, or point "
         "--config.data_dir at the folder you prepared it in.")
   _, (h, w) = _generate_sig(config)
   raw = os.path.join(spec.data_dir, "raw")
@@ -90,10 +89,11 @@ def ensure_data(config, *, say: Callable[[str], None] = print) -> DataSpec:
     # the temporary folders of a killed maker are orphans.
     with locking.DirLock(spec.data_dir, what="generated data folder", say=say, wait=True):
       if not paths.is_prepared(spec.name, spec.data_dir):  # (made while we waited)
+        short = datasets.get(spec.name).name
         locking.remove_orphans(spec.data_dir, (
-            lambda n: n.startswith((".raw-generating-", f".{spec.name}-building-")),),
+            lambda n: n.startswith((".raw-generating-", f".{short}-building-")),),
             say=say)
-        say(f"Generating {g.num} {spec.name}-layout scenes ({h}x{w}, seed {g.seed}) in {raw}")
+        say(f"Generating {g.num} {short}-layout scenes ({h}x{w}, seed {g.seed}) in {raw}")
         generate.generate_dataset(spec.name, raw, int(g.num), int(g.seed), h, w,
                                   overwrite=True, progress=False)
         prepare.prepare_dataset(spec.name, raw, spec.data_dir, if_exists="overwrite",

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fusionsam_jax.data.info import get_info, paper_table
+from fusionsam_jax.data.datasets import get as get_info, paper_table
 from fusionsam_jax.data.spec import ensure_data
 from fusionsam_jax.fsutil import atomic_file, atomic_write
 from fusionsam_jax.metrics.miou import ConfusionMatrix, paper_table_rows
@@ -70,7 +70,7 @@ def select_samples(num_images: int, k: int = 4, seed: int = 0) -> list[int]:
 
 
 def paper_row_for(result: Mapping):
-  """The paper's table (`fusionsam_jax.data.info.PaperTable`) to draw next to `result`, or
+  """The paper's table (`fusionsam_jax.data.datasets.PaperTable`) to draw next to `result`, or
   None: only for a real (not generated) MFNet / FMB result on the paper's split."""
   name = result.get("dataset")
   if not name or result.get("generated", False):
@@ -365,7 +365,7 @@ def write_report(out_dir, *, result: Mapping, metrics_jsonl=None,
       (uint8 (H, W, 3) or None), ``label`` and ``pred`` (int (H, W), 255 = ignored), for the
       qualitative grid (empty: no grid).
     palette: one RGB colour per class (needed with samples).
-    paper_row: a `fusionsam_jax.data.info.PaperTable` to draw beside this run, None for
+    paper_row: a `fusionsam_jax.data.datasets.PaperTable` to draw beside this run, None for
       none, or "auto" (`paper_row_for(result)`: real MFNet / FMB test splits only).
     title: page title (default from dataset / split / checkpoint).
 
@@ -452,7 +452,7 @@ def samples_from_source(source, indices: Sequence[int], predict_fn,
                         modalities: Sequence[str]) -> list[dict]:
   """Report samples for elements `indices` of a random-access `source` (prepared-dataset
   elements: modality arrays, ``label``, ``name``). `predict_fn(element) -> {"pred", "fused"}`
-  at the element's resolution (`fusionsam_jax.predict.Predictor`)."""
+  at the element's resolution (`fusionsam_jax.inference.Predictor`)."""
   out = []
   for i in indices:
     el = source[int(i)]

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping
 import jax
 import numpy as np
 
-from fusionsam_jax.data.info import get_info
+from fusionsam_jax.data.datasets import get as get_info
 from fusionsam_jax.data.spec import strip_batch
 from fusionsam_jax.metrics.miou import confusion_matrix, ConfusionMatrix
 from fusionsam_jax.metrics.sod import SODMetrics

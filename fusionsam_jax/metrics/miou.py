@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from fusionsam_jax.data.info import paper_table
-from fusionsam_jax.data.layouts import read_split_list
+from fusionsam_jax.data.datasets import paper_table
+from fusionsam_jax.data.datasets import read_split_list
 
 
 __all__ = [
@@ -468,7 +468,7 @@ def _png_names(d) -> list[str]:
 
 def read_name_list(path) -> list[str]:
   """Names of a split list (one per line, e.g. MFNet's ``test.txt``) as ``<name>.png``;
-  read as ``prepare`` reads it (`data.layouts.read_split_list`: UTF-8, no empty or repeated
+  read as ``prepare`` reads it (`data.datasets.read_split_list`: UTF-8, no empty or repeated
   entry, no entry reaching out of the folder with ``..`` or an absolute path)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
