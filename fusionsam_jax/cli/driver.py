@@ -346,7 +346,12 @@ def print_error(e: BaseException) -> int:
   rc = exit_status(e)
   if rc is None:
     raise e
-  msg = os_error_line(e) if isinstance(e, OSError) else one_line(e)
+  from fusionsam_jax.data.inputs import InputError
+  from fusionsam_jax.data.io import DatasetError
+  if isinstance(e, (DatasetError, InputError)):
+    msg = str(e).strip()   # its first line says what is wrong; the rest shows the layout
+  else:
+    msg = os_error_line(e) if isinstance(e, OSError) else one_line(e)
   print(f"error: {msg}", file=sys.stderr, flush=True)
   return rc
 

@@ -146,7 +146,7 @@ def body(f, rest) -> int:
         "--rgb_dir/--thermal_dir/--depth_dir (folders), or --split alone (the run's own "
         "data)" + (f"; got {' and '.join(given)}" if given else ""))
   if f["split"].value and given and not f["input_dir"].value:
-    raise driver.UsageError("--split goes with --input_dir, or alone")
+    raise driver.UsageError("--split needs --input_dir (or goes alone: the run's own data)")
   workdir, out_dir, progress = f["workdir"].value, f["out"].value, f["progress"].value
   check_out_dir(out_dir)
   driver.quiet_logs()
@@ -154,7 +154,6 @@ def body(f, rest) -> int:
   config = W.load_config(workdir)
   config_lib.override_model(config, attn_impl=f["attn_impl"].value,
                             encoder_dtype=f["encoder_dtype"].value)
-  W.check_checkpoint_arg(workdir, which)
   mods = tuple(config.model.modalities)
   policy = f["grey_policy"].value
   if own_split:
@@ -169,6 +168,7 @@ def body(f, rest) -> int:
   else:
     samples = I.samples_from_dir(f["input_dir"].value, config.dataset, mods, f["split"].value,
                                  policy)
+  W.check_checkpoint_arg(workdir, which)
   from fusionsam_jax.inference import Predictor
   from fusionsam_jax.training.logging import progress_bar
   predictor = Predictor(workdir, which, config=config)
