@@ -299,8 +299,10 @@ class Sam2ImagePredictor:
     """One mask's low-res logits (h, w) -> logits at the original size."""
     return resize_2d(low_res, orig_hw, bilinear_matrix)
 
-  def _predict(self, point_coords, point_labels, box, mask_input, multimask_output,
-               return_logits, normalize_coords, img_idx):
+  def _low_res(self, point_coords, point_labels, box, mask_input, multimask_output,
+               normalize_coords, img_idx):
+    """Prompts as `predict` takes them -> numpy low-res logits (B, M, h, w), IoU (B, M) and
+    the logits clamped to [-32, 32], B >= 1 (no upsampling, no hole filling)."""
     coords, labels, masks = self._prep_prompts(point_coords, point_labels, box, mask_input,
                                                normalize_coords, img_idx)
     e4 = 4 * self.config.image_embedding_size
@@ -321,7 +323,6 @@ class Sam2ImagePredictor:
     mv = np.zeros((nbatch,), bool)
     if masks is not None:
       m[:n_prompts], mv[:n_prompts] = masks, True
-    orig_hw = tuple(int(v) for v in self._orig_hw[img_idx])
     outs = []
     for i in range(0, n_prompts, pb):
       sl = slice(i, i + pb)
@@ -330,6 +331,13 @@ class Sam2ImagePredictor:
     low_res = np.concatenate([np.asarray(o[0]) for o in outs])[:n_prompts]
     iou = np.concatenate([np.asarray(o[1]) for o in outs])[:n_prompts].astype(np.float32)
     clamped = np.concatenate([np.asarray(o[2]) for o in outs])[:n_prompts].astype(np.float32)
+    return low_res, iou, clamped
+
+  def _predict(self, point_coords, point_labels, box, mask_input, multimask_output,
+               return_logits, normalize_coords, img_idx):
+    low_res, iou, clamped = self._low_res(point_coords, point_labels, box, mask_input,
+                                          multimask_output, normalize_coords, img_idx)
+    orig_hw = tuple(int(v) for v in self._orig_hw[img_idx])
     if self.max_hole_area > 0 or self.max_sprinkle_area > 0:
       low_res = _remove_small_regions(low_res, self.mask_threshold, self.max_hole_area,
                                       self.max_sprinkle_area)
