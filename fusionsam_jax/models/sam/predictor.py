@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionsam_jax.models.sam.build import load_sam
+from fusionsam_jax.models.sam.checkpoint import load_any
 from fusionsam_jax.models.sam.sam import (PIXEL_MEAN, PIXEL_STD, JaxDevice, LoadedSam, Sam,
                                           SamConfig)
 from fusionsam_jax.models.sam.transforms import (ResizeLongestSide, bilinear_taps, is_torch,
@@ -105,7 +105,8 @@ class SamPredictor:
   @classmethod
   def from_checkpoint(cls, checkpoint: str, **kwargs) -> "SamPredictor":
     """A converted directory, an official .pth or a Hugging Face model.safetensors."""
-    return cls(load_sam(checkpoint), **kwargs)
+    config, params = load_any(checkpoint)
+    return cls(config, params, **kwargs)
 
   @property
   def device(self) -> JaxDevice:

@@ -195,8 +195,8 @@ class LoadedSam:
 
   The torch-module calls of the official notebooks work: `to(device)` / `eval()` return the
   model itself (JAX places the arrays), `device` is a `JaxDevice`, `image_encoder.img_size`
-  is the input size, and `sam(batched_input, multimask_output)` runs the official batched
-  forward (see `__call__`).
+  is the input size. (`build.SamModel`, what the builders return, adds the batched
+  `sam(batched_input, multimask_output)`.)
   """
 
   mask_threshold = 0.0
@@ -226,19 +226,6 @@ class LoadedSam:
 
   def eval(self) -> "LoadedSam":
     return self
-
-  def __call__(self, batched_input, multimask_output: bool):
-    """The official `Sam.forward`: a list of records {"image": (3, H, W) resized with
-    ResizeLongestSide (0-255), "original_size": (H, W), optional "point_coords" (B, N, 2),
-    "point_labels" (B, N), "boxes" (B, 4), "mask_inputs" (B, 1, 256, 256), prompts in the
-    resized frame} -> a list of {"masks" (B, C, H, W) bool, "iou_predictions" (B, C),
-    "low_res_logits" (B, C, 256, 256)}: torch tensors where the image was one, else numpy.
-    The images are embedded in one batch by a `SamPredictor` kept on the model."""
-    # Imported here: predictor.py builds on this module.
-    from fusionsam_jax.models.sam.predictor import SamPredictor
-    if getattr(self, "_predictor", None) is None:
-      self._predictor = SamPredictor(self)
-    return self._predictor.forward_batched(batched_input, multimask_output)
 
   def __repr__(self):
     return f"LoadedSam({self.config})"

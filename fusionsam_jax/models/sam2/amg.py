@@ -27,6 +27,7 @@ from fusionsam_jax.models.sam.amg import (_mask_boxes, _take, area_from_rle, box
                                           coco_encode_rle, generate_crop_boxes,
                                           is_box_near_crop_edge, mask_to_rle, nms,
                                           rle_to_mask)
+from fusionsam_jax.models.sam2.build import build_sam2_hf
 from fusionsam_jax.models.sam2.interp import bilinear_matrix, resize_2d
 from fusionsam_jax.models.sam2.predictor import SAM2ImagePredictor, _remove_small_regions
 
@@ -100,7 +101,6 @@ class SAM2AutomaticMaskGenerator:
   def from_pretrained(cls, model_id: str, **kwargs) -> "SAM2AutomaticMaskGenerator":
     """A local folder (a `facebook/sam2*` download or a converted directory) or a Hugging
     Face id, as `SAM2ImagePredictor.from_pretrained`."""
-    from fusionsam_jax.models.sam2.build import build_sam2_hf
     return cls(build_sam2_hf(model_id, **kwargs), **kwargs)
 
   def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:

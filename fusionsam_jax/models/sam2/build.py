@@ -22,6 +22,11 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+try:  # for Hugging Face ids (downloads); local folders need nothing
+  from huggingface_hub import hf_hub_download
+except ImportError:  # pragma: no cover - depends on the install
+  hf_hub_download = None
+
 from fusionsam_jax.models.sam.checkpoint import CheckpointError
 from fusionsam_jax.models.sam2.checkpoint import load_sam2_any
 from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, LoadedSam2, Sam2, preset_name
@@ -98,7 +103,9 @@ def build_sam2_hf(model_id: str, **kwargs) -> LoadedSam2:
   if model_id not in HF_MODEL_ID_TO_FILENAMES:
     raise ValueError(f"{model_id!r}: neither a local folder nor a known SAM 2 model id ("
                      + ", ".join(HF_MODEL_ID_TO_FILENAMES) + ")")
-  from huggingface_hub import hf_hub_download
+  if hf_hub_download is None:
+    raise ValueError(f"{model_id!r}: downloading needs huggingface_hub (pip install "
+                     "huggingface_hub), or pass a local folder")
   config_name, checkpoint_name = HF_MODEL_ID_TO_FILENAMES[model_id]
   ckpt_path = hf_hub_download(repo_id=model_id, filename=checkpoint_name)
   return build_sam2(config_file=config_name, ckpt_path=ckpt_path, **kwargs)

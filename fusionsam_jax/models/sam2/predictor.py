@@ -39,7 +39,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image as PILImage
+from scipy import ndimage
 
+from fusionsam_jax.models.sam2.build import build_sam2_hf
+from fusionsam_jax.models.sam2.checkpoint import load_sam2_any
 from fusionsam_jax.models.sam2.interp import bilinear_aa_matrix, bilinear_matrix, resize_2d
 from fusionsam_jax.models.sam2.sam2 import (PIXEL_MEAN, PIXEL_STD, LoadedSam2, Sam2,
                                             Sam2Config, Sam2Features, decode_padded)
@@ -60,7 +64,6 @@ def _remove_small_regions(logits: np.ndarray, threshold: float, max_hole_area: f
   (B, M, h, w): background components of at most max_hole_area pixels are set to
   threshold + 10, foreground ones of at most max_sprinkle_area to threshold - 10
   (8-connected components, as sam2's `get_connected_components`)."""
-  from scipy import ndimage
   out = np.array(logits, np.float32)
   eight = np.ones((3, 3), bool)
   for idx in np.ndindex(*out.shape[:-2]):
@@ -139,7 +142,6 @@ class Sam2ImagePredictor:
   def from_checkpoint(cls, ckpt: str, **kwargs) -> "Sam2ImagePredictor":
     """A directory written by tools/convert_sam2_weights.py, an official `.pt` or a folder
     holding one."""
-    from fusionsam_jax.models.sam2.checkpoint import load_sam2_any
     config, params = load_sam2_any(ckpt)
     return cls(config, params, **kwargs)
 
@@ -147,7 +149,6 @@ class Sam2ImagePredictor:
   def from_pretrained(cls, model_id: str, **kwargs) -> "Sam2ImagePredictor":
     """sam2's `from_pretrained`: a local folder (a download of a `facebook/sam2*` Hugging
     Face repository, or a converted directory) or a Hugging Face id (`build_sam2_hf`)."""
-    from fusionsam_jax.models.sam2.build import build_sam2_hf
     return cls(build_sam2_hf(model_id, **kwargs), **kwargs)
 
   def reset_predictor(self):
@@ -178,11 +179,7 @@ class Sam2ImagePredictor:
   @staticmethod
   def _as_array(image) -> np.ndarray:
     if not isinstance(image, np.ndarray):
-      try:
-        from PIL.Image import Image
-      except ImportError:  # pragma: no cover
-        Image = ()
-      if Image and isinstance(image, Image):
+      if isinstance(image, PILImage.Image):
         image = np.asarray(image.convert("RGB"))
       else:
         raise ValueError(f"image: expected a numpy HxWx3 image or a PIL image, got "
