@@ -254,7 +254,7 @@ class SamAutomaticMaskGenerator:
     e4 = 4 * p.config.image_embedding_size
     pts = jnp.concatenate([coords[:, None, :], jnp.zeros((b, 1, 2), coords.dtype)], 1)
     labels = jnp.broadcast_to(jnp.asarray([1, -1], jnp.int32), (b, 2))
-    low, iou = p.model.apply(
+    low, iou = p.module.apply(
         {"params": params}, features[:1], pts, labels, jnp.ones((b, 2), bool),
         jnp.zeros((b, 4), jnp.float32), jnp.zeros((b,), bool),
         jnp.zeros((b, e4, e4, 1), jnp.float32), jnp.zeros((b,), bool), True,

@@ -18,22 +18,39 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from fusionsam_jax.models.sam.sam import SAM_PRESETS, LoadedSam, Sam, SamConfig, preset_name
 from fusionsam_jax.models.sam.checkpoint import CheckpointError, load_any
+from fusionsam_jax.models.sam.predictor import SamPredictor
+from fusionsam_jax.models.sam.sam import SAM_PRESETS, LoadedSam, Sam, SamConfig, preset_name
 
 
-def load_sam(checkpoint: str, encoder_dtype=jnp.float32, attn_impl: str = "xla") -> LoadedSam:
-  """Any supported checkpoint -> LoadedSam, the variant read off the weights."""
+class SamModel(LoadedSam):
+  """What the builders return: a `LoadedSam` that is also callable as the official `Sam`
+  module on a batch (`sam(batched_input, multimask_output)`)."""
+
+  def __call__(self, batched_input, multimask_output: bool):
+    """The official `Sam.forward`: a list of records {"image": (3, H, W) resized with
+    ResizeLongestSide (0-255), "original_size": (H, W), optional "point_coords" (B, N, 2),
+    "point_labels" (B, N), "boxes" (B, 4), "mask_inputs" (B, 1, 256, 256), prompts in the
+    resized frame} -> a list of {"masks" (B, C, H, W) bool, "iou_predictions" (B, C),
+    "low_res_logits" (B, C, 256, 256)}: torch tensors where the image was one, else numpy.
+    The images are embedded in one batch by a `SamPredictor` kept on the model."""
+    if getattr(self, "_predictor", None) is None:
+      self._predictor = SamPredictor(self)
+    return self._predictor.forward_batched(batched_input, multimask_output)
+
+
+def load_sam(checkpoint: str, encoder_dtype=jnp.float32, attn_impl: str = "xla") -> SamModel:
+  """Any supported checkpoint -> SamModel, the variant read off the weights."""
   cfg, params = load_any(checkpoint)
-  return LoadedSam(cfg, params, encoder_dtype, attn_impl)
+  return SamModel(cfg, params, encoder_dtype, attn_impl)
 
 
 def _build(variant: str, checkpoint: Optional[str] = None, encoder_dtype=jnp.float32,
-           attn_impl: str = "xla", seed: int = 0) -> LoadedSam:
+           attn_impl: str = "xla", seed: int = 0) -> SamModel:
   want = SAM_PRESETS[variant]
   if checkpoint is None:
     params = Sam(want).init_params(jax.random.PRNGKey(seed))
-    return LoadedSam(want, params, encoder_dtype, attn_impl)
+    return SamModel(want, params, encoder_dtype, attn_impl)
   sam = load_sam(os.fspath(checkpoint), encoder_dtype, attn_impl)
   if sam.config != want:
     found = preset_name(sam.config) or "a custom size"
@@ -42,15 +59,15 @@ def _build(variant: str, checkpoint: Optional[str] = None, encoder_dtype=jnp.flo
   return sam
 
 
-def build_sam_vit_h(checkpoint=None, **kwargs) -> LoadedSam:
+def build_sam_vit_h(checkpoint=None, **kwargs) -> SamModel:
   return _build("vit_h", checkpoint, **kwargs)
 
 
-def build_sam_vit_l(checkpoint=None, **kwargs) -> LoadedSam:
+def build_sam_vit_l(checkpoint=None, **kwargs) -> SamModel:
   return _build("vit_l", checkpoint, **kwargs)
 
 
-def build_sam_vit_b(checkpoint=None, **kwargs) -> LoadedSam:
+def build_sam_vit_b(checkpoint=None, **kwargs) -> SamModel:
   return _build("vit_b", checkpoint, **kwargs)
 
 

@@ -7,8 +7,10 @@
                                             point_labels=np.array([1]))
 
 Outputs are numpy arrays shaped as the official ones: masks (C, H, W), iou_predictions
-(C,), low_res_logits (C, 256, 256); several boxes (B, 4) give (B, C, H, W), (B, C),
-(B, C, 256, 256) as `predict_torch` does. `get_image_embedding()` is (1, 256, 64, 64) like
+(C,), low_res_logits (C, 256, 256), for a box (4,) or (1, 4) too; several boxes (B, 4), B > 1
+(an error in the official `predict`), give (B, C, H, W), (B, C), (B, C, 256, 256) as
+`predict_torch` does. `predict_torch` and `sam(batched_input, multimask_output)` return
+torch tensors when given torch tensors, as the official ones. `get_image_embedding()` is (1, 256, 64, 64) like
 SAM's (`embedding_layout="NHWC"` gives channels-last, the layout the model computes in).
 
 No recompilation in interactive use. The compiled shapes never depend on the number of
@@ -35,10 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionsam_jax.models.sam.build import load_sam
-from fusionsam_jax.models.sam.sam import PIXEL_MEAN, PIXEL_STD, LoadedSam, Sam, SamConfig
-from fusionsam_jax.models.sam.transforms import (ResizeLongestSide, bilinear_taps,
-                                                 postprocess_masks_padded, size_bucket)
+from fusionsam_jax.models.sam.checkpoint import load_any
+from fusionsam_jax.models.sam.sam import (PIXEL_MEAN, PIXEL_STD, JaxDevice, LoadedSam, Sam,
+                                          SamConfig)
+from fusionsam_jax.models.sam.transforms import (ResizeLongestSide, bilinear_taps, is_torch,
+                                                 like, postprocess_masks_padded, size_bucket,
+                                                 to_numpy)
 
 
 def _pow2_bucket(n: int, minimum: int) -> int:
@@ -82,16 +86,18 @@ class SamPredictor:
       config = sam_model
       if params is None:
         raise ValueError("SamPredictor(config, params): params missing")
+      sam_model = LoadedSam(config, params, encoder_dtype, attn_impl)
     if embedding_layout not in ("NCHW", "NHWC"):
       raise ValueError(f"embedding_layout must be 'NCHW' or 'NHWC', got {embedding_layout!r}")
     self.config = config
     self.params = params
-    self.model = Sam(config, encoder_dtype=encoder_dtype, attn_impl=attn_impl)
+    self.model = sam_model   # the official `predictor.model`
+    self.module = Sam(config, encoder_dtype=encoder_dtype, attn_impl=attn_impl)
     self.transform = ResizeLongestSide(config.img_size)
     self.embedding_layout = embedding_layout
     self.prompt_batch_min = prompt_batch_min
     self.point_bucket_min = point_bucket_min
-    self._encode = jax.jit(lambda p, x, sizes: _encode_impl(self.model, p, x, sizes))
+    self._encode = jax.jit(lambda p, x, sizes: _encode_impl(self.module, p, x, sizes))
     self._decode = jax.jit(self._decode_impl,
                            static_argnames=("multimask_output", "return_logits"))
     self.reset_image()
@@ -99,7 +105,12 @@ class SamPredictor:
   @classmethod
   def from_checkpoint(cls, checkpoint: str, **kwargs) -> "SamPredictor":
     """A converted directory, an official .pth or a Hugging Face model.safetensors."""
-    return cls(load_sam(checkpoint), **kwargs)
+    config, params = load_any(checkpoint)
+    return cls(config, params, **kwargs)
+
+  @property
+  def device(self) -> JaxDevice:
+    return JaxDevice()
 
   # ---- images ---------------------------------------------------------------------------
 
@@ -134,7 +145,7 @@ class SamPredictor:
   def set_torch_image(self, transformed_image, original_image_size):
     """The official `set_torch_image`: an image already resized with ResizeLongestSide,
     (1, 3, h, w) or (h, w, 3) with pixel values 0-255, and its original (H, W)."""
-    x = np.asarray(transformed_image)
+    x = to_numpy(transformed_image)
     if x.ndim == 4 and x.shape[0] == 1 and x.shape[1] == 3:
       x = x[0].transpose(1, 2, 0)
     if x.ndim != 3 or x.shape[2] != 3 or max(x.shape[:2]) != self.config.img_size:
@@ -175,7 +186,7 @@ class SamPredictor:
                    box_valid, masks, mask_valid, taps_y, taps_x, multimask_output,
                    return_logits):
     feats = jax.lax.dynamic_index_in_dim(features, image_index, 0, keepdims=True)
-    low_res, iou = self.model.apply({"params": params}, feats, coords, labels, point_valid,
+    low_res, iou = self.module.apply({"params": params}, feats, coords, labels, point_valid,
                                     boxes, box_valid, masks, mask_valid, multimask_output,
                                     method=Sam.decode_padded)
     out = postprocess_masks_padded(low_res, taps_y, taps_x, self.config.img_size)
@@ -194,26 +205,43 @@ class SamPredictor:
               image_index: int = 0):
     """Prompts in original-image pixels (as the official predictor).
 
-    point_coords (N, 2) xy, point_labels (N,), box (4,) xyxy, mask_input (1, 256, 256)
-    low-res logits from a previous call. Returns (masks (C, H, W), iou (C,),
-    low_res (C, 256, 256)). Beyond the official API: box (B, 4) runs B boxes in one call
-    (the points, if any, go with every box) and returns (B, C, H, W), (B, C), (B, C, 256, 256).
+    point_coords (N, 2) xy, point_labels (N,), box (4,) or (1, 4) xyxy, mask_input
+    (1, 256, 256) low-res logits from a previous call. Returns (masks (C, H, W), iou (C,),
+    low_res (C, 256, 256)). Beyond the official API (which raises there): box (B, 4) with
+    B > 1 runs B boxes in one call (the points, if any, go with every box) and returns
+    (B, C, H, W), (B, C), (B, C, 256, 256). Malformed prompts raise a one-line ValueError.
     """
     self._check_image(image_index)
     orig = self.original_sizes[image_index]
+    e4 = 4 * self.config.image_embedding_size
     coords = labels = boxes = masks = None
-    batched = box is not None and np.asarray(box).ndim == 2
+    batched = False
     if point_coords is not None:
       if point_labels is None:
-        raise ValueError("point_labels must be supplied with point_coords")
-      coords = self.transform.apply_coords(np.asarray(point_coords, np.float32), orig)[None]
-      labels = np.asarray(point_labels, np.int32)[None]
+        raise ValueError("point_labels must be supplied if point_coords is supplied.")
+      pc, pl = to_numpy(point_coords, np.float32), to_numpy(point_labels)
+      if pc.ndim != 2 or pc.shape[1] != 2:
+        raise ValueError(f"point_coords: expected (N, 2) xy, got shape {pc.shape}")
+      if pl.shape != pc.shape[:1]:
+        raise ValueError(f"point_labels: expected shape ({pc.shape[0]},) (one label per "
+                         f"point), got {pl.shape}")
+      coords = self.transform.apply_coords(pc, orig)[None]
+      labels = pl.astype(np.int32)[None]
     if box is not None:
-      boxes = self.transform.apply_boxes(np.asarray(box, np.float32), orig).reshape(-1, 4)
+      b = to_numpy(box, np.float32)
+      if b.shape != (4,) and (b.ndim != 2 or b.shape[1] != 4):
+        raise ValueError(f"box: expected (4,) or (1, 4) xyxy (or (B, 4) for B boxes), got "
+                         f"shape {b.shape}")
+      batched = b.ndim == 2 and b.shape[0] > 1
+      boxes = self.transform.apply_boxes(b, orig).reshape(-1, 4)
     if mask_input is not None:
-      masks = np.asarray(mask_input, np.float32)[None]
-    out = self.predict_torch(coords, labels, boxes, masks, multimask_output, return_logits,
-                             image_index)
+      m = to_numpy(mask_input, np.float32)
+      if m.shape != (1, e4, e4):
+        raise ValueError(f"mask_input: expected (1, {e4}, {e4}) low-res logits, got shape "
+                         f"{m.shape}")
+      masks = m[None]
+    out = self._predict_prompts(coords, labels, boxes, masks, multimask_output,
+                                return_logits, image_index)
     return out if batched else tuple(o[0] for o in out)
 
   def predict_torch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
@@ -222,18 +250,49 @@ class SamPredictor:
     """Batched prompts already in the resized input frame (the official `predict_torch`).
 
     point_coords (B, N, 2), point_labels (B, N) (-1 marks padding), boxes (B, 4), mask_input
-    (B, 1, 256, 256); a batch of 1 broadcasts against the others. Returns numpy
-    (B, C, H, W) masks, (B, C) iou, (B, C, 256, 256) low-res logits.
+    (B, 1, 256, 256), as numpy, JAX or torch arrays; a batch of 1 broadcasts against the
+    others. Returns (B, C, H, W) masks, (B, C) iou, (B, C, 256, 256) low-res logits: torch
+    tensors when a prompt was one (as the official method), numpy otherwise.
     """
+    given = [a for a in (point_coords, point_labels, boxes, mask_input) if a is not None]
+    e4 = 4 * self.config.image_embedding_size
+    pc = pl = bx = m = None
+    if point_coords is not None:
+      if point_labels is None:
+        raise ValueError("point_labels must be supplied if point_coords is supplied.")
+      pc, pl = to_numpy(point_coords, np.float32), to_numpy(point_labels)
+      if pc.ndim != 3 or pc.shape[2] != 2:
+        raise ValueError(f"point_coords: expected (B, N, 2) xy, got shape {pc.shape}")
+      if pl.shape != pc.shape[:2]:
+        raise ValueError(f"point_labels: expected shape {pc.shape[:2]} (one label per "
+                         f"point), got {pl.shape}")
+    if boxes is not None:
+      bx = to_numpy(boxes, np.float32)
+      if bx.ndim == 3 and bx.shape[1] == 1:  # (B, 1, 4), as the official forward accepts
+        bx = bx[:, 0]
+      if bx.ndim != 2 or bx.shape[1] != 4:
+        raise ValueError(f"boxes: expected (B, 4) xyxy, got shape {bx.shape}")
+    if mask_input is not None:
+      m = to_numpy(mask_input, np.float32)
+      if m.ndim != 4 or m.shape[1:] != (1, e4, e4):
+        raise ValueError(f"mask_input: expected (B, 1, {e4}, {e4}) low-res logits, got "
+                         f"shape {m.shape}")
+    out = self._predict_prompts(pc, pl, bx, m, multimask_output, return_logits, image_index)
+    ref = next((a for a in given if is_torch(a)), None)
+    return tuple(like(o, ref) for o in out)
+
+  def _predict_prompts(self, point_coords, point_labels, boxes, mask_input,
+                       multimask_output, return_logits, image_index):
+    """Checked numpy prompts in the input frame -> numpy (B, C, H, W), (B, C), (B, C, h, w)."""
     self._check_image(image_index)
     n_b = [a.shape[0] for a in (point_coords, boxes, mask_input) if a is not None]
     b = max(n_b) if n_b else 1
     if any(n not in (1, b) for n in n_b):
-      raise ValueError(f"prompt batch sizes {n_b} do not broadcast")
+      raise ValueError(f"prompt batch sizes {n_b} (points, boxes, masks) do not broadcast")
     bb = _pow2_bucket(b, self.prompt_batch_min)
     e4 = 4 * self.config.image_embedding_size
     has_box = boxes is not None
-    n_pts = 0 if point_coords is None else np.asarray(point_coords).shape[1]
+    n_pts = 0 if point_coords is None else point_coords.shape[1]
     # SAM appends one padding point (label -1) when there is no box: a real token.
     n_tok = n_pts + (1 if (point_coords is not None and not has_box) else 0)
     nb = _pow2_bucket(max(n_tok, 1), self.point_bucket_min)
@@ -241,23 +300,18 @@ class SamPredictor:
     labels = np.full((bb, nb), -1, np.int32)
     point_valid = np.zeros((bb, nb), bool)
     if point_coords is not None:
-      if point_labels is None:
-        raise ValueError("point_labels must be supplied with point_coords")
-      coords[:b, :n_pts] = np.asarray(point_coords, np.float32)
-      labels[:b, :n_pts] = np.asarray(point_labels, np.int32)
+      coords[:b, :n_pts] = point_coords
+      labels[:b, :n_pts] = point_labels
       point_valid[:b, :n_tok] = True
     box_arr = np.zeros((bb, 4), np.float32)
     box_valid = np.zeros((bb,), bool)
     if has_box:
-      box_arr[:b] = np.asarray(boxes, np.float32).reshape(-1, 4)
+      box_arr[:b] = boxes
       box_valid[:b] = True
     mask_arr = np.zeros((bb, e4, e4, 1), np.float32)
     mask_valid = np.zeros((bb,), bool)
     if mask_input is not None:
-      m = np.asarray(mask_input, np.float32)
-      if m.ndim != 4 or m.shape[1] != 1 or m.shape[2:] != (e4, e4):
-        raise ValueError(f"mask_input must be (B, 1, {e4}, {e4}), got {m.shape}")
-      mask_arr[:b] = m.transpose(0, 2, 3, 1)
+      mask_arr[:b] = mask_input.transpose(0, 2, 3, 1)
       mask_valid[:b] = True
     (h, w), (oh, ow) = self.input_sizes[image_index], self.original_sizes[image_index]
     taps_y = bilinear_taps(h, oh, size_bucket(oh))
@@ -269,6 +323,33 @@ class SamPredictor:
                                  return_logits=bool(return_logits))
     out, iou, low = np.asarray(out), np.asarray(iou), np.asarray(low)
     return out[:b, :, :oh, :ow], iou[:b], low[:b]
+
+  def forward_batched(self, batched_input, multimask_output: bool):
+    """The official `Sam.forward` (what `sam(batched_input, multimask_output)` runs): every
+    record's image embedded in one batch, then its prompts decoded. See `LoadedSam.__call__`."""
+    if not isinstance(batched_input, (list, tuple)) or not batched_input:
+      raise ValueError("batched_input: expected a non-empty list of dicts with 'image' and "
+                       "'original_size'")
+    images, originals = [], []
+    for i, rec in enumerate(batched_input):
+      if "image" not in rec or "original_size" not in rec:
+        raise ValueError(f"batched_input[{i}]: needs 'image' (3, H, W) and 'original_size'")
+      x = to_numpy(rec["image"])
+      x = x if x.dtype == np.uint8 else x.astype(np.float32)
+      if x.ndim != 3 or x.shape[0] != 3 or max(x.shape[1:]) != self.config.img_size:
+        raise ValueError(f"batched_input[{i}]['image']: expected (3, H, W) with long side "
+                         f"{self.config.img_size}, got shape {x.shape}")
+      images.append(x.transpose(1, 2, 0))
+      originals.append(tuple(int(v) for v in rec["original_size"]))
+    self._set_resized(images, originals)
+    outputs = []
+    for i, rec in enumerate(batched_input):
+      masks, iou, low = self.predict_torch(rec.get("point_coords"), rec.get("point_labels"),
+                                           rec.get("boxes"), rec.get("mask_inputs"),
+                                           multimask_output, image_index=i)
+      masks, iou, low = (like(to_numpy(a), rec["image"]) for a in (masks, iou, low))
+      outputs.append({"masks": masks, "iou_predictions": iou, "low_res_logits": low})
+    return outputs
 
   def predict_batch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                     multimask_output: bool = True, return_logits: bool = False):

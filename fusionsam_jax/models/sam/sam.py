@@ -161,9 +161,43 @@ class Sam(nn.Module):
     return self.init(rng, images, coords, labels, boxes, masks)["params"]
 
 
+class JaxDevice(str):
+  """What `.device` returns on the drop-in models and predictors: the string "cpu", so the
+  official notebooks' `torch.tensor(..., device=predictor.device)` builds host tensors (the
+  predictors take their prompts from the host), with the JAX device that computes in
+  `jax_device` and in the repr."""
+
+  jax_device: Any = None
+
+  def __new__(cls):
+    self = super().__new__(cls, "cpu")
+    self.jax_device = jax.devices()[0]
+    return self
+
+  @property
+  def type(self) -> str:
+    return "cpu"
+
+  def __repr__(self):
+    return f"JaxDevice({self.jax_device})"
+
+
+class _Encoder:
+  """`sam.image_encoder` as the notebooks read it (`img_size`)."""
+
+  def __init__(self, img_size: int):
+    self.img_size = img_size
+
+
 class LoadedSam:
   """What `sam_model_registry[...]` returns: a config and its params (the `Sam` module of
-  the official API). `SamPredictor` and `SamAutomaticMaskGenerator` take it."""
+  the official API). `SamPredictor` and `SamAutomaticMaskGenerator` take it.
+
+  The torch-module calls of the official notebooks work: `to(device)` / `eval()` return the
+  model itself (JAX places the arrays), `device` is a `JaxDevice`, `image_encoder.img_size`
+  is the input size. (`build.SamModel`, what the builders return, adds the batched
+  `sam(batched_input, multimask_output)`.)
+  """
 
   mask_threshold = 0.0
   image_format = "RGB"
@@ -178,6 +212,20 @@ class LoadedSam:
   @property
   def module(self) -> Sam:
     return Sam(self.config, encoder_dtype=self.encoder_dtype, attn_impl=self.attn_impl)
+
+  @property
+  def image_encoder(self) -> _Encoder:
+    return _Encoder(self.config.img_size)
+
+  @property
+  def device(self) -> JaxDevice:
+    return JaxDevice()
+
+  def to(self, *args, **kwargs) -> "LoadedSam":
+    return self
+
+  def eval(self) -> "LoadedSam":
+    return self
 
   def __repr__(self):
     return f"LoadedSam({self.config})"

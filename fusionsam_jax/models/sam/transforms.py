@@ -22,6 +22,26 @@ def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[i
   return int(newh + 0.5), int(neww + 0.5)
 
 
+def to_numpy(x, dtype=None) -> np.ndarray:
+  """numpy, JAX or PyTorch (any device) array -> numpy array."""
+  if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor
+    x = x.detach().cpu().numpy()
+  return np.asarray(x, dtype)
+
+
+def is_torch(x) -> bool:
+  return type(x).__module__.split(".")[0] == "torch"
+
+
+def like(x: np.ndarray, ref):
+  """`x` as a torch tensor when `ref` is one (the official torch-in, torch-out calls), else
+  as is."""
+  if is_torch(ref):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(x)).to(ref.device)
+  return x
+
+
 class ResizeLongestSide:
   """Resizes images, coordinates and boxes so the longest side is `target_length`."""
 
@@ -47,6 +67,19 @@ class ResizeLongestSide:
   def apply_boxes(self, boxes: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
     """(B, 4) xyxy boxes -> the resized frame."""
     return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+  def apply_coords_torch(self, coords, original_size: Tuple[int, int]):
+    """`apply_coords` on a numpy, JAX or torch array; float32, a torch tensor for a torch
+    input (as the official method), numpy otherwise."""
+    out = self.apply_coords(to_numpy(coords, np.float64), original_size).astype(np.float32)
+    return like(out, coords)
+
+  def apply_boxes_torch(self, boxes, original_size: Tuple[int, int]):
+    """`apply_boxes` on a numpy, JAX or torch array of (B, 4) boxes; float32, a torch
+    tensor for a torch input, numpy otherwise."""
+    b = to_numpy(boxes, np.float64)
+    out = self.apply_coords(b.reshape(-1, 2, 2), original_size).reshape(b.shape)
+    return like(out.astype(np.float32), boxes)
 
 
 def preprocess(image, img_size: int = 1024):

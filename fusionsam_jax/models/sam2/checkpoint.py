@@ -41,7 +41,7 @@ _CONV_TRANSPOSE = ("sam_mask_decoder/output_upscaling/layers_0",
                    "sam_mask_decoder/output_upscaling/layers_3")
 
 __all__ = ["CheckpointError", "infer_config", "convert_state_dict", "convert_file",
-           "save_sam2_checkpoint", "load_sam2_checkpoint", "read_sam2_meta"]
+           "save_sam2_checkpoint", "load_sam2_checkpoint", "load_sam2_any", "read_sam2_meta"]
 
 
 def _shape(sd, key, path, ndim: int):
@@ -176,3 +176,22 @@ def convert_file(checkpoint: str, output: str, model_type: str = "auto",
           "skipped_video_keys": skipped}
   save_sam2_checkpoint(output, cfg, params, meta, overwrite=overwrite, inputs=(checkpoint,))
   return cfg, output
+
+
+def load_sam2_any(checkpoint: str):
+  """(Sam2Config, params) from a converted directory, an official `.pt` (converted in memory;
+  needs PyTorch) or a folder holding exactly one `.pt` (a Hugging Face `facebook/sam2*`
+  download)."""
+  checkpoint = os.fspath(checkpoint)
+  if os.path.isdir(checkpoint):
+    if os.path.isfile(os.path.join(checkpoint, META_FILE)):
+      return load_sam2_checkpoint(checkpoint)
+    pts = sorted(f for f in os.listdir(checkpoint) if f.endswith(".pt"))
+    if len(pts) != 1:
+      found = f"{len(pts)} .pt files" if pts else "no .pt file"
+      raise CheckpointError(f"{checkpoint}: neither a converted SAM 2 checkpoint ({META_FILE}) "
+                            f"nor a folder with one official .pt ({found})")
+    checkpoint = os.path.join(checkpoint, pts[0])
+  sd = load_torch_state_dict(checkpoint)
+  cfg, params, _ = convert_state_dict(sd, None, checkpoint)
+  return cfg, params

@@ -175,3 +175,64 @@ class Sam2(nn.Module):
     return self.init(rng, jnp.zeros((1, s, s, 3)), jnp.zeros((1, 1, 2)),
                      jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 4)),
                      jnp.zeros((1, 4 * e, 4 * e, 1)))["params"]
+
+
+class LoadedSam2:
+  """What `build_sam2(...)` returns: a config and its params (the `SAM2Base` of the official
+  API, image path only). `SAM2ImagePredictor` takes it.
+
+  The torch-module calls the official notebooks make are accepted: `to(device)` and `eval()`
+  return the model itself (JAX places arrays itself), `device` names the default JAX device.
+  """
+
+  def __init__(self, config: Sam2Config, params, encoder_dtype=jnp.float32,
+               attn_impl: str = "xla"):
+    self.config = config
+    self.params = params
+    self.encoder_dtype = encoder_dtype
+    self.attn_impl = attn_impl
+
+  @property
+  def image_size(self) -> int:
+    return self.config.image_size
+
+  @property
+  def module(self) -> Sam2:
+    return Sam2(self.config, dtype=self.encoder_dtype, attn_impl=self.attn_impl)
+
+  @property
+  def device(self):
+    return jax.devices()[0]
+
+  def to(self, *args, **kwargs) -> "LoadedSam2":
+    return self
+
+  def eval(self) -> "LoadedSam2":
+    return self
+
+  def __repr__(self):
+    return f"LoadedSam2({preset_name(self.config) or self.config})"
+
+
+def decode_padded(module: Sam2, features: Sam2Features, image_index, coords, labels,
+                  token_mask, masks, mask_valid, multimask_output: bool = True):
+  """`Sam2.decode` on prompts in a fixed layout (bound `module`: call through `apply`).
+
+  coords (B, N, 2), labels (B, N) as `decode` takes them (box corners first, labels 2 / 3),
+  token_mask (B, N + 1) (False: bucket padding; the last slot is the pad point the prompt
+  encoder appends), masks (B, 4h, 4w, 1) with mask_valid (B,) (False: "no mask", the
+  `no_mask_embed`); image_index picks the image of `features`. One program serves points,
+  boxes and mask inputs alike. Returns low-res logits (B, M, 4h, 4w), IoU (B, M).
+  """
+  enc = module.sam_prompt_encoder
+  sparse, dense_m = enc((coords, labels), None, masks)
+  b, (h, w) = coords.shape[0], enc.image_embedding_size
+  no_mask = jnp.broadcast_to(enc.no_mask_embed.embedding[0], (b, h, w, enc.embed_dim))
+  dense = jnp.where(jnp.asarray(mask_valid, bool)[:, None, None, None], dense_m, no_mask)
+  pick = lambda a: jax.lax.dynamic_index_in_dim(a, image_index, 0, keepdims=True)
+  embed = pick(features.image_embed)
+  high = tuple(pick(f) for f in features.high_res_feats)
+  low_res, iou, _ = module.sam_mask_decoder(embed, module.dense_pe(), sparse, dense,
+                                            multimask_output, repeat_image=b > 1,
+                                            high_res_features=high, token_mask=token_mask)
+  return low_res, iou
