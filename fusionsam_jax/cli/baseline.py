@@ -130,6 +130,7 @@ def define(fv) -> dict:
           "model.sam2_checkpoint): adds the SAM 2 rows", **d),
       "out": flags.DEFINE_string("out", None, "JSON path (default WORKDIR/baseline_SPLIT.json)",
                                  **d),
+      "compilation_cache": driver.compilation_cache_flag(fv),
   }
 
 
@@ -137,6 +138,7 @@ def body(f, args) -> int:
   if args:
     raise driver.UsageError(f"unexpected arguments: {' '.join(args)}")
   driver.quiet_logs()
+  driver.enable_compilation_cache(f["compilation_cache"].value)
   run(f["workdir"].value, f["split"].value, f["checkpoint"].value, f["prompt"].value,
       f["min_area"].value, f["sam_checkpoint"].value, f["out"].value,
       f["sam2_checkpoint"].value)

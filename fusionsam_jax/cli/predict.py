@@ -109,6 +109,7 @@ def define(fv) -> dict:
           "SAM image-encoder compute dtype (None: as in the workdir config)", **d),
       "progress": flags.DEFINE_bool("progress", None, "progress bar (None: when stderr is a "
                                     "terminal)", **d),
+      "compilation_cache": driver.compilation_cache_flag(fv),
   }
 
 
@@ -150,6 +151,7 @@ def body(f, rest) -> int:
   workdir, out_dir, progress = f["workdir"].value, f["out"].value, f["progress"].value
   check_out_dir(out_dir)
   driver.quiet_logs()
+  driver.enable_compilation_cache(f["compilation_cache"].value)
   which = W.parse_checkpoint_arg(f["checkpoint"].value)
   config = W.load_config(workdir)
   config_lib.override_model(config, attn_impl=f["attn_impl"].value,

@@ -40,6 +40,7 @@ def define(fv) -> dict:
                                  "next to the JSON)", **d),
       "samples": flags.DEFINE_integer("samples", 4, "images in the qualitative grid", **d),
       "seed": flags.DEFINE_integer("seed", 0, "seed of the choice of images", **d),
+      "compilation_cache": driver.compilation_cache_flag(fv),
   }
 
 
@@ -50,6 +51,7 @@ def body(f, args) -> int:
   if args:
     raise driver.UsageError(f"unexpected arguments: {' '.join(args)}")
   driver.quiet_logs()
+  driver.enable_compilation_cache(f["compilation_cache"].value)
   workdir = f["workdir"].value
   path = f["result"].value
   if not os.path.isabs(path) and not os.path.exists(path):
