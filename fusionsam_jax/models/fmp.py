@@ -46,7 +46,7 @@ import flax.linen as nn
 from einops import rearrange
 
 from fusionsam_jax.models.layout import FusionModule, register_fusion
-from fusionsam_jax.models.sam.common import gelu
+from fusionsam_jax.models.sam.common import gelu_erf
 
 Array = jax.Array
 
@@ -282,7 +282,8 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = gelu(nn.Dense(self.hidden, name="fc1")(x))
+    # The fast erf form in every dtype: FMP has no official float32 model to match.
+    x = gelu_erf(nn.Dense(self.hidden, name="fc1")(x))
     return nn.Dense(self.out, name="fc2")(x)
 
 

@@ -9,19 +9,36 @@ import numpy as np
 
 Dtype = Any
 
-#: A/B switch for benchmarks only (issue 13 item 5): True traces `jax.nn.gelu`'s form,
-#: 0.5 x erfc(-x / sqrt 2), which XLA expands into two polynomial branches and an exp.
+#: A/B switch for benchmarks only (issue 13 item 5): True makes the bf16 / fp16 path trace
+#: `jax.nn.gelu`'s form too, 0.5 x erfc(-x / sqrt 2), which XLA expands into two polynomial
+#: branches and an exp (the float32 path always uses that form, see `gelu`).
 GELU_ERFC = False
 
 
-def gelu(x):
-  """Exact (erf) GELU as `torch.nn.GELU()` computes it: 0.5 x (1 + erf(x / sqrt 2)), in
-  float32 for lower-precision inputs (PyTorch's CUDA kernel computes bf16 in float)."""
-  if GELU_ERFC:
-    return jax.nn.gelu(x, approximate=False)
+def gelu_erf(x):
+  """Exact GELU in its erf form, 0.5 x (1 + erf(x / sqrt 2)), computed in float32 for
+  lower-precision inputs (as PyTorch's CUDA kernel computes bf16): the fast form.
+
+  1 + erf(.) cancels for x below about -2, so there the result is accurate to about 1e-6
+  absolute rather than relative: invisible in a bf16 output (8 significant bits), not float32
+  accuracy (`gelu` uses the erfc form for float32).
+  """
   xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   y = 0.5 * xf * (1.0 + jax.lax.erf(xf * np.sqrt(0.5).astype(xf.dtype)))
   return y.astype(x.dtype)
+
+
+def gelu(x):
+  """Exact (erf) GELU as `torch.nn.GELU()`, the form chosen by the input's dtype.
+
+  float32 (and wider): `jax.nn.gelu(x, approximate=False)`, 0.5 x erfc(-x / sqrt 2), which
+  keeps float32 relative accuracy in the negative tail, where 1 + erf(x / sqrt 2) cancels.
+  bf16 / fp16: `gelu_erf` (fast; its tail error is far below a bf16 output's rounding),
+  unless `GELU_ERFC` is set.
+  """
+  if GELU_ERFC or jnp.finfo(x.dtype).bits >= 32:
+    return jax.nn.gelu(x, approximate=False)
+  return gelu_erf(x)
 
 
 class MLPBlock(nn.Module):
