@@ -10,7 +10,9 @@ The task is saliency: two classes (background, salient); evaluation prints S-mea
 E-measure and F-measure (adaptive / mean / max) of the salient-class probability, plus IoU.
 
 Variants (``configs/vdt.py:ARG``, comma-separated): ``tiny``, ``generated``, ``ablation_a``,
-``ablation_b``, ``rgb_only``, ``thermal_only``, ``depth_only``, ``no_cache``.
+``ablation_b``, ``rgb_only``, ``thermal_only``, ``depth_only``, ``no_cache``, and Table 3's
+two-modality settings ``rgb_depth`` (RGB + D) and ``rgb_thermal`` (RGB + T); the default is
+Table 3's RGB + D + T.
 
 Settings: Adam lr 1e-4, weight decay 1e-3, batch 4, 100 epochs of the 943 train triplets
 (1048 official less 105 val) per stage (23 500 steps), SAM ViT-H (bf16, cuDNN attention),

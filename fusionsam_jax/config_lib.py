@@ -253,6 +253,18 @@ def _modality_only(name: str) -> Callable[[ml_collections.ConfigDict], None]:
   return apply
 
 
+def _modalities(*names: str) -> Callable[[ml_collections.ConfigDict], None]:
+  """A subset of the dataset's modalities, in the dataset's order (Table 3's RGB + D and
+  RGB + T rows on VDT-2048)."""
+  def apply(c: ml_collections.ConfigDict) -> None:
+    missing = [n for n in names if n not in c.model.modalities]
+    if missing:
+      raise ValueError(f"{'_'.join(names)}: dataset {c.dataset} has modalities "
+                       f"{tuple(c.model.modalities)}")
+    c.model.modalities = tuple(m for m in c.model.modalities if m in names)
+  return apply
+
+
 def _ablation_a(c):
   c.model.tokenizer_kind = "patch"
 
@@ -288,6 +300,8 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "rgb_only": _modality_only("rgb"),
     "thermal_only": _modality_only("thermal"),
     "depth_only": _modality_only("depth"),
+    "rgb_depth": _modalities("rgb", "depth"),
+    "rgb_thermal": _modalities("rgb", "thermal"),
     "no_cache": _no_cache,
     "staged": _staged,
     "sam2": _sam2,

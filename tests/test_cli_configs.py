@@ -112,3 +112,20 @@ def test_backbone_values_and_missing_sam2_weights(tmp_path):
   assert factory.sam_weights_path(c) is None
   m = factory.build_model(c)
   assert m.sam2 == SAM2_PRESETS["hiera_l"] and m.sam.img_size == 1024
+
+
+def test_vdt_table3_modality_settings():
+  """Table 3 reports VDT-2048 with RGB + D, RGB + T and RGB + D + T: each is a config."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("vdt_cfg", os.path.join(ROOT, "configs", "vdt.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert tuple(mod.get_config().model.modalities) == ("rgb", "depth", "thermal")
+  assert tuple(mod.get_config("rgb_depth").model.modalities) == ("rgb", "depth")
+  assert tuple(mod.get_config("rgb_thermal").model.modalities) == ("rgb", "thermal")
+  assert tuple(mod.get_config("tiny,rgb_thermal").model.modalities) == ("rgb", "thermal")
+  with pytest.raises(ValueError, match="rgb_depth: dataset mfnet"):
+    spec2 = importlib.util.spec_from_file_location("mf", os.path.join(ROOT, "configs", "mfnet.py"))
+    m2 = importlib.util.module_from_spec(spec2)
+    spec2.loader.exec_module(m2)
+    m2.get_config("rgb_depth")
