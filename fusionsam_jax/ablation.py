@@ -1,23 +1,11 @@
-r"""Fig. 7b ablation study: train and evaluate every variant of one config, one table.
+r"""The Fig. 7b ablation study: every variant of one config trained and evaluated, one table.
 
-    python -m fusionsam_jax.ablate --config configs/demo.py --workdir_root runs/ablate_demo
-    python -m fusionsam_jax.ablate --config configs/mfnet.py --workdir_root runs/ablate_mfnet \
-        --variants full,ablation_a
+    from fusionsam_jax import ablation
+    record = ablation.run(config, "runs/ablate_demo")   # full, (A), (B), one per modality
 
-Variants (paper Sec. 4.4, each a config variant of `config_lib.VARIANTS` applied on top of
-``--config``, overrides included): ``full`` (the config as given), ``ablation_a`` ((A) no
-LSTG: FMP on patch embeddings of the raw images), ``ablation_b`` ((B) FMP replaced by
-concatenation + 1x1 conv) and one ``<modality>_only`` run per modality of the dataset
-(RGB-only, thermal-only, depth-only where the dataset has depth). Each trains with
-`experiment.train` in its own workdir ``WORKDIR_ROOT/<variant>`` (resumable like
-``fusionsam_jax.train``: a finished variant is not retrained, an interrupted one continues
-from its last checkpoint) and is evaluated with `experiment.evaluate` on the best checkpoint
-(by val mIoU) on ``config.eval.split`` (its ``eval_<split>_best.json`` in that workdir).
-
-Writes to ``WORKDIR_ROOT``: ``ablation.json`` (per variant: per-class IoU, mIoU, wall time,
-the evaluation JSON it came from; machine, versions, command), ``ablation.md`` (the table as
-Markdown) and ``ablation.png`` (mIoU bar chart); prints the table.
-
+Each variant trains with `experiment.train` in its own workdir ``ROOT/<variant>`` (resumable)
+and is evaluated on the best checkpoint by val mIoU; ``ROOT/ablation.{json,md,png}`` hold the
+table. The command: `fusionsam_jax.cli.ablate` (``python -m fusionsam_jax.ablate``).
 """
 
 from __future__ import annotations

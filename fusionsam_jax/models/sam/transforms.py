@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from fusionsam_jax.models.sam.sam import PIXEL_MEAN, PIXEL_STD
 
 
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
@@ -82,25 +81,9 @@ class ResizeLongestSide:
     return like(out.astype(np.float32), boxes)
 
 
-def preprocess(image, img_size: int = 1024):
-  """Resized (h, w, 3) pixels (0-255) -> normalised and zero-padded (img_size, img_size, 3)."""
-  x = (jnp.asarray(image, jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
-  h, w = x.shape[-3], x.shape[-2]
-  pad = [(0, 0)] * (x.ndim - 3) + [(0, img_size - h), (0, img_size - w), (0, 0)]
-  return jnp.pad(x, pad)
-
-
 def resize_bilinear(x, size: Tuple[int, int]):
   """`F.interpolate(mode="bilinear", align_corners=False)` on (..., H, W) maps."""
   return jax.image.resize(x, x.shape[:-2] + tuple(size), "linear", antialias=False)
-
-
-def postprocess_masks(masks, input_size: Tuple[int, int], original_size: Tuple[int, int],
-                      img_size: int = 1024):
-  """Low-res logits (B, M, h, w) -> logits at the original image size (B, M, H, W)."""
-  masks = resize_bilinear(masks, (img_size, img_size))
-  masks = masks[..., :input_size[0], :input_size[1]]
-  return resize_bilinear(masks, original_size)
 
 
 def size_bucket(n: int) -> int:
@@ -145,12 +128,13 @@ def resize_with_taps(x, taps_y, taps_x):
 
 
 def postprocess_masks_padded(masks, taps_y, taps_x, img_size: int = 1024):
-  """`postprocess_masks` with the size-dependent part in data, not in shapes.
+  """SAM's `postprocess_masks` (resize to the canvas, crop the input, resize to the
+  original size) with the size-dependent part in data, not in shapes.
 
   Upsamples the low-res logits to the fixed (img_size, img_size) canvas, then resizes the
   (input_size) crop to original_size with precomputed taps (whose indices never leave the
   crop), padded to a size bucket. The caller crops [..., :H, :W]; the values there are
-  those of `postprocess_masks`.
+  those of SAM's postprocess.
   """
   masks = resize_bilinear(masks, (img_size, img_size))
   return resize_with_taps(masks, taps_y, taps_x)
