@@ -84,7 +84,7 @@ def test_records_match_official(tiny, image):
 
 
 def test_arguments_checked(tiny):
-  model = build_sam2("tiny")
+  model = build_sam2("tiny", str(tiny[1]))
   with pytest.raises(ValueError, match="Exactly one of points_per_side or point_grids"):
     SAM2AutomaticMaskGenerator(model, points_per_side=None)
   with pytest.raises(ValueError, match="output_mode must be one of"):

@@ -82,7 +82,7 @@ def test_build_sam2_sources(tiny, tmp_path):
   for m in (a, b):
     got = m.params["sam_prompt_encoder"]["point_embeddings_2"]["embedding"][0]
     np.testing.assert_array_equal(got, want)
-  assert a.to("cuda") is a and a.eval() is a
+  assert a.to("cuda") is a and a.eval() is a and str(a.device) == "cpu"
   with pytest.raises(CheckpointError, match=r"sam2\.1_hiera_t\.yaml needs hiera_t weights, "
                                             r"found tiny"):
     build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", str(pt))

@@ -45,6 +45,7 @@ from scipy import ndimage
 from fusionsam_jax.models.sam2.build import build_sam2_hf
 from fusionsam_jax.models.sam2.checkpoint import load_sam2_any
 from fusionsam_jax.models.sam2.interp import bilinear_aa_matrix, bilinear_matrix, resize_2d
+from fusionsam_jax.models.sam.sam import JaxDevice
 from fusionsam_jax.models.sam2.sam2 import (PIXEL_MEAN, PIXEL_STD, LoadedSam2, Sam2,
                                             Sam2Config, Sam2Features, decode_padded)
 
@@ -158,9 +159,9 @@ class Sam2ImagePredictor:
     self._is_batch = False
 
   @property
-  def device(self):
-    """The JAX device the features live on."""
-    return jax.devices()[0]
+  def device(self) -> JaxDevice:
+    """"cpu" (prompts are host arrays), with the JAX device in `jax_device`."""
+    return JaxDevice()
 
   # -- images --------------------------------------------------------------------------------
 

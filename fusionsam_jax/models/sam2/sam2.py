@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fusionsam_jax.models.sam.sam import JaxDevice
 from fusionsam_jax.models.sam2.image_encoder import ImageEncoder
 from fusionsam_jax.models.sam2.sam_heads import MaskDecoder, PromptEncoder
 
@@ -182,7 +183,8 @@ class LoadedSam2:
   API, image path only). `SAM2ImagePredictor` takes it.
 
   The torch-module calls the official notebooks make are accepted: `to(device)` and `eval()`
-  return the model itself (JAX places arrays itself), `device` names the default JAX device.
+  return the model itself (JAX places arrays itself), `device` is a `JaxDevice` (the string
+  "cpu" for host-side torch tensors, with the JAX device in `jax_device`).
   """
 
   def __init__(self, config: Sam2Config, params, encoder_dtype=jnp.float32,
@@ -201,8 +203,8 @@ class LoadedSam2:
     return Sam2(self.config, dtype=self.encoder_dtype, attn_impl=self.attn_impl)
 
   @property
-  def device(self):
-    return jax.devices()[0]
+  def device(self) -> JaxDevice:
+    return JaxDevice()
 
   def to(self, *args, **kwargs) -> "LoadedSam2":
     return self
