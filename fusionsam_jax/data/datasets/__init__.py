@@ -12,9 +12,9 @@ MFNet, FMB and VDT-2048 are the three built-in instances (``mfnet.py``, ``fmb.py
 
 from fusionsam_jax.data.datasets import fmb, mfnet, vdt
 from fusionsam_jax.data.datasets.base import (IGNORE_INDEX, MODALITY_CHANNELS, VAL_FRACTION,
-                                              DatasetSpec, FolderLayout, Layout, ListLayout,
-                                              PaperTable, Sample, SceneRecipe, carve_val,
-                                              read_split_list)
+                                              DatasetSpec, Layout, PaperTable, Sample,
+                                              SceneRecipe, carve_val, read_split_list)
+from fusionsam_jax.data.datasets.layouts import FolderLayout, ListLayout
 from fusionsam_jax.data.datasets.registry import get, names, register, resolve, unregister
 
 for _spec in (mfnet.SPEC, fmb.SPEC, vdt.SPEC):

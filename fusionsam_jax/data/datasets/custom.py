@@ -25,7 +25,8 @@ import json
 import os
 import re
 
-from fusionsam_jax.data.datasets.base import NAME_RE, DatasetSpec, ListLayout
+from fusionsam_jax.data.datasets.base import NAME_RE, DatasetSpec
+from fusionsam_jax.data.datasets.layouts import ListLayout
 from fusionsam_jax.data.io import LayoutError
 
 PREFIX = "custom:"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusionsam_jax.data.datasets.base import DatasetSpec, FolderLayout, PaperTable, SceneRecipe
+from fusionsam_jax.data.datasets.base import DatasetSpec, PaperTable, SceneRecipe
+from fusionsam_jax.data.datasets.layouts import FolderLayout
 
 
 class FMBLayout(FolderLayout):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusionsam_jax.data.datasets.base import DatasetSpec, FolderLayout, SceneRecipe
+from fusionsam_jax.data.datasets.base import DatasetSpec, SceneRecipe
+from fusionsam_jax.data.datasets.layouts import FolderLayout
 from fusionsam_jax.data.io import to_grey
 
 
