@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
+
+import jax
+import numpy as np
+
+from fusionsam_jax import config_lib, experiment, workdir as W
+from fusionsam_jax.data.datasets import get as get_info
+from fusionsam_jax.evaluators.report import save_figure
+from fusionsam_jax.fsutil import atomic_write, atomic_write_json
+from fusionsam_jax.metrics.miou import format_iou_table
 
 
 #: Row labels of the table / chart.
@@ -37,7 +48,6 @@ def variant_names(config) -> list[str]:
 def variant_config(config, name: str):
   """A copy of `config` with variant `name` applied (``full``: unchanged); its
   ``variant`` field lists the config's own variants and this one."""
-  from fusionsam_jax import config_lib
   c = copy.deepcopy(config)
   if name == "full":
     return c
@@ -50,7 +60,6 @@ def variant_config(config, name: str):
 
 def environment() -> dict:
   """Machine and versions of this run."""
-  import jax
   env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "host": platform.node(), "machine": platform.machine(),
          "processor": platform.processor(), "cpu_count": os.cpu_count(),
@@ -69,7 +78,6 @@ def environment() -> dict:
     except Exception:  # pylint: disable=broad-except
       pass
   try:
-    import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root,
                                        capture_output=True, text=True,
@@ -103,10 +111,6 @@ def run_variant(config, name: str, workdir: str, *, progress: bool = True,
   """Trains (resumably) and evaluates one variant; returns its record (also written to
   ``workdir/ablate_result.json``). A workdir holding a finished record for the same config
   is not trained again."""
-  import json
-  from fusionsam_jax import experiment
-  from fusionsam_jax import workdir as W
-  from fusionsam_jax.fsutil import atomic_write_json
   path = os.path.join(workdir, RESULT_FILE)
   if os.path.isfile(path):
     W.check_config_matches(config, workdir)
@@ -129,13 +133,11 @@ def run_variant(config, name: str, workdir: str, *, progress: bool = True,
 
 
 def table_rows(records: list[dict], class_names) -> dict:
-  import numpy as np
   return {r["label"]: np.asarray([np.nan if r["iou"].get(n) is None else r["iou"][n]
                                   for n in class_names], np.float64) for r in records}
 
 
 def markdown(records: list[dict], class_names, split: str) -> str:
-  from fusionsam_jax.metrics.miou import format_iou_table
   lines = [f"# Ablation (Fig. 7b): {split} split, best checkpoint by val mIoU", "",
            format_iou_table(table_rows(records, class_names), class_names, markdown=True), "",
            "| Variant | workdir | mIoU (%) | wall (s) |", "|---|---|---|---|"]
@@ -161,7 +163,6 @@ def plot(records: list[dict], path: str, title: str) -> str:
   ax.set_ylabel("mIoU (%)")
   ax.set_ylim(0, max(vals + [1.0]) * 1.15)
   ax.set_title(title)
-  from fusionsam_jax.evaluators.report import save_figure
   return save_figure(fig, path)
 
 
@@ -169,9 +170,6 @@ def run(config, workdir_root: str, variants: list[str] | None = None, *,
         progress: bool = True, command: str | None = None) -> dict:
   """Runs the study; returns the JSON record (also written to
   ``workdir_root/ablation.json``). Raises on errors."""
-  from fusionsam_jax.data.datasets import get as get_info
-  from fusionsam_jax.fsutil import atomic_write, atomic_write_json
-  from fusionsam_jax.metrics.miou import format_iou_table
   workdir_root = os.path.abspath(os.fspath(workdir_root))
   names = variants or variant_names(config)
   configs = {n: variant_config(config, n) for n in names}    # fails early on a bad name

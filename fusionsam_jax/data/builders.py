@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
 
 from fusionsam_jax.data import datasets
-from fusionsam_jax.data.datasets import MODALITY_CHANNELS, DatasetSpec
+from fusionsam_jax.data.datasets import DatasetSpec, MODALITY_CHANNELS
 from fusionsam_jax.data.paths import VERSION
 
 
@@ -87,7 +88,6 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       return samples
 
     def gen():
-      import tqdm
       with tqdm.tqdm(desc=f"Writing {self.spec.name} {split}", unit="sample",
                      total=len(samples)) as bar:
         for s in samples:

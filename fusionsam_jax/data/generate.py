@@ -30,10 +30,11 @@ import shutil
 import tempfile
 
 import numpy as np
+import tqdm
 from PIL import Image
 
 from fusionsam_jax.data import datasets
-from fusionsam_jax.data.datasets import DatasetSpec, carve_val
+from fusionsam_jax.data.datasets import carve_val, DatasetSpec
 
 GENERATOR_VERSION = 1
 DEFAULT_SIZE = (96, 128)  # (height, width): small for fast CPU demos; --native for full size
@@ -466,7 +467,6 @@ def generate_dataset(layout, out_dir, num: int, seed: int, height: int = DEFAULT
       os.makedirs(os.path.join(tmp, sub))
     it = range(num)
     if progress:
-      import tqdm
       it = tqdm.tqdm(it, desc=f"Generating {spec.name}", unit="sample")
     for i in it:
       el = generate_scene(spec, i, seed, height, width)

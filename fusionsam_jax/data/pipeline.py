@@ -19,7 +19,9 @@ import math
 from collections.abc import Sequence
 
 import grain.python as grain
+import jax
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from fusionsam_jax.data.datasets import IGNORE_INDEX, MODALITY_CHANNELS
@@ -30,7 +32,6 @@ _RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Im
 
 def process_shard_options(drop_remainder: bool = True) -> grain.ShardOptions:
   """Shards the source by JAX process (``jax.process_index()`` of ``jax.process_count()``)."""
-  import jax
   return grain.ShardOptions(shard_index=jax.process_index(), shard_count=jax.process_count(),
                             drop_remainder=drop_remainder)
 
@@ -39,7 +40,6 @@ def _ensure_flags_parsed() -> None:
   """grain 0.2.x reads an absl flag when it starts worker processes and fails in scripts that
   do not run under ``absl.app`` (google/grain#1355). Mark unparsed flags as parsed (defaults),
   as grain's fix does; a later ``app.run`` / ``FLAGS(argv)`` still parses the command line."""
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -333,7 +333,6 @@ def eval_loader(source, *, batch_size: int, pad_to: tuple[int, int] | None = Non
   a contiguous block of the (padded) source.
   """
   if shard_count is None or shard_index is None:
-    import jax
     shard_count, shard_index = jax.process_count(), jax.process_index()
   n = len(source)
   if n == 0:

@@ -13,9 +13,10 @@ import os
 import tempfile
 
 from fusionsam_jax import fsutil
-from fusionsam_jax.data import datasets
-from fusionsam_jax.data.io import GREY_POLICIES, DatasetError, LayoutError
-from fusionsam_jax.data.paths import dataset_dir, is_prepared  # noqa: F401 (re-exported)
+from fusionsam_jax.data import builders, datasets
+from fusionsam_jax.data.io import DatasetError, GREY_POLICIES, LayoutError
+from fusionsam_jax.data.paths import dataset_dir, is_prepared  # noqa
+from fusionsam_jax.data.sources import load_source
 
 IF_EXISTS = ("error", "skip", "overwrite")
 
@@ -47,7 +48,6 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
   """
   import tensorflow_datasets as tfds
 
-  from fusionsam_jax.data import builders
 
   if if_exists not in IF_EXISTS:
     raise ValueError(f"if_exists={if_exists!r}: expected one of {IF_EXISTS}")
@@ -109,7 +109,6 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
 
 
 def split_sizes(name: str, data_dir) -> dict[str, int]:
-  from fusionsam_jax.data.sources import load_source
   spec = datasets.get(name)
   return {s: len(load_source(spec, s, data_dir)) for s in spec.splits}
 

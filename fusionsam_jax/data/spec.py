@@ -18,8 +18,13 @@ import time
 from typing import Any, Callable, Mapping
 
 import jax
+from jax.experimental import multihost_utils
 
-from fusionsam_jax.data import datasets
+from fusionsam_jax import locking
+from fusionsam_jax.data import datasets, generate, paths, prepare
+from fusionsam_jax.data.paths import dataset_dir
+from fusionsam_jax.data.pipeline import eval_loader, train_loader
+from fusionsam_jax.data.sources import load_source
 from fusionsam_jax.errors import DataMissingError
 
 
@@ -33,12 +38,10 @@ class DataSpec:
   generated: bool
 
   def source(self, split: str):
-    from fusionsam_jax.data.sources import load_source
     return load_source(self.name, split, self.data_dir)
 
   @property
   def dataset_dir(self) -> str:
-    from fusionsam_jax.data.paths import dataset_dir
     return dataset_dir(self.name, self.data_dir)
 
   def split_size(self, split: str) -> int:
@@ -67,7 +70,6 @@ def ensure_data(config, *, say: Callable[[str], None] = print) -> DataSpec:
   Raises `DataMissingError` (naming the prepare command) for a real dataset that has not
   been prepared.
   """
-  from fusionsam_jax.data import generate, paths, prepare
   spec = data_spec(config)
   if paths.is_prepared(spec.name, spec.data_dir):
     return spec
@@ -83,7 +85,6 @@ def ensure_data(config, *, say: Callable[[str], None] = print) -> DataSpec:
   g = config.generate
   t0 = time.perf_counter()
   if jax.process_index() == 0:
-    from fusionsam_jax import locking
     os.makedirs(spec.data_dir, exist_ok=True)
     # One maker at a time (runs in other workdirs may want the same set); under the lock,
     # the temporary folders of a killed maker are orphans.
@@ -99,7 +100,6 @@ def ensure_data(config, *, say: Callable[[str], None] = print) -> DataSpec:
         prepare.prepare_dataset(spec.name, raw, spec.data_dir, if_exists="overwrite",
                                 progress=False)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("fusionsam_generate")
   say(f"Prepared the generated set at {spec.dataset_dir} ({time.perf_counter() - t0:.1f} s)")
   return spec
@@ -184,7 +184,6 @@ def train_iterator(config, spec: DataSpec, stage: str, seed_offset: int):
   """An endless, shuffled, augmented iterator over the train split at the stage's batch and
   crop size (per-process batch), shuffled with ``config.seed + seed_offset`` (the stage's
   `StageSpec.rng_offset`); has grain's `get_state` / `set_state`."""
-  from fusionsam_jax.data.pipeline import train_loader
   per_process = stage_batch_size(config, stage) // jax.process_count()
   loader = train_loader(
       spec.source("train"), batch_size=per_process, crop_size=stage_crop_size(config, stage),
@@ -196,7 +195,6 @@ def train_iterator(config, spec: DataSpec, stage: str, seed_offset: int):
 
 def eval_iterable(config, source, *, batch_size: int | None = None):
   """A fresh eval loader over `source` (full resolution, padding, ``valid`` masks)."""
-  from fusionsam_jax.data.pipeline import eval_loader
   bs = int(batch_size or config.eval.batch_size)
   per_process = max(1, bs // jax.process_count())
   return eval_loader(source, batch_size=per_process, pad_multiple=int(config.eval.pad_multiple),

@@ -23,8 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fusionsam_jax.models.sam.checkpoint import load_sam_checkpoint
 from fusionsam_jax.models.sam.image_encoder import Block, PatchEmbed
 from fusionsam_jax.models.sam.sam import PIXEL_MEAN, PIXEL_STD, SamConfig
+from fusionsam_jax.models.sam2.checkpoint import load_sam2_checkpoint
+from fusionsam_jax.models.sam2.hiera import Hiera
+from fusionsam_jax.models.sam2.sam2 import PIXEL_MEAN as MEAN2, PIXEL_STD as STD2
 
 Array = jax.Array
 
@@ -145,7 +149,6 @@ class SamPerceptualLoss(_EarlyBlocksLoss):
 
   @classmethod
   def from_checkpoint(cls, ckpt_dir: str, **kwargs) -> "SamPerceptualLoss":
-    from fusionsam_jax.models.sam.checkpoint import load_sam_checkpoint
     cfg, params = load_sam_checkpoint(ckpt_dir)
     return cls(cfg, params["image_encoder"], **kwargs)
 
@@ -158,7 +161,6 @@ class SamPerceptualLoss(_EarlyBlocksLoss):
 def sam2_input(x: Array, multiple: int) -> Array:
   """[0, 1] images (B, H, W, 1 or 3) -> SAM 2-normalised (B, H', W', 3) (ImageNet mean /
   std on [0, 1] pixels), H', W' zero-padded up to multiples of `multiple`."""
-  from fusionsam_jax.models.sam2.sam2 import PIXEL_MEAN as MEAN2, PIXEL_STD as STD2
   return _normalised_padded(x, 1.0, MEAN2, STD2, multiple)
 
 
@@ -196,13 +198,11 @@ class Sam2PerceptualLoss(_EarlyBlocksLoss):
   @classmethod
   def from_checkpoint(cls, ckpt_dir: str, num_blocks: int = 2, **kwargs):
     """From a converted SAM 2 checkpoint; `num_blocks` is capped at the first stage's."""
-    from fusionsam_jax.models.sam2.checkpoint import load_sam2_checkpoint
     cfg, params = load_sam2_checkpoint(ckpt_dir)
     return cls(cfg, params["image_encoder"]["trunk"],
                num_blocks=min(int(num_blocks), int(cfg.stages[0])), **kwargs)
 
   def features(self, x: Array) -> list:
-    from fusionsam_jax.models.sam2.hiera import Hiera
     net = Hiera(**dict(self.config.trunk_kwargs()), dtype=self.dtype, attn_impl=self.attn_impl,
                 num_blocks=self.num_blocks)
     p = jax.lax.stop_gradient(self.params)

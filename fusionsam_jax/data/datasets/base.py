@@ -20,10 +20,11 @@ import re
 from typing import Sequence
 
 import numpy as np
+import tqdm
 
-from fusionsam_jax.data.io import (IMAGE_SUFFIXES, DatasetError, LabelRangeError,
-                                   LayoutError, MissingFileError, SizeMismatchError,
-                                   SplitListError, read_image, to_grey, to_rgb)
+from fusionsam_jax.data.io import (DatasetError, IMAGE_SUFFIXES, LabelRangeError, LayoutError,
+                                   MissingFileError, read_image, SizeMismatchError,
+                                   SplitListError, to_grey, to_rgb)
 
 IGNORE_INDEX = 255
 
@@ -323,7 +324,6 @@ class Layout:
     num_threads = num_threads or min(8, os.cpu_count() or 1)
     bar = None
     if progress:
-      import tqdm
       bar = tqdm.tqdm(total=len(todo), desc=f"Checking {self.spec.name}", unit="sample")
     ex = concurrent.futures.ThreadPoolExecutor(num_threads)
     try:

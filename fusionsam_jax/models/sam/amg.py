@@ -19,14 +19,15 @@ import math
 from itertools import product
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 
 from fusionsam_jax.models.sam.predictor import LoadedSam, SamPredictor
 from fusionsam_jax.models.sam.sam import Sam
-from fusionsam_jax.models.sam.transforms import (bilinear_taps, postprocess_masks_padded,
-                                                 size_bucket)
+from fusionsam_jax.models.sam.transforms import bilinear_taps, postprocess_masks_padded, size_bucket
 
 # ---- the official helpers (segment_anything.utils.amg), in numpy ---------------------------
 
@@ -160,11 +161,9 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str):
   correct_holes = mode == "holes"
   working = (correct_holes ^ mask).astype(np.uint8)
   try:
-    import cv2
     n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
     sizes = stats[:, -1][1:]
   except ImportError:
-    from scipy import ndimage
     regions, n = ndimage.label(working, structure=np.ones((3, 3), int))
     n_labels = n + 1
     sizes = np.bincount(regions.ravel(), minlength=n_labels)[1:]

@@ -16,14 +16,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from fusionsam_jax import fsutil
-from fusionsam_jax.models.sam.sam import SAM_PRESETS, Sam, SamConfig, preset_name
+from fusionsam_jax.models.sam.sam import preset_name, Sam, SAM_PRESETS, SamConfig
 
 FORMAT = "fusionsam_jax.sam/1"
 META_FILE = "sam_meta.json"
@@ -297,7 +299,6 @@ def write_params_dir(output_dir: str, params, meta: dict, overwrite: bool = Fals
   result has the modes of the umask (folders 0755, files 0644 under umask 022). Orphaned
   temporary siblings of killed runs are removed first. Any write failure (read-only or full
   disk, ...) raises CheckpointError and leaves nothing behind."""
-  import orbax.checkpoint as ocp
 
   check_output_dir(output_dir, overwrite, meta_file, meta.get("format"), inputs)
   output_dir = os.path.abspath(output_dir)
@@ -349,7 +350,6 @@ def write_params_dir(output_dir: str, params, meta: dict, overwrite: bool = Fals
 def restore_params_dir(ckpt_dir: str, abstract):
   """The Orbax params of a directory written by `write_params_dir`, into `abstract`'s
   structure. Raises CheckpointError."""
-  import orbax.checkpoint as ocp
   try:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR)), abstract)
@@ -446,7 +446,6 @@ _HF_MLP = r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_hea
 
 def hf_to_sam_state_dict(sd: Mapping[str, np.ndarray], path: str = "checkpoint"):
   """Hugging Face `SamModel` tensor names -> the official `segment_anything` names."""
-  import re
 
   out: Dict[str, np.ndarray] = {}
   mlp_hidden: Dict[str, int] = {}

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dpa
 
 from fusionsam_jax.models.sam.common import LayerNorm2d, MLPBlock
 
@@ -143,7 +144,6 @@ def _attention(q, k, v, scale, implementation):
   d_v = v.shape[-1]
   if d_v != q.shape[-1] and implementation == "cudnn":
     try:
-      from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dpa
       return cudnn_dpa(q, k, v, scale=scale)
     except Exception:  # private API moved, or this cuDNN / GPU refuses d_q != d_v
       pass
