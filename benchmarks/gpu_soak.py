@@ -345,7 +345,8 @@ def main(argv):
     res["setup"]["reused"] = True
   save()
 
-  first = len(glob.glob(os.path.join(scratch, "run_*")))
+  first = max([len(glob.glob(os.path.join(scratch, "run_*")))]
+              + [r["index"] + 1 for r in res["runs"]])
   warm_cache = bool(os.listdir(cache)) if os.path.isdir(cache) else False
   durations: dict[str, list] = {}
 
