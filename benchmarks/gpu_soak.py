@@ -76,6 +76,8 @@ _CORE_DIR = flags.DEFINE_string("core_dir", None, "where the kernel writes core 
                                 "(core_pattern); a crash's core is read with cuda-gdb / gdb")
 _ESTIMATE = flags.DEFINE_float("estimate_s", 150.0, "with --deadline_s: the expected seconds "
                                "of a command not yet timed warm")
+_CACHE = flags.DEFINE_string("compilation_cache", None, "the runs' compilation cache (default "
+                             "SCRATCH/jax_cache; none: off, every run compiles)")
 _REUSE = flags.DEFINE_bool("reuse_setup", False, "keep the scratch folder's converted weights, "
                            "data and compilation cache (a second call on the same machine)")
 
@@ -259,7 +261,8 @@ def main(argv):
   tiny = _VARIANT.value == "tiny"
   cfg = "configs/mfnet.py" + (":tiny" if tiny else "")
   ckpt, raw, data = (os.path.join(scratch, x) for x in ("ckpt", "raw", "data"))
-  cache = os.path.join(scratch, "jax_cache")
+  cache = _CACHE.value or os.path.join(scratch, "jax_cache")
+  use_cache = cache.lower() != "none"
   steps = [int(x) for x in _STEPS.value]
   if len(steps) != 3:
     print(f"--steps: expected 3 numbers (tokenizer, fusion, segmentation), got {steps}")
@@ -279,7 +282,7 @@ def main(argv):
                       "steps": dict(zip(("tokenizer", "fusion", "segmentation"), steps)),
                       "eval_every": _EVAL_EVERY.value, "runs": _RUNS.value,
                       "parallel": parallel, "eval_every_run": _EVAL_EVERY_RUN.value,
-                      "extra": list(_EXTRA.value)},
+                      "extra": list(_EXTRA.value), "compilation_cache": cache},
          "setup": {}, "runs": []}
   if earlier:                      # --reuse_setup: one report over this call and the earlier
     res["runs"] = earlier.get("runs", [])
@@ -347,7 +350,7 @@ def main(argv):
 
   first = max([len(glob.glob(os.path.join(scratch, "run_*")))]
               + [r["index"] + 1 for r in res["runs"]])
-  warm_cache = bool(os.listdir(cache)) if os.path.isdir(cache) else False
+  warm_cache = use_cache and os.path.isdir(cache) and bool(os.listdir(cache))
   durations: dict[str, list] = {}
 
   def fits(name: str) -> bool:
@@ -398,7 +401,7 @@ def main(argv):
       return one_run(i, cold)
 
   cold = None
-  if indices and not warm_cache:
+  if indices and use_cache and not warm_cache:
     i0 = indices.pop(0)
     cold = threading.Thread(target=in_slot, args=(i0, True), name="cold-run")
     cold.start()
@@ -406,7 +409,7 @@ def main(argv):
     while cold.is_alive() and not validated(marker):
       time.sleep(2.0)
   with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-    list(pool.map(lambda i: in_slot(i, False), indices))
+    list(pool.map(lambda i: in_slot(i, not use_cache), indices))
   if cold is not None:
     cold.join()
   res["runs"].sort(key=lambda r: r["index"])
