@@ -14,9 +14,12 @@ report gives the crash rate per command and, for each crash, the faulting thread
         --runs 1 --out /tmp/soak_cpu.json
 
 One-time setup (as `benchmarks/e2e_gpu.py`): a random official SAM ``.pth``
-(segment_anything's builder), the converter, generate, prepare. Then run 0 (cold: it fills
-the compilation cache) and runs 1..N-1 (warm), `--parallel` at a time (each process's GPU
-memory share is then ``XLA_PYTHON_CLIENT_MEM_FRACTION`` = 0.9 / parallel unless set).
+(segment_anything's builder) and the converter, beside generate and prepare. Then run 0
+(cold: it fills the compilation cache) and runs 1..N-1 (warm), `--parallel` at a time (each
+process's GPU memory share is then ``XLA_PYTHON_CLIENT_MEM_FRACTION`` = 0.9 / parallel unless
+set); warm runs start once run 0's segmentation stage has validated. ``--reuse_setup`` goes on
+in the same scratch folder (a second call on a machine still warm: no setup, no cold run) and
+reports the earlier runs with the new ones.
 
 Per command: exit status (a negative return code is the signal that ended it; a shell's
 128 + signal counts too), wall time, the faulthandler dump ("Fatal Python error: ...", every
