@@ -52,37 +52,49 @@ from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.train_runs import (make_pth, open_scratch, run, tiny_pth,  # noqa: E402
                                    user_path_commands, user_path_config_args)
 
-_OUT = flags.DEFINE_string("out", None, "JSON report")
-_SCRATCH = flags.DEFINE_string("scratch", "runs/soak", "scratch folder (emptied first, unless "
-                               "--reuse_setup)")
-_VARIANT = flags.DEFINE_string("variant", "vit_h", "SAM variant of the random .pth (tiny: the "
-                               "tiny config, for a CPU smoke run)")
-_SCENES = flags.DEFINE_integer("scenes", 80, "generated scenes")
-_H = flags.DEFINE_integer("height", 480, "scene height")
-_W = flags.DEFINE_integer("width", 640, "scene width")
-_STEPS = flags.DEFINE_list("steps", ["4", "4", "4"], "tokenizer, fusion, segmentation steps "
-                           "(0,0,4: the segmentation stage alone, the stage of issue 33's "
-                           "crash, in a third of the compile time)")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 4, "train.eval_every (steps)")
-_EXTRA = flags.DEFINE_list("extra", [], "more X=Y config overrides for train")
-_RUNS = flags.DEFINE_integer("runs", 10, "training runs (the first one cold)")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "warm runs at a time on the one device (0: "
-                                 "as many as fit PEAK_GB each in 90% of the GPU's memory, "
-                                 "at most 4; 1 without a GPU)")
-_EVAL_EVERY_RUN = flags.DEFINE_integer("eval_every_run", 3, "evaluate + predict after every "
-                                       "k-th run (0: never)")
-_DEADLINE = flags.DEFINE_float("deadline_s", 0.0, "start no command that would end after "
-                               "this many seconds from the start (0: no limit)")
-_SELF_CHECK = flags.DEFINE_bool("self_check", True, "first run a child that kills itself with "
-                                "SIGSEGV and check that it is recorded as a crash")
-_CORE_DIR = flags.DEFINE_string("core_dir", None, "where the kernel writes core files "
-                                "(core_pattern); a crash's core is read with cuda-gdb / gdb")
-_ESTIMATE = flags.DEFINE_float("estimate_s", 150.0, "with --deadline_s: the expected seconds "
-                               "of a command not yet timed warm")
-_CACHE = flags.DEFINE_string("compilation_cache", None, "the runs' compilation cache (default "
-                             "SCRATCH/jax_cache; none: off, every run compiles)")
-_REUSE = flags.DEFINE_bool("reuse_setup", False, "keep the scratch folder's converted weights, "
-                           "data and compilation cache (a second call on the same machine)")
+def define_flags(fv) -> dict:
+  """The script's flags on `fv`, defined when it runs (importing it defines none, so tests
+  can import it beside other benchmarks). Returns {name: FlagHolder}."""
+  d = {"flag_values": fv}
+  return {
+      "out": flags.DEFINE_string("out", None, "JSON report", **d),
+      "scratch": flags.DEFINE_string("scratch", "runs/soak", "scratch folder (emptied first, "
+                                     "unless --reuse_setup)", **d),
+      "variant": flags.DEFINE_string("variant", "vit_h", "SAM variant of the random .pth "
+                                     "(tiny: the tiny config, for a CPU smoke run)", **d),
+      "scenes": flags.DEFINE_integer("scenes", 80, "generated scenes", **d),
+      "height": flags.DEFINE_integer("height", 480, "scene height", **d),
+      "width": flags.DEFINE_integer("width", 640, "scene width", **d),
+      "steps": flags.DEFINE_list("steps", ["4", "4", "4"], "tokenizer, fusion, segmentation "
+                                 "steps (0,0,4: the segmentation stage alone, the stage of "
+                                 "issue 33's crash, in a third of the compile time)", **d),
+      "eval_every": flags.DEFINE_integer("eval_every", 4, "train.eval_every (steps)", **d),
+      "extra": flags.DEFINE_list("extra", [], "more X=Y config overrides for train", **d),
+      "runs": flags.DEFINE_integer("runs", 10, "training runs (the first one cold)", **d),
+      "parallel": flags.DEFINE_integer("parallel", 1, "warm runs at a time on the one device "
+                                       "(0: as many as fit PEAK_GB each in 90% of the GPU's "
+                                       "memory, at most 4; 1 without a GPU)", **d),
+      "eval_every_run": flags.DEFINE_integer("eval_every_run", 3, "evaluate + predict after "
+                                             "every k-th run (0: never)", **d),
+      "deadline_s": flags.DEFINE_float("deadline_s", 0.0, "start no command that would end "
+                                       "after this many seconds from the start (0: no limit)",
+                                       **d),
+      "estimate_s": flags.DEFINE_float("estimate_s", 150.0, "with --deadline_s: the expected "
+                                       "seconds of a command not yet timed warm", **d),
+      "self_check": flags.DEFINE_bool("self_check", True, "first run a child that kills itself "
+                                      "with SIGSEGV and check that it is recorded as a crash",
+                                      **d),
+      "core_dir": flags.DEFINE_string("core_dir", None, "where the kernel writes core files "
+                                      "(core_pattern); a crash's core is read with cuda-gdb / "
+                                      "gdb", **d),
+      "compilation_cache": flags.DEFINE_string("compilation_cache", None, "the runs' "
+                                               "compilation cache (default SCRATCH/jax_cache; "
+                                               "none: off, every run compiles)", **d),
+      "reuse_setup": flags.DEFINE_bool("reuse_setup", False, "keep the scratch folder's "
+                                       "converted weights, data and compilation cache (a "
+                                       "second call on the same machine)", **d),
+  }
+
 
 #: A child that dies of SIGSEGV with faulthandler on, as a crash of a CLI would.
 SEGV_PROBE = ("import faulthandler, os, signal; faulthandler.enable(); "
@@ -242,50 +254,50 @@ def child_env(parallel: int) -> dict:
   return env
 
 
-def main(argv):
-  del argv
+def main(a) -> int:
+  """`a`: the flag values (`define_flags`), as attributes."""
   t_all = time.perf_counter()
-  scratch = os.path.abspath(_SCRATCH.value)
-  partial, earlier = open_scratch(scratch, _REUSE.value)
+  scratch = os.path.abspath(a.scratch)
+  partial, earlier = open_scratch(scratch, a.reuse_setup)
   py = sys.executable
-  parallel = _PARALLEL.value if _PARALLEL.value > 0 else auto_parallel()
+  parallel = a.parallel if a.parallel > 0 else auto_parallel()
   env = child_env(parallel)
   # This process only records the environment: it must not take the GPU's memory from the
   # children (JAX preallocates 75% of it when it starts a GPU backend).
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-  if _CORE_DIR.value:
+  if a.core_dir:
     import resource
-    os.makedirs(_CORE_DIR.value, exist_ok=True)
+    os.makedirs(a.core_dir, exist_ok=True)
     # Bounded: a GPU process's core can be tens of GB, and the runs share the disk.
     try:
       resource.setrlimit(resource.RLIMIT_CORE, (24 << 30, 24 << 30))
     except (ValueError, OSError):
       print("cannot raise the core-file size limit; no native stacks", flush=True)
-  tiny = _VARIANT.value == "tiny"
+  tiny = a.variant == "tiny"
   cfg = "configs/mfnet.py" + (":tiny" if tiny else "")
   ckpt, raw, data = (os.path.join(scratch, x) for x in ("ckpt", "raw", "data"))
-  cache = _CACHE.value or os.path.join(scratch, "jax_cache")
+  cache = a.compilation_cache or os.path.join(scratch, "jax_cache")
   use_cache = cache.lower() != "none"
-  steps = [int(x) for x in _STEPS.value]
+  steps = [int(x) for x in a.steps]
   if len(steps) != 3:
     print(f"--steps: expected 3 numbers (tokenizer, fusion, segmentation), got {steps}")
     return 2
   train_flags = [
-      *user_path_config_args(cfg, data, ckpt, height=_H.value, width=_W.value,
-                             extra=_EXTRA.value),
+      *user_path_config_args(cfg, data, ckpt, height=a.height, width=a.width,
+                             extra=a.extra),
       *[f"--config.train.stages.{s}.num_steps={n}"
         for s, n in zip(("tokenizer", "fusion", "segmentation"), steps)],
-      f"--config.train.eval_every={_EVAL_EVERY.value}", "--noprogress",
+      f"--config.train.eval_every={a.eval_every}", "--noprogress",
       f"--compilation_cache={cache}"]
   res = {"environment": environment(), "child_env": {
              k: env[k] for k in ("PYTHONFAULTHANDLER", "XLA_PYTHON_CLIENT_MEM_FRACTION",
                                  "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR") if k in env},
-         "settings": {"variant": _VARIANT.value, "scenes": _SCENES.value,
-                      "height": _H.value, "width": _W.value,
+         "settings": {"variant": a.variant, "scenes": a.scenes,
+                      "height": a.height, "width": a.width,
                       "steps": dict(zip(("tokenizer", "fusion", "segmentation"), steps)),
-                      "eval_every": _EVAL_EVERY.value, "runs": _RUNS.value,
-                      "parallel": parallel, "eval_every_run": _EVAL_EVERY_RUN.value,
-                      "extra": list(_EXTRA.value), "compilation_cache": cache},
+                      "eval_every": a.eval_every, "runs": a.runs,
+                      "parallel": parallel, "eval_every_run": a.eval_every_run,
+                      "extra": list(a.extra), "compilation_cache": cache},
          "setup": {}, "runs": []}
   if earlier:                      # --reuse_setup: one report over this call and the earlier
     res["runs"] = earlier.get("runs", [])
@@ -299,15 +311,15 @@ def main(argv):
       res["summary"] = summarize(res["runs"])
       res["total_s"] = time.perf_counter() - t_all
       write_json(partial, res)
-      if _OUT.value:
-        write_json(_OUT.value, res)
+      if a.out:
+        write_json(a.out, res)
 
   def left():
-    return (_DEADLINE.value - (time.perf_counter() - t_all)) if _DEADLINE.value else None
+    return (a.deadline_s - (time.perf_counter() - t_all)) if a.deadline_s else None
 
   logs = os.path.join(scratch, "logs")
   os.makedirs(logs, exist_ok=True)
-  if _SELF_CHECK.value:
+  if a.self_check:
     rec = run_command([py, "-c", SEGV_PROBE], os.path.join(logs, "self_check.log"), env)
     rec["ok"] = bool(rec["crashed"] and rec["signal"] == "SIGSEGV" and rec["fault_stack"]
                      and "Segmentation fault" in rec["fault_stack"])
@@ -318,11 +330,11 @@ def main(argv):
       return 1
 
   # One-time setup: the user's path from a .pth to prepared data.
-  pth = os.path.join(scratch, f"sam_{_VARIANT.value}_random.pth")
-  have_setup = _REUSE.value and all(os.path.exists(p) for p in (ckpt, data))
+  pth = os.path.join(scratch, f"sam_{a.variant}_random.pth")
+  have_setup = a.reuse_setup and all(os.path.exists(p) for p in (ckpt, data))
   if not have_setup:
-    cmds = user_path_commands(py, pth, scratch, scenes=_SCENES.value, height=_H.value,
-                              width=_W.value)
+    cmds = user_path_commands(py, pth, scratch, scenes=a.scenes, height=a.height,
+                              width=a.width)
 
     def chain(names, before=None) -> bool:
       if before is not None:
@@ -338,7 +350,7 @@ def main(argv):
     # The weights and the data do not depend on each other: made side by side.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
       weights = pool.submit(chain, ["convert"], (lambda: tiny_pth(pth)) if tiny
-                            else (lambda: make_pth(_VARIANT.value, pth)))
+                            else (lambda: make_pth(a.variant, pth)))
       scenes = pool.submit(chain, ["generate", "prepare"])
       ok = weights.result() and scenes.result()
     if not ok:
@@ -361,7 +373,7 @@ def main(argv):
     if remaining is None:
       return True
     d = durations.get(name)          # warm runs only: a cold run compiles
-    return remaining > (1.1 * max(d) if d else _ESTIMATE.value)
+    return remaining > (1.1 * max(d) if d else a.estimate_s)
 
   def one_run(i: int, cold: bool) -> dict | None:
     if not fits("train"):
@@ -369,7 +381,7 @@ def main(argv):
     work = os.path.join(scratch, f"run_{i:02d}")
     entry = {"index": i, "cold": cold, "workdir": work, "commands": {}}
     cmds = {"train": [py, "-m", "fusionsam_jax.train", *train_flags, f"--workdir={work}"]}
-    k = _EVAL_EVERY_RUN.value
+    k = a.eval_every_run
     if k > 0 and (i + 1) % k == 0:
       cmds["evaluate"] = [py, "-m", "fusionsam_jax.evaluate", f"--workdir={work}",
                           f"--compilation_cache={cache}"]
@@ -381,7 +393,7 @@ def main(argv):
       t = left()
       rec = run_command(cmd, os.path.join(logs, f"run_{i:02d}_{name}.log"), env,
                         None if t is None else max(t, 1.0),
-                        workdir=work if name == "train" else None, core_dir=_CORE_DIR.value)
+                        workdir=work if name == "train" else None, core_dir=a.core_dir)
       entry["commands"][name] = rec
       with lock:
         if rec["returncode"] == 0 and not cold:
@@ -393,7 +405,7 @@ def main(argv):
     save()
     return entry
 
-  indices = list(range(first, first + _RUNS.value))
+  indices = list(range(first, first + a.runs))
   # `parallel` processes on the device at a time. The cold run fills the compilation cache;
   # warm runs start once its segmentation stage has validated (every program of a training
   # run is compiled and cached by then), in the slots it leaves free.
@@ -430,4 +442,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  from benchmarks.common import flag_namespace
+  _holders = define_flags(flags.FLAGS)
+  app.run(lambda argv: sys.exit(main(flag_namespace(_holders))))
