@@ -202,6 +202,10 @@ def run_command(cmd, log, env, timeout=None, *, workdir=None, core_dir=None) -> 
   rec.update(exit_status(rec["returncode"]))
   text = open(log, encoding="utf-8", errors="replace").read()
   rec["fault_stack"] = fault_stack(text) if rec["crashed"] else None
+  # faulthandler marks the faulting thread "Current thread" only when it runs Python; a fault
+  # in an XLA, CUDA or cuDNN thread leaves every Python thread unmarked.
+  rec["fault_in_python_thread"] = (None if rec["fault_stack"] is None
+                                   else "Current thread" in rec["fault_stack"])
   if rec["crashed"]:
     rec["native_stacks"] = native_stacks(core_dir, t0)
   if workdir is not None:
@@ -430,6 +434,7 @@ def main(a) -> int:
   res["runs"].sort(key=lambda r: r["index"])
   save()
   res["crashes"] = [{"run": r["index"], "command": name, "signal": c["signal"],
+                     "fault_in_python_thread": c["fault_in_python_thread"],
                      "fault_stack": c["fault_stack"], "native_stacks": c.get("native_stacks")}
                     for r in res["runs"] for name, c in r["commands"].items() if c["crashed"]]
   save()

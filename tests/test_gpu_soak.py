@@ -52,6 +52,7 @@ def test_a_child_killed_by_sigsegv_is_a_crash_with_its_stack(tmp_path):
   cur = stack.index("Current thread")
   assert cur < stack.index("evaluate_batch") < stack.index("val_pass")
   assert stack.count("Thread 0x") >= 1 and "time.sleep" not in stack[:cur]
+  assert rec["fault_in_python_thread"] is True
   assert rec["last_metrics_row"] == {"step": 4, "split": "segmentation/train", "loss": 1.5}
   # The report counts it per command.
   ok = dict(rec, returncode=0, signal=None, crashed=False, fault_stack=None)
@@ -64,6 +65,26 @@ def test_a_child_killed_by_sigsegv_is_a_crash_with_its_stack(tmp_path):
   assert s["train_warm"]["crash_rate"] == 0.5
   assert s["train_cold"]["crashes"] == 0 and s["train"]["runs"] == 3
   assert s["evaluate"] == dict(s["evaluate"], runs=2, crashes=0, failures=1, timeouts=0)
+
+
+def test_a_fault_in_a_thread_that_runs_no_python_is_told_apart(tmp_path):
+  """A SIGSEGV in a native thread (as an XLA / CUDA thread would fault) while the main thread
+  waits: the dump marks no thread "Current thread", and the record says so."""
+  code = ("import ctypes, signal, time\n"
+          "libc = ctypes.CDLL(None)\n"
+          "tid = ctypes.c_ulong()\n"
+          "start = ctypes.cast(libc.pause, ctypes.c_void_p)\n"
+          "assert libc.pthread_create(ctypes.byref(tid), None, start, None) == 0\n"
+          "time.sleep(0.2)\n"
+          "def wait_for_device():\n"
+          "  libc.pthread_kill(tid, signal.SIGSEGV)\n"
+          "  time.sleep(30)\n"
+          "wait_for_device()\n")
+  rec = S.run_command([sys.executable, "-c", code], str(tmp_path / "child.log"), S.child_env(1),
+                      timeout=60)
+  assert rec["crashed"] and rec["signal"] == "SIGSEGV"
+  assert "wait_for_device" in rec["fault_stack"] and "Current thread" not in rec["fault_stack"]
+  assert rec["fault_in_python_thread"] is False
 
 
 def test_fault_stack_is_the_last_dump():
