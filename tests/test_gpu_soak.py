@@ -96,7 +96,7 @@ def test_fault_stack_is_the_last_dump():
 @pytest.mark.extended
 def test_soak_script_end_to_end_on_the_tiny_config(tmp_path):
   """The user's path once (tiny random SAM .pth -> convert -> generate -> prepare -> train ->
-  evaluate -> predict) through the script, with its SIGSEGV self check: ~3-7 min on 2 cores."""
+  evaluate -> predict) through the script, with its SIGSEGV self check: 3-9 min on 2 cores."""
   out = tmp_path / "soak.json"
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   r = subprocess.run([sys.executable, "benchmarks/gpu_soak.py", "--variant", "tiny",
