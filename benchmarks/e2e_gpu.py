@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.train_runs import (make_pth, open_scratch, run, stage_stats,  # noqa: E402
-                                   steps_overrides, tiny_pth, user_path_commands)
+                                   steps_overrides, tiny_pth, user_path_commands,
+                                   user_path_config_args)
 
 _OUT = flags.DEFINE_string("out", None, "JSON output")
 _SCRATCH = flags.DEFINE_string("scratch", "runs/e2e", "scratch folder (deleted first)")
@@ -66,10 +67,8 @@ def main(argv):
   py = sys.executable
   cfg = "configs/mfnet.py" + (":tiny" if _VARIANT.value == "tiny" else "")
   steps = [int(s) for s in _STEPS.value]
-  common = [f"--config={cfg}", f"--config.data_dir={data}",
-            f"--config.model.sam_checkpoint={ckpt}", f"--config.train.crop_size=({_H.value},"
-            f"{_W.value})", "--config.model.allow_random_sam=False", *[
-                f"--config.{e}" for e in _EXTRA.value]]
+  common = user_path_config_args(cfg, data, ckpt, height=_H.value, width=_W.value,
+                                 extra=_EXTRA.value)
   train_args = [*common, f"--workdir={work}",
                 *steps_overrides(steps),
                 f"--config.train.stages.tokenizer.disc_start={steps[0] // 3}",

@@ -50,6 +50,17 @@ def user_path_commands(py: str, pth: str, scratch: str, *, scenes: int, height: 
   }
 
 
+def user_path_config_args(config: str, data: str, ckpt: str, *, height: int, width: int,
+                          extra=()) -> list[str]:
+  """The train / evaluate / benchmark flags of the user's path: `config` (``configs/mfnet.py``
+  or ``configs/mfnet.py:tiny``) on the prepared data at DATA with the converted SAM at CKPT
+  (random SAM refused), full-size crops, then ``--config.X=Y`` for each ``X=Y`` of `extra`."""
+  return [f"--config={config}", f"--config.data_dir={data}",
+          f"--config.model.sam_checkpoint={ckpt}",
+          f"--config.train.crop_size=({height},{width})",
+          "--config.model.allow_random_sam=False", *[f"--config.{e}" for e in extra]]
+
+
 def run(cmd, log, env=None, timeout=None):
   t0 = time.perf_counter()
   with open(log, "w") as f:
