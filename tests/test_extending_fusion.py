@@ -105,12 +105,22 @@ def test_toy_module_is_in_the_embedding_cache_key(toy):
   assert EC.cache_key(cfg, head, "data", "train")[0] == key
 
 
-def test_toy_module_trains_one_step_per_stage(tmp_path):
+def test_toy_module_trains_one_step_per_stage(tmp_path, monkeypatch):
   from fusionsam_jax import experiment
   from fusionsam_jax.stages import registry
+  from fusionsam_jax.training import logging as TL
   cfg = _config(tmp_path / "data", *(f"--config.train.stages.{n}.num_steps=1"
                                      for n in registry.NAMES),
-                "--config.eval.after_training=False", "--config.train.eval_every=1")
+                "--config.eval.after_training=False", "--config.train.eval_every=1",
+                "--config.train.image_every=1")
+  images = {}
+  write = TL.MetricWriter.write_images
+
+  def record(self, step, imgs, split="train"):
+    images[split] = sorted(imgs)
+    return write(self, step, imgs, split)
+
+  monkeypatch.setattr(TL.MetricWriter, "write_images", record)
   seen = {}
 
   def hook(name, step):
@@ -131,3 +141,10 @@ def test_toy_module_trains_one_step_per_stage(tmp_path):
   assert max(jax.tree.leaves(diff)) > 0, diff
   # The staged segmentation stage reads the toy's output through the embedding cache.
   assert TOY_KEY not in seen["segmentation"][1]
+  # TensorBoard images: the tokenizer stage's own (reconstructions), the evaluator's tiles
+  # for the others.
+  assert images["tokenizer/train"] == ["rgb/input|reconstruction",
+                                       "thermal/input|reconstruction"], images
+  for n in ("fusion", "segmentation"):
+    assert images[f"{n}/train"] and images[f"{n}/train"] == images["segmentation/train"]
+    assert not any("reconstruction" in k for k in images[f"{n}/train"]), images
