@@ -21,11 +21,15 @@ import jax
 
 from fusionsam_jax import workdir as W
 from fusionsam_jax.data import spec as D
+from fusionsam_jax.data.datasets import get as get_info
 from fusionsam_jax.errors import NoCheckpointError, SetupError  # noqa: F401 (re-exported)
 from fusionsam_jax.evaluators import segmentation as E
+from fusionsam_jax.fsutil import atomic_write_json
+from fusionsam_jax.metrics.miou import format_iou_table
 from fusionsam_jax.models import factory
 from fusionsam_jax.stages import common, registry
 from fusionsam_jax.training import checkpointing, loop, mesh as mesh_lib
+from fusionsam_jax.training.guards import ConfigMismatchError
 from fusionsam_jax.training.state import count_params
 
 PyTree = Any
@@ -100,7 +104,6 @@ def _check_checkpoints_fit(ctx: common.Context, workdir: str, params: PyTree,
                            evaluator) -> None:
   """Raises `ConfigMismatchError` when a stage's newest checkpoint holds other params (names,
   shapes) than the config's model: a config change that the run cannot continue from."""
-  from fusionsam_jax.training.guards import ConfigMismatchError
   for spec in registry.REGISTRY:
     name = spec.name
     stage = spec.build(dataclasses.replace(ctx, evaluator=evaluator))
@@ -308,9 +311,6 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
   """Evaluates a run at full resolution on `split`; prints the IoU table (and SOD metrics
   for saliency), writes ``workdir/eval_<split>_<which>.json``. `base_params`: see
   `restore_params`; `keep_params`: the evaluated params go into the result (``params``)."""
-  from fusionsam_jax.data.datasets import get as get_info
-  from fusionsam_jax.fsutil import atomic_write_json
-  from fusionsam_jax.metrics.miou import format_iou_table
   workdir = os.fspath(workdir)
   ctx = ctx or context(config, workdir, progress=False)
   params, step, what = restore_params(config, workdir, which, ctx=ctx,

@@ -15,7 +15,7 @@ import tempfile
 from fusionsam_jax import fsutil
 from fusionsam_jax.data import builders, datasets
 from fusionsam_jax.data.io import DatasetError, GREY_POLICIES, LayoutError
-from fusionsam_jax.data.paths import dataset_dir, is_prepared  # noqa
+from fusionsam_jax.data.paths import dataset_dir, is_prepared  # noqa: F401 (re-exported)
 from fusionsam_jax.data.sources import load_source
 
 IF_EXISTS = ("error", "skip", "overwrite")

@@ -13,6 +13,11 @@ from typing import Any
 import jax
 
 from fusionsam_jax.errors import SamWeightsMissingError
+from fusionsam_jax.models import fusionsam
+from fusionsam_jax.models.fusionsam import sam2_backbone_config, sam_heads_config
+from fusionsam_jax.models.sam.checkpoint import META_FILE
+from fusionsam_jax.models.sam.sam import SAM_PRESETS
+from fusionsam_jax.models.sam2.checkpoint import META_FILE
 
 PyTree = Any
 
@@ -20,10 +25,8 @@ PyTree = Any
 def sam_config(config):
   """The SAM size: the preset ``model.sam_variant`` with ``model.sam_overrides`` applied.
   Overrides change the architecture, so they are refused together with converted weights."""
-  from fusionsam_jax.models.sam.sam import SAM_PRESETS
   m = config.model
   if backbone(config) != "sam":
-    from fusionsam_jax.models.fusionsam import sam2_backbone_config, sam_heads_config
     return sam_heads_config(sam2_backbone_config(backbone(config)))
   if m.sam_variant not in SAM_PRESETS:
     raise ValueError(f"model.sam_variant {m.sam_variant!r}: expected one of {sorted(SAM_PRESETS)}")
@@ -47,7 +50,6 @@ def backbone(config) -> str:
 
 
 def build_model(config):
-  from fusionsam_jax.models import fusionsam
   return fusionsam.build_model(config.model, sam_config=sam_config(config))
 
 
@@ -55,7 +57,6 @@ def sam_weights_path(config) -> str | None:
   """The converted SAM checkpoint directory of the config (None: random SAM allowed).
   Raises `SamWeightsMissingError` with the conversion command when it is missing. With a
   SAM 2 backbone: ``model.sam2_checkpoint`` (`sam2_weights_path`)."""
-  from fusionsam_jax.models.sam.checkpoint import META_FILE
   m = config.model
   if backbone(config) != "sam":
     return sam2_weights_path(config)
@@ -79,7 +80,6 @@ def sam_weights_path(config) -> str | None:
 
 def sam2_weights_path(config) -> str | None:
   """``model.sam2_checkpoint`` of a SAM 2 backbone (None: random, if allowed)."""
-  from fusionsam_jax.models.sam2.checkpoint import META_FILE
   m = config.model
   path = m.get("sam2_checkpoint")
   name = backbone(config)[len("sam2_"):]
@@ -103,7 +103,6 @@ def sam2_weights_path(config) -> str | None:
 def init_params(config, model, *, load_sam: bool = True) -> PyTree:
   """Random init of the whole tree (seeded by ``config.seed``), then the converted SAM
   weights when configured (the encoder is then never drawn at random)."""
-  from fusionsam_jax.models import fusionsam
   path = sam_weights_path(config) if load_sam else None
   params = fusionsam.init_params(model, jax.random.PRNGKey(int(config.seed)),
                                  tuple(config.train.crop_size),
@@ -115,6 +114,5 @@ def init_params(config, model, *, load_sam: bool = True) -> PyTree:
 
 def abstract_params(config, model) -> PyTree:
   """The param tree's shapes and dtypes (`jax.ShapeDtypeStruct` leaves)."""
-  from fusionsam_jax.models import fusionsam
   return jax.eval_shape(lambda: fusionsam.init_params(model, jax.random.PRNGKey(0),
                                                       tuple(config.train.crop_size)))

@@ -162,10 +162,6 @@ class WindowPlan:
   hp: int           # padded size
   wp: int
 
-  @property
-  def num_windows(self) -> int:
-    return (self.hp // self.wh) * (self.wp // self.ww)
-
 
 def window_plan(h: int, w: int, window_size: Optional[int], shift: bool) -> WindowPlan:
   """``window_size=None`` -> one window over the whole map (global attention)."""

@@ -24,6 +24,7 @@ decoder). `sam` then describes only the prompt encoder and decoder sizes
 
 import dataclasses
 import json
+import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -33,18 +34,21 @@ import numpy as np
 
 from fusionsam_jax.jit_utils import run_once
 from fusionsam_jax.losses import rgb_to_y
-from fusionsam_jax.models.discriminator import PatchGANDiscriminator
 from fusionsam_jax.models import fmp as _fmp  # noqa: F401 (registers "fmp" and "concat")
+from fusionsam_jax.models.discriminator import PatchGANDiscriminator
 from fusionsam_jax.models.fused_decoder import FusedImageDecoder, PatchEmbedTokenizer
-from fusionsam_jax.models.layout import (ParamLayout, fusion_module, patch_embed_key,
-                                         tokenizer_key)
+from fusionsam_jax.models.layout import fusion_module, ParamLayout, patch_embed_key, tokenizer_key
 from fusionsam_jax.models.lstg import LatentTokenizer
 from fusionsam_jax.models.precision import check_train_dtype
-from fusionsam_jax.models.prompts import FusionPointPromptEncoder, dense_prompt_input
-from fusionsam_jax.models.sam.sam import (PIXEL_MEAN, PIXEL_STD, SAM_PRESETS, SamConfig,
-                                          make_image_encoder, make_prompt_encoder)
+from fusionsam_jax.models.prompts import dense_prompt_input, FusionPointPromptEncoder
+from fusionsam_jax.models.sam.checkpoint import CheckpointError, load_sam_checkpoint
+from fusionsam_jax.models.sam.image_encoder import resolve_attn_impl
+from fusionsam_jax.models.sam.sam import (make_image_encoder, make_prompt_encoder, PIXEL_MEAN,
+                                          PIXEL_STD, SAM_PRESETS, SamConfig)
 from fusionsam_jax.models.sam.transforms import get_preprocess_shape
+from fusionsam_jax.models.sam2 import checkpoint as sam2_checkpoint
 from fusionsam_jax.models.sam2.image_encoder import Sam2FeatureEncoder
+from fusionsam_jax.models.sam2.interp import bilinear_matrix
 from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2Config
 from fusionsam_jax.models.semantic_decoder import SemanticMaskDecoder
 
@@ -252,7 +256,6 @@ def postprocess_matrix(n_low: int, frame: int, content: int, out: int) -> np.nda
   Composed in numpy from `interp.bilinear_matrix` (PyTorch's bilinear, align_corners=False,
   which is also jax's "linear" without antialiasing): built op by op in JAX it compiled ~25
   tiny programs per call when a step was first traced."""
-  from fusionsam_jax.models.sam2.interp import bilinear_matrix
   m = (bilinear_matrix(out, content).astype(np.float64)
        @ bilinear_matrix(frame, n_low)[:content].astype(np.float64))
   return m.astype(np.float32)
@@ -339,7 +342,6 @@ def _sam2_attn_impl(attn_impl: str) -> str:
   becomes "auto" (cuDNN from 128 keys, XLA for the small windows): Hiera-L bf16 at batch 8
   on an H200, 7.39 against 7.76 ms per image with cuDNN everywhere
   (benchmarks/results/sam2_encoder_attn_h200.json)."""
-  from fusionsam_jax.models.sam.image_encoder import resolve_attn_impl
   impl = resolve_attn_impl(attn_impl)
   return "xla" if impl == "xla" else "auto" if impl.startswith("cudnn") else "fused"
 
@@ -453,7 +455,6 @@ def _take(own, loaded, where: str):
   build): SAM subtrees the model never uses (e.g. the prompt encoder's padding-point
   embedding) are left out rather than grafted in. Raises CheckpointError when a leaf the
   model has is missing in `loaded` or has another shape."""
-  from fusionsam_jax.models.sam.checkpoint import CheckpointError
   if not isinstance(own, Mapping):
     if np.shape(own) != np.shape(loaded):
       raise CheckpointError(f"SAM weights: {where} has shape {tuple(np.shape(loaded))}, the "
@@ -473,9 +474,6 @@ def converted_sam_parts(ckpt_dir: str):
   directory, or of a converted SAM 2 one (`tools/convert_sam2_weights.py`), whose parts are
   arranged as FusionSAM's SAM 2 backbone holds them: image_encoder = trunk + neck +
   sam_mask_decoder's conv_s0 / conv_s1 + no_mem_embed (`Sam2FeatureEncoder`)."""
-  import os
-  from fusionsam_jax.models.sam2 import checkpoint as sam2_checkpoint
-  from fusionsam_jax.models.sam.checkpoint import load_sam_checkpoint
   if not os.path.isfile(os.path.join(ckpt_dir, sam2_checkpoint.META_FILE)):
     return load_sam_checkpoint(ckpt_dir)
   cfg, p = sam2_checkpoint.load_sam2_checkpoint(ckpt_dir)
@@ -498,7 +496,6 @@ def load_sam_weights(params, sam_ckpt_dir: str, model_cfg=None):
   start from SAM's mask token / MLP (i mod num_mask_tokens). Raises CheckpointError if the
   sizes don't fit.
   """
-  from fusionsam_jax.models.sam.checkpoint import CheckpointError
 
   cfg, sam = converted_sam_parts(sam_ckpt_dir)
   if jax.tree.map(np.shape, sam["image_encoder"]) != jax.tree.map(np.shape, params["image_encoder"]):

@@ -46,6 +46,7 @@ the temporary folders of killed runs are removed when the next run takes the wor
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -60,7 +61,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionsam_jax import training as T
+from fusionsam_jax.data.paths import dataset_dir
+from fusionsam_jax.data.pipeline import (process_shard_options, RandomScaleCropFlip,
+                                         scale_crop_flip, Standardize)
+from fusionsam_jax.data.spec import eval_iterable, stage_batch_size, strip_batch
+from fusionsam_jax.models.functional import cache_fn
 from fusionsam_jax.models.fusionsam import param_layout
+from fusionsam_jax.training.guards import config_to_dict
+from fusionsam_jax.training.logging import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +140,6 @@ def hash_source(source, dataset_dir: str | None = None, split: str | None = None
 
 def cache_key(config, params: Mapping, data_fingerprint: str, split: str) -> tuple[str, dict]:
   """(hex key, the JSON-able description it hashes)."""
-  from fusionsam_jax.training.guards import config_to_dict
   c = config.train.embedding_cache
   desc = {
       "format": FORMAT,
@@ -164,7 +171,6 @@ def cache_key(config, params: Mapping, data_fingerprint: str, split: str) -> tup
 def make_view(element: Mapping, view: int, *, index: int, crop_size, scale_range, seed: int,
               modalities) -> dict:
   """View `view` of a source element (see the module docstring); uint8 images, uint8 label."""
-  from fusionsam_jax.data.pipeline import RandomScaleCropFlip, Standardize, scale_crop_flip
   el = Standardize(tuple(modalities)).map(dict(element))
   h, w = el["label"].shape[:2]
   ch, cw = int(crop_size[0]), int(crop_size[1])
@@ -242,10 +248,8 @@ class Cache:
     """Shuffled (per-epoch, seeded with ``config.seed + seed_offset``), repeating loader over
     the cached views in batches of `stage`'s size."""
     import grain.python as grain
-    from fusionsam_jax.data.pipeline import process_shard_options
     src = self.train_source()
     shard = process_shard_options(drop_remainder=True)
-    from fusionsam_jax.data.spec import stage_batch_size
     per_process = stage_batch_size(config, stage) // jax.process_count()
     sampler = grain.IndexSampler(num_records=len(src), shard_options=shard, shuffle=True,
                                  num_epochs=None, seed=int(config.seed) + int(seed_offset))
@@ -277,55 +281,9 @@ def join_levels(levels: list):
   return levels[0] if len(levels) == 1 else tuple(levels)
 
 
-def with_embeddings(loss_fn: Callable) -> Callable:
-  """Wraps a segmentation loss so that cached (possibly float16) embeddings and fusion
-  latents enter as float32."""
-  def wrapped(params, batch, rng, step):
-    cached = {k: jax.tree.map(lambda x: x.astype(jnp.float32), batch[k])
-              for k in ("image_embeddings", "fusion") if k in batch}
-    if cached:
-      batch = dict(batch, **cached)
-    return loss_fn(params, batch, rng, step)
-  return wrapped
-
-
-class NpyWriter:
-  """Writes an ``.npy`` file of a known shape block by block with ordinary file writes (a
-  full disk raises ``OSError(ENOSPC)`` at the write; stores through a memory map would
-  crash the process with SIGBUS instead)."""
-
-  def __init__(self, path: str, dtype, shape: tuple):
-    self.path, self.dtype, self.shape = path, np.dtype(dtype), tuple(int(d) for d in shape)
-    self.rows = 0
-    self._f = open(path, "wb")
-    np.lib.format.write_array_header_2_0(self._f, {
-        "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-        "shape": self.shape})
-
-  def append(self, block: np.ndarray) -> None:
-    block = np.ascontiguousarray(np.asarray(block).astype(self.dtype, copy=False))
-    if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
-      raise ValueError(f"{self.path}: block {block.shape} does not fit {self.shape} at row "
-                       f"{self.rows}")
-    self._f.write(block.tobytes())
-    self.rows += len(block)
-
-  def close(self) -> None:
-    if self._f.closed:
-      return
-    try:
-      if self.rows != self.shape[0]:
-        raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
-      self._f.flush()
-      os.fsync(self._f.fileno())
-    finally:
-      self._f.close()
-
-
 def check_free_space(directory: str, needed: int, what: str) -> None:
   """Raises ``OSError(ENOSPC)`` (the sizes in its message) when `directory`'s file system has
   less than `needed` bytes free."""
-  import errno
   free = shutil.disk_usage(directory).free
   if needed > free:
     raise OSError(errno.ENOSPC, f"No space left on device: the {what} embedding cache needs "
@@ -349,7 +307,6 @@ def _tmp_dir(root: str, split: str) -> str:
 
 
 def _embed_jit(model, mesh):
-  from fusionsam_jax.models.functional import cache_fn
   fn = cache_fn(model)
   return jax.jit(lambda p, b: jax.tree.map(lambda x: x.astype(jnp.float32), fn(p, b)),
                  in_shardings=(T.replicated(mesh), T.data_sharding(mesh)),
@@ -368,8 +325,7 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
   arrays = None
   pbar = None
   if progress and jax.process_index() == 0:
-    from tqdm.auto import tqdm
-    pbar = tqdm(total=n, desc="embedding cache (train)", unit="view", dynamic_ncols=True)
+    pbar = progress_bar(total=n, desc="embedding cache (train)", unit="view", dynamic_ncols=True)
   order = [(i, v) for i in range(n_src) for v in range(n_views)]
   t0, first_s = time.perf_counter(), None
   for start in range(0, n, bs):
@@ -413,7 +369,6 @@ def build_train_cache(directory: str, config, params, source, embed, mesh, desc:
 
 
 def build_val_cache(directory: str, config, params, val_source, embed, mesh, desc: dict) -> None:
-  from fusionsam_jax.data.spec import eval_iterable, strip_batch
   i, t0, first_s = 0, time.perf_counter(), None
   for batch in eval_iterable(config, val_source):
     b = strip_batch(batch)
@@ -450,7 +405,6 @@ def maybe_build(config, workdir: str, model, params, spec, mesh, val_source,
   """Returns the segmentation stage's cache (built if needed), or None when it is off.
 
   `spec` is a `data.spec.DataSpec` (in-memory sources: `build_for_sources`)."""
-  from fusionsam_jax.data.paths import dataset_dir
   train_source = spec.source("train")
   ddir = dataset_dir(spec.name, spec.data_dir)
   return build_for_sources(config, workdir, model, params, mesh,

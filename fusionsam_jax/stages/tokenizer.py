@@ -22,16 +22,17 @@ from fusionsam_jax.data.spec import (eval_iterable, stage_batch_size, stage_crop
                                      stage_steps, train_iterator)
 from fusionsam_jax.errors import SetupError
 from fusionsam_jax.jit_utils import run_once
-from fusionsam_jax.models import factory
-from fusionsam_jax.models import functional as F
+from fusionsam_jax.models import factory, functional as F, vgg
 from fusionsam_jax.models.functional import inputs_from_batch
-from fusionsam_jax.models.fusionsam import (FusionSAM, init_discriminators, make_discriminator,
-                                            param_layout)
+from fusionsam_jax.models.fusionsam import (CHANNELS, FusionSAM, init_discriminators,
+                                            make_discriminator, param_layout)
 from fusionsam_jax.models.layout import tokenizer_key
+from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes
 from fusionsam_jax.models.precision import cast_floating
+from fusionsam_jax.models.sam_perceptual import Sam2PerceptualLoss, SamPerceptualLoss
 from fusionsam_jax.stages import common
 from fusionsam_jax.training import mesh as mesh_lib
-from fusionsam_jax.training.state import TrainState, init_optimizer
+from fusionsam_jax.training.state import init_optimizer, TrainState
 
 NAME = "tokenizer"
 
@@ -63,7 +64,6 @@ def perceptual_loss(config, say):
     # FusionSAM on SAM 2: the run's own (SAM 2) encoder gives the features.
     sam2_ckpt = config.model.get("sam2_checkpoint")
     if sam2_ckpt:
-      from fusionsam_jax.models.sam_perceptual import Sam2PerceptualLoss
       loss = Sam2PerceptualLoss.from_checkpoint(
           sam2_ckpt, num_blocks=blocks,
           dtype=jnp.dtype(config.model.encoder_dtype), attn_impl=config.model.attn_impl)
@@ -72,7 +72,6 @@ def perceptual_loss(config, say):
       return loss
     sam_ckpt = None   # SAM's ViT is not this run's encoder
   if not path and sam_ckpt:
-    from fusionsam_jax.models.sam_perceptual import SamPerceptualLoss
     say(f"Perceptual loss (Eq. 7): features of the frozen SAM encoder's first {blocks} "
         f"blocks ({sam_ckpt}); no VGG16 weights given")
     return SamPerceptualLoss.from_checkpoint(
@@ -86,7 +85,6 @@ def perceptual_loss(config, say):
     raise SetupError(f"perceptual_weights {path!r} does not exist; convert VGG16 with "
                      f"`python tools/convert_vgg16.py --weights vgg16.pth --output {path}`, or "
                      "set --config.perceptual_weights='' to train without it")
-  from fusionsam_jax.models import vgg
   return vgg.PerceptualLoss.from_file(path)
 
 
@@ -181,8 +179,6 @@ def codebook_restart_fn(model: FusionSAM, model_cfg, stage_cfg):
   unless ``stage_cfg.restart_dead_codes``. Aux: ``<m>/restarted_codes``."""
   if not stage_cfg.get("restart_dead_codes", False):
     return None
-  from fusionsam_jax.models.fusionsam import CHANNELS
-  from fusionsam_jax.models.lstg import LatentTokenizer, restart_dead_codes
   mods = tuple(model_cfg.modalities)
   thr = float(stage_cfg.get("restart_threshold", 1.0))
   relative = bool(stage_cfg.get("restart_threshold_relative", False))
