@@ -23,6 +23,9 @@ from fusionsam_jax.models.sam2.sam2 import SAM2_PRESETS, Sam2, Sam2Features
 from fusionsam_jax.models.sam2.predictor import Sam2ImagePredictor
 
 TOL = 1e-5
+# Full-size mask logits of the predictor (hiera_t: 1.9e-5 where its low-res logits agree
+# within 1e-5): resized by interpolation matrices here and by F.interpolate there.
+MASK_TOL = 1e-4
 # Unoptimised XLA CPU code: about half the compile time, same float32 arithmetic.
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -192,7 +195,7 @@ def _check_predictor(t_pred, pred, h, w, full=True):
       m, i, l = pred.predict(**case, multimask_output=multi, return_logits=True)
       assert m.shape == tm_.shape and i.shape == ti.shape and l.shape == tl.shape
       assert ref.rel_err(l, tl) < TOL
-      assert ref.rel_err(m, tm_) < TOL
+      assert ref.rel_err(m, tm_) < MASK_TOL
       assert ref.rel_err(i, ti) < TOL
     if not full:
       return
