@@ -164,6 +164,12 @@ def converted_random(tmp, name="tiny", seed=0):
   return tm, os.path.join(str(tmp), "ckpt")
 
 
+def assert_every_tensor_random(model):
+  """Raises AssertionError when a floating tensor of `model.state_dict()` is constant."""
+  from sam_reference import assert_every_tensor_random as check
+  check(model)
+
+
 def rel_err(a, b):
   """max |a - b| / max |b|."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

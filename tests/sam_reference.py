@@ -100,6 +100,15 @@ def build_torch_sam(cfg, seed=0, randomize=True):
   return sam.eval()
 
 
+def assert_every_tensor_random(model):
+  """Raises AssertionError when a floating tensor of `model.state_dict()` is constant (a
+  zero / one init left in place: rel-pos tables, pos_embed, biases, LayerNorm scales)."""
+  const = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and (t.numel() == 1 and float(t) in (0.0, 1.0)
+                                         or t.numel() > 1 and float(t.float().std()) == 0.0)]
+  assert not const, f"tensors left at a constant init: {const}"
+
+
 def save_state_dict(sam, path):
   import torch
   torch.save(sam.state_dict(), path)
