@@ -19,6 +19,7 @@ import numpy as np
 
 from fusionsam_jax import experiment, workdir as W
 from fusionsam_jax.data.datasets import get as get_info
+from fusionsam_jax.data.datasets.base import palette_lut
 from fusionsam_jax.data.io import to_rgb, write_png
 from fusionsam_jax.fsutil import atomic_file
 from fusionsam_jax.models.functional import predict_fn
@@ -102,8 +103,7 @@ def overlay(base: np.ndarray, pred: np.ndarray, palette, alpha: float = 0.5) -> 
   """The palette colours of `pred` blended over `base` (uint8 (H, W, 3)) with weight
   `alpha`; class 0 (unlabeled / background) is left unblended, so the scene stays visible."""
   base = to_rgb(np.asarray(base), "overlay base")
-  lut = np.zeros((256, 3), np.uint8)
-  lut[:len(palette)] = np.asarray(palette, np.uint8)
+  lut = palette_lut(palette)
   pred = np.asarray(pred)
   color = lut[pred.astype(np.uint8)].astype(np.float32)
   mixed = np.round((1 - alpha) * base.astype(np.float32) + alpha * color).astype(np.uint8)
@@ -127,8 +127,7 @@ def write_outputs(out_dir: str, name: str, res: dict, element: dict, palette) ->
   pred = np.asarray(res["pred"])
   if pred.min(initial=0) < 0 or pred.max(initial=0) > 255:
     raise ValueError(f"{name}: class ids outside 0..255 cannot be written as 8-bit PNG")
-  lut = np.zeros((256, 3), np.uint8)
-  lut[:len(palette)] = np.asarray(palette, np.uint8)
+  lut = palette_lut(palette)
   base = element["rgb"] if "rgb" in element else res["fused"]
   files = {"labels": pred.astype(np.uint8), "color": lut[pred.astype(np.uint8)],
            "overlay": overlay(base, pred, palette), "fused": res["fused"]}

@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fusionsam_jax.data.datasets import get as get_info, paper_table
+from fusionsam_jax.data.datasets.base import palette_lut
 from fusionsam_jax.data.spec import ensure_data
 from fusionsam_jax.fsutil import atomic_file, atomic_write
 from fusionsam_jax.metrics.miou import ConfusionMatrix, paper_table_rows
@@ -116,13 +117,10 @@ def read_curves(path) -> dict[str, dict[str, list[tuple[int, float]]]]:
 
 
 def _lut(palette) -> np.ndarray:
-  lut = np.zeros((256, 3), np.uint8)
-  pal = np.asarray(palette, np.uint8).reshape(-1, 3)
-  if len(pal) > 255:
-    raise ReportError(f"palette has {len(pal)} colours; at most 255 classes")
-  lut[:len(pal)] = pal
-  lut[255] = IGNORE_COLOR
-  return lut
+  try:
+    return palette_lut(palette, ignored=IGNORE_COLOR)
+  except ValueError as e:
+    raise ReportError(str(e)) from None
 
 
 def colorize(label, palette) -> np.ndarray:

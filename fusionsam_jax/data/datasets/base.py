@@ -26,6 +26,19 @@ from fusionsam_jax.data.io import (DatasetError, IMAGE_SUFFIXES, LabelRangeError
                                    MissingFileError, read_image, SizeMismatchError,
                                    SplitListError, to_grey, to_rgb)
 
+
+def palette_lut(palette, ignored=(0, 0, 0)) -> np.ndarray:
+  """uint8 (256, 3) lookup table: class id -> its palette colour; the ignore label (255) ->
+  `ignored`; every other value black. Raises ValueError for more than 255 colours."""
+  pal = np.asarray(palette, np.uint8).reshape(-1, 3)
+  if len(pal) > 255:
+    raise ValueError(f"palette has {len(pal)} colours; at most 255 classes")
+  lut = np.zeros((256, 3), np.uint8)
+  lut[:len(pal)] = pal
+  lut[255] = np.asarray(ignored, np.uint8)
+  return lut
+
+
 IGNORE_INDEX = 255
 
 #: Channels of each modality in a pipeline element (channels-last, uint8).
@@ -428,9 +441,7 @@ class DatasetSpec:
 
   def palette_array(self) -> np.ndarray:
     """uint8 (256, 3) lookup table: class id -> colour; every other value (255 too) is black."""
-    lut = np.zeros((256, 3), np.uint8)
-    lut[: self.num_classes] = np.asarray(self.palette, np.uint8)
-    return lut
+    return palette_lut(self.palette)
 
   def colorize(self, label: np.ndarray) -> np.ndarray:
     """Maps a label map (..., H, W) of class ids to RGB (..., H, W, 3) uint8."""
