@@ -48,8 +48,9 @@ from fusionsam_jax.metrics.miou import ConfusionMatrix, paper_table_rows
 __all__ = ["write_report", "select_samples", "paper_row_for", "read_curves", "error_map",
            "ReportError"]
 
-#: Error-map colours: correct, wrong, ignored (label 255).
-ERROR_COLORS = {"correct": (0, 150, 60), "wrong": (220, 30, 30), "ignored": (128, 128, 128)}
+#: Error-map colours (Okabe-Ito, told apart with any colour vision): correct blue, wrong
+#: orange, ignored (label 255) grey.
+ERROR_COLORS = {"correct": (0, 114, 178), "wrong": (230, 159, 0), "ignored": (128, 128, 128)}
 IGNORE_COLOR = (255, 255, 255)   # ignored pixels in the colour-coded ground truth
 
 
@@ -132,7 +133,7 @@ def colorize(label, palette) -> np.ndarray:
 
 
 def error_map(label, pred, ignore_index: int = 255) -> np.ndarray:
-  """RGB uint8 (H, W, 3): green where the prediction is right, red where it is wrong, grey
+  """RGB uint8 (H, W, 3): blue where the prediction is right, orange where it is wrong, grey
   where the label is `ignore_index`."""
   label, pred = np.asarray(label), np.asarray(pred)
   if label.shape != pred.shape:
@@ -195,7 +196,7 @@ def plot_confusion(matrix, class_names: Sequence[str], path: str, title: str = "
     for t in range(c):
       for p in range(c):
         if m[t, p] >= 0.005:
-          ax.text(p, t, f"{m[t, p]:.2f}", ha="center", va="center", fontsize=7,
+          ax.text(p, t, f"{m[t, p]:.2f}", ha="center", va="center", fontsize=10,
                   color="white" if m[t, p] > 0.5 else "black")
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row's pixels")
   return save_figure(fig, path)
@@ -207,7 +208,8 @@ def plot_iou(iou: Sequence[float | None], class_names: Sequence[str], path: str,
   vals = np.array([np.nan if v is None else float(v) * 100 for v in iou], np.float64)
   c = len(class_names)
   x = np.arange(c)
-  fig = _figure(max(6.0, 0.7 * c + 2.0), 4.0)
+  # As tall as the confusion matrix beside it in the page (no empty band under the bars).
+  fig = _figure(max(6.0, 0.7 * c + 2.0), max(4.0, 0.55 * c + 2.5))
   ax = fig.add_subplot()
   width = 0.4 if paper is not None else 0.7
   off = -width / 2 if paper is not None else 0.0
@@ -215,7 +217,7 @@ def plot_iou(iou: Sequence[float | None], class_names: Sequence[str], path: str,
   bars = ax.bar(x + off, np.nan_to_num(vals), width, label=label + mlab, color="#3b75af")
   for b, v in zip(bars, vals):
     ax.text(b.get_x() + b.get_width() / 2, (0 if np.isnan(v) else v) + 1,
-            "-" if np.isnan(v) else f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+            "-" if np.isnan(v) else f"{v:.1f}", ha="center", va="bottom", fontsize=10)
   if paper is not None:
     ref = paper.iou_by_class()
     pv = np.array([ref.get(n, np.nan) for n in class_names], np.float64)
@@ -224,7 +226,7 @@ def plot_iou(iou: Sequence[float | None], class_names: Sequence[str], path: str,
                 label=f"FusionSAM, paper's {paper.table} (mIoU {paper.miou:.1f})")
     for b, v in zip(pb, pv[have]):
       ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.1f}", ha="center", va="bottom",
-              fontsize=7)
+              fontsize=10)
   ax.set_xticks(x, labels=class_names, rotation=45, ha="right")
   ax.set_ylim(0, 110)
   ax.set_ylabel("IoU (%)")
@@ -243,7 +245,7 @@ def plot_samples(samples: Sequence[Mapping], palette, path: str,
   if samples[0].get("fused") is not None:
     cols.append(("fused", "fused image"))
   cols += [("label", "ground truth"), ("pred", "prediction"),
-           ("error", "error (green right, red wrong)")]
+           ("error", "error (blue right, orange wrong)")]
   h, w = np.asarray(samples[0]["label"]).shape[:2]
   cell = 2.4
   fig = _figure(cell * len(cols), cell * h / max(w, 1) * len(samples) + 0.6)
@@ -295,6 +297,7 @@ def plot_curves(curves: Mapping[str, Mapping[str, list]], path: str) -> str | No
       ax.set_yscale("log")
     ax.set_title(f"{s}: training loss", fontsize=9)
     ax.set_xlabel("step")
+    ax.set_ylabel("loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.grid(alpha=0.3)
   if val:
     ax = axes[-1]
@@ -303,6 +306,7 @@ def plot_curves(curves: Mapping[str, Mapping[str, list]], path: str) -> str | No
       ax.plot(steps, [v * 100 for v in vals], marker="o", ms=3, lw=1.2, label=s)
     ax.set_title("val mIoU (%)", fontsize=9)
     ax.set_xlabel("step")
+    ax.set_ylabel("mIoU (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   return save_figure(fig, path)
