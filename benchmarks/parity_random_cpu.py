@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from benchmarks.common import environment, flag_namespace, write_json  # noqa: E402
-from fusionsam_jax.cli_common import run_cli  # noqa: E402
+from fusionsam_jax.cli.driver import run_cli  # noqa: E402
 
 
 def _define(fv):

@@ -147,7 +147,7 @@ def _write_own_data(root, num):
 def _cli(module, *argv):
   """A CLI's main in this process (the same flags and exit status as ``python -m``)."""
   import importlib
-  from fusionsam_jax.cli_common import run_cli
+  from fusionsam_jax.cli.driver import run_cli
   mod = importlib.import_module(module)
   argv = [str(a) for a in argv]
   if module == "fusionsam_jax.evaluate":

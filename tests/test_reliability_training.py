@@ -111,7 +111,7 @@ def test_orphans_of_killed_runs_are_removed_and_said(tmp_path):
     ([f"--config={DEMO_TINY}", "--config.train.batch_size=abc"],
      "--config.train.batch_size=abc: invalid literal for int()"),
     ([f"--config={DEMO_TINY}", "--bogus"], "Unknown command line flag 'bogus'"),
-    ([f"--config={DEMO_TINY}", "stray"], "unexpected arguments: ['stray']"),
+    ([f"--config={DEMO_TINY}", "stray"], "unexpected arguments: stray"),
 ])
 def test_train_usage_errors_are_one_line_exit_2(tmp_path, args, expect):
   f = tmp_path / "afile"
@@ -152,7 +152,8 @@ def test_unwritable_workdir_is_a_usage_error(tmp_path, monkeypatch, capsys):
 
 
 def test_disk_full_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
-  from fusionsam_jax import experiment, train
+  from fusionsam_jax import experiment
+  from fusionsam_jax.cli import train
 
   def full(*a, **k):
     raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.npy"))

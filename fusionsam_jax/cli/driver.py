@@ -175,7 +175,7 @@ def run_cli(define, body, argv=None, *, prog: str, doc: str | None = None,
     try:
       rest = fv([prog] + _underscored(argv, fv))[1:]
     except flags.Error as e:
-      raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+      raise UsageError(one_line(e)) from None
     except Exception as e:  # noqa: BLE001 -- a config flag's loader / overrides raise anything
       raise UsageError(_config_error(e, argv)) from None
     if rest and not positional:

@@ -281,6 +281,39 @@ def join_levels(levels: list):
   return levels[0] if len(levels) == 1 else tuple(levels)
 
 
+class NpyWriter:
+  """Writes an ``.npy`` file of a known shape block by block with ordinary file writes (a
+  full disk raises ``OSError(ENOSPC)`` at the write; stores through a memory map would
+  crash the process with SIGBUS instead)."""
+
+  def __init__(self, path: str, dtype, shape: tuple):
+    self.path, self.dtype, self.shape = path, np.dtype(dtype), tuple(int(d) for d in shape)
+    self.rows = 0
+    self._f = open(path, "wb")
+    np.lib.format.write_array_header_2_0(self._f, {
+        "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+        "shape": self.shape})
+
+  def append(self, block: np.ndarray) -> None:
+    block = np.ascontiguousarray(np.asarray(block).astype(self.dtype, copy=False))
+    if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
+      raise ValueError(f"{self.path}: block {block.shape} does not fit {self.shape} at row "
+                       f"{self.rows}")
+    self._f.write(block.tobytes())
+    self.rows += len(block)
+
+  def close(self) -> None:
+    if self._f.closed:
+      return
+    try:
+      if self.rows != self.shape[0]:
+        raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+      self._f.flush()
+      os.fsync(self._f.fileno())
+    finally:
+      self._f.close()
+
+
 def check_free_space(directory: str, needed: int, what: str) -> None:
   """Raises ``OSError(ENOSPC)`` (the sizes in its message) when `directory`'s file system has
   less than `needed` bytes free."""
