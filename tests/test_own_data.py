@@ -145,15 +145,11 @@ def _write_own_data(root, num):
 
 
 def _cli(module, *argv):
-  """A CLI's main in this process (the same flags and exit status as ``python -m``)."""
-  import importlib
-  from fusionsam_jax.cli.driver import run_cli
-  mod = importlib.import_module(module)
-  argv = [str(a) for a in argv]
-  if module == "fusionsam_jax.evaluate":
-    return run_cli(mod.define_flags, lambda f, rest: mod.main(["evaluate"] + rest, f), argv,
-                   prog=module, positional=True)
-  return mod.main(argv)
+  """A command's main in this process (the same flags and exit status as ``python -m``):
+  `module` is the documented ``python -m`` spelling, run through `fusionsam_jax.cli`."""
+  from fusionsam_jax import cli
+  name = {spelling.split(" ")[-1]: n for n, (_, spelling) in cli.COMMANDS.items()}[module]
+  return cli.command(name).main([str(a) for a in argv])
 
 
 def _predict_and_score(capsys, work, root, out, dataset, gt_dir, split_list, *pred_args):
@@ -229,7 +225,7 @@ def test_own_data_walkthrough(tmp_path, capsys):
 
 
 def test_toy_dataset_declared_in_a_test_file(tmp_path, capsys):
-  from fusionsam_jax import train
+  from fusionsam_jax.cli import train
   raw, data, work = tmp_path / "raw", tmp_path / "data", tmp_path / "run"
   generate.generate_dataset("toyset", raw, 15, seed=0, height=H, width=W)
   assert sorted(os.listdir(raw)) == ["generated.json", "infrared", "masks", "test.txt",
