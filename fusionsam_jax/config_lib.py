@@ -55,8 +55,8 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
       num_heads=4, depth_self=2, window_size=8, attention="window", cross_attention="global",
       mlp_ratio=2.0))
   # Heads of the cross-domain / complementary units (None: num_heads). 1 (one 64-wide head)
-  # makes the FMP's forward + backward 2.7x faster at full size (docs/design.md); left at
-  # num_heads until its effect on mIoU is measured.
+  # is the faster kernel (docs/design.md); left at num_heads until its effect on mIoU is
+  # known.
   m.fmp.cross_num_heads = config_dict.placeholder(int)
   m.fused_decoder = ml_collections.ConfigDict(dict(ch=64, num_res_blocks=2, max_groups=32))
   # The fusion loss fixes only the fused image's luma; its colour comes from the RGB input, as
@@ -82,11 +82,8 @@ def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) ->
   # Training compute of the tokenizers, discriminators, FMP and fused decoder (all stages):
   # bf16 over float32 params and Adam state; codebook search, norm statistics, softmax and
   # losses stay float32 (models/precision.py; the bf16-vs-float32 bounds per stage:
-  # tests/test_mixed_precision.py). On an H200 (mfnet, 480 x 640, batch 4) bf16 took the
-  # steps from 174.9 / 94.5 / 203.6 ms to 94.0 / 66.4 / 155.8 ms (tokenizer / fusion /
-  # Eq. 1 segmentation), peak memory from 30.7 to 18.9 GiB; its losses over the 40 / 30 / 40
-  # steps of both runs stay beside float32's, with no drift (a full run's mIoU: not measured)
-  # (benchmarks/results/schedule_time_{bf16,f32}_h200.json). "float32": the exact path.
+  # tests/test_mixed_precision.py; its speed and memory: docs/benchmarks.md). "float32":
+  # the exact path.
   m.train_dtype = "bfloat16"
   m.attn_impl = "cudnn"
   m.num_points = 8
@@ -116,9 +113,8 @@ def stages_config(epochs: float, *, lr: float = 1e-4,
       rec_loss="l2",  # Eq. 5 as the paper writes it
       # After every update, codes whose moving-average use per batch (model.tokenizer.
       # usage_decay) is below restart_threshold restart at random batch encodings.
-      # Threshold relative: a share of the mean use per code (batch vectors / K); 0.25 and
-      # the EMA code step below were the best remedies measured at 480 x 640 on the H200
-      # (benchmarks/results/codebook_remedies_h200.json, docs/design.md).
+      # Threshold relative: a share of the mean use per code (batch vectors / K); why 0.25
+      # and the EMA code step below: docs/design.md, "Codebook health".
       restart_dead_codes=True, restart_threshold=0.25, restart_threshold_relative=True,
       # At the stage's end: codebook perplexity / dead codes and reconstruction over val.
       eval_codebook=True))

@@ -235,8 +235,8 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
   evaluation = None
   if config.eval.get("after_training", False):
     # Restored into the trained params: their untrained parts are the seeded init (or the
-    # SAM weights) that a fresh `restore_params` would build again (a second init: ~6 s of
-    # the CPU demo; loading ViT-H again on a GPU host).
+    # SAM weights) that a fresh `restore_params` would build again (a second init, or
+    # loading ViT-H again).
     evaluation = evaluate(config, workdir, "best", config.eval.split, ctx=ctx,
                           evaluator=evaluator, base_params=params, keep_params=True)
     if on_evaluation is not None:

@@ -256,8 +256,8 @@ class VectorQuantizer(nn.Module):
     indices = jnp.argmin(d, axis=-1).astype(jnp.int32)                # (B, h, w)
     # The code lookup as a one-hot matmul, not a gather: the gather's gradient is a
     # scatter-add into the codebook whose atomics serialise as the codes collapse onto a
-    # few entries (on an H100 the tokenizer step slowed from 1.0 to 4.3 s within 20
-    # steps); the matmul costs the same whatever the indices. Exact at HIGHEST precision.
+    # few entries; the matmul costs the same whatever the indices. Exact at HIGHEST
+    # precision.
     onehot = jax.nn.one_hot(indices, codes.shape[0], dtype=cf.dtype)  # (B, h, w, K)
     c = jnp.einsum("...k,kc->...c", onehot, codes.astype(jnp.float32),
                    precision=hi).astype(z.dtype)                      # (B, h, w, d_c)
