@@ -193,8 +193,10 @@ def run(config, workdir_root: str, variants: list[str] | None = None, *,
   md_path = os.path.join(workdir_root, "ablation.md")
   text = markdown(records, class_names, split)
   atomic_write(md_path, text)
+  source = (f"generated {config.dataset}-layout scenes" if config.get("generate") is not None
+            else config.dataset)
   png = plot(records, os.path.join(workdir_root, "ablation.png"),
-             f"{config.dataset} {split}: ablation (Fig. 7b)")
+             f"{source}, {split} split: ablation (Fig. 7b)")
   print(f"\nAblation (Fig. 7b), {config.dataset} {split} split, best checkpoint by val mIoU:")
   print(format_iou_table(table_rows(records, class_names), class_names))
   print("wall time: " + ", ".join(f"{r['label']} {r['wall_seconds']:.0f} s"

@@ -334,7 +334,9 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
         f"(step {step}):")
     say(format_iou_table(cm.iou(), list(info.class_names), miou=cm.miou(),
                          method=f"FusionSAM ({'+'.join(config.model.modalities)})"))
-    say(f"pixel accuracy {cm.pixel_accuracy() * 100:.2f}%")
+    macc = summary.get("mean_class_accuracy")
+    say(f"pixel accuracy {cm.pixel_accuracy() * 100:.2f}%, mean class accuracy (mAcc) "
+        + ("-" if macc is None else f"{macc * 100:.2f}%"))
     if summary.get("sod"):
       say("S-measure {Sm:.4f}  MAE {MAE:.4f}  E-measure adp/mean/max {adpEm:.4f}/{meanEm:.4f}/"
           "{maxEm:.4f}  F-measure adp/mean/max {adpFm:.4f}/{meanFm:.4f}/{maxFm:.4f}".format(

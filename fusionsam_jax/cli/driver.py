@@ -194,15 +194,22 @@ def run_cli(define, body, argv=None, *, prog: str, doc: str | None = None,
 
 def _config_error(e: BaseException, argv: list[str]) -> str:
   """A config file / ``--config.KEY`` failure as one line naming the flag and the key."""
-  msg = one_line(e)
+  import re
+  text = str(e)
   if isinstance(e, (AttributeError, KeyError)):
-    key = str(e).strip("'\" ")
+    guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    quoted = re.search(r"'(\w+)'", text)
+    key = guess.group(2) if guess else (quoted.group(1) if quoted else text.strip("'\" "))
     given = [a.split("=")[0] for a in argv
              if a.startswith("--config.") and key in a.split("=")[0].split(".")]
     if given:
-      return (f"{', '.join(given)}: unknown config key {key!r} (see the config file for the "
-              "keys it has)")
-  return f"bad command line ({type(e).__name__}: {msg})"
+      return (f"{', '.join(given)}: unknown config key {key!r}"
+              + (f" (did you mean {guess.group(1)!r}?)" if guess
+                 else " (see the config file for the keys it has)"))
+  missing = re.search(r"No such file or directory: '([^']+)'", text)
+  if missing:
+    return f"--config: no such config file {missing.group(1)}"
+  return f"bad command line ({type(e).__name__}: {one_line(e)})"
 
 
 class captured_stderr:
@@ -371,6 +378,10 @@ def loaded_config(holder):
     if config is not None:
       config.keys()   # ml_collections defers a loader's error to the first access
   except Exception as e:  # noqa: BLE001 -- a config file's loader raises anything
+    import re
+    missing = re.search(r"No such file or directory: '([^']+)'", str(e))
+    if missing:
+      raise UsageError(f"--config: no such config file {missing.group(1)}") from None
     raise UsageError(f"--config: {one_line(e)}") from None
   return None if config is None else normalize_overrides(config)
 

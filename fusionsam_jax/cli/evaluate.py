@@ -84,10 +84,6 @@ def emit_extras(config, workdir: str, summary: dict, which, *, markdown: bool,
   partial = table is not None and len(table.columns) != len(summary["class_names"])
   if markdown or partial:   # the paper's column set (FMB: Table 2 shows 8 of 15 classes)
     print(format_paper_table(summary, method=label, markdown=markdown), flush=True)
-  else:
-    macc = summary.get("mean_class_accuracy")
-    print("mean class accuracy (mAcc) " + ("-" if macc is None else f"{macc * 100:.2f}%"),
-          flush=True)
   if report:
     from fusionsam_jax.evaluators.report import write_evaluation_report
     from fusionsam_jax.inference import Predictor

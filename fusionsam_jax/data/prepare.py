@@ -58,8 +58,8 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, grey_policy: str = "stri
     if if_exists == "skip" and is_prepared(spec, data_dir):
       return final
     if if_exists == "error":
-      raise FileExistsError(f"{final}: dataset already prepared (use if_exists='skip' "
-                            "or 'overwrite', CLI --if_exists)")
+      raise FileExistsError(f"{final}: dataset already prepared (use --if_exists=skip "
+                            "or --if_exists=overwrite)")
 # TFDS's bars have no total (no rate / ETA that means anything): the builder shows its own.
   tfds.disable_progress_bar()
   plan = spec.layout.validate(manual_dir, grey_policy=grey_policy, progress=progress,
