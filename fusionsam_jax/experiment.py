@@ -318,8 +318,10 @@ def evaluate(config, workdir: str, which: str | int = "best", split: str = "test
   info = get_info(ctx.spec.name)
   evaluator = evaluator or E.Evaluator(ctx.model, config, ctx.mesh)
   t0 = time.perf_counter()
-  r = evaluator.run(params, D.eval_iterable(config, ctx.spec.source(split)),
-                    progress=f"evaluate {split}" if print_table and ctx.progress else None)
+  source = ctx.spec.source(split)
+  r = evaluator.run(params, D.eval_iterable(config, source),
+                    progress=f"evaluate {split}" if print_table and ctx.progress else None,
+                    total=D.num_eval_batches(config, len(source)))
   summary = E.summary(r, info.class_names, split=split, checkpoint=what, step=int(step),
                       dataset=ctx.spec.name, generated=ctx.spec.generated,
                       modalities=list(config.model.modalities),

@@ -24,6 +24,7 @@ from fusionsam_jax import locking
 from fusionsam_jax.data import datasets, generate, paths, prepare
 from fusionsam_jax.data.paths import dataset_dir
 from fusionsam_jax.data.pipeline import eval_loader, train_loader
+from fusionsam_jax.data.pipeline import num_eval_batches as pipeline_num_eval_batches
 from fusionsam_jax.data.sources import load_source
 from fusionsam_jax.errors import DataMissingError
 
@@ -191,6 +192,13 @@ def train_iterator(config, spec: DataSpec, stage: str, seed_offset: int):
       seed=int(config.seed) + int(seed_offset),
       worker_count=worker_count(config), modalities=tuple(config.model.modalities))
   return iter(loader)
+
+
+def num_eval_batches(config, num_examples: int, *, batch_size: int | None = None) -> int:
+  """Batches per process that `eval_iterable` yields for `num_examples` examples."""
+  bs = int(batch_size or config.eval.batch_size)
+  return pipeline_num_eval_batches(num_examples, max(1, bs // jax.process_count()),
+                                   jax.process_count())
 
 
 def eval_iterable(config, source, *, batch_size: int | None = None):

@@ -46,9 +46,10 @@ class Evaluator:
                         out_shardings=repl)
 
   def run(self, params, batches: Iterable[Mapping], *, max_batches: int | None = None,
-          on_batch: Callable | None = None, progress: str | None = None) -> dict:
+          on_batch: Callable | None = None, progress: str | None = None,
+          total: int | None = None) -> dict:
     """Accumulates over `batches` (eval-loader batches with ``valid`` masks). `progress`: a
-    tqdm bar with that description (rate and ETA when `batches` has a length)."""
+    bar with that description (rate and ETA from `total`, the number of batches)."""
     cm = ConfusionMatrix(self.num_classes, ignore_index=255)
     sod = None
     if self.saliency:
@@ -57,7 +58,7 @@ class Evaluator:
     params = jax.device_put(params, mesh_lib.replicated(self.mesh))
     if progress and jax.process_index() == 0:
       batches = progress_bar(batches, desc=progress, unit="batch", dynamic_ncols=True,
-                             leave=False)
+                             leave=False, total=total)
     for i, batch in enumerate(batches):
       if max_batches is not None and i >= max_batches:
         break
