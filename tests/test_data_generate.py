@@ -118,3 +118,33 @@ def test_cli(tmp_path, capsys):
   rc = generate_cli.main(["--layout", "fmb", "--out", str(tmp_path / "g"), "--num", "5",
                       "--noprogress"])
   assert rc == 1 and "exists" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_a_generated_folder(tmp_path):
+  """Issue 37 item 1: --overwrite deleted any existing folder with its contents."""
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "thesis.tex").write_text("not generated")
+  rc = generate_cli.main(["--layout", "mfnet", "--out", str(mine), "--num", "4",
+                          "--overwrite", "--noprogress"])
+  assert rc == 1 and (mine / "thesis.tex").read_text() == "not generated"
+  out = tmp_path / "gen"
+  assert generate_cli.main(["--layout", "mfnet", "--out", str(out), "--num", "4",
+                            "--noprogress"]) == 0
+  assert generate_cli.main(["--layout", "mfnet", "--out", str(out), "--num", "6",
+                            "--overwrite", "--noprogress"]) == 0
+  assert '"num": 6' in (out / "generated.json").read_text()
+  target = tmp_path / "target"
+  target.mkdir()
+  (target / "keep.txt").write_text("x")
+  link = tmp_path / "link"
+  link.symlink_to(target)
+  assert generate_cli.main(["--layout", "mfnet", "--out", str(link), "--num", "4",
+                            "--overwrite", "--noprogress"]) == 1
+  assert (target / "keep.txt").exists()
+  # A killed generator's temporary folder (a pid that no longer runs) is cleaned up.
+  stale = tmp_path / ".gen-generating-999999-abcdefgh"
+  stale.mkdir()
+  assert generate_cli.main(["--layout", "mfnet", "--out", str(out), "--num", "4",
+                            "--overwrite", "--noprogress"]) == 0
+  assert not stale.exists()

@@ -33,6 +33,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
+from fusionsam_jax import fsutil
 from fusionsam_jax.data import datasets
 from fusionsam_jax.data.datasets import carve_val, DatasetSpec
 
@@ -455,13 +456,24 @@ def generate_dataset(layout, out_dir, num: int, seed: int, height: int = DEFAULT
   if height < 16 or width < 16:
     raise ValueError(f"size {height}x{width}: expected at least 16x16")
   out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.lexists(out_dir) and (os.path.islink(out_dir) or not os.path.isdir(out_dir)):
+    raise FileExistsError(f"{out_dir}: exists and is not a folder (a file or a link); "
+                          "choose another --out")
   if os.path.exists(out_dir) and os.listdir(out_dir):
     if not overwrite:
       raise FileExistsError(f"{out_dir}: exists and is not empty (pass overwrite=True / "
                             "--overwrite)")
+    if not os.path.isfile(os.path.join(out_dir, "generated.json")):
+      # --overwrite replaces a scene set this generator wrote, never another folder.
+      raise FileExistsError(f"{out_dir}: --overwrite replaces only a folder the generator "
+                            "wrote (it has generated.json); this one was not: nothing was "
+                            "deleted")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}-generating-", dir=parent)
+  # Temporary folders of killed generators (named with their pid) are removed first.
+  fsutil.clean_orphans(parent, [f".{os.path.basename(out_dir)}-generating-"])
+  tmp = tempfile.mkdtemp(prefix=fsutil.temp_prefix(f".{os.path.basename(out_dir)}-generating-"),
+                         dir=parent)
   try:
     for sub in spec.layout.folders():
       os.makedirs(os.path.join(tmp, sub))
