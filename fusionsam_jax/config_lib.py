@@ -32,6 +32,8 @@ from typing import Callable, Mapping
 import ml_collections
 from ml_collections import config_dict
 
+from fusionsam_jax.errors import ConfigValueError
+
 def model_config(*, modalities: tuple[str, ...], num_classes: int, task: str) -> ml_collections.ConfigDict:
   """The paper-scale model (ViT-H SAM, bf16 encoder with cuDNN attention)."""
   m = ml_collections.ConfigDict()
@@ -404,3 +406,46 @@ def with_absolute_paths(config) -> ml_collections.ConfigDict:
         and node[leaf].lower() != "none":
       node[leaf] = os.path.abspath(os.path.expanduser(node[leaf]))
   return config_from_dict(d)
+
+
+#: Storage dtypes the embedding cache may use (floating: an integer dtype would round the
+#: embeddings).
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_values(config) -> None:
+  """Raises `ConfigValueError` naming the first config value outside its meaning, before anything is
+  written or trained: the selection split (never a test split), the embedding cache's dtype,
+  learning rates, augmentation ranges, batch / crop / padding sizes, step counts."""
+  t, e = config.train, config.eval
+
+  def bad(key, value, expected):
+    raise ConfigValueError(f"--config.{key}={value!r}: expected {expected}")
+
+  if str(e.val_split).split("[")[0].startswith("test"):
+    bad("eval.val_split", e.val_split, "a split that is not a test split (model selection "
+        "never sees test data; use val)")
+  dtype = str(t.get("embedding_cache", {}).get("dtype", "float16"))
+  if dtype not in CACHE_DTYPES:
+    bad("train.embedding_cache.dtype", dtype, f"one of {', '.join(CACHE_DTYPES)}")
+  if not 0.0 <= float(t.get("flip_prob", 0.0)) <= 1.0:
+    bad("train.flip_prob", t.flip_prob, "a probability in [0, 1]")
+  lo, hi = (float(x) for x in t.get("scale_range", (1.0, 1.0)))
+  if not 0.0 < lo <= hi:
+    bad("train.scale_range", tuple(t.scale_range), "(low, high) with 0 < low <= high")
+  for key, value in (("train.batch_size", t.batch_size), ("eval.batch_size", e.batch_size),
+                     ("eval.pad_multiple", e.get("pad_multiple", 1))):
+    if value is None or int(value) < 1:
+      bad(key, value, "a positive integer")
+  if len(tuple(t.crop_size)) != 2 or min(int(x) for x in t.crop_size) < 1:
+    bad("train.crop_size", tuple(t.crop_size), "(height, width), both positive")
+  for name, sc in t.stages.items():
+    if float(sc.get("lr", 1.0)) <= 0:
+      bad(f"train.stages.{name}.lr", sc.lr, "a positive learning rate")
+    steps = sc.get("num_steps")
+    if steps is not None and int(steps) < 0:
+      bad(f"train.stages.{name}.num_steps", steps, "0 or more (None: from num_epochs)")
+    for k in ("batch_size",):
+      v = sc.get(k)
+      if v is not None and int(v) < 1:
+        bad(f"train.stages.{name}.{k}", v, "a positive integer (None: train.batch_size)")

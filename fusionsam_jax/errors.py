@@ -23,3 +23,7 @@ class NoCheckpointError(SetupError, FileNotFoundError):
 
 class WorkdirError(SetupError):
   """The workdir cannot be used: a file, not writable (a usage error: exit status 2)."""
+
+
+class ConfigValueError(ValueError):
+  """A config value outside its meaning (a usage error: exit status 2)."""

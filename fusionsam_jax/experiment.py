@@ -1,6 +1,7 @@
 """What the CLIs run: train every stage (resumable), restore a run's params, evaluate.
 
-    from fusionsam_jax import experiment
+    from fusionsam_jax import config_lib
+from fusionsam_jax import experiment
     experiment.train(config, workdir)                       # all stages, resumable
     params, step, what = experiment.restore_params(config, workdir, "best")
     result = experiment.evaluate(config, workdir, "best", "test")
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import jax
 
+from fusionsam_jax import config_lib
 from fusionsam_jax import workdir as W
 from fusionsam_jax.data import spec as D
 from fusionsam_jax.data.datasets import get as get_info
@@ -144,6 +146,7 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
                   step_hook: Callable | None, t_start: float,
                   on_evaluation: Callable | None = None) -> TrainResult:
   registry.check_config(config)
+  config_lib.check_values(config)
   fp, config_diff = W.check_config(workdir, config, allow_change=allow_config_change)
   mesh = mesh_lib.make_mesh()
   for st in registry.NAMES:

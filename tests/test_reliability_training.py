@@ -300,3 +300,31 @@ def test_generated_data_orphans_removed_and_concurrent_makers_wait(tmp_path):
   assert sorted(n for n in os.listdir(d) if n.startswith(".")) == [".lock"]
   assert any("removed 2 temporary file(s)" in m for m in said), said
   assert D.ensure_data(cfg, say=said.append).data_dir == d
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("eval.val_split", "test", "not a test split"),
+    ("eval.val_split", "test_night", "not a test split"),
+    ("train.embedding_cache.dtype", "int8", "float32, float16, bfloat16"),
+    ("train.batch_size", 0, "a positive integer"),
+    ("train.crop_size", (0, 0), "both positive"),
+    ("train.flip_prob", 2.0, "[0, 1]"),
+    ("train.scale_range", (2.0, 0.5), "low <= high"),
+])
+def test_bad_config_values_are_refused_before_anything_is_written(tmp_path, capsys, key, value,
+                                                                  needle):
+  """Issue 37 items 3, 6, 8, 12: a value outside its meaning trained silently (int8 cache,
+  selection on test) or failed late after storing config.json, blocking the corrected
+  command. Now: exit 2 with one line naming the key, and the workdir holds no config."""
+  from fusionsam_jax.cli import train
+  cfg = tiny_config(tmp_path)
+  node = cfg
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  work = tmp_path / "w"
+  assert train.run(cfg, str(work), progress=False) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and f"--config.{key}=" in err and needle in err, err
+  assert not (work / "config.json").exists() and not (work / "sam_weights.json").exists()

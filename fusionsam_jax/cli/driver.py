@@ -332,7 +332,8 @@ def exit_status(e: BaseException) -> int | None:
   from fusionsam_jax.errors import SetupError, WorkdirError
   from fusionsam_jax.training.checkpointing import CheckpointRestoreError
   from fusionsam_jax.training.guards import ConfigMismatchError, NonFiniteLossError
-  if isinstance(e, UsageError):
+  from fusionsam_jax.errors import ConfigValueError
+  if isinstance(e, (UsageError, ConfigValueError)):
     return EXIT_USAGE
   if isinstance(e, (ConfigMismatchError,)):
     return EXIT_CONFIG
