@@ -87,6 +87,15 @@ def test_cache_hit_miss_rebuild(setup, tmp_path):
   assert not os.path.exists(c1.train_dir) and os.path.exists(c3.train_dir)
   leftovers = [d for d in os.listdir(tmp_path / "embedding_cache") if d.startswith(".")]
   assert leftovers == []
+  # Issue 37 item 2: a deleted val batch file silently shrank the val set (val mIoU on 2 of
+  # 4 images). The damaged folder is now rebuilt whole, and holds every batch again.
+  n_val = len(list(c3.val_batches()))
+  val_dir = c3.val_dir
+  last = sorted(f for f in os.listdir(val_dir) if f.startswith("batch_"))[-1]
+  os.remove(os.path.join(val_dir, last))
+  c4, msgs = _build(setup, tmp_path, p3)
+  assert any("damaged" in m and "batch files" in m for m in msgs), msgs
+  assert len(list(c4.val_batches())) == n_val
 
 
 def test_cache_off_when_fmp_trains(setup, tmp_path):

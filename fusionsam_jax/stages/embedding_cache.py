@@ -270,6 +270,26 @@ class Cache:
       yield b
 
 
+def cache_damage(directory: str, kind: str) -> str | None:
+  """Why a finished cache folder cannot be used (None: it can): an unreadable ``meta.json``,
+  or for val a batch count other than the one it records (a deleted or half-copied batch
+  would silently change val mIoU)."""
+  try:
+    with open(os.path.join(directory, "meta.json")) as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    return "no meta.json"
+  except (OSError, ValueError) as e:
+    return f"meta.json unreadable: {e}"
+  if kind == "val":
+    have = len([f for f in os.listdir(directory) if f.startswith("batch_")
+                and f.endswith(".npz")])
+    want = meta.get("num_batches") if isinstance(meta, dict) else None
+    if have != want:
+      return f"{have} batch files, meta.json records {want}"
+  return None
+
+
 def embedding_names(levels: int, base: str) -> list[str]:
   """Stored names of the embedding levels: `base`, `base`_1, ... (SAM: one level; a SAM 2
   backbone: image_embed, high_res_0, high_res_1)."""
@@ -471,9 +491,14 @@ def build_for_sources(config, workdir, model, params, mesh, train_source, val_so
     key, desc = cache_key(config, params, fp, kind)
     final = os.path.join(root, f"{kind}-{key}")
     dirs[kind] = final
-    if os.path.isfile(os.path.join(final, "meta.json")):
+    damage = cache_damage(final, kind) if os.path.isdir(final) else None
+    if os.path.isfile(os.path.join(final, "meta.json")) and damage is None:
       hits[kind] = True
       continue
+    if damage is not None:
+      say(f"Embedding cache ({kind}) at {final} is damaged ({damage}): it is built again")
+      if jax.process_index() == 0:
+        shutil.rmtree(final, ignore_errors=True)
     hits[kind] = False
     stale = [d for d in (os.listdir(root) if os.path.isdir(root) else [])
              if d.startswith(f"{kind}-")]
