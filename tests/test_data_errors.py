@@ -285,3 +285,24 @@ def test_full_disk_gives_one_line_and_nothing_partial(tmp_path):
   lines = [l for l in res.stderr.strip().splitlines() if l]
   assert res.returncode == 1, res.stderr[-3000:]
   assert len(lines) == 1 and "writing the mfnet dataset failed" in lines[0], res.stderr[-3000:]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+  """Issue 37 item 5: an orientation-6 JPEG (stored sideways, shown upright) was used
+  unrotated, misregistered with its thermal image."""
+  from PIL import Image
+
+  from fusionsam_jax.data.io import read_image
+  upright = np.zeros((40, 30, 3), np.uint8)     # as a viewer shows it: 40 high, 30 wide
+  upright[:10, :, 0] = 255                      # a red band at the top
+  # Stored rotated by 90 degrees (as a camera writes it), with EXIF orientation 6 ("rotate
+  # 90 CW to view").
+  stored = np.rot90(upright, k=1)               # (30, 40, 3), the top band now on the left
+  img = Image.fromarray(np.ascontiguousarray(stored))
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  path = tmp_path / "phone.jpg"
+  img.save(path, exif=exif, quality=100)
+  got = read_image(path)
+  assert got.shape == (40, 30, 3)
+  assert got[:10, :, 0].mean() > 200 and got[20:, :, 0].mean() < 50

@@ -10,7 +10,7 @@ import os
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Image formats read by the builders (PNG is what the official releases use).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -85,6 +85,9 @@ def read_image(path, *, palette_indices: bool = False) -> np.ndarray:
   try:
     with Image.open(path) as img:
       img.load()
+      # A camera's EXIF orientation (a phone JPEG stored sideways) is applied, as viewers
+      # do: otherwise it would be misregistered with its other modalities.
+      img = ImageOps.exif_transpose(img)
       mode = img.mode
       if mode == "1":
         img = img.convert("L")  # bilevel masks -> {0, 255}
