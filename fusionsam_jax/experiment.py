@@ -24,7 +24,7 @@ from fusionsam_jax import config_lib
 from fusionsam_jax import workdir as W
 from fusionsam_jax.data import spec as D
 from fusionsam_jax.data.datasets import get as get_info
-from fusionsam_jax.errors import NoCheckpointError, SetupError  # noqa: F401 (re-exported)
+from fusionsam_jax.errors import ConfigValueError, NoCheckpointError, SetupError  # noqa: F401
 from fusionsam_jax.evaluators import segmentation as E
 from fusionsam_jax.fsutil import atomic_write_json
 from fusionsam_jax.metrics.miou import format_iou_table
@@ -147,6 +147,19 @@ def _train_locked(config, workdir: str, allow_config_change: bool, progress: boo
                   on_evaluation: Callable | None = None) -> TrainResult:
   registry.check_config(config)
   config_lib.check_values(config)
+  final = registry.final().name
+  if config.train.stages[final].get("num_steps") == 0 and config.eval.get("after_training"):
+    raise ConfigValueError(
+        f"--config.train.stages.{final}.num_steps=0: expected at least 1 when the run ends "
+        "with its evaluation (eval.after_training): a run's params are restored from the "
+        "last stage's checkpoints")
+  dataset = D.data_spec(config).name
+  classes = get_info(dataset).num_classes
+  if int(config.model.num_classes) != classes:
+    raise ConfigValueError(
+        f"--config.model.num_classes={config.model.num_classes}: the {dataset} dataset has "
+        f"{classes} classes (labels >= {config.model.num_classes} would be dropped from the "
+        "loss and the scores)")
   fp, config_diff = W.check_config(workdir, config, allow_change=allow_config_change)
   mesh = mesh_lib.make_mesh()
   for st in registry.NAMES:

@@ -310,6 +310,9 @@ def test_generated_data_orphans_removed_and_concurrent_makers_wait(tmp_path):
     ("train.crop_size", (0, 0), "both positive"),
     ("train.flip_prob", 2.0, "[0, 1]"),
     ("train.scale_range", (2.0, 0.5), "low <= high"),
+    ("train.stages.tokenizer.num_steps", -1, "0 or more"),
+    ("train.stages.segmentation.num_steps", 0, "at least 1"),
+    ("model.num_classes", 3, "has 9 classes"),
 ])
 def test_bad_config_values_are_refused_before_anything_is_written(tmp_path, capsys, key, value,
                                                                   needle):
