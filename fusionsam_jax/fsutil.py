@@ -11,7 +11,7 @@ import shutil
 import tempfile
 
 # What follows the prefix in a `tempfile.mkdtemp` name: [pid "-"] + 8 random characters.
-_TEMP_TAIL = re.compile(r"^(?:(\d+)-)?[a-z0-9_]{8}$")
+_TEMP_TAIL = re.compile(r"^(?:(\d+)-)?[a-z0-9_]{8}(?:\.\w+)?$")
 
 
 def pid_alive(pid: int) -> bool:

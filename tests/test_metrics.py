@@ -441,3 +441,23 @@ def test_bad_split_list_is_one_line_naming_it(label_dirs, capsys):
     assert miou_cli.main(args + ["--split_list", str(lst)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(lst) in err[0] and needle in err[0], err
+
+
+def test_a_killed_writers_temporary_png_is_not_a_prediction(tmp_path):
+  """Issue 37 item 11: a SIGKILLed predict left labels/.tmp-*.png, which metrics.miou then
+  refused ("prediction has no ground truth"); predict now removes those of dead processes."""
+  from PIL import Image
+
+  from fusionsam_jax import fsutil
+  from fusionsam_jax.metrics.miou import evaluate_label_dirs
+  pred, gt = tmp_path / "pred", tmp_path / "gt"
+  pred.mkdir()
+  gt.mkdir()
+  lab = np.array([[0, 1], [1, 2]], np.uint8)
+  for d in (pred, gt):
+    Image.fromarray(lab).save(d / "a.png")
+  Image.fromarray(lab).save(pred / ".tmp-999999-abcdefgh.png")
+  cm = evaluate_label_dirs(pred, gt, 3)
+  assert cm.num_updates == 1 and cm.miou() == 1.0
+  assert fsutil.clean_orphans(pred, [fsutil.TEMP_FILE_PREFIX]) == [
+      str(pred / ".tmp-999999-abcdefgh.png")]

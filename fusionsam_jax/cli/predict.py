@@ -171,10 +171,14 @@ def body(f, rest) -> int:
     samples = I.samples_from_dir(f["input_dir"].value, config.dataset, mods, f["split"].value,
                                  policy)
   W.check_checkpoint_arg(workdir, which)
-  from fusionsam_jax.inference import Predictor
+  from fusionsam_jax import fsutil
+  from fusionsam_jax.inference import OUTPUT_DIRS, Predictor
   from fusionsam_jax.training.logging import progress_bar
   predictor = Predictor(workdir, which, config=config)
   os.makedirs(out_dir, exist_ok=True)
+  for kind in OUTPUT_DIRS:   # temporary files of a killed predict (their process is gone)
+    if os.path.isdir(os.path.join(out_dir, kind)):
+      fsutil.clean_orphans(os.path.join(out_dir, kind), [fsutil.TEMP_FILE_PREFIX])
   bar = samples if progress is False else progress_bar(samples, desc="predict", unit="image")
   if progress is True and bar is samples:
     from tqdm import tqdm

@@ -462,8 +462,10 @@ def _png_names(d) -> list[str]:
   d = os.fspath(d)
   if not os.path.isdir(d):
     raise FileNotFoundError(f"{d}: not a directory")
+  # Hidden files are skipped: a killed writer's temporary file (`fsutil.atomic_file`,
+  # ``.tmp-<pid>-*.png``) is no prediction.
   return sorted(f for f in os.listdir(d) if f.lower().endswith(".png")
-                and os.path.isfile(os.path.join(d, f)))
+                and not f.startswith(".") and os.path.isfile(os.path.join(d, f)))
 
 
 def read_name_list(path) -> list[str]:
