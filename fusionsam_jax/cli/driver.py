@@ -208,7 +208,7 @@ def _config_error(e: BaseException, argv: list[str]) -> str:
                  else " (see the config file for the keys it has)"))
   missing = re.search(r"No such file or directory: '([^']+)'", text)
   if missing:
-    return f"--config: no such config file {missing.group(1)}"
+    return f"--config {missing.group(1)}: No such file or directory"
   return f"bad command line ({type(e).__name__}: {one_line(e)})"
 
 
@@ -382,7 +382,7 @@ def loaded_config(holder):
     import re
     missing = re.search(r"No such file or directory: '([^']+)'", str(e))
     if missing:
-      raise UsageError(f"--config: no such config file {missing.group(1)}") from None
+      raise UsageError(f"--config {missing.group(1)}: No such file or directory") from None
     raise UsageError(f"--config: {one_line(e)}") from None
   return None if config is None else normalize_overrides(config)
 

@@ -15,9 +15,9 @@ import jax
 from fusionsam_jax.errors import SamWeightsMissingError
 from fusionsam_jax.models import fusionsam
 from fusionsam_jax.models.fusionsam import sam2_backbone_config, sam_heads_config
-from fusionsam_jax.models.sam.checkpoint import META_FILE
+from fusionsam_jax.models.sam.checkpoint import META_FILE as SAM_META_FILE
 from fusionsam_jax.models.sam.sam import SAM_PRESETS
-from fusionsam_jax.models.sam2.checkpoint import META_FILE
+from fusionsam_jax.models.sam2.checkpoint import META_FILE as SAM2_META_FILE
 
 PyTree = Any
 
@@ -69,8 +69,8 @@ def sam_weights_path(config) -> str | None:
           f"--checkpoint sam_{m.sam_variant}_XXXX.pth --output ckpt/sam_{m.sam_variant}`) and "
           f"pass --config.model.sam_checkpoint=ckpt/sam_{m.sam_variant}")
     return None
-  if not os.path.isfile(os.path.join(path, META_FILE)):
-    what = "does not exist" if not os.path.exists(path) else f"has no {META_FILE}"
+  if not os.path.isfile(os.path.join(path, SAM_META_FILE)):
+    what = "does not exist" if not os.path.exists(path) else f"has no {SAM_META_FILE}"
     raise SamWeightsMissingError(
         f"converted SAM weights {path!r} {what}; download the official checkpoint "
         "(sam_vit_h_4b8939.pth for vit_h) and convert it once: `python "
@@ -91,8 +91,8 @@ def sam2_weights_path(config) -> str | None:
           f"tools/convert_sam2_weights.py --checkpoint sam2.1_{name}.pt --output "
           f"ckpt/sam2.1_{name}`) and pass --config.model.sam2_checkpoint=ckpt/sam2.1_{name}")
     return None
-  if not os.path.isfile(os.path.join(path, META_FILE)):
-    what = "does not exist" if not os.path.exists(path) else f"has no {META_FILE}"
+  if not os.path.isfile(os.path.join(path, SAM2_META_FILE)):
+    what = "does not exist" if not os.path.exists(path) else f"has no {SAM2_META_FILE}"
     raise SamWeightsMissingError(
         f"converted SAM 2 weights {path!r} (model.sam2_checkpoint) {what}; convert the "
         f"official checkpoint once: `python tools/convert_sam2_weights.py --checkpoint "
