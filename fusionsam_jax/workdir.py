@@ -149,8 +149,10 @@ def config_for_evaluation(config, workdir: str):
   """The config to evaluate / predict `workdir` with when the user also passed `config`:
   the stored one (so paths and settings are the run's own), with the given config's
   ``eval.*`` settings. Raises `ConfigMismatchError` naming the keys when `config` is another
-  run's (beyond `MUTABLE_CONFIG_KEYS`). A path of the given config (data_dir, SAM weights)
-  replaces the stored one only where the stored path no longer exists (moved data)."""
+  run's (beyond `MUTABLE_CONFIG_KEYS`). The given config's paths (data_dir, SAM weights)
+  re-point the run's (moved data or weights; other weights are refused by sha256); a
+  data_dir that does not exist while the run's does is refused naming both (a config file's
+  default ``data_cache`` passed by mistake)."""
   check_config_matches(config, workdir)
   if not os.path.isfile(os.path.join(os.fspath(workdir), CONFIG_FILE)):
     return config   # nothing stored: what needs a trained run says so
@@ -166,8 +168,14 @@ def config_for_evaluation(config, workdir: str):
     if not isinstance(src, dict) or not isinstance(dst, dict):
       continue
     old, new = dst.get(leaf), src.get(leaf)
-    if new and new != old and not (old and os.path.exists(old)) and os.path.exists(new):
-      dst[leaf] = os.path.abspath(new)
+    if not new or new == old or os.path.abspath(new) == old:
+      continue
+    if not os.path.exists(new) and old and os.path.exists(old) and key == "data_dir":
+      raise guards.ConfigMismatchError(
+          f"--config data_dir={new!r} does not exist; {workdir} was trained on "
+          f"data_dir={old!r}: leave --config out (the run's own config is used) or point "
+          "--config.data_dir at the data")
+    dst[leaf] = new   # re-pointed (other SAM weights are then refused by their sha256)
   return config_lib.config_from_dict(merged)
 
 
