@@ -5,6 +5,7 @@ like the official predictor or better (one-line errors naming the argument and t
 shape), on the tiny model."""
 
 import ast
+import importlib.machinery
 import importlib.util
 import os
 
@@ -24,7 +25,9 @@ from fusionsam_jax.models.sam.sam import SAM_PRESETS, LoadedSam, Sam
 def _exported(pkg, module=None):
   """Names a module of an installed package defines or imports at its top level (read with
   ast: importing segment_anything needs torchvision)."""
-  spec = importlib.util.find_spec(pkg)
+  # The path finder, not find_spec: another test module may have put a stand-in package
+  # (no __spec__) into sys.modules under this name.
+  spec = importlib.machinery.PathFinder.find_spec(pkg)
   path = os.path.join(os.path.dirname(spec.origin), (module or "__init__") + ".py")
   tree = ast.parse(open(path).read())
   names = set()
