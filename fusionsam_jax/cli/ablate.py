@@ -31,7 +31,6 @@ from absl import flags
 
 from fusionsam_jax.cli import driver
 
-ALIAS = "fusionsam_jax.ablate"
 HEAVY = True
 REQUIRED = ("config", "workdir_root")
 

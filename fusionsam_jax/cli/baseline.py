@@ -32,7 +32,6 @@ from absl import flags
 
 from fusionsam_jax.cli import driver
 
-ALIAS = "fusionsam_jax.baseline"
 HEAVY = True
 REQUIRED = ("workdir",)
 

@@ -11,7 +11,6 @@ import sys
 
 from fusionsam_jax.cli import driver
 
-ALIAS = "tools/convert_sam_weights.py"
 REQUIRED = ("checkpoint", "output")
 EXIT_NOW = True
 

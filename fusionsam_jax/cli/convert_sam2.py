@@ -13,7 +13,6 @@ import sys
 
 from fusionsam_jax.cli import driver
 
-ALIAS = "tools/convert_sam2_weights.py"
 REQUIRED = ("checkpoint", "output")
 EXIT_NOW = True
 

@@ -17,7 +17,6 @@ from absl import flags
 
 from fusionsam_jax.cli import driver
 
-ALIAS = "tools/convert_vgg16.py"
 REQUIRED = ("weights", "output")
 
 

@@ -390,7 +390,10 @@ def loaded_config(holder):
 def run(module, argv=None) -> int:
   """Runs command `module` (its `define`, `body`, docstring) on `argv` (None: the process's
   arguments); returns its exit status."""
-  prog = f"python -m {getattr(module, 'ALIAS', module.__name__)}"
+  from fusionsam_jax.cli import COMMANDS
+  name = module.__name__.rsplit(".", 1)[-1]
+  prog = next((spelling for mod, spelling in COMMANDS.values() if mod == name),
+              f"python -m {module.__name__}")
   return run_cli(module.define, module.body, argv, prog=prog, doc=module.__doc__,
                  required=getattr(module, "REQUIRED", ()),
                  positional=getattr(module, "POSITIONAL", False))

@@ -33,7 +33,6 @@ from absl import flags
 from fusionsam_jax.cli import driver
 from fusionsam_jax.config_lib import ATTN_IMPLS, ENCODER_DTYPES
 
-ALIAS = "fusionsam_jax.evaluate"
 HEAVY = True
 REQUIRED = ("workdir",)
 

@@ -20,7 +20,6 @@ from fusionsam_jax.cli import driver
 from fusionsam_jax.data import datasets
 from fusionsam_jax.data import generate as G
 
-ALIAS = "fusionsam_jax.data.generate"
 REQUIRED = ("layout", "out")
 
 

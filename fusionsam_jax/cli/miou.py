@@ -17,7 +17,6 @@ from fusionsam_jax.cli import driver
 from fusionsam_jax.fsutil import atomic_write_json
 from fusionsam_jax.metrics import miou as M
 
-ALIAS = "fusionsam_jax.metrics.miou"
 REQUIRED = ("pred_dir", "gt_dir")
 
 

@@ -54,12 +54,11 @@ from absl import flags
 
 from fusionsam_jax.cli import driver
 from fusionsam_jax.config_lib import ATTN_IMPLS, ENCODER_DTYPES
+from fusionsam_jax.data.inputs import MODALITIES
 
-ALIAS = "fusionsam_jax.predict"
 HEAVY = True
 REQUIRED = ("workdir", "out")
 POSITIONAL = True
-MODALITIES = ("rgb", "thermal", "depth")
 
 
 def check_out_dir(out_dir: str) -> None:

@@ -22,7 +22,6 @@ from fusionsam_jax.data import datasets
 from fusionsam_jax.data import prepare as P
 from fusionsam_jax.data.io import DatasetError, LayoutError
 
-ALIAS = "fusionsam_jax.data.prepare"
 REQUIRED = ("dataset", "manual_dir", "data_dir")
 
 

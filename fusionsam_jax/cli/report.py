@@ -19,7 +19,6 @@ from absl import flags
 
 from fusionsam_jax.cli import driver
 
-ALIAS = "fusionsam_jax.evaluators.report"
 HEAVY = True
 REQUIRED = ("workdir",)
 

@@ -17,7 +17,6 @@ from fusionsam_jax.fsutil import atomic_write_json
 from fusionsam_jax.metrics import sod as S
 from fusionsam_jax.metrics.miou import prediction_dir
 
-ALIAS = "fusionsam_jax.metrics.sod"
 REQUIRED = ("pred_dir", "gt_dir")
 
 

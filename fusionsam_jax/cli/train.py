@@ -25,7 +25,6 @@ from absl import flags
 
 from fusionsam_jax.cli import driver
 
-ALIAS = "fusionsam_jax.train"
 HEAVY = True
 
 
